@@ -1,0 +1,5 @@
+"""``python -m tcppunch`` runs the command-line interface."""
+
+from tcppunch.cli import main
+
+main()

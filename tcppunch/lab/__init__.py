@@ -1,0 +1,1 @@
+"""The NAT laboratory: real Linux NAT (nftables + conntrack) in network namespaces."""

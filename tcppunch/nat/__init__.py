@@ -1,0 +1,1 @@
+"""NAT measurement: local interfaces, the classic UDP label, TCP mapping/filtering tests -> NatReport."""

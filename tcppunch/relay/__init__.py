@@ -1,0 +1,1 @@
+"""The relay byte pump (splice where possible)."""

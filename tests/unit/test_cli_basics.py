@@ -1,0 +1,24 @@
+"""The click group itself: help, version, logging options."""
+
+from click.testing import CliRunner
+
+from tcppunch import __version__
+from tcppunch.cli import main
+
+
+def test_version_is_printed() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_help_explains_the_tool() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "hole punching" in " ".join(result.output.split())
+
+
+def test_unknown_log_level_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["--log-level", "loud"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--log-level'" in result.output
