@@ -34,6 +34,9 @@ def main(log_level: str, log_json: bool) -> None:
 
 def _register_commands() -> None:
     """Attach each sub-command; one module per command keeps this file small."""
+    from tcppunch.cli import lab_cmd
+
+    main.add_command(lab_cmd.lab)
 
 
 _register_commands()

@@ -1,0 +1,462 @@
+"""Build, use and tear down a NAT laboratory: namespaces, veths, bridges, nftables, link shapers.
+
+>>> with Lab(LabSpec([RouterSpec("a", NatType.PORT_RESTRICTED)])) as lab:
+...     lab.host("a").run(["ip", "addr"])
+
+Every namespace is named ``<prefix>-<node>`` with a per-run prefix (``tp`` + 6 hex digits), so runs
+never collide and teardown finds everything by name, even after a crash (``tcppunch lab down --all``).
+Nothing is ever added to the namespace the lab is started from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from tcppunch.lab import netns as ns
+from tcppunch.lab.nat_types import NatType, SynPolicy, router_ruleset
+from tcppunch.lab.topology import (
+    INTERNET_PREFIXLEN,
+    SERVER_ADDRESSES,
+    LabSpec,
+    LinkShape,
+    RouterSpec,
+    carrier_address,
+    lan_address,
+    lan_gateway,
+    public_host_address,
+    wan_address,
+)
+
+T = TypeVar("T")
+log = structlog.get_logger("tcppunch.lab")
+
+STATE_DIR = Path(os.environ.get("TCPPUNCH_LAB_STATE", "/run/tcppunch-lab"))
+PREFIX_RE = re.compile(r"^tp[0-9a-f]{6}$")
+_SHAPER_READY_S = 10.0
+
+
+class NetnsLoop:
+    """An asyncio event loop running in a thread that lives in one namespace.
+
+    Coroutines submitted with :meth:`run` create their sockets in that namespace, which is how tests and
+    users drive the asyncio API of a program "on" a lab host without a subprocess.
+    """
+
+    def __init__(self, netns: str) -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(netns,), name=f"netns-{netns}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise ns.LabError(f"event loop thread for {netns} did not start")
+        if self._error is not None:
+            raise ns.LabError(f"cannot enter {netns}: {self._error}")
+
+    def _main(self, netns: str) -> None:
+        try:
+            ns.call_in_netns(netns, lambda: None)
+        except BaseException as exc:  # reported to the creator, not lost in the thread
+            self._error = exc
+            self._ready.set()
+            return
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run ``coro`` on this loop and wait (bounded) for its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on this loop without waiting."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10.0)
+
+
+@dataclass
+class LabHost:
+    """A host in the lab: a namespace with an address, maybe behind a NAT router."""
+
+    name: str
+    netns: str
+    address: str
+    public_address: str
+    nat: NatType
+    syn_policy: SynPolicy
+    router: str | None = None
+    _children: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """The argument list that runs ``argv`` on this host."""
+        return ns.in_netns(self.netns, argv)
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process on this host (``subprocess.Popen`` keyword arguments apply)."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.command(argv), **kwargs)
+        self._children.append(proc)
+        return proc
+
+    def run(self, argv: Sequence[str], *, timeout: float = 30.0, check: bool = False, **kwargs: Any
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a command on this host and wait (bounded) for it; output is captured as text."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(self.command(argv), timeout=timeout, check=check, **kwargs)
+
+    def python(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start this interpreter (``python ARGS``) on this host."""
+        return self.popen([sys.executable, *args], **kwargs)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 60.0) -> T:
+        """Run ``fn(*args)`` in a fresh thread that joined this host's namespace; return its result."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(ns.call_in_netns, self.netns, lambda: fn(*args)).result(timeout)
+
+    @contextlib.contextmanager
+    def event_loop(self) -> Iterator[NetnsLoop]:
+        """An asyncio loop in a thread on this host, closed on exit."""
+        loop = NetnsLoop(self.netns)
+        try:
+            yield loop
+        finally:
+            loop.close()
+
+    def stop_children(self) -> None:
+        for proc in self._children:
+            _stop_process(proc.pid, proc)
+        self._children.clear()
+
+
+@dataclass
+class LabRouter:
+    """A NAT router (for cgnat: the home router, with the carrier router in ``outer_netns``)."""
+
+    name: str
+    index: int
+    spec: RouterSpec
+    netns: str | None
+    wan_address: str
+    outer_netns: str | None = None
+
+
+class Lab:
+    """A running NAT laboratory. Use as a context manager, or call :meth:`up` and :meth:`down`."""
+
+    def __init__(self, spec: LabSpec, prefix: str | None = None) -> None:
+        self.spec = spec
+        self.prefix = prefix or "tp" + secrets.token_hex(3)
+        if not PREFIX_RE.match(self.prefix):
+            raise ValueError(f"lab prefix must look like tp1a2b3c, got {self.prefix!r}")
+        self.inet = f"{self.prefix}-inet"
+        self.server = LabHost("srv", f"{self.prefix}-srv", SERVER_ADDRESSES[0], SERVER_ADDRESSES[0],
+                              NatType.NONE, SynPolicy.DROP)
+        self.routers: dict[str, LabRouter] = {}
+        self.hosts: dict[str, LabHost] = {}
+        self._shapers: list[subprocess.Popen[str]] = []
+        self._plan()
+
+    # ----------------------------------------------------------------- naming
+    def _plan(self) -> None:
+        for index, r in enumerate(self.spec.routers):
+            if r.nat is NatType.NONE:
+                router = LabRouter(r.name, index, r, None, public_host_address(index, 0))
+            else:
+                outer = f"{self.prefix}-{r.name}-cgn" if r.nat is NatType.CGNAT else None
+                router = LabRouter(r.name, index, r, f"{self.prefix}-{r.name}", wan_address(index), outer)
+            self.routers[r.name] = router
+            for j in range(r.hosts):
+                hname = f"{r.name}{j + 1}"
+                if r.nat is NatType.NONE:
+                    addr = public_host_address(index, j)
+                    public = addr
+                else:
+                    addr, public = lan_address(index, j), wan_address(index)
+                self.hosts[hname] = LabHost(hname, f"{self.prefix}-{hname}", addr, public, r.nat, r.syn_policy,
+                                            router=r.name)
+
+    @property
+    def namespaces(self) -> list[str]:
+        names = [self.inet, self.server.netns]
+        for router in self.routers.values():
+            names += [n for n in (router.outer_netns, router.netns) if n]
+        names += [h.netns for h in self.hosts.values()]
+        return names
+
+    def host(self, router: str, index: int = 0) -> LabHost:
+        """Host number ``index`` (0-based) behind router ``router``."""
+        try:
+            return self.hosts[f"{router}{index + 1}"]
+        except KeyError:
+            raise KeyError(f"no host {index} behind router {router!r} in this lab") from None
+
+    # ----------------------------------------------------------------- life cycle
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> Lab:
+        """Build everything; on any failure, remove what was built and raise."""
+        ns.check_supported()
+        started = time.monotonic()
+        try:
+            self._write_state()
+            self._build_internet()
+            self._build_server()
+            for router in self.routers.values():
+                self._build_router(router)
+            self._write_state()
+        except BaseException:
+            self.down()
+            raise
+        log.info("lab.up", prefix=self.prefix, namespaces=len(self.namespaces),
+                 seconds=round(time.monotonic() - started, 2))
+        return self
+
+    def down(self) -> None:
+        """Stop every process in the lab's namespaces and delete them. Safe to call twice."""
+        for host in [self.server, *self.hosts.values()]:
+            host.stop_children()
+        for proc in self._shapers:
+            _stop_process(proc.pid, proc)
+        self._shapers.clear()
+        remove_namespaces(self.prefix)
+        with contextlib.suppress(FileNotFoundError):
+            (STATE_DIR / f"{self.prefix}.json").unlink()
+
+    def leave_running(self) -> None:
+        """Let the lab outlive this handle (``tcppunch lab up``): forget its processes here; ``down``
+        still finds and stops them by PID, since they live in the lab's namespaces."""
+        self._shapers.clear()
+        for host in [self.server, *self.hosts.values()]:
+            host._children.clear()
+
+    # ----------------------------------------------------------------- building
+    def _new_ns(self, name: str) -> None:
+        ns.add_netns(name)
+        ns.sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")
+        ns.sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+
+    def _build_internet(self) -> None:
+        self._new_ns(self.inet)
+        ns.ip("link", "add", "br0", "type", "bridge", netns=self.inet)
+        ns.ip("link", "set", "br0", "up", netns=self.inet)
+
+    def _attach_to_internet(self, netns: str, dev: str, port: str, link: LinkShape) -> None:
+        """Wire ``dev`` in ``netns`` to the internet bridge through port ``port``, shaped if asked."""
+        ns.ip("link", "add", dev, "netns", netns, "type", "veth", "peer", "name", port, "netns", self.inet)
+        ns.ip("link", "set", dev, "up", netns=netns)
+        if not link.is_shaped:
+            ns.ip("link", "set", port, "master", "br0", netns=self.inet)
+            ns.ip("link", "set", port, "up", netns=self.inet)
+            return
+        near, far = f"{port}b", f"{port}c"
+        ns.ip("link", "add", near, "type", "veth", "peer", "name", far, netns=self.inet)
+        ns.ip("link", "set", far, "master", "br0", netns=self.inet)
+        for name in (port, near, far):
+            ns.ip("link", "set", name, "up", netns=self.inet)
+            ns.disable_offloads(self.inet, name)
+        ns.disable_offloads(netns, dev)
+        self._start_shaper(port, near, link)
+
+    def _start_shaper(self, a: str, b: str, link: LinkShape) -> None:
+        argv = [sys.executable, "-m", "tcppunch.lab.link", a, b, "--delay-ms", str(link.delay_ms),
+                "--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)]
+        proc = subprocess.Popen(ns.in_netns(self.inet, argv), stdout=subprocess.PIPE, text=True)
+        self._shapers.append(proc)
+        ready = _read_line_within(proc, _SHAPER_READY_S)
+        if ready != "ready":
+            raise ns.LabError(f"link shaper for {a}<->{b} did not start (said {ready!r})")
+
+    def _build_server(self) -> None:
+        self._new_ns(self.server.netns)
+        self._attach_to_internet(self.server.netns, "eth0", "srv", self.spec.server_link)
+        for addr in SERVER_ADDRESSES:
+            ns.ip("addr", "add", f"{addr}/{INTERNET_PREFIXLEN}", "dev", "eth0", netns=self.server.netns)
+
+    def _build_router(self, router: LabRouter) -> None:
+        spec, k = router.spec, router.index
+        if spec.nat is NatType.NONE:
+            for j in range(spec.hosts):
+                host = self.hosts[f"{spec.name}{j + 1}"]
+                self._new_ns(host.netns)
+                self._attach_to_internet(host.netns, "eth0", f"p{k}h{j}", spec.link)
+                ns.ip("addr", "add", f"{host.address}/{INTERNET_PREFIXLEN}", "dev", "eth0", netns=host.netns)
+            return
+        assert router.netns is not None
+        home = router.netns
+        self._new_ns(home)
+        ns.sysctl(home, "net.ipv4.ip_forward", "1")
+        if router.outer_netns is None:
+            self._attach_to_internet(home, "wan", f"r{k}", spec.link)
+            ns.ip("addr", "add", f"{router.wan_address}/{INTERNET_PREFIXLEN}", "dev", "wan", netns=home)
+            ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address))
+        else:
+            carrier = router.outer_netns
+            self._new_ns(carrier)
+            ns.sysctl(carrier, "net.ipv4.ip_forward", "1")
+            self._attach_to_internet(carrier, "wan", f"r{k}", spec.link)
+            ns.ip("addr", "add", f"{router.wan_address}/{INTERNET_PREFIXLEN}", "dev", "wan", netns=carrier)
+            ns.ip("link", "add", "home", "netns", carrier, "type", "veth", "peer", "name", "wan", "netns", home)
+            ns.ip("addr", "add", f"{carrier_address(k, home=False)}/24", "dev", "home", netns=carrier)
+            ns.ip("link", "set", "home", "up", netns=carrier)
+            ns.ip("addr", "add", f"{carrier_address(k, home=True)}/24", "dev", "wan", netns=home)
+            ns.ip("link", "set", "wan", "up", netns=home)
+            ns.ip("route", "add", "default", "via", carrier_address(k, home=False), netns=home)
+            ns.nft_load(carrier, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address))
+            ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan",
+                                             wan_ip=carrier_address(k, home=True)))
+        ns.ip("link", "add", "lan", "type", "bridge", netns=home)
+        ns.ip("addr", "add", f"{lan_gateway(k)}/24", "dev", "lan", netns=home)
+        ns.ip("link", "set", "lan", "up", netns=home)
+        for j in range(spec.hosts):
+            host = self.hosts[f"{spec.name}{j + 1}"]
+            self._new_ns(host.netns)
+            ns.ip("link", "add", "eth0", "netns", host.netns, "type", "veth", "peer", "name", f"h{j}", "netns", home)
+            ns.ip("link", "set", f"h{j}", "master", "lan", netns=home)
+            ns.ip("link", "set", f"h{j}", "up", netns=home)
+            ns.ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=host.netns)
+            ns.ip("link", "set", "eth0", "up", netns=host.netns)
+            ns.ip("route", "add", "default", "via", lan_gateway(k), netns=host.netns)
+
+    # ----------------------------------------------------------------- state (for the CLI)
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description: what the CLI's ``status`` shows and ``down`` needs."""
+        return {
+            "prefix": self.prefix,
+            "server": {"netns": self.server.netns, "addresses": list(SERVER_ADDRESSES)},
+            "routers": [
+                {"name": r.name, "nat": r.spec.nat.value, "syn_policy": r.spec.syn_policy.value,
+                 "hosts": r.spec.hosts, "wan": r.wan_address, "netns": r.netns, "outer_netns": r.outer_netns,
+                 "delay_ms": r.spec.link.delay_ms, "jitter_ms": r.spec.link.jitter_ms, "loss": r.spec.link.loss}
+                for r in self.routers.values()
+            ],
+            "hosts": [
+                {"name": h.name, "netns": h.netns, "address": h.address, "public": h.public_address,
+                 "router": h.router, "nat": h.nat.value, "syn_policy": h.syn_policy.value}
+                for h in self.hosts.values()
+            ],
+            "namespaces": self.namespaces,
+        }
+
+    def _write_state(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / f"{self.prefix}.json").write_text(json.dumps(self.describe(), indent=2))
+
+    @classmethod
+    def attach(cls, prefix: str) -> Lab:
+        """A handle on a lab that ``tcppunch lab up`` left running (from its state file)."""
+        path = STATE_DIR / f"{prefix}.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ns.LabError(f"no running lab {prefix!r} (no {path})") from None
+        routers = [
+            RouterSpec(r["name"], NatType(r["nat"]), SynPolicy(r["syn_policy"]), int(r["hosts"]),
+                       LinkShape(float(r["delay_ms"]), float(r["jitter_ms"]), float(r["loss"])))
+            for r in data["routers"]
+        ]
+        return cls(LabSpec(routers), prefix=prefix)
+
+
+def running_labs() -> list[str]:
+    """Prefixes of labs on this machine: from state files and from namespace names."""
+    prefixes = {p.stem for p in STATE_DIR.glob("tp*.json") if PREFIX_RE.match(p.stem)}
+    prefixes |= {n.split("-", 1)[0] for n in ns.list_netns() if PREFIX_RE.match(n.split("-", 1)[0])}
+    return sorted(prefixes)
+
+
+def remove_namespaces(prefix: str) -> None:
+    """Stop every process living in the lab's namespaces (by PID), then delete the namespaces."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(f"not a lab prefix: {prefix!r}")
+    mine = [n for n in ns.list_netns() if n.startswith(prefix + "-")]
+    for name in mine:
+        for pid in ns.netns_pids(name):
+            _stop_process(pid, None)
+    for name in mine:
+        ns.delete_netns(name)
+
+
+def _stop_process(pid: int, proc: subprocess.Popen[Any] | None, grace: float = 2.0) -> None:
+    """SIGTERM, wait (bounded), then SIGKILL one process by PID."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        elif not _pid_alive(pid):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(2.0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child still "exists"; reap it if it is ours
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _read_line_within(proc: subprocess.Popen[str], seconds: float) -> str:
+    """First line a child prints, or '' if it prints none within ``seconds``."""
+    assert proc.stdout is not None
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline() if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return result[0].strip() if result else ""

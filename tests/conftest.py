@@ -1,0 +1,33 @@
+"""Shared fixtures. Lab tests need root and network namespaces; elsewhere they skip with that reason."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tcppunch.lab import LabError
+from tcppunch.lab.netns import check_supported
+
+
+def _lab_unsupported_reason() -> str | None:
+    try:
+        check_supported()
+    except LabError as exc:
+        return str(exc)
+    return None
+
+
+LAB_UNSUPPORTED = _lab_unsupported_reason()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if LAB_UNSUPPORTED is None:
+        return
+    if os.environ.get("CI") == "true":
+        # CI runs as root on a machine that has everything: a lab that cannot run there is a failure.
+        raise pytest.UsageError(f"CI cannot run the NAT lab tests: {LAB_UNSUPPORTED}")
+    skip = pytest.mark.skip(reason=f"NAT lab unavailable: {LAB_UNSUPPORTED}")
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(skip)
