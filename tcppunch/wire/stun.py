@@ -39,7 +39,13 @@ _FAMILY_IPV6 = 0x02
 
 
 class StunParseError(ValueError):
-    """The bytes are not a well-formed STUN message (the text says what is wrong)."""
+    """The bytes are not a well-formed STUN message (the text says what is wrong).
+
+    ``header`` is set by :class:`StunStreamDecoder` when the header was sound and only the attributes
+    were bad, so a server can still answer the transaction with a 400.
+    """
+
+    header: StunHeader | None = None
 
 
 class MessageClass(IntEnum):
@@ -74,8 +80,10 @@ class AttributeType(IntEnum):
     FINGERPRINT = 0x8028
     RESPONSE_ORIGIN = 0x802B
     OTHER_ADDRESS = 0x802C
-    # Private, comprehension-optional (0x8000-0xFFFF): outcome of the TCP filtering connect-back.
+    # Private, comprehension-optional (0x8000-0xFFFF): outcome of the TCP filtering connect-back, and the
+    # server's alternate port when it has no alternate address (OTHER-ADDRESS is then omitted).
     CONNECT_BACK_RESULT = 0x8055
+    ALTERNATE_PORT = 0x8056
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,17 @@ class ConnectBackResult:
 
 
 @dataclass(frozen=True)
+class AlternatePort:
+    """ALTERNATE-PORT (private, 0x8056): the server's second port, sent when it has a single address.
+
+    RFC 5780 OTHER-ADDRESS must differ in both address and port, so a one-address server omits it; this
+    attribute still lets a client run the tests that need only a second port. Value: port, 2 zero bytes.
+    """
+
+    port: int
+
+
+@dataclass(frozen=True)
 class OpaqueAttribute:
     """Any attribute we do not interpret (USERNAME, MESSAGE-INTEGRITY, PRIORITY, ...), kept as bytes."""
 
@@ -215,6 +234,7 @@ Attribute = (
     | Software
     | UnknownAttributes
     | ConnectBackResult
+    | AlternatePort
     | OpaqueAttribute
 )
 
@@ -372,6 +392,8 @@ def _encode_attribute(attribute: Attribute, header_tid: bytes) -> bytes:
     if isinstance(attribute, ConnectBackResult):
         value = struct.pack("!B3x", _OUTCOME_CODES[attribute.outcome]) + _encode_address(attribute.source)
         return _tlv(AttributeType.CONNECT_BACK_RESULT, value)
+    if isinstance(attribute, AlternatePort):
+        return _tlv(AttributeType.ALTERNATE_PORT, struct.pack("!H2x", attribute.port))
     return _tlv(attribute.type, attribute.value)
 
 
@@ -506,6 +528,10 @@ def _decode_attribute(attr_type: int, value: bytes, header_tid: bytes) -> Attrib
         if outcome is None:
             raise StunParseError(f"CONNECT-BACK-RESULT has unknown outcome code {value[0]}")
         return ConnectBackResult(outcome, _decode_address("CONNECT-BACK-RESULT source", value[4:]))
+    if attr_type == AttributeType.ALTERNATE_PORT:
+        if len(value) != 4:
+            raise StunParseError(f"ALTERNATE-PORT is {len(value)} bytes, expected 4")
+        return AlternatePort(struct.unpack_from("!H", value)[0])
     return OpaqueAttribute(attr_type, value)
 
 
@@ -568,7 +594,11 @@ class StunStreamDecoder:
             return None
         raw = bytes(self._buffer[:total])
         del self._buffer[:total]
-        return parse_message(raw, require_cookie=True)
+        try:
+            return parse_message(raw, require_cookie=True)
+        except StunParseError as exc:
+            exc.header = header
+            raise
 
     @property
     def failed(self) -> bool:

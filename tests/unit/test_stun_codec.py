@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcppunch.wire.stun import (
+    AlternatePort,
     ChangedAddress,
     ChangeRequest,
     ConnectBackOutcome,
@@ -142,6 +143,7 @@ FULL_RESPONSE_ATTRIBUTES = (
     Software("tcppunch test"),
     ConnectBackResult(ConnectBackOutcome.REFUSED, TransportAddress("198.51.100.11", 3479)),
     UnknownAttributes((0x0031, 0x0042, 0x0007)),
+    AlternatePort(3479),
     ErrorCode(420, "Unknown Attribute"),
     XorMappedAddress(TransportAddress("fe80::1", 1)),
 )
@@ -405,9 +407,10 @@ def test_stream_survives_a_bad_attribute() -> None:
     good = encode_message(binding_request(os.urandom(12)))
     decoder = StunStreamDecoder()
     decoder.receive_data(bad + good)
-    with pytest.raises(StunParseError, match="address family"):
+    with pytest.raises(StunParseError, match="address family") as caught:
         decoder.next_message()
     assert not decoder.failed
+    assert caught.value.header is not None and caught.value.header.message_class is MessageClass.SUCCESS
     assert decoder.next_message() == parse_message(good)
 
 
