@@ -1,0 +1,577 @@
+"""The coordinator as a sans-I/O state machine: events in (bytes, ticks, closes), actions out.
+
+The asyncio server (``server.py``) only moves bytes and arms one timer: it feeds
+``connection_made`` / ``data_received`` / ``connection_lost`` / ``tick`` with ``now`` and carries out the
+returned :data:`Action` list in order. Everything else — registration, keepalives and RTT, sessions and
+their fire times, relay authentication and pairing, every error path — lives here and is tested without
+sockets.
+
+Connection life: ``HELLO`` (preamble + first frame, under ``handshake_timeout``) -> ``PEER`` (after
+REGISTER) or ``RELAY_WAIT`` (after a verified RELAY, until the other role arrives) -> ``HANDED_OFF``
+(a :class:`StartRelay` action gave the socket to the relay pump) ; any state -> ``CLOSED``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import structlog
+
+from tcppunch.nat.report import Endpoint
+from tcppunch.wire.coord import (
+    MAX_PEERS_LISTED,
+    SESSION_KEY_SIZE,
+    Cancel,
+    Connect,
+    Error,
+    ErrorCode,
+    ListPeers,
+    Message,
+    PeerInfo,
+    Peers,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayOk,
+    Result,
+    Role,
+    decode_message,
+    encode_message,
+    relay_proof,
+)
+from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
+
+from .auth import Tokens
+from .registry import ConnId, PeerRecord, Registry
+from .session import Session, relay_advice, schedule_fire
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Timings (seconds) and limits. Defaults suit the internet; tests shrink them."""
+
+    # The server pings every registered peer this often; the answers keep its RTT estimate fresh.
+    keepalive_interval: float = 5.0
+    # A registered id whose connection was silent this long may be taken over by a new registration.
+    stale_after: float = 7.5
+    # A peer silent this long is removed and its sessions cancelled.
+    keepalive_timeout: float = 15.0
+    # Preamble + first frame (REGISTER or RELAY) must arrive within this after the TCP accept.
+    handshake_timeout: float = 5.0
+    # Punch deadline = fire time + punch_window (what each peer gets as deadline_ms).
+    punch_window: float = 6.0
+    # Added to both fire delays; 0 keeps time-to-connect at its floor.
+    fire_margin: float = 0.0
+    # Relay joins are accepted until the punch deadline + relay_window; then the session is forgotten.
+    relay_window: float = 30.0
+    max_sessions_per_peer: int = 16
+    # Concurrent relayed sessions a peer id may take part in.
+    max_relays_per_peer: int = 8
+    relay_idle_timeout: float = 300.0
+    relay_max_bytes: int | None = None
+    # Bytes a relay client may send after RELAY before RELAY-OK (they are handed to the pump, not lost).
+    relay_pending_limit: int = 64 * 1024
+    # Relay address put in PUNCH; default: the server address the peer's control connection reached.
+    relay_endpoint: Endpoint | None = None
+    max_frame_size: int = MAX_FRAME_SIZE
+    max_pings_in_flight: int = 4
+
+
+# ------------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write ``data`` to connection ``conn``."""
+
+    conn: ConnId
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close ``conn`` after the writes before it. ``linger``: half-close and drain the client's remaining
+    bytes briefly first, so that the ERROR frame is read rather than destroyed by a RST."""
+
+    conn: ConnId
+    linger: bool = False
+
+
+@dataclass(frozen=True)
+class StartRelay:
+    """Hand both connections of a session to the relay pump; ``*_pending`` are bytes already received."""
+
+    session_id: str
+    initiator: ConnId
+    responder: ConnId
+    initiator_pending: bytes
+    responder_pending: bytes
+    idle_timeout: float
+    max_bytes: int | None
+
+
+Action = Send | Close | StartRelay
+
+
+class ConnState(Enum):
+    HELLO = "hello"
+    PEER = "peer"
+    RELAY_WAIT = "relay-wait"
+    HANDED_OFF = "handed-off"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Conn:
+    id: ConnId
+    observed: Endpoint
+    local: Endpoint
+    decoder: FrameDecoder
+    handshake_deadline: float
+    state: ConnState = ConnState.HELLO
+    peer_id: str | None = None
+    session_id: str | None = None
+    role: Role | None = None
+    raw: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class Stats:
+    """Counters for logs and tests."""
+
+    registrations: int = 0
+    sessions: int = 0
+    relays: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    results: dict[str, int] = field(default_factory=dict)
+
+
+class CoordinatorProtocol:
+    """Registry + sessions + relay rendezvous for every connection of one coordinator."""
+
+    def __init__(
+        self,
+        tokens: Tokens,
+        config: CoordinatorConfig | None = None,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.tokens = tokens
+        self.config = config or CoordinatorConfig()
+        self.registry = Registry()
+        self.sessions: dict[str, Session] = {}
+        self.stats = Stats()
+        self._random = random_bytes
+        self._conns: dict[ConnId, _Conn] = {}
+        # session id -> the two peer ids of a running relay (counted against max_relays_per_peer).
+        self._relays: dict[str, tuple[str, str]] = {}
+        self._relay_count: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------ queries
+
+    def conn_state(self, conn: ConnId) -> ConnState | None:
+        c = self._conns.get(conn)
+        return None if c is None else c.state
+
+    def active_relays(self, peer_id: str) -> int:
+        return self._relay_count.get(peer_id, 0)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must be called next (``None``: nothing is timed)."""
+        times: list[float] = []
+        cfg = self.config
+        times.extend(c.handshake_deadline for c in self._conns.values() if c.state is ConnState.HELLO)
+        for p in self.registry:
+            times.append(p.next_ping_at)
+            times.append(p.last_heard + cfg.keepalive_timeout)
+        times.extend(s.expires_at for s in self.sessions.values())
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------------------------- events
+
+    def connection_made(self, conn: ConnId, observed: Endpoint, local: Endpoint, now: float) -> list[Action]:
+        """A TCP connection was accepted from ``observed`` on the server address ``local``."""
+        if conn in self._conns:
+            raise ValueError(f"connection {conn} already exists")
+        self._conns[conn] = _Conn(
+            id=conn,
+            observed=observed,
+            local=local,
+            decoder=FrameDecoder(expect_preamble=True, max_frame_size=self.config.max_frame_size),
+            handshake_deadline=now + self.config.handshake_timeout,
+        )
+        return []
+
+    def connection_forget(self, conn: ConnId) -> None:
+        """The driver handed ``conn`` to another protocol (STUN on the same port): drop it silently."""
+        c = self._conns.pop(conn, None)
+        if c is not None and c.state is not ConnState.HELLO:
+            raise ValueError(f"connection {conn} is past its hello, cannot be forgotten")
+
+    def data_received(self, conn: ConnId, data: bytes, now: float) -> list[Action]:
+        c = self._conns.get(conn)
+        if c is None or c.state in (ConnState.CLOSED, ConnState.HANDED_OFF):
+            return []
+        if c.state is ConnState.RELAY_WAIT:
+            c.raw += data
+            return self._check_relay_overflow(c, now)
+        if c.state is ConnState.PEER:
+            record = self.registry.by_conn(conn)
+            if record is not None:
+                record.last_heard = now
+        c.decoder.feed(data)
+        actions: list[Action] = []
+        while c.state in (ConnState.HELLO, ConnState.PEER):
+            try:
+                frame = c.decoder.next_frame()
+                if frame is None:
+                    break
+                message = decode_message(frame)
+            except ProtocolError as exc:
+                actions += self._fail(c, exc.code, exc.message)
+                break
+            actions += self._dispatch(c, message, now)
+        return actions
+
+    def connection_lost(self, conn: ConnId, now: float) -> list[Action]:
+        """The TCP connection ended (EOF, reset, or our own close). Idempotent."""
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return []
+        return self._cleanup(c, reason="connection closed")
+
+    def tick(self, now: float) -> list[Action]:
+        """Run everything that is due at ``now``: handshake timeouts, keepalives, session expiry."""
+        actions: list[Action] = []
+        cfg = self.config
+        for c in list(self._conns.values()):
+            if c.state is ConnState.HELLO and now >= c.handshake_deadline:
+                actions += self._fail(c, ErrorCode.TIMEOUT, "no REGISTER or RELAY in time")
+        for record in self.registry:
+            if now - record.last_heard >= cfg.keepalive_timeout:
+                peer_conn = self._conns.get(record.conn)
+                if peer_conn is not None:
+                    actions += self._fail(
+                        peer_conn, ErrorCode.KEEPALIVE_TIMEOUT, f"nothing heard for {cfg.keepalive_timeout:g}s"
+                    )
+                else:  # defensive: a record whose connection is gone
+                    actions += self._remove_peer(record, reason="keepalive timeout")
+            elif now >= record.next_ping_at:
+                actions += self._ping(record, now)
+        for session in list(self.sessions.values()):
+            if now >= session.expires_at:
+                actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
+        return actions
+
+    def relay_finished(self, session_id: str) -> None:
+        """The pump finished the relay of ``session_id``: its peers may start new ones."""
+        ids = self._relays.pop(session_id, None)
+        for peer_id in ids or ():
+            left = self._relay_count.get(peer_id, 0) - 1
+            if left > 0:
+                self._relay_count[peer_id] = left
+            else:
+                self._relay_count.pop(peer_id, None)
+
+    def shutdown(self, now: float) -> list[Action]:
+        """Tell every open connection the server is going away and close it."""
+        actions: list[Action] = []
+        for c in list(self._conns.values()):
+            if c.state is not ConnState.HANDED_OFF:
+                actions += self._fail(c, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+        return actions
+
+    # ---------------------------------------------------------------------------------- dispatching
+
+    def _dispatch(self, c: _Conn, message: Message, now: float) -> list[Action]:
+        if c.state is ConnState.HELLO:
+            if isinstance(message, Register):
+                return self._register(c, message, now)
+            if isinstance(message, Relay):
+                return self._relay(c, message, now)
+            return self._fail(
+                c, ErrorCode.UNEXPECTED_MESSAGE, f"first message must be register or relay, not {message.TYPE}"
+            )
+        record = self.registry.by_conn(c.id)
+        assert record is not None
+        if isinstance(message, Ping):
+            return [Send(c.id, encode_message(Pong(message.seq)))]
+        if isinstance(message, Pong):
+            sent = record.pings_in_flight.pop(message.seq, None)
+            if sent is not None:
+                record.rtt.add(now - sent)
+            return []
+        if isinstance(message, ListPeers):
+            return self._list(c, record, message)
+        if isinstance(message, Connect):
+            return self._connect(c, record, message, now)
+        if isinstance(message, Result):
+            return self._result(record, message)
+        return self._fail(c, ErrorCode.UNEXPECTED_MESSAGE, f"{message.TYPE} is not expected from a peer")
+
+    # -------------------------------------------------------------------------------- registration
+
+    def _register(self, c: _Conn, msg: Register, now: float) -> list[Action]:
+        cfg = self.config
+        if not self.tokens.check(msg.id, msg.token):
+            return self._fail(c, ErrorCode.BAD_TOKEN, f"wrong token for id {msg.id!r}")
+        actions: list[Action] = []
+        existing = self.registry.get(msg.id)
+        if existing is not None:
+            silent = now - existing.last_heard
+            if silent < cfg.stale_after:
+                return self._fail(
+                    c, ErrorCode.ID_TAKEN, f"id {msg.id!r} is registered by a live connection"
+                )
+            old = self._conns.get(existing.conn)
+            log.info("coordinator.replace", peer=msg.id, silent=round(silent, 3))
+            if old is not None:
+                actions += self._fail(old, ErrorCode.REPLACED, "a new registration replaced this one")
+            else:  # defensive: a record without a connection
+                actions += self._remove_peer(existing, reason="replaced")
+        record = PeerRecord(
+            id=msg.id,
+            conn=c.id,
+            observed=c.observed,
+            nat=msg.nat,
+            private=msg.private,
+            swarm=msg.swarm,
+            registered_at=now,
+            last_heard=now,
+            next_ping_at=now,
+        )
+        self.registry.add(record)
+        c.state, c.peer_id = ConnState.PEER, msg.id
+        self.stats.registrations += 1
+        log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
+        reply = Registered(msg.id, c.observed, cfg.keepalive_interval, cfg.keepalive_timeout)
+        actions.append(Send(c.id, encode_message(reply)))
+        # The first ping right away: an RTT estimate exists one round trip after registering.
+        actions += self._ping(record, now)
+        return actions
+
+    def _ping(self, record: PeerRecord, now: float) -> list[Action]:
+        seq = record.next_seq
+        record.next_seq += 1
+        record.pings_in_flight[seq] = now
+        while len(record.pings_in_flight) > self.config.max_pings_in_flight:
+            record.pings_in_flight.pop(next(iter(record.pings_in_flight)))
+        record.next_ping_at = now + self.config.keepalive_interval
+        return [Send(record.conn, encode_message(Ping(seq)))]
+
+    def _list(self, c: _Conn, record: PeerRecord, msg: ListPeers) -> list[Action]:
+        others = [p for p in self.registry.in_swarm(msg.swarm) if p.id != record.id]
+        infos = tuple(
+            PeerInfo(
+                id=p.id,
+                swarm=p.swarm,
+                nat={} if p.nat is None else p.nat.tcp.to_json(),
+                verdict="" if p.nat is None else p.nat.verdict[:200],
+            )
+            for p in others[:MAX_PEERS_LISTED]
+        )
+        reply = Peers(msg.request_id, infos, truncated=len(others) > MAX_PEERS_LISTED)
+        return [Send(c.id, encode_message(reply))]
+
+    # ------------------------------------------------------------------------------------ sessions
+
+    def _request_error(self, c: _Conn, request_id: str, code: ErrorCode, message: str) -> list[Action]:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        error = Error(code, message, fatal=False, request_id=request_id)
+        return [Send(c.id, encode_message(error))]
+
+    def _connect(self, c: _Conn, me: PeerRecord, msg: Connect, now: float) -> list[Action]:
+        cfg = self.config
+        target = self.registry.get(msg.peer)
+        if target is None:
+            return self._request_error(c, msg.request_id, ErrorCode.UNKNOWN_PEER, f"no peer {msg.peer!r} is registered")
+        if target.id == me.id:
+            return self._request_error(c, msg.request_id, ErrorCode.SELF_CONNECT, "cannot connect to yourself")
+        if max(len(me.sessions), len(target.sessions)) >= cfg.max_sessions_per_peer:
+            return self._request_error(
+                c, msg.request_id, ErrorCode.BUSY, f"too many open sessions (limit {cfg.max_sessions_per_peer})"
+            )
+        session_id = self._random(16).hex()
+        key = self._random(SESSION_KEY_SIZE)
+        fire_me, fire_target = schedule_fire(me.one_way_delay(), target.one_way_delay(), margin=cfg.fire_margin)
+        session = Session(
+            id=session_id,
+            key=key,
+            initiator=me.id,
+            responder=target.id,
+            created_at=now,
+            expires_at=now + max(fire_me, fire_target) + cfg.punch_window + cfg.relay_window,
+        )
+        self.sessions[session_id] = session
+        me.sessions.add(session_id)
+        target.sessions.add(session_id)
+        self.stats.sessions += 1
+        advice = relay_advice(me.nat, target.nat)
+        log.info(
+            "coordinator.session",
+            session=session_id,
+            initiator=me.id,
+            responder=target.id,
+            fire_ms=(round(fire_me * 1000), round(fire_target * 1000)),
+            advice=advice.value,
+        )
+        actions: list[Action] = []
+        for this, other, role, fire, request_id in (
+            (me, target, Role.INITIATOR, fire_me, msg.request_id),
+            (target, me, Role.RESPONDER, fire_target, None),
+        ):
+            this_conn = self._conns[this.conn]
+            order = Punch(
+                session_id=session_id,
+                key=key,
+                role=role,
+                peer_id=other.id,
+                peer_observed=other.observed,
+                peer_private=other.private,
+                peer_nat=other.nat,
+                fire_in_ms=round(fire * 1000),
+                deadline_ms=round((fire + cfg.punch_window) * 1000),
+                relay=cfg.relay_endpoint or this_conn.local,
+                relay_advice=advice,
+                request_id=request_id,
+            )
+            actions.append(Send(this.conn, encode_message(order)))
+        return actions
+
+    def _result(self, record: PeerRecord, msg: Result) -> list[Action]:
+        session = self.sessions.get(msg.session_id)
+        if session is not None and record.id in session.peer_ids():
+            session.results[record.id] = msg.outcome.value
+        self.stats.results[msg.outcome.value] = self.stats.results.get(msg.outcome.value, 0) + 1
+        log.info("coordinator.result", peer=record.id, session=msg.session_id, outcome=msg.outcome.value)
+        return []
+
+    def _end_session(self, session: Session, code: ErrorCode, why: str) -> list[Action]:
+        """Forget a session; relay connections still waiting for their partner get ``code`` and a close."""
+        self.sessions.pop(session.id, None)
+        actions: list[Action] = []
+        for peer_id in session.peer_ids():
+            record = self.registry.get(peer_id)
+            if record is not None:
+                record.sessions.discard(session.id)
+        for conn in list(session.relay_waiting.values()):
+            c = self._conns.get(conn)
+            if c is not None:
+                actions += self._fail(c, code, why)
+        session.relay_waiting.clear()
+        return actions
+
+    # --------------------------------------------------------------------------------------- relay
+
+    def _relay(self, c: _Conn, msg: Relay, now: float) -> list[Action]:
+        cfg = self.config
+        c.raw += c.decoder.take_rest()
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            return self._fail(c, ErrorCode.UNKNOWN_SESSION, "no such session (unknown, expired or used)")
+        if not hmac.compare_digest(relay_proof(session.key, session.id, msg.role), msg.proof):
+            log.warning("coordinator.relay_bad_proof", session=session.id, observed=str(c.observed))
+            return self._fail(c, ErrorCode.BAD_PROOF, "relay proof does not match the session key")
+        if msg.role in session.relay_waiting:
+            return self._fail(c, ErrorCode.RELAY_ROLE_TAKEN, f"the {msg.role.value} is already connected")
+        busy = [p for p in session.peer_ids() if self.active_relays(p) >= cfg.max_relays_per_peer]
+        if busy:
+            return self._fail(
+                c, ErrorCode.RELAY_LIMIT, f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running"
+            )
+        session.relay_waiting[msg.role] = c.id
+        c.state, c.session_id, c.role = ConnState.RELAY_WAIT, session.id, msg.role
+        actions = self._check_relay_overflow(c, now)
+        if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
+            return actions
+        return actions + self._pair(session)
+
+    def _check_relay_overflow(self, c: _Conn, now: float) -> list[Action]:
+        if len(c.raw) > self.config.relay_pending_limit:
+            return self._fail(c, ErrorCode.RELAY_OVERFLOW, "too many bytes sent before RELAY-OK")
+        return []
+
+    def _pair(self, session: Session) -> list[Action]:
+        cfg = self.config
+        ini = self._conns[session.relay_waiting[Role.INITIATOR]]
+        resp = self._conns[session.relay_waiting[Role.RESPONDER]]
+        self.sessions.pop(session.id, None)
+        session.relay_started = True
+        session.relay_waiting.clear()
+        for peer_id in session.peer_ids():
+            record = self.registry.get(peer_id)
+            if record is not None:
+                record.sessions.discard(session.id)
+            self._relay_count[peer_id] = self._relay_count.get(peer_id, 0) + 1
+        self._relays[session.id] = session.peer_ids()
+        self.stats.relays += 1
+        ok = encode_message(RelayOk(session.id))
+        actions: list[Action] = [Send(ini.id, ok), Send(resp.id, ok)]
+        actions.append(
+            StartRelay(
+                session_id=session.id,
+                initiator=ini.id,
+                responder=resp.id,
+                initiator_pending=bytes(ini.raw),
+                responder_pending=bytes(resp.raw),
+                idle_timeout=cfg.relay_idle_timeout,
+                max_bytes=cfg.relay_max_bytes,
+            )
+        )
+        for c in (ini, resp):
+            c.raw.clear()
+            c.state = ConnState.HANDED_OFF
+            self._conns.pop(c.id, None)
+        log.info("coordinator.relay_paired", session=session.id, peers=session.peer_ids())
+        return actions
+
+    # ------------------------------------------------------------------------------- errors, cleanup
+
+    def _fail(self, c: _Conn, code: str, message: str) -> list[Action]:
+        """Fatal error on ``c``: ERROR frame, lingering close, and forget everything the conn held."""
+        if c.state is ConnState.CLOSED:
+            return []
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        log.info("coordinator.error", conn=c.id, code=code, message=message, peer=c.peer_id)
+        actions: list[Action] = [Send(c.id, encode_message(Error(code, message))), Close(c.id, linger=True)]
+        self._conns.pop(c.id, None)
+        actions += self._cleanup(c, reason=code)
+        return actions
+
+    def _cleanup(self, c: _Conn, *, reason: str) -> list[Action]:
+        state, c.state = c.state, ConnState.CLOSED
+        if state is ConnState.PEER and c.peer_id is not None:
+            record = self.registry.get(c.peer_id)
+            if record is not None and record.conn == c.id:
+                return self._remove_peer(record, reason=reason)
+        if state is ConnState.RELAY_WAIT and c.session_id is not None and c.role is not None:
+            session = self.sessions.get(c.session_id)
+            if session is not None and session.relay_waiting.get(c.role) == c.id:
+                del session.relay_waiting[c.role]
+        return []
+
+    def _remove_peer(self, record: PeerRecord, *, reason: str = "removed") -> list[Action]:
+        """Unregister ``record``; sessions it was in are cancelled and the other peer is told (CANCEL)."""
+        self.registry.remove(record.id)
+        log.info("coordinator.unregistered", peer=record.id, reason=reason)
+        actions: list[Action] = []
+        for session_id in sorted(record.sessions):
+            session = self.sessions.get(session_id)
+            if session is None:
+                continue
+            other = self.registry.get(session.other(record.id))
+            if other is not None:
+                cancel = Cancel(session_id, f"peer {record.id!r} left ({reason})")
+                actions.append(Send(other.conn, encode_message(cancel)))
+            actions += self._end_session(session, ErrorCode.SESSION_CANCELLED, f"peer {record.id!r} left")
+        record.sessions.clear()
+        return actions

@@ -1,0 +1,677 @@
+"""The coordinator state machine, driven without sockets: every event, every error path.
+
+A small harness plays the network: it opens fake connections, feeds bytes with explicit ``now`` values and
+decodes what the protocol sends back, per connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.protocol import (
+    Action,
+    Close,
+    ConnState,
+    CoordinatorConfig,
+    CoordinatorProtocol,
+    Send,
+    StartRelay,
+)
+from tcppunch.nat.report import Endpoint, FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.wire.coord import (
+    Cancel,
+    Connect,
+    Error,
+    ListPeers,
+    Message,
+    Outcome,
+    Peers,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayAdvice,
+    RelayOk,
+    Result,
+    Role,
+    decode_message,
+    encode_message,
+    relay_proof,
+)
+from tcppunch.wire.framing import PREAMBLE, FrameDecoder
+
+SERVER = Endpoint("198.51.100.10", 3478)
+CONFIG = CoordinatorConfig(
+    keepalive_interval=5.0,
+    stale_after=7.5,
+    keepalive_timeout=15.0,
+    handshake_timeout=3.0,
+    punch_window=6.0,
+    relay_window=30.0,
+    max_sessions_per_peer=3,
+    max_relays_per_peer=2,
+    relay_pending_limit=1000,
+)
+SYM_RANDOM = NatReport(
+    tcp=TcpBehaviour(
+        mapping=MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT,
+        filtering=FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT,
+        port_preservation=False,
+    ),
+    behind_nat=True,
+    verdict="symmetric, random ports",
+)
+
+
+@dataclass
+class Wire:
+    """What one fake connection received from the server."""
+
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    inbox: list[Message] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+    lingered: bool = False
+
+
+class Harness:
+    def __init__(self, config: CoordinatorConfig = CONFIG, tokens: Tokens | None = None) -> None:
+        counter = itertools.count(1)
+        self.proto = CoordinatorProtocol(
+            tokens or Tokens(shared="tok", per_id={"vip": "vip-secret"}),
+            config,
+            random_bytes=lambda n: bytes([next(counter) % 256]) * n,
+        )
+        self.wires: dict[int, Wire] = {}
+        self.relays: list[StartRelay] = []
+        self._ids = itertools.count(1)
+        self.now = 100.0
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                wire = self.wires[action.conn]
+                assert not wire.closed, "sent after close"
+                wire.raw += action.data
+                wire.decoder.feed(action.data)
+                while (frame := wire.decoder.next_frame()) is not None:
+                    wire.inbox.append(decode_message(frame))
+            elif isinstance(action, Close):
+                self.wires[action.conn].closed = True
+                self.wires[action.conn].lingered = action.linger
+            else:
+                self.relays.append(action)
+
+    def open(self, port: int = 40000) -> int:
+        conn = next(self._ids)
+        self.wires[conn] = Wire()
+        observed = Endpoint("203.0.113.5", port + conn)
+        self.apply(self.proto.connection_made(conn, observed, SERVER, self.now))
+        return conn
+
+    def feed(self, conn: int, data: bytes) -> None:
+        self.apply(self.proto.data_received(conn, data, self.now))
+
+    def send(self, conn: int, *messages: Message, preamble: bool = False) -> None:
+        self.feed(conn, (PREAMBLE if preamble else b"") + b"".join(encode_message(m) for m in messages))
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        self.apply(self.proto.tick(now))
+
+    def lose(self, conn: int) -> None:
+        self.apply(self.proto.connection_lost(conn, self.now))
+
+    def register(self, peer_id: str, token: str = "tok", **kw: Any) -> int:
+        conn = self.open()
+        self.send(conn, Register(peer_id, token, **kw), preamble=True)
+        return conn
+
+    def take(self, conn: int) -> list[Message]:
+        inbox, self.wires[conn].inbox = self.wires[conn].inbox, []
+        return inbox
+
+    def error(self, conn: int) -> Error:
+        errors = [m for m in self.take(conn) if isinstance(m, Error)]
+        assert len(errors) == 1, errors
+        return errors[0]
+
+    def answer_pings(self, conn: int, delay: float) -> None:
+        """Answer the pings waiting in ``conn``'s inbox ``delay`` seconds after now."""
+        pings = [m for m in self.take(conn) if isinstance(m, Ping)]
+        self.now += delay
+        for ping in pings:
+            self.send(conn, Pong(ping.seq))
+
+
+def assert_fatal(h: Harness, conn: int, code: str) -> None:
+    error = h.error(conn)
+    assert (error.code, error.fatal) == (code, True), error
+    assert h.wires[conn].closed and h.wires[conn].lingered
+    assert h.proto.conn_state(conn) is None
+    # later bytes and a late close are ignored
+    h.feed(conn, b"more")
+    h.lose(conn)
+    assert h.take(conn) == []
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+def test_register_reports_the_observed_endpoint_and_pings_at_once() -> None:
+    h = Harness()
+    conn = h.register("alice", nat=SYM_RANDOM, private=(Endpoint("10.0.1.2", 5000),), swarm="s")
+    registered, ping = h.take(conn)
+    assert isinstance(registered, Registered)
+    assert registered.observed == Endpoint("203.0.113.5", 40000 + conn)
+    assert (registered.keepalive_interval, registered.keepalive_timeout) == (5.0, 15.0)
+    assert isinstance(ping, Ping)
+    record = h.proto.registry.get("alice")
+    assert record is not None and record.nat == SYM_RANDOM and record.swarm == "s"
+    assert h.proto.conn_state(conn) is ConnState.PEER
+
+
+def test_register_byte_by_byte_equals_whole_buffer() -> None:
+    data = PREAMBLE + encode_message(Register("alice", "tok"))
+    whole, split = Harness(), Harness()
+    a, b = whole.open(), split.open()
+    whole.feed(a, data)
+    for i in range(len(data)):
+        split.feed(b, data[i : i + 1])
+    assert whole.wires[a].raw == split.wires[b].raw != b""
+
+
+def test_trailing_frames_in_the_same_chunk_are_all_handled() -> None:
+    h = Harness()
+    conn = h.open()
+    h.send(conn, Register("alice", "tok"), Ping(7), ListPeers("r"), preamble=True)
+    kinds = [type(m) for m in h.take(conn)]
+    assert kinds == [Registered, Ping, Pong, Peers]
+
+
+def test_pong_feeds_the_rtt_estimate() -> None:
+    h2 = Harness()
+    c2 = h2.register("alice")
+    h2.answer_pings(c2, 0.040)
+    record = h2.proto.registry.get("alice")
+    assert record is not None and record.rtt.srtt == pytest.approx(0.040)
+    assert record.one_way_delay() == pytest.approx(0.020)
+    # an unknown or repeated pong is harmless
+    h2.send(c2, Pong(999), Pong(0))
+    assert record.rtt.samples == 1
+
+
+def test_wrong_token_is_fatal_and_registers_nothing() -> None:
+    h = Harness()
+    conn = h.register("alice", token="nope")
+    assert_fatal(h, conn, "bad-token")
+    assert h.proto.registry.get("alice") is None
+    vip = h.register("vip", token="tok")  # per-id secret wins over the shared one
+    assert_fatal(h, vip, "bad-token")
+    ok = h.register("vip", token="vip-secret")
+    assert isinstance(h.take(ok)[0], Registered)
+
+
+def test_taken_id_is_refused_while_the_owner_is_alive() -> None:
+    h = Harness()
+    first = h.register("alice")
+    h.take(first)
+    h.now += 7.0  # silent, but not yet stale
+    second = h.register("alice")
+    assert_fatal(h, second, "id-taken")
+    record = h.proto.registry.get("alice")
+    assert record is not None and record.conn == first
+    assert not h.wires[first].closed
+
+
+def test_registration_replaces_a_stale_owner() -> None:
+    h = Harness()
+    first = h.register("alice")
+    bob = h.register("bob")
+    h.send(bob, Connect("r", "alice"))
+    h.take(first)
+    h.take(bob)
+    h.now += 8.0  # first missed its keepalive answer
+    second = h.register("alice")
+    assert_fatal(h, first, "replaced")
+    assert isinstance(h.take(second)[0], Registered)
+    record = h.proto.registry.get("alice")
+    assert record is not None and record.conn == second
+    # the old registration's session is gone and bob was told
+    (cancel,) = [m for m in h.take(bob) if isinstance(m, Cancel)]
+    assert "alice" in cancel.reason
+    assert h.proto.sessions == {}
+
+
+def test_any_frame_keeps_a_peer_alive() -> None:
+    h = Harness()
+    first = h.register("alice")
+    h.now += 7.0
+    h.send(first, Ping(1))
+    h.now += 1.0
+    second = h.register("alice")
+    assert_fatal(h, second, "id-taken")
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "bad-preamble"),
+        (b"TPUNCH\x00\x09", "unsupported-version"),
+        (PREAMBLE + b"\x00\x10\x00\x01", "frame-too-large"),
+        (PREAMBLE + b"\x00\x00\x00\x04nope", "bad-frame"),
+        (PREAMBLE + b"\x00\x00\x00\x00", "bad-frame"),
+        (PREAMBLE + encode_message(Ping(1))[:4] + b'{"tpye":1}'[:7], None),  # incomplete: waits
+    ],
+)
+def test_bad_bytes_before_registration(data: bytes, code: str | None) -> None:
+    h = Harness()
+    conn = h.open()
+    h.feed(conn, data)
+    if code is None:
+        assert h.take(conn) == [] and not h.wires[conn].closed
+    else:
+        assert_fatal(h, conn, code)
+
+
+@pytest.mark.parametrize(
+    ("obj", "code"),
+    [
+        ({"type": "teleport"}, "unknown-type"),
+        ({"type": "register", "id": "alice"}, "bad-field"),
+        ({"type": "ping", "seq": 1}, "unexpected-message"),
+        ({"type": "punch"}, "bad-field"),
+    ],
+)
+def test_bad_first_frames(obj: dict[str, Any], code: str) -> None:
+    from tcppunch.wire.framing import encode_frame
+
+    h = Harness()
+    conn = h.open()
+    h.feed(conn, PREAMBLE + encode_frame(obj))
+    assert_fatal(h, conn, code)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Register("alice", "tok"),
+        Relay("s", Role.INITIATOR, bytes(32)),
+        Registered("x", SERVER, 1.0, 2.0),
+        RelayOk("s"),
+    ],
+)
+def test_unexpected_messages_from_a_registered_peer_are_fatal(message: Message) -> None:
+    h = Harness()
+    conn = h.register("alice")
+    h.take(conn)
+    h.send(conn, message)
+    assert_fatal(h, conn, "unexpected-message")
+    assert h.proto.registry.get("alice") is None
+
+
+def test_garbage_after_registration_removes_the_peer_and_cancels_its_sessions() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.send(alice, Connect("r", "bob"))
+    h.take(bob)
+    h.feed(alice, b"\x00\x00\x00\x03abc")
+    assert_fatal(h, alice, "bad-frame")
+    assert [type(m) for m in h.take(bob)] == [Cancel]
+    assert h.proto.sessions == {}
+
+
+def test_silent_client_times_out_others_are_untouched() -> None:
+    h = Harness()
+    silent = h.open()
+    half = h.open()
+    h.feed(half, PREAMBLE + b"\x00\x00")
+    alice = h.register("alice")
+    assert h.proto.next_deadline() == pytest.approx(103.0)  # handshake deadline (alice pings at 105)
+    h.tick(102.9)
+    assert not h.wires[silent].closed
+    h.tick(103.0)
+    assert_fatal(h, silent, "timeout")
+    assert_fatal(h, half, "timeout")
+    assert not h.wires[alice].closed
+
+
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=17))
+@settings(max_examples=150)
+def test_random_bytes_never_crash_the_protocol(data: bytes, chunk: int) -> None:
+    h = Harness()
+    conn = h.open()
+    stream = PREAMBLE + data
+    for i in range(0, len(stream), chunk):
+        h.feed(conn, stream[i : i + chunk])
+    wire = h.wires[conn]
+    assert wire.closed or h.proto.conn_state(conn) is ConnState.HELLO
+
+
+# ------------------------------------------------------------------------------------ keepalive
+
+
+def test_keepalive_pings_and_removal_of_a_silent_peer() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.answer_pings(alice, 0.01)
+    h.answer_pings(bob, 0.01)
+    h.send(alice, Connect("r", "bob"))
+    h.take(alice)
+    h.take(bob)
+    h.tick(105.0)
+    assert [type(m) for m in h.take(alice)] == [Ping]
+    h.answer_pings(bob, 0.0)
+    h.tick(110.0)
+    h.answer_pings(bob, 0.0)
+    record = h.proto.registry.get("alice")
+    assert record is not None
+    h.tick(record.last_heard + 14.999)  # alice answered nothing since her CONNECT
+    assert not h.wires[alice].closed
+    h.tick(record.last_heard + 15.0)
+    assert_fatal(h, alice, "keepalive-timeout")
+    assert h.proto.registry.get("alice") is None
+    assert [type(m) for m in h.take(bob) if not isinstance(m, Ping)] == [Cancel]
+    assert h.proto.registry.get("bob") is not None
+
+
+def test_eof_removes_the_peer() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.send(bob, Connect("r", "alice"))
+    h.take(bob)
+    h.lose(alice)
+    assert h.proto.registry.get("alice") is None
+    assert [type(m) for m in h.take(bob)] == [Cancel]
+    h.lose(alice)  # idempotent
+
+
+def test_pings_in_flight_are_bounded() -> None:
+    h = Harness(CoordinatorConfig(keepalive_interval=1.0, max_pings_in_flight=4))
+    h.register("alice")
+    for i in range(1, 14):
+        h.tick(100.0 + i)  # never answered, and before the keepalive timeout
+    record = h.proto.registry.get("alice")
+    assert record is not None and len(record.pings_in_flight) <= CONFIG.max_pings_in_flight
+
+
+# ------------------------------------------------------------------------------------ list, connect
+
+
+def test_list_shows_the_others_filtered_by_swarm() -> None:
+    h = Harness()
+    alice = h.register("alice", swarm="x")
+    h.register("bob", swarm="x", nat=SYM_RANDOM)
+    h.register("carol", swarm="y")
+    h.take(alice)
+    h.send(alice, ListPeers("r1"), ListPeers("r2", "x"))
+    everyone, swarm = h.take(alice)
+    assert isinstance(everyone, Peers) and isinstance(swarm, Peers)
+    assert [p.id for p in everyone.peers] == ["bob", "carol"]
+    assert [p.id for p in swarm.peers] == ["bob"]
+    assert swarm.peers[0].nat["mapping"] == "address-and-port-dependent"
+    assert swarm.peers[0].verdict == "symmetric, random ports"
+    assert swarm.request_id == "r2" and not swarm.truncated
+
+
+def test_list_is_truncated_to_fit_a_frame() -> None:
+    h = Harness(tokens=Tokens(shared="tok"))
+    for i in range(105):
+        h.register(f"p{i:03d}", nat=SYM_RANDOM.replace(verdict="v" * 1000))
+    asker = h.register("zz")
+    h.take(asker)
+    h.send(asker, ListPeers("r"))
+    (peers,) = h.take(asker)
+    assert isinstance(peers, Peers) and peers.truncated and len(peers.peers) == 100
+
+
+def _rtt(h: Harness, conn: int, rtt: float) -> None:
+    h.answer_pings(conn, rtt)
+    h.now -= rtt
+
+
+def test_connect_sends_matching_punch_orders_timed_by_rtt() -> None:
+    h = Harness()
+    alice = h.register("alice", private=(Endpoint("10.0.1.2", 5000),), nat=SYM_RANDOM)
+    bob = h.register("bob", private=(Endpoint("10.0.2.2", 6000),))
+    _rtt(h, alice, 0.020)
+    _rtt(h, bob, 0.100)
+    h.send(alice, Connect("req-1", "bob"))
+    (to_alice,) = h.take(alice)
+    (to_bob,) = h.take(bob)
+    assert isinstance(to_alice, Punch) and isinstance(to_bob, Punch)
+    assert to_alice.session_id == to_bob.session_id and to_alice.key == to_bob.key
+    assert len(to_alice.key) == 32
+    assert (to_alice.role, to_bob.role) == (Role.INITIATOR, Role.RESPONDER)
+    assert (to_alice.request_id, to_bob.request_id) == ("req-1", None)
+    assert (to_alice.peer_id, to_bob.peer_id) == ("bob", "alice")
+    assert to_alice.peer_observed == Endpoint("203.0.113.5", 40000 + bob)
+    assert to_bob.peer_observed == Endpoint("203.0.113.5", 40000 + alice)
+    assert to_alice.peer_private == (Endpoint("10.0.2.2", 6000),)
+    assert to_bob.peer_nat == SYM_RANDOM and to_alice.peer_nat is None
+    # one-way delays 10 ms and 50 ms: alice waits 40 ms, bob fires on receipt
+    assert (to_alice.fire_in_ms, to_bob.fire_in_ms) == (40, 0)
+    assert (to_alice.deadline_ms, to_bob.deadline_ms) == (6040, 6000)
+    assert to_alice.relay == to_bob.relay == SERVER
+    assert to_alice.relay_advice is RelayAdvice.PUNCH  # bob's NAT is unknown
+
+
+def test_connect_advises_relay_when_both_reports_rule_direct_out() -> None:
+    h = Harness()
+    alice, bob = h.register("alice", nat=SYM_RANDOM), h.register("bob", nat=SYM_RANDOM)
+    h.take(bob)
+    h.send(alice, Connect("r", "bob"))
+    assert [m.relay_advice for m in h.take(bob) if isinstance(m, Punch)] == [RelayAdvice.RELAY_NOW]
+
+
+def test_configured_relay_endpoint_is_advertised() -> None:
+    relay = Endpoint("198.51.100.11", 443)
+    h = Harness(CoordinatorConfig(relay_endpoint=relay))
+    alice, _ = h.register("alice"), h.register("bob")
+    h.take(alice)
+    h.send(alice, Connect("r", "bob"))
+    (punch,) = h.take(alice)
+    assert isinstance(punch, Punch) and punch.relay == relay
+
+
+@pytest.mark.parametrize(("target", "code"), [("nobody", "unknown-peer"), ("alice", "self-connect")])
+def test_connect_errors_are_not_fatal(target: str, code: str) -> None:
+    h = Harness()
+    alice = h.register("alice")
+    h.take(alice)
+    h.send(alice, Connect("r9", target))
+    error = h.error(alice)
+    assert (error.code, error.fatal, error.request_id) == (code, False, "r9")
+    h.send(alice, Ping(3))
+    assert h.take(alice) == [Pong(3)]
+    assert not h.wires[alice].closed
+
+
+def test_too_many_sessions_is_busy() -> None:
+    h = Harness()
+    alice, _ = h.register("alice"), h.register("bob")
+    for i in range(3):
+        h.send(alice, Connect(f"r{i}", "bob"))
+    h.take(alice)
+    h.send(alice, Connect("r3", "bob"))
+    error = h.error(alice)
+    assert (error.code, error.fatal) == ("busy", False)
+
+
+def test_result_is_recorded() -> None:
+    h = Harness()
+    alice, _ = h.register("alice"), h.register("bob")
+    h.take(alice)
+    h.send(alice, Connect("r", "bob"))
+    (punch,) = h.take(alice)
+    assert isinstance(punch, Punch)
+    h.send(alice, Result(punch.session_id, Outcome.DIRECT, {"attempts": 2}), Result("other", Outcome.FAILED))
+    assert h.proto.sessions[punch.session_id].results == {"alice": "direct"}
+    assert h.proto.stats.results == {"direct": 1, "failed": 1}
+    assert h.take(alice) == []
+
+
+# ------------------------------------------------------------------------------------ relay
+
+
+def _session(h: Harness) -> tuple[int, int, Punch]:
+    alice, bob = h.register("alice"), h.register("bob")
+    h.take(bob)
+    h.send(alice, Connect("r", "bob"))
+    punch = h.take(alice)[-1]
+    assert isinstance(punch, Punch)
+    return alice, bob, punch
+
+
+def _join(h: Harness, punch: Punch, role: Role, *, key: bytes | None = None, extra: bytes = b"") -> int:
+    conn = h.open()
+    proof = relay_proof(key or punch.key, punch.session_id, role)
+    h.feed(conn, PREAMBLE + encode_message(Relay(punch.session_id, role, proof)) + extra)
+    return conn
+
+
+def test_relay_pairs_both_roles_and_hands_over_early_bytes() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    ini = _join(h, punch, Role.INITIATOR, extra=b"early")
+    assert h.take(ini) == [] and h.relays == []
+    assert h.proto.conn_state(ini) is ConnState.RELAY_WAIT
+    h.feed(ini, b" bytes")
+    resp = _join(h, punch, Role.RESPONDER, extra=b"hi")
+    assert h.take(ini) == h.take(resp) == [RelayOk(punch.session_id)]
+    (start,) = h.relays
+    assert (start.session_id, start.initiator, start.responder) == (punch.session_id, ini, resp)
+    assert (start.initiator_pending, start.responder_pending) == (b"early bytes", b"hi")
+    assert not h.wires[ini].closed and not h.wires[resp].closed
+    assert h.proto.conn_state(ini) is None  # handed off: no longer the protocol's
+    assert h.proto.sessions == {}
+    assert h.proto.active_relays("alice") == h.proto.active_relays("bob") == 1
+    # the session is used up: a late joiner with the right key is refused
+    late = _join(h, punch, Role.INITIATOR)
+    assert_fatal(h, late, "unknown-session")
+    h.proto.relay_finished(punch.session_id)
+    assert h.proto.active_relays("alice") == 0
+
+
+def test_relay_with_a_wrong_proof_is_refused() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    wrong = _join(h, punch, Role.INITIATOR, key=b"\x99" * 32)
+    assert_fatal(h, wrong, "bad-proof")
+    # the right ones still pair afterwards
+    _join(h, punch, Role.INITIATOR)
+    _join(h, punch, Role.RESPONDER)
+    assert len(h.relays) == 1
+
+
+def test_third_connection_with_the_session_id_but_not_the_key_is_refused() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    ini = _join(h, punch, Role.INITIATOR)
+    intruder = _join(h, punch, Role.RESPONDER, key=bytes(32))
+    assert_fatal(h, intruder, "bad-proof")
+    assert h.relays == [] and h.proto.conn_state(ini) is ConnState.RELAY_WAIT
+
+
+def test_relay_role_taken_and_unknown_session() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    _join(h, punch, Role.INITIATOR)
+    again = _join(h, punch, Role.INITIATOR)
+    assert_fatal(h, again, "relay-role-taken")
+    conn = h.open()
+    h.send(conn, Relay("f" * 32, Role.INITIATOR, bytes(32)), preamble=True)
+    assert_fatal(h, conn, "unknown-session")
+
+
+def test_waiting_relay_expires_with_its_session() -> None:
+    h = Harness(CoordinatorConfig(keepalive_timeout=1000.0, stale_after=500.0))
+    _, _, punch = _session(h)
+    ini = _join(h, punch, Role.INITIATOR)
+    expiry = h.proto.sessions[punch.session_id].expires_at
+    assert expiry == pytest.approx(100.0 + 6.0 + 30.0)
+    h.tick(expiry - 0.001)
+    assert not h.wires[ini].closed
+    h.tick(expiry)
+    assert_fatal(h, ini, "relay-timeout")
+    assert h.proto.sessions == {}
+
+
+def test_waiting_relay_is_cancelled_when_a_peer_leaves() -> None:
+    h = Harness()
+    alice, _, punch = _session(h)
+    ini = _join(h, punch, Role.INITIATOR)
+    h.lose(alice)
+    assert_fatal(h, ini, "session-cancelled")
+
+
+def test_waiting_relay_that_disconnects_frees_its_role() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    first = _join(h, punch, Role.INITIATOR)
+    h.lose(first)
+    _join(h, punch, Role.INITIATOR)
+    _join(h, punch, Role.RESPONDER)
+    assert len(h.relays) == 1
+
+
+def test_too_many_bytes_before_relay_ok() -> None:
+    h = Harness()
+    _, _, punch = _session(h)
+    ini = _join(h, punch, Role.INITIATOR, extra=b"x" * 900)
+    h.feed(ini, b"y" * 200)
+    assert_fatal(h, ini, "relay-overflow")
+
+
+def test_relays_per_peer_are_limited() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.take(bob)
+    punches = []
+    for i in range(3):
+        h.send(alice, Connect(f"r{i}", "bob"))
+        punch = h.take(alice)[-1]
+        assert isinstance(punch, Punch)
+        punches.append(punch)
+    for punch in punches[:2]:
+        _join(h, punch, Role.INITIATOR)
+        _join(h, punch, Role.RESPONDER)
+    refused = _join(h, punches[2], Role.INITIATOR)
+    assert_fatal(h, refused, "relay-limit")
+    h.proto.relay_finished(punches[0].session_id)
+    _join(h, punches[2], Role.INITIATOR)
+    _join(h, punches[2], Role.RESPONDER)
+    assert len(h.relays) == 3
+
+
+def test_shutdown_tells_everyone() -> None:
+    h = Harness()
+    alice = h.register("alice")
+    idle = h.open()
+    h.take(alice)
+    h.apply(h.proto.shutdown(h.now))
+    assert_fatal(h, alice, "shutting-down")
+    assert_fatal(h, idle, "shutting-down")
+
+
+def test_stun_connection_can_be_forgotten_before_hello() -> None:
+    h = Harness()
+    conn = h.open()
+    h.proto.connection_forget(conn)
+    assert h.proto.conn_state(conn) is None
+    assert h.proto.next_deadline() is None
+    alice = h.register("alice")
+    with pytest.raises(ValueError):
+        h.proto.connection_forget(alice)
