@@ -1,0 +1,239 @@
+"""What one punch is told to do (:class:`PunchPlan`), what it did (:class:`PunchAttempt`), and how it ended
+(:class:`PunchResult` or :class:`PunchFailed`). Plain data plus pure helpers: no sockets, no clock.
+
+Times in a plan are event-loop times (``loop.time()``, i.e. ``time.monotonic()`` on the default loop):
+whoever turns the coordinator's PUNCH order into a plan converts "fire in N ms" into ``fire_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from tcppunch.nat.report import Endpoint
+
+SESSION_ID_MAX = 64
+KEY_MIN = 16
+
+
+class Role(StrEnum):
+    """Who selects the winner. Comes from the session, never from who called ``connect()``: after a
+    simultaneous open both ends are "clients". Values match the coordinator's roles."""
+
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+    @property
+    def other(self) -> Role:
+        return Role.RESPONDER if self is Role.INITIATOR else Role.INITIATOR
+
+
+class CandidateKind(StrEnum):
+    """Where a candidate endpoint of the peer comes from."""
+
+    PRIVATE = "private"  # the peer's own interface address: works when we share its LAN
+    OBSERVED = "observed"  # the public endpoint the coordinator saw
+    PREDICTED = "predicted"  # the peer's NAT's next mapping(s), from its port delta
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One endpoint to send SYNs to. ``index`` is i for the i-th predicted mapping (1-based), else 0."""
+
+    endpoint: Endpoint
+    kind: CandidateKind
+    index: int = 0
+
+    def __str__(self) -> str:
+        suffix = f" #{self.index}" if self.kind is CandidateKind.PREDICTED else ""
+        return f"{self.endpoint} ({self.kind.value}{suffix})"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to send a candidate's next SYN after a RST / refusal.
+
+    The first ``fast_tries`` retries come after ``base`` seconds: against a NAT that answers early SYNs
+    with a RST, our own NAT's entry is only open between our SYN and the RST coming back, so the peer's
+    SYN gets in only if we re-open it quickly (see docs/punching.md). After that the delay doubles up to
+    ``cap``. ``jitter`` spreads retries (a fraction of the delay, drawn by the caller) so that two peers
+    do not stay in lockstep.
+    """
+
+    base: float = 0.001
+    fast_tries: int = 20
+    cap: float = 0.25
+    jitter: float = 0.5
+    max_tries: int = 2000
+
+    def delay(self, failures: int, unit: float) -> float:
+        """Seconds to wait after the ``failures``-th failed try; ``unit`` is a random draw in [0, 1)."""
+        if failures < 1:
+            return 0.0
+        grow = max(0, failures - self.fast_tries)
+        raw = min(self.cap, self.base * (2.0 ** min(grow, 30)))
+        return raw * (1.0 + self.jitter * unit)
+
+
+# A NAT that allocates a new public port for every new connection makes each retry cost one port (and so
+# shift the peer's prediction); those sides retry slowly.
+SLOW_RETRY = RetryPolicy(base=0.2, fast_tries=0, cap=1.0, jitter=0.5, max_tries=50)
+
+
+@dataclass(frozen=True)
+class PunchPlan:
+    """Everything the engine needs for one punch.
+
+    ``local``: the endpoint to bind every socket to (port 0 = any free port, for tests).
+    ``candidates``: in the order their SYNs must leave (predicted ones in index order).
+    ``fire_at`` / ``deadline``: event-loop times. The responder waits ``select_grace`` longer for the
+    initiator's SELECT on a connection it has already verified.
+    ``low_ttl``: send the first SYN to each candidate with this TTL (hops up to and including our own
+    outermost NAT, plus one), then ``prime_delay`` later the normal SYN; None = off.
+    """
+
+    local: Endpoint
+    role: Role
+    session_id: str
+    key: bytes
+    candidates: tuple[Candidate, ...]
+    fire_at: float
+    deadline: float
+    low_ttl: int | None = None
+    prime_delay: float = 0.02
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    select_grace: float = 1.0
+    backlog: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.session_id or len(self.session_id) > SESSION_ID_MAX:
+            raise ValueError(f"session_id must have 1 to {SESSION_ID_MAX} characters")
+        if len(self.key) < KEY_MIN:
+            raise ValueError(f"session key must have at least {KEY_MIN} bytes")
+        if self.deadline <= self.fire_at:
+            raise ValueError("deadline must come after fire_at")
+        if self.low_ttl is not None and not 1 <= self.low_ttl <= 255:
+            raise ValueError("low_ttl must be 1..255 or None")
+        if self.prime_delay < 0 or self.select_grace < 0:
+            raise ValueError("prime_delay and select_grace must not be negative")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates must be distinct")
+
+
+class Outcome(StrEnum):
+    """What one try (or one connection) got."""
+
+    CONNECTED = "connected"  # our connect() completed (simultaneous open or plain)
+    ACCEPTED = "accepted"  # the listener took a connection
+    REFUSED = "refused"  # RST in answer to our SYN (ECONNREFUSED)
+    RESET = "reset"  # RST on an open connection
+    TIMEOUT = "timeout"  # no answer until the deadline
+    UNREACHABLE = "unreachable"  # ICMP unreachable / no route
+    BUSY = "busy"  # the 4-tuple is taken (usually: the peer's SYN already reached our listener)
+    VERIFIED = "verified"  # the handshake proved the peer knows the session key
+    VERIFY_FAILED = "verify-failed"  # garbage, wrong session, wrong role or a bad MAC
+    LOST = "lost"  # closed by the other end before verification / selection
+    SELECTED = "selected"  # the winner
+
+
+@dataclass(frozen=True)
+class PunchAttempt:
+    """One line of the attempts log. ``t`` is seconds since ``fire_at`` (negative: before firing)."""
+
+    remote: Endpoint
+    candidate: Candidate | None
+    attempt: int
+    outcome: Outcome
+    t: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        what = str(self.candidate) if self.candidate else f"{self.remote} (incoming)"
+        extra = f": {self.detail}" if self.detail else ""
+        return f"{self.t * 1000:+.1f} ms {what} try {self.attempt}: {self.outcome.value}{extra}"
+
+
+@dataclass(frozen=True)
+class PunchTimings:
+    """Seconds from ``fire_at``: to the first TCP connection of any candidate, to the winner's verified
+    HELLO, to the end (SELECT sent by the initiator / received by the responder)."""
+
+    first_connection: float | None
+    verified: float
+    selected: float
+
+
+@dataclass
+class PunchResult:
+    """The verified winner.
+
+    ``sock`` is the connected, non-blocking socket. With ``punch(..., streams=True)`` (the default)
+    ``reader``/``writer`` are asyncio streams over it and ``sock`` belongs to their transport; with
+    ``streams=False`` they are None and the caller owns ``sock`` (no byte of the peer's data has been
+    read from it beyond the handshake), e.g. to hand it to blocking code.
+    """
+
+    role: Role
+    sock: socket.socket
+    reader: asyncio.StreamReader | None
+    writer: asyncio.StreamWriter | None
+    local: Endpoint
+    remote: Endpoint
+    candidate: Candidate | None  # None when the winner came in through the listener from elsewhere
+    via: str  # "connect" | "accept"
+    attempts: tuple[PunchAttempt, ...]
+    timings: PunchTimings
+
+
+class PunchFailed(Exception):
+    """No verified connection by the deadline. ``explanation`` says what each candidate got and what to
+    do; ``attempts`` is the full log."""
+
+    def __init__(self, explanation: str, attempts: tuple[PunchAttempt, ...]) -> None:
+        super().__init__(explanation)
+        self.explanation = explanation
+        self.attempts = attempts
+
+
+_ADVICE = {
+    Outcome.REFUSED: "the peer's NAT (or host) answered with RST: its SYNs probably did not leave at the "
+    "same time as ours, or its mapping differs from what we targeted",
+    Outcome.TIMEOUT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
+    "us never arrived (wrong predicted port, firewall, or the peer never fired)",
+    Outcome.UNREACHABLE: "no route to that address",
+    Outcome.VERIFY_FAILED: "something answered but could not prove the session key (not our peer)",
+    Outcome.BUSY: "the 4-tuple was taken (a connection through the listener was already using it)",
+    Outcome.RESET: "the connection opened and was then reset",
+    Outcome.LOST: "the connection opened and was closed by the other end before it was selected",
+}
+
+
+def explain_failure(plan: PunchPlan, attempts: tuple[PunchAttempt, ...], why: str) -> str:
+    """A human explanation of a failed punch: per candidate what it got, and what the user can do."""
+    lines = [f"punch {plan.session_id} ({plan.role.value}) failed: {why}."]
+    by_candidate: dict[Candidate | None, Counter[Outcome]] = {}
+    for a in attempts:
+        by_candidate.setdefault(a.candidate, Counter())[a.outcome] += 1
+    if not plan.candidates:
+        lines.append("  no candidates: we only listened on our port.")
+    for cand in plan.candidates:
+        got = by_candidate.get(cand)
+        if not got:
+            lines.append(f"  {cand}: no try finished (timed out)")
+            continue
+        summary = ", ".join(f"{o.value} x{n}" for o, n in got.most_common())
+        main = got.most_common(1)[0][0]
+        hint = _ADVICE.get(main, "")
+        lines.append(f"  {cand}: {summary}" + (f" — {hint}" if hint else ""))
+    incoming = by_candidate.get(None)
+    if incoming:
+        lines.append("  incoming (listener): " + ", ".join(f"{o.value} x{n}" for o, n in incoming.most_common()))
+    lines.append(
+        "  what to do: check both sides with `tcppunch detect` (a symmetric-random NAT facing a "
+        "port-restricted one cannot go direct), make sure both peers fire at the same time, "
+        "or use the relay (--relay auto)."
+    )
+    return "\n".join(lines)
