@@ -1,0 +1,116 @@
+"""Byte pipes for the CLI: stdin/stdout <-> a connection (netcat style), and connection <-> local service.
+
+Both directions run at once; EOF on one side half-closes the other (``write_eof``), so a request/response
+tool on top (``curl``, ``ssh``, ``tar | ...``) sees the end of input exactly where the sender ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+
+
+async def copy_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Copy until EOF, honouring back-pressure, then half-close ``writer``; return the byte count."""
+    total = 0
+    try:
+        while chunk := await reader.read(CHUNK):
+            writer.write(chunk)
+            total += len(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        writer.close()
+    return total
+
+
+async def join_streams(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> tuple[int, int]:
+    """Pipe a <-> b until both directions ended; close both; return (bytes a->b, bytes b->a)."""
+    try:
+        a_to_b, b_to_a = await asyncio.gather(copy_stream(a[0], b[1]), copy_stream(b[0], a[1]))
+    finally:
+        for _, w in (a, b):
+            w.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await w.wait_closed()
+    return a_to_b, b_to_a
+
+
+def _start_reader_thread(source: BinaryIO, queue: asyncio.Queue[bytes], loop: asyncio.AbstractEventLoop) -> None:
+    """Read a blocking file (stdin) in a daemon thread into a small queue (back-pressure: the thread
+    waits while the queue is full). A daemon thread, not the loop's executor: a read blocked on a
+    terminal must not keep the process alive after the connection is over."""
+    read = getattr(source, "read1", source.read)
+
+    def run() -> None:
+        while True:
+            try:
+                chunk = read(CHUNK)
+            except (OSError, ValueError):
+                chunk = b""
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except RuntimeError:  # the loop is gone: nobody wants more input
+                return
+            if not chunk:
+                return
+
+    threading.Thread(target=run, name="stdin-reader", daemon=True).start()
+
+
+async def _stdin_to(writer: asyncio.StreamWriter, source: BinaryIO) -> int:
+    """Copy a blocking binary file (stdin) into ``writer``, then half-close."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    _start_reader_thread(source, queue, asyncio.get_running_loop())
+    total = 0
+    try:
+        while chunk := await queue.get():
+            writer.write(chunk)
+            total += len(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        writer.close()
+    return total
+
+
+async def _to_stdout(reader: asyncio.StreamReader, sink: BinaryIO) -> int:
+    total = 0
+    while chunk := await reader.read(CHUNK):
+        sink.write(chunk)
+        sink.flush()
+        total += len(chunk)
+    return total
+
+
+async def pipe_stdio(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    source: BinaryIO | None = None,
+    sink: BinaryIO | None = None,
+) -> tuple[int, int]:
+    """netcat: stdin -> connection and connection -> stdout until both ended; return (sent, received)."""
+    source = source or sys.stdin.buffer
+    sink = sink or sys.stdout.buffer
+    sending = asyncio.ensure_future(_stdin_to(writer, source))
+    try:
+        received = await _to_stdout(reader, sink)
+        # The peer finished; whatever we still read from stdin has nowhere useful to go once it closes.
+        sent = await sending
+    finally:
+        if not sending.done():
+            sending.cancel()
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+    return sent, received
