@@ -1,0 +1,401 @@
+"""The punch engine: at ``fire_at``, SYNs from one local port to every candidate, a listener on the same
+port, the verification handshake on every connection that opens, one winner agreed by both sides.
+
+A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
+:mod:`tcppunch.punch.sockets` (the reuse-port sockets). How it goes:
+
+1. The listener (ours, or the caller's, bound to the punch port) accepts from the start: a peer that
+   fires a little earlier reaches it.
+2. At ``fire_at`` one SYN per candidate leaves, in plan order, inside consecutive ``connect()`` calls
+   (sequential port prediction depends on that order). With ``low_ttl`` those first SYNs carry a low
+   TTL and ``prime_delay`` later each still-pending one is replaced by a normal SYN.
+3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline; a pending SYN is
+   left to the kernel's own retransmission — abandoning it could RST a simultaneous open in progress.
+4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
+   SELECT on the first verified one; the responder's winner is where SELECT arrives.
+5. Everything else is closed quietly (no SO_LINGER 0, see :func:`close_quietly`); our own listener too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from tcppunch.nat.report import Endpoint
+from tcppunch.punch.handshake import Handshake, PeerVerified, Rejected, SelectReceived
+from tcppunch.punch.plan import (
+    Candidate,
+    Outcome,
+    PunchAttempt,
+    PunchFailed,
+    PunchPlan,
+    PunchResult,
+    PunchTimings,
+    Role,
+    explain_failure,
+)
+from tcppunch.punch.sockets import (
+    BUSY_ERRNOS,
+    REFUSED_ERRNOS,
+    RESET_ERRNOS,
+    TCP_SYN_SENT,
+    TIMEOUT_ERRNOS,
+    UNREACHABLE_ERRNOS,
+    close_quietly,
+    endpoint_of,
+    reuse_listener,
+    reuse_socket,
+    start_connect,
+    tcp_state,
+    wait_connected,
+)
+
+_log = structlog.get_logger(__name__)
+
+
+async def punch(
+    plan: PunchPlan, *, listener: socket.socket | None = None, streams: bool = True
+) -> PunchResult:
+    """Run one punch; return the verified winner or raise :class:`PunchFailed`.
+
+    ``listener``: a listening socket already bound (with SO_REUSEADDR + SO_REUSEPORT) to the punch port;
+    it stays open and belongs to the caller. Without it the engine makes one on ``plan.local`` and
+    closes it at the end. ``streams=False`` returns the raw socket only (see :class:`PunchResult`).
+    """
+    return await _Punch(plan, listener).run(streams=streams)
+
+
+def _classify(err: int) -> Outcome:
+    if err in REFUSED_ERRNOS:
+        return Outcome.REFUSED
+    if err in RESET_ERRNOS:
+        return Outcome.RESET
+    if err in BUSY_ERRNOS:
+        return Outcome.BUSY
+    if err in UNREACHABLE_ERRNOS:
+        return Outcome.UNREACHABLE
+    if err in TIMEOUT_ERRNOS:
+        return Outcome.TIMEOUT
+    return Outcome.LOST
+
+
+@dataclass
+class _Winner:
+    sock: socket.socket
+    candidate: Candidate | None
+    via: str
+    verified_at: float
+    selected_at: float
+    leftover: bytes
+
+
+class _Punch:
+    def __init__(self, plan: PunchPlan, listener: socket.socket | None) -> None:
+        self.plan = plan
+        self.loop = asyncio.get_running_loop()
+        self.log = _log.bind(session=plan.session_id, role=plan.role.value)
+        self.own_listener = listener is None
+        self.listener = listener if listener is not None else reuse_listener(plan.local, plan.backlog)
+        self.listener.setblocking(False)
+        self.local = endpoint_of(self.listener.getsockname())
+        self.attempts: list[PunchAttempt] = []
+        self.winner: asyncio.Future[_Winner] = self.loop.create_future()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[Candidate, socket.socket] = {}  # SYN in flight, per candidate
+        self.conns: set[socket.socket] = set()  # open connections still under the handshake
+        self.first_connection: float | None = None
+        self.claimed = False
+        self.awaiting_select = 0
+        self.rng = random.Random(os.urandom(16))
+        self.by_endpoint = {c.endpoint: c for c in plan.candidates}
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+
+    def _t(self) -> float:
+        return self.loop.time() - self.plan.fire_at
+
+    def _record(
+        self, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: Outcome, detail: str = ""
+    ) -> None:
+        entry = PunchAttempt(remote, cand, attempt, outcome, round(self._t(), 6), detail)
+        self.attempts.append(entry)
+        self.log.debug(
+            "punch.attempt",
+            candidate=str(cand) if cand else f"{remote} (incoming)",
+            attempt=attempt,
+            outcome=outcome.value,
+            t=entry.t,
+            detail=detail or None,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    async def run(self, *, streams: bool) -> PunchResult:
+        plan = self.plan
+        self.log.info(
+            "punch.start",
+            local=str(self.local),
+            candidates=[str(c) for c in plan.candidates],
+            fire_in=round(plan.fire_at - self.loop.time(), 4),
+        )
+        try:
+            self._spawn(self._accept_loop())
+            self._spawn(self._fire())
+            await asyncio.wait({self.winner}, timeout=max(0.0, plan.deadline - self.loop.time()))
+            if not self.winner.done() and plan.role is Role.RESPONDER and self.awaiting_select:
+                # a verified connection waits for the initiator's SELECT, which it may have sent just
+                # before its deadline: give it a little longer rather than kill what the peer selected
+                await asyncio.wait({self.winner}, timeout=plan.select_grace)
+        finally:
+            await self._cleanup()
+        if not self.winner.done():
+            why = "no verified connection before the deadline"
+            if plan.role is Role.RESPONDER and self.awaiting_select:
+                why = "verified connection(s) but the initiator selected none in time"
+            explanation = explain_failure(plan, tuple(self.attempts), why)
+            self.log.warning("punch.failed", reason=why, attempts=len(self.attempts))
+            raise PunchFailed(explanation, tuple(self.attempts))
+        return await self._result(self.winner.result(), streams)
+
+    async def _result(self, w: _Winner, streams: bool) -> PunchResult:
+        plan = self.plan
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        if streams:
+            reader, writer = await asyncio.open_connection(sock=w.sock)
+            if w.leftover:
+                reader.feed_data(w.leftover)
+        timings = PunchTimings(
+            first_connection=None if self.first_connection is None else round(self.first_connection, 6),
+            verified=round(w.verified_at, 6),
+            selected=round(w.selected_at, 6),
+        )
+        result = PunchResult(
+            role=plan.role,
+            sock=w.sock,
+            reader=reader,
+            writer=writer,
+            local=endpoint_of(w.sock.getsockname()),
+            remote=endpoint_of(w.sock.getpeername()),
+            candidate=w.candidate,
+            via=w.via,
+            attempts=tuple(self.attempts),
+            timings=timings,
+        )
+        self.log.info(
+            "punch.won",
+            remote=str(result.remote),
+            via=w.via,
+            candidate=str(w.candidate) if w.candidate else None,
+            verified=timings.verified,
+            selected=timings.selected,
+        )
+        return result
+
+    async def _cleanup(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        winner = self.winner.result().sock if self.winner.done() else None
+        for sock in list(self.pending.values()) + list(self.conns):
+            if sock is not winner:
+                close_quietly(sock)
+        self.pending.clear()
+        self.conns.clear()
+        if self.own_listener:
+            self.listener.close()
+
+    # ---- outbound ----------------------------------------------------------------------------------
+
+    def _syn(self, cand: Candidate, ttl: int | None) -> tuple[socket.socket, int]:
+        sock = reuse_socket(self.local)
+        try:
+            err = start_connect(sock, cand.endpoint, first_syn_ttl=ttl)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        self.pending[cand] = sock
+        return sock, err
+
+    async def _fire(self) -> None:
+        plan = self.plan
+        await asyncio.sleep(max(0.0, plan.fire_at - self.loop.time()))
+        self.log.debug("punch.fire", low_ttl=plan.low_ttl)
+        first: list[tuple[Candidate, socket.socket, int]] = []
+        for cand in plan.candidates:  # one connect() after the other: SYNs leave in this order
+            sock, err = self._syn(cand, plan.low_ttl)
+            first.append((cand, sock, err))
+        if plan.low_ttl is not None and first:
+            await asyncio.sleep(plan.prime_delay)
+            first = [self._unprime(cand, sock, err) for cand, sock, err in first]
+        for cand, sock, err in first:
+            self._spawn(self._candidate(cand, sock, err))
+
+    def _unprime(self, cand: Candidate, sock: socket.socket, err: int) -> tuple[Candidate, socket.socket, int]:
+        """Replace a low-TTL SYN still waiting for an answer by a normal one (same 4-tuple, so on a NAT
+        the same mapping). One that got further (the peer's SYN reached it) is kept as it is."""
+        if err not in (0, errno.EINPROGRESS) or tcp_state(sock) != TCP_SYN_SENT:
+            return cand, sock, err
+        sock.close()  # SYN_SENT: closing sends nothing
+        new, new_err = self._syn(cand, None)
+        return cand, new, new_err
+
+    async def _candidate(self, cand: Candidate, sock: socket.socket, err: int) -> None:
+        """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
+        plan = self.plan
+        tries = 1
+        while True:
+            outcome, detail = await self._await_connect(sock, err)
+            if outcome is Outcome.CONNECTED:
+                self.pending.pop(cand, None)
+                self._record(cand.endpoint, cand, tries, outcome)
+                if await self._verify(sock, cand, "connect", tries):
+                    return
+            else:
+                self._record(cand.endpoint, cand, tries, outcome, detail)
+                self.pending.pop(cand, None)
+                close_quietly(sock)
+            if outcome is Outcome.TIMEOUT or tries >= plan.retry.max_tries:
+                return
+            delay = plan.retry.delay(tries, self.rng.random())
+            if self.loop.time() + delay >= plan.deadline:
+                return
+            await asyncio.sleep(delay)
+            tries += 1
+            sock, err = self._syn(cand, plan.low_ttl)
+            if plan.low_ttl is not None:
+                await asyncio.sleep(plan.prime_delay)
+                _, sock, err = self._unprime(cand, sock, err)
+
+    async def _await_connect(self, sock: socket.socket, err: int) -> tuple[Outcome, str]:
+        if err not in (0, errno.EINPROGRESS):
+            return _classify(err), os.strerror(err)
+        try:
+            async with asyncio.timeout_at(self.plan.deadline):
+                await wait_connected(sock)
+        except TimeoutError:
+            return Outcome.TIMEOUT, "no answer before the deadline"
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return _classify(code), os.strerror(code)
+        return Outcome.CONNECTED, ""
+
+    # ---- inbound -----------------------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, addr = await self.loop.sock_accept(self.listener)
+            except OSError as exc:  # e.g. EMFILE: note it, keep the punch going
+                self.log.warning("punch.accept_error", error=str(exc))
+                await asyncio.sleep(0.05)
+                continue
+            remote = endpoint_of(addr)
+            cand = self.by_endpoint.get(remote)
+            self._record(remote, cand, 0, Outcome.ACCEPTED)
+            self._spawn(self._verify_task(conn, cand))
+
+    async def _verify_task(self, conn: socket.socket, cand: Candidate | None) -> None:
+        await self._verify(conn, cand, "accept", 0)
+
+    # ---- verification and selection ----------------------------------------------------------------
+
+    async def _verify(self, sock: socket.socket, cand: Candidate | None, via: str, attempt: int) -> bool:
+        """Run the handshake on one open connection. True when it verified (winner or not): the
+        candidate needs no more SYNs. False when it must be closed (and the candidate retried)."""
+        plan = self.plan
+        sock.setblocking(False)
+        self.conns.add(sock)
+        if self.first_connection is None:
+            self.first_connection = self._t()
+        remote = endpoint_of(sock.getpeername())
+        hs = Handshake(role=plan.role, session_id=plan.session_id, key=plan.key, nonce=os.urandom(16))
+        try:
+            async with asyncio.timeout_at(plan.deadline + plan.select_grace):
+                await self.loop.sock_sendall(sock, hs.hello())
+                if not await self._read_until(sock, hs, PeerVerified):
+                    raise _Rejected(hs.reject_reason)
+                verified_at = self._t()
+                self._record(remote, cand, attempt, Outcome.VERIFIED, via)
+                if plan.role is Role.INITIATOR:
+                    if self.claimed or self.winner.done():
+                        return True  # verified too, but another one won; closed at the end
+                    self.claimed = True
+                    await self.loop.sock_sendall(sock, hs.select())
+                else:
+                    self.awaiting_select += 1
+                    try:
+                        if not await self._read_until(sock, hs, SelectReceived):
+                            raise _Rejected(hs.reject_reason)
+                    finally:
+                        self.awaiting_select -= 1
+        except _Rejected as rej:
+            self._finish_loser(sock, remote, cand, attempt, Outcome.VERIFY_FAILED, rej.reason)
+            return False
+        except _Eof:
+            self._finish_loser(sock, remote, cand, attempt, Outcome.LOST, "closed by the other end")
+            return False
+        except TimeoutError:
+            self._finish_loser(sock, remote, cand, attempt, Outcome.TIMEOUT, "handshake did not finish")
+            return False
+        except OSError as exc:
+            if plan.role is Role.INITIATOR and self.claimed and not self.winner.done():
+                self.claimed = False
+            code = exc.errno or errno.EIO
+            outcome = _classify(code)
+            self._finish_loser(sock, remote, cand, attempt, outcome, os.strerror(code))
+            return False
+        if self.winner.done():  # responder: cannot happen (one SELECT per session), but never two winners
+            return True
+        self.conns.discard(sock)
+        self._record(remote, cand, attempt, Outcome.SELECTED, via)
+        self.winner.set_result(_Winner(sock, cand, via, verified_at, self._t(), hs.leftover))
+        return True
+
+    def _finish_loser(
+        self, sock: socket.socket, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: Outcome, why: str
+    ) -> None:
+        self._record(remote, cand, attempt, outcome, why)
+        self.conns.discard(sock)
+        close_quietly(sock)
+
+    async def _read_until(self, sock: socket.socket, hs: Handshake, wanted: type) -> bool:
+        """Read exactly what the handshake still lacks until ``wanted`` arrives (True) or it rejects."""
+        while True:
+            need = hs.bytes_needed
+            if need <= 0:
+                return False
+            data = await self.loop.sock_recv(sock, need)
+            if not data:
+                raise _Eof()
+            for event in hs.receive_data(data):
+                if isinstance(event, Rejected):
+                    return False
+                if isinstance(event, wanted):
+                    return True
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Eof(Exception):
+    pass
+
+
+__all__ = ["PunchFailed", "PunchResult", "punch"]
