@@ -39,6 +39,8 @@ from typing import Any
 
 import structlog
 
+from tcppunch.nat.report import Endpoint
+from tcppunch.nat.sockets import reuse_port_socket as _reuse_port_socket
 from tcppunch.wire.stun import (
     AlternatePort,
     Attribute,
@@ -191,22 +193,9 @@ def _endpoint(sockaddr: Any) -> TransportAddress:
     return TransportAddress(ip, int(sockaddr[1]))
 
 
-def _family(ip: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-
-
 def reuse_port_socket(kind: socket.SocketKind, local: TransportAddress) -> socket.socket:
     """A non-blocking socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT."""
-    sock = socket.socket(_family(local.ip), kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind((local.ip, local.port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _reuse_port_socket(kind, Endpoint(local.ip, local.port))
 
 
 # ------------------------------------------------------------------------------------- the service

@@ -1,0 +1,296 @@
+"""TCP behaviour tests against STUN over TCP: mapping, port allocation, filtering, hairpinning.
+
+What matters for TCP hole punching has to be measured over TCP: a NAT may treat UDP and TCP
+differently, and TCP brings its own question (what happens to an unsolicited SYN).
+
+* Mapping (RFC 5780 section 4.3, over TCP): from ONE local port (SO_REUSEADDR + SO_REUSEPORT), Binding
+  requests to (A1,P1), (A2,P1), (A1,P2), (A2,P2), one after the other. Same public endpoint everywhere:
+  endpoint-independent. Same per server address but different across addresses: address-dependent.
+  Different for another port of the same address: address-and-port-dependent.
+* Port preservation: the public port equals the local port.
+* Port delta: the step between the public ports of consecutive new mappings; 0 when the mapping is
+  reused, k for a sequential allocator, None when the steps disagree (random allocation).
+* Filtering (ours, see tcppunch.coordinator.stun_service): from a fresh local port that talks only to
+  (A1,P1), listen on that port and ask the server to connect back from (A2,P2) (a stranger address) and,
+  from another fresh port, from (A1,P2) (a known address, another port). What gets in tells the filter:
+  both -> endpoint-independent, only the known address -> address-dependent, neither ->
+  address-and-port-dependent. A refused connect-back means the NAT answers unsolicited SYNs with RST, a
+  timed-out one that it drops them.
+* Hairpin: connect to our own public endpoint and see whether our listener gets the connection.
+
+The classification functions are pure; the probes are thin asyncio code around reuse-port sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tcppunch.nat.report import Endpoint, FilteringBehaviour, MappingBehaviour, SynResponse
+from tcppunch.nat.sockets import endpoint_of, reuse_port_socket
+from tcppunch.wire.stun import (
+    Attribute,
+    ChangeRequest,
+    ConnectBackOutcome,
+    ConnectBackResult,
+    ErrorCode,
+    MessageClass,
+    StunMessage,
+    StunParseError,
+    StunStreamDecoder,
+    binding_request,
+    encode_message,
+)
+
+
+class StunTcpError(Exception):
+    """A STUN-over-TCP exchange failed (connect, timeout, closed, malformed or error response)."""
+
+
+# ------------------------------------------------------------------------------------- the client
+
+
+class TcpStunConnection:
+    """One TCP connection to a STUN server from a chosen local endpoint, carrying Binding requests."""
+
+    def __init__(self, sock: socket.socket, destination: Endpoint) -> None:
+        self._sock = sock
+        self.destination = destination
+        self.local = endpoint_of(sock.getsockname())
+        self._decoder = StunStreamDecoder()
+
+    @classmethod
+    async def open(cls, local: Endpoint, destination: Endpoint, timeout: float) -> TcpStunConnection:
+        """Connect from ``local`` (port 0: a fresh port) to ``destination``."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock = reuse_port_socket(socket.SOCK_STREAM, local)
+        except OSError as exc:
+            raise StunTcpError(f"cannot bind {local}: {exc.strerror or exc}") from exc
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (destination.ip, destination.port)), timeout)
+        except TimeoutError:
+            sock.close()
+            raise StunTcpError(f"no TCP answer from {destination} within {timeout:.1f} s") from None
+        except OSError as exc:
+            sock.close()
+            raise StunTcpError(f"cannot connect to {destination}: {exc.strerror or exc}") from exc
+        return cls(sock, destination)
+
+    async def request(self, attributes: Sequence[Attribute] = (), timeout: float = 2.0) -> StunMessage:
+        """Send one Binding request, return its success response (StunTcpError otherwise)."""
+        loop = asyncio.get_running_loop()
+        request = binding_request(os.urandom(12), attributes, fingerprint=True)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(self._sock, encode_message(request))
+                while True:
+                    message = self._decoder.next_message()
+                    if message is None:
+                        chunk = await loop.sock_recv(self._sock, 4096)
+                        if not chunk:
+                            raise StunTcpError(f"{self.destination} closed the connection")
+                        self._decoder.receive_data(chunk)
+                        continue
+                    if message.transaction_id != request.transaction_id:
+                        continue  # indications, stale answers
+                    if message.message_class is MessageClass.ERROR:
+                        error = message.find(ErrorCode)
+                        text = "" if error is None else f" {error.code} {error.reason}"
+                        raise StunTcpError(f"{self.destination} answered with an error{text}")
+                    if message.message_class is MessageClass.SUCCESS:
+                        return message
+        except TimeoutError:
+            raise StunTcpError(f"no STUN answer from {self.destination} within {timeout:.1f} s") from None
+        except StunParseError as exc:
+            raise StunTcpError(f"malformed answer from {self.destination}: {exc}") from exc
+        except OSError as exc:
+            raise StunTcpError(f"connection to {self.destination} failed: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def mapped_endpoint(response: StunMessage) -> Endpoint:
+    """The reflexive endpoint in a Binding success response (StunTcpError if it has none)."""
+    mapped = response.mapped()
+    if mapped is None:
+        raise StunTcpError("the Binding response carries no (XOR-)MAPPED-ADDRESS")
+    return Endpoint(mapped.ip, mapped.port)
+
+
+# --------------------------------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class MappingObservation:
+    """The public endpoint a NAT gave one local port towards one destination, in test order."""
+
+    destination: Endpoint
+    mapped: Endpoint
+
+
+def classify_mapping(observations: Sequence[MappingObservation]) -> MappingBehaviour | None:
+    """RFC 5780 section 4.3 from observations made from one local port; None if they cannot tell.
+
+    Needs two destinations with different addresses to tell endpoint-independent from
+    address-dependent, and two ports of one address to tell address-dependent from port-dependent.
+    """
+    if len(observations) < 2:
+        return None
+    same_ip_pairs = [
+        (a, b)
+        for i, a in enumerate(observations)
+        for b in observations[i + 1 :]
+        if a.destination.ip == b.destination.ip
+    ]
+    other_ip_pairs = [
+        (a, b)
+        for i, a in enumerate(observations)
+        for b in observations[i + 1 :]
+        if a.destination.ip != b.destination.ip
+    ]
+    if any(a.mapped != b.mapped for a, b in same_ip_pairs):
+        return MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT
+    if any(a.mapped != b.mapped for a, b in other_ip_pairs):
+        # Different per address; port dependence is ruled out only if a same-address pair was tried.
+        return MappingBehaviour.ADDRESS_DEPENDENT if same_ip_pairs else MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT
+    if other_ip_pairs:
+        return MappingBehaviour.ENDPOINT_INDEPENDENT
+    return None  # only one address tried and its ports agreed: EIM or address-dependent, cannot tell
+
+
+def port_delta_of(observations: Sequence[MappingObservation]) -> int | None:
+    """The allocation step between consecutive new mappings (0 when the mapping is reused).
+
+    A public port seen before is a mapping reused; among the new ones (in the order they were made), a
+    constant step is the delta and any disagreement means random allocation (None).
+    """
+    ports: list[int] = []
+    for observation in observations:
+        if observation.mapped.port not in ports:
+            ports.append(observation.mapped.port)
+    if len(ports) < 2:
+        return 0 if len(observations) >= 2 else None
+    deltas = {(b - a) % 65536 for a, b in itertools.pairwise(ports)}
+    if len(deltas) != 1:
+        return None
+    (delta,) = deltas
+    return delta - 65536 if delta > 32768 else delta
+
+
+# ------------------------------------------------------------------------------------- filtering
+
+
+@dataclass(frozen=True)
+class FilteringProbe:
+    """One connect-back: what the server saw and whether our listener really accepted it."""
+
+    change: ChangeRequest
+    outcome: ConnectBackOutcome | None  # None: the server does not run the test
+    accepted: bool
+    mapped: Endpoint | None
+    local: Endpoint | None
+    error: str | None = None
+
+    @property
+    def let_in(self) -> bool:
+        return self.accepted or self.outcome is ConnectBackOutcome.CONNECTED
+
+
+async def filtering_probe(local_ip: str, server: Endpoint, change: ChangeRequest, timeout: float) -> FilteringProbe:
+    """Listen on a fresh port, ask ``server`` (from that port) to connect back per ``change``."""
+    loop = asyncio.get_running_loop()
+    connection: TcpStunConnection | None = None
+    listener: socket.socket | None = None
+    try:
+        connection = await TcpStunConnection.open(Endpoint(local_ip, 0), server, timeout)
+        listener = reuse_port_socket(socket.SOCK_STREAM, connection.local)
+        listener.listen(4)
+        response = await connection.request([change], timeout)
+        result = response.find(ConnectBackResult)
+        outcome = None if result is None else result.outcome
+        accepted = False
+        if outcome is ConnectBackOutcome.CONNECTED:
+            # The server's handshake completed, so the connection waits in our accept queue already.
+            with contextlib.suppress(TimeoutError, OSError):
+                back, _ = await asyncio.wait_for(loop.sock_accept(listener), timeout)
+                back.close()
+                accepted = True
+        return FilteringProbe(change, outcome, accepted, mapped_endpoint(response), connection.local)
+    except StunTcpError as exc:
+        return FilteringProbe(change, None, False, None, None, str(exc))
+    finally:
+        if listener is not None:
+            listener.close()
+        if connection is not None:
+            connection.close()
+
+
+def classify_filtering(
+    stranger: FilteringProbe | None, other_port: FilteringProbe | None
+) -> tuple[FilteringBehaviour | None, SynResponse | None]:
+    """Filtering and the unsolicited-SYN response from the two connect-backs.
+
+    ``stranger``: back from the other address (A2,P2); ``other_port``: back from (A1,P2). Either may be
+    None (not run). With only ``other_port``, "let in" cannot tell endpoint-independent from
+    address-dependent, so it reports the weaker claim (address-dependent).
+    """
+    stranger_known = stranger is not None and stranger.outcome not in (None, ConnectBackOutcome.UNAVAILABLE)
+    port_known = other_port is not None and other_port.outcome not in (None, ConnectBackOutcome.UNAVAILABLE)
+    filtering: FilteringBehaviour | None = None
+    if stranger_known and stranger is not None and stranger.let_in:
+        return FilteringBehaviour.ENDPOINT_INDEPENDENT, SynResponse.ACCEPT
+    if port_known and other_port is not None and other_port.let_in:
+        filtering = FilteringBehaviour.ADDRESS_DEPENDENT
+    elif port_known:
+        filtering = FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT
+    elif stranger_known:
+        filtering = None  # the stranger was kept out, but port dependence is unknown
+    syn: SynResponse | None = None
+    for probe in (stranger if stranger_known else None, other_port if port_known else None):
+        if probe is None or probe.let_in:
+            continue
+        syn = SynResponse.RST if probe.outcome is ConnectBackOutcome.REFUSED else SynResponse.DROP
+        break
+    return filtering, syn
+
+
+# --------------------------------------------------------------------------------------- hairpin
+
+
+async def hairpin_test(listener: socket.socket, public: Endpoint, local_ip: str, timeout: float) -> bool:
+    """Connect to our own public endpoint; True if ``listener`` (on the mapped local port) gets it.
+
+    A nonce sent over the connection proves that what the listener accepted is this very connection.
+    """
+    loop = asyncio.get_running_loop()
+    nonce = os.urandom(16)
+    try:
+        connector = reuse_port_socket(socket.SOCK_STREAM, Endpoint(local_ip, 0))
+    except OSError:
+        return False
+    accepted: socket.socket | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(connector, (public.ip, public.port))
+            await loop.sock_sendall(connector, nonce)
+            accepted, _ = await loop.sock_accept(listener)
+            received = b""
+            while len(received) < len(nonce):
+                chunk = await loop.sock_recv(accepted, len(nonce) - len(received))
+                if not chunk:
+                    break
+                received += chunk
+            return received == nonce
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        connector.close()
+        if accepted is not None:
+            accepted.close()
