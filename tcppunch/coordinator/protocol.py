@@ -185,6 +185,10 @@ class CoordinatorProtocol:
     def active_relays(self, peer_id: str) -> int:
         return self._relay_count.get(peer_id, 0)
 
+    def relay_peers(self, session_id: str) -> tuple[str, ...]:
+        """The two peer ids of a running relay (empty once it finished)."""
+        return self._relays.get(session_id, ())
+
     def next_deadline(self) -> float | None:
         """When :meth:`tick` must be called next (``None``: nothing is timed)."""
         times: list[float] = []

@@ -1,0 +1,491 @@
+"""The peer side of the coordinator protocol: one control connection, made FROM the port the punch reuses.
+
+:class:`ControlChannel` binds its socket with SO_REUSEADDR + SO_REUSEPORT to a chosen local endpoint
+before connecting, so the public endpoint the coordinator observes (and hands to the other peer) is the
+mapping of exactly the port the punch engine will listen and connect from. It registers, answers
+keepalive pings (the server's RTT estimate depends on prompt answers), and turns PUNCH frames into
+:class:`PunchOrder` objects whose times are already converted to this event loop's clock.
+
+:func:`open_relay` opens the separate relay connection of a session and returns plain asyncio streams
+once the coordinator has paired both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.wire.coord import (
+    Cancel,
+    Connect,
+    Error,
+    ListPeers,
+    Message,
+    Outcome,
+    PeerInfo,
+    Peers,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayAdvice,
+    RelayOk,
+    Result,
+    Role,
+    decode_message,
+    encode_message,
+    relay_proof,
+)
+from tcppunch.wire.framing import (
+    HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    PREAMBLE,
+    FrameDecoder,
+    ProtocolError,
+    parse_payload,
+)
+
+log = structlog.get_logger()
+
+READ_SIZE = 64 * 1024
+
+
+class CoordinatorError(Exception):
+    """The coordinator answered with an ERROR frame (``code`` as in docs/protocol.md), or went away."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = True) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the coordinator told us when it accepted the registration."""
+
+    id: str
+    local: Endpoint  # the bound local endpoint of the control connection (the port to punch from)
+    observed: Endpoint  # our public endpoint as the coordinator sees it
+    keepalive_interval: float
+    keepalive_timeout: float
+
+
+@dataclass(eq=False)
+class PunchOrder:
+    """One PUNCH, with its relative times turned into ``loop.time()`` values at receipt.
+
+    ``cancelled`` is set (with ``cancel_reason``) if the coordinator cancels the session, for example
+    because the other peer left.
+    """
+
+    session_id: str
+    key: bytes
+    role: Role
+    peer_id: str
+    peer_observed: Endpoint
+    peer_private: tuple[Endpoint, ...]
+    peer_nat: NatReport | None
+    fire_at: float
+    deadline: float
+    relay: Endpoint
+    relay_advice: RelayAdvice
+    received_at: float
+    request_id: str | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    cancel_reason: str | None = None
+
+    @classmethod
+    def from_message(cls, msg: Punch, received_at: float) -> PunchOrder:
+        return cls(
+            session_id=msg.session_id,
+            key=msg.key,
+            role=msg.role,
+            peer_id=msg.peer_id,
+            peer_observed=msg.peer_observed,
+            peer_private=msg.peer_private,
+            peer_nat=msg.peer_nat,
+            fire_at=received_at + msg.fire_in_ms / 1000,
+            deadline=received_at + msg.deadline_ms / 1000,
+            relay=msg.relay,
+            relay_advice=msg.relay_advice,
+            received_at=received_at,
+            request_id=msg.request_id,
+        )
+
+
+def reuse_port_socket(local: Endpoint, family: socket.AddressFamily) -> socket.socket:
+    """A non-blocking TCP socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((local.ip, local.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _endpoint(sockaddr: Any) -> Endpoint:
+    return Endpoint(str(sockaddr[0]), int(sockaddr[1]))
+
+
+_CLOSED = object()
+
+
+class ControlChannel:
+    """A registered peer's control connection to the coordinator.
+
+    ``async with ControlChannel(...) as channel:`` registers and closes at the end. ``local`` is the
+    endpoint to bind (default: any address, an ephemeral port); read the chosen port from
+    ``channel.registration.local`` afterwards.
+    """
+
+    def __init__(
+        self,
+        coordinator: Endpoint,
+        peer_id: str,
+        token: str,
+        *,
+        local: Endpoint | None = None,
+        nat: NatReport | None = None,
+        private: Sequence[Endpoint] = (),
+        swarm: str | None = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.coordinator = coordinator
+        self.peer_id = peer_id
+        self._token = token
+        family = _family(coordinator.ip)
+        self._local = local or Endpoint("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        self.nat = nat
+        self.private = tuple(private)
+        self.swarm = swarm
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.registration: Registration | None = None
+        self.error: CoordinatorError | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._registered: asyncio.Future[Registered] | None = None
+        self._requests: dict[str, asyncio.Future[Any]] = {}
+        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
+        self._orders: asyncio.Queue[Any] = asyncio.Queue()
+        self._sessions: dict[str, PunchOrder] = {}
+        self._ids = itertools.count(1)
+        self._closed = asyncio.Event()
+        self._log = log.bind(peer=peer_id, coordinator=str(coordinator))
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> ControlChannel:
+        await self.register()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def observed(self) -> Endpoint:
+        """Our public endpoint as the coordinator sees it (after :meth:`register`)."""
+        if self.registration is None:
+            raise RuntimeError("not registered")
+        return self.registration.observed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def register(self) -> Registration:
+        """Connect from the bound local port and register; raises :class:`CoordinatorError` if refused."""
+        if self._writer is not None:
+            raise RuntimeError("register() was already called")
+        loop = asyncio.get_running_loop()
+        sock = reuse_port_socket(self._local, _family(self.coordinator.ip))
+        try:
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (self.coordinator.ip, self.coordinator.port)), self.connect_timeout
+            )
+            self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME_SIZE * 2)
+        except BaseException:
+            sock.close()
+            raise
+        local = _endpoint(sock.getsockname())
+        self._registered = loop.create_future()
+        self._read_task = loop.create_task(self._read_loop())
+        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm)
+        self._writer.write(PREAMBLE + encode_message(hello))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)
+        except BaseException:
+            await self.close()
+            raise
+        self.registration = Registration(
+            id=reply.id,
+            local=local,
+            observed=reply.observed,
+            keepalive_interval=reply.keepalive_interval,
+            keepalive_timeout=reply.keepalive_timeout,
+        )
+        self._log = self._log.bind(local=str(local), observed=str(reply.observed))
+        self._log.info("control.registered")
+        return self.registration
+
+    async def close(self) -> None:
+        """Close the control connection (the coordinator then unregisters us and cancels our sessions)."""
+        self._finish(None)
+        if self._read_task is not None and self._read_task is not asyncio.current_task():
+            self._read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._read_task
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+
+    # ------------------------------------------------------------------------------------- requests
+
+    async def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
+        """The other registered peers (of ``swarm``, or all)."""
+        request_id = self._request_id()
+        reply: Peers = await self._request(request_id, ListPeers(request_id, swarm))
+        return list(reply.peers)
+
+    async def connect(self, peer_id: str) -> PunchOrder:
+        """Ask for a punch session with ``peer_id``; returns our PunchOrder (role initiator)."""
+        request_id = self._request_id()
+        order: PunchOrder = await self._request(request_id, Connect(request_id, peer_id))
+        return order
+
+    async def next_order(self, timeout: float | None = None) -> PunchOrder:
+        """The next PUNCH we did not ask for (someone connects to us). Raises once the channel closed."""
+        item = await asyncio.wait_for(self._orders.get(), timeout)
+        if item is _CLOSED:
+            self._orders.put_nowait(_CLOSED)  # every later waiter sees it too
+            raise self._closed_error()
+        assert isinstance(item, PunchOrder)
+        return item
+
+    async def orders(self) -> AsyncIterator[PunchOrder]:
+        """Incoming punch orders until the channel closes."""
+        while True:
+            try:
+                yield await self.next_order()
+            except CoordinatorError:
+                return
+
+    async def report_result(
+        self, session_id: str, outcome: Outcome | str, details: dict[str, Any] | None = None
+    ) -> None:
+        """Tell the coordinator how a session ended (for its logs and counters)."""
+        self._send(Result(session_id, Outcome(outcome), details or {}))
+        await self._drain()
+
+    async def ping(self) -> float:
+        """One round trip to the coordinator on the control connection, in seconds."""
+        loop = asyncio.get_running_loop()
+        seq = next(self._ids)
+        future: asyncio.Future[float] = loop.create_future()
+        self._pings[seq] = (loop.time(), future)
+        try:
+            self._send(Ping(seq))
+            return await asyncio.wait_for(future, self.request_timeout)
+        finally:
+            self._pings.pop(seq, None)
+
+    async def open_relay(
+        self, order: PunchOrder, *, timeout: float = 30.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the relay connection of ``order``'s session (see :func:`open_relay`)."""
+        return await open_relay(order.relay, order.session_id, order.key, order.role, timeout=timeout)
+
+    # ------------------------------------------------------------------------------------- plumbing
+
+    def _request_id(self) -> str:
+        return f"r{next(self._ids)}"
+
+    async def _request(self, request_id: str, message: Message) -> Any:
+        if self.registration is None:
+            raise RuntimeError("register() first")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            self._send(message)
+            return await asyncio.wait_for(future, self.request_timeout)
+        finally:
+            self._requests.pop(request_id, None)
+
+    def _send(self, message: Message) -> None:
+        if self.closed or self._writer is None:
+            raise self._closed_error()
+        self._writer.write(encode_message(message))
+
+    async def _drain(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+
+    def _closed_error(self) -> CoordinatorError:
+        return self.error or CoordinatorError("closed", "the control channel is closed")
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        loop = asyncio.get_running_loop()
+        decoder = FrameDecoder()
+        reason: CoordinatorError | None = None
+        try:
+            while True:
+                # Silence beyond the keepalive timeout means the coordinator (or the path) is gone.
+                timeout = None if self.registration is None else self.registration.keepalive_timeout
+                data = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
+                now = loop.time()
+                if not data:
+                    reason = CoordinatorError("closed", "the coordinator closed the connection")
+                    break
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    self._handle(decode_message(frame), now)
+        except ProtocolError as exc:
+            reason = CoordinatorError(exc.code, f"the coordinator sent a bad frame: {exc.message}")
+        except TimeoutError:
+            reason = CoordinatorError("keepalive-timeout", "nothing heard from the coordinator")
+        except (ConnectionError, OSError) as exc:
+            reason = CoordinatorError("closed", f"control connection failed: {exc!r}")
+        finally:
+            self._finish(reason)
+
+    def _handle(self, msg: Message, now: float) -> None:
+        if isinstance(msg, Ping):
+            self._send(Pong(msg.seq))
+        elif isinstance(msg, Pong):
+            sent, future = self._pings.get(msg.seq, (0.0, None))
+            if future is not None and not future.done():
+                future.set_result(now - sent)
+        elif isinstance(msg, Registered):
+            if self._registered is not None and not self._registered.done():
+                self._registered.set_result(msg)
+        elif isinstance(msg, Peers):
+            self._resolve(msg.request_id, msg)
+        elif isinstance(msg, Punch):
+            self._punch(msg, now)
+        elif isinstance(msg, Cancel):
+            order = self._sessions.get(msg.session_id)
+            if order is not None:
+                order.cancel_reason = msg.reason
+                order.cancelled.set()
+        elif isinstance(msg, Error):
+            self._error_frame(msg)
+        else:
+            self._log.info("control.unexpected", type=msg.TYPE)
+
+    def _punch(self, msg: Punch, now: float) -> None:
+        order = PunchOrder.from_message(msg, now)
+        # Remember orders for CANCEL; forget those long past their deadline.
+        for sid, old in list(self._sessions.items()):
+            if old.deadline + 120.0 < now:
+                del self._sessions[sid]
+        self._sessions[order.session_id] = order
+        self._log.info("control.punch", session=order.session_id, role=order.role.value, peer=order.peer_id)
+        if msg.request_id is None:
+            self._orders.put_nowait(order)
+        elif not self._resolve(msg.request_id, order):
+            self._log.info("control.late_punch", session=order.session_id)
+
+    def _resolve(self, request_id: str, value: Any) -> bool:
+        future = self._requests.get(request_id)
+        if future is None or future.done():
+            return False
+        future.set_result(value)
+        return True
+
+    def _error_frame(self, msg: Error) -> None:
+        error = CoordinatorError(msg.code, msg.message, fatal=msg.fatal)
+        if msg.request_id is not None:
+            future = self._requests.get(msg.request_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
+        if msg.fatal:
+            self.error = error
+            self._log.info("control.error", code=msg.code, message=msg.message)
+
+    def _finish(self, reason: CoordinatorError | None) -> None:
+        """Fail everything still waiting and close the connection. Idempotent."""
+        if self._closed.is_set():
+            return
+        if self.error is None:
+            self.error = reason
+        error = self._closed_error()
+        futures: list[asyncio.Future[Any]] = [*self._requests.values()]
+        futures += [future for _, future in self._pings.values()]
+        if self._registered is not None:
+            futures.append(self._registered)
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # mark retrieved: nobody may be waiting any more
+        self._orders.put_nowait(_CLOSED)
+        self._closed.set()
+        if self._writer is not None:
+            self._writer.close()
+
+
+async def open_relay(
+    relay: Endpoint,
+    session_id: str,
+    key: bytes,
+    role: Role,
+    *,
+    timeout: float = 30.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Join the relay of a session; returns the streams once the coordinator paired both roles.
+
+    Waits (up to ``timeout``) for the other peer to join too. Raises :class:`CoordinatorError` if the
+    coordinator refuses (bad proof, unknown session...). Nothing beyond the RELAY-OK frame is read, so
+    every byte after it in the reader comes from the other peer.
+    """
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(relay.ip, relay.port), timeout)
+    try:
+        writer.write(PREAMBLE + encode_message(Relay(session_id, role, relay_proof(key, session_id, role))))
+        reply = await asyncio.wait_for(_read_one_message(reader), timeout)
+        if isinstance(reply, Error):
+            raise CoordinatorError(reply.code, reply.message)
+        if not isinstance(reply, RelayOk) or reply.session_id != session_id:
+            raise CoordinatorError("unexpected-message", f"expected relay-ok, got {reply.TYPE}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _read_one_message(reader: asyncio.StreamReader) -> Message:
+    """Exactly one frame from ``reader`` (no read-ahead)."""
+    try:
+        (size,) = struct.unpack("!I", await reader.readexactly(HEADER_SIZE))
+        if not 0 < size <= MAX_FRAME_SIZE:
+            raise CoordinatorError("bad-frame", f"the coordinator sent a frame of {size} bytes")
+        return decode_message(parse_payload(await reader.readexactly(size)))
+    except asyncio.IncompleteReadError:
+        raise CoordinatorError("closed", "the coordinator closed the connection") from None
+    except ProtocolError as exc:
+        raise CoordinatorError(exc.code, exc.message) from None

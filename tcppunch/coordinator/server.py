@@ -1,0 +1,317 @@
+"""The asyncio driver of the coordinator: sockets and one timer around :class:`CoordinatorProtocol`.
+
+Per accepted connection: read the first 8 bytes (the protocol's handshake timer bounds the wait); STUN
+(magic cookie) goes to ``stun_handler`` when one is configured, anything else is fed to the protocol,
+whose actions are carried out in order: write, close (lingering after an error so the client reads the
+ERROR frame instead of a RST), or hand two relay connections to the relay pump. Reads are bounded
+(64 KiB at a time; the frame decoder refuses oversize frames from their header) and so are writes (a
+client that stops reading is cut off), so one misbehaving client never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from tcppunch.nat.report import Endpoint
+from tcppunch.relay import ByteBudget, RelayEnd, RelayStats, detach, relay
+from tcppunch.wire.coord import Error, ErrorCode, encode_message
+from tcppunch.wire.framing import PREAMBLE_SIZE, looks_like_stun
+
+from .auth import Tokens
+from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
+
+log = structlog.get_logger()
+
+StunHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
+
+READ_SIZE = 64 * 1024
+# A client whose unread replies pile up beyond this is cut off (it is not reading its control channel).
+MAX_WRITE_BUFFER = 256 * 1024
+# After an ERROR frame: how long the server keeps draining a client before the final close.
+LINGER_TIMEOUT = 2.0
+RELAY_FLUSH_TIMEOUT = 5.0
+
+
+def endpoint_of(sockaddr: Any) -> Endpoint:
+    """An :class:`Endpoint` from a socket address tuple; IPv4-mapped IPv6 addresses become IPv4."""
+    ip, port = str(sockaddr[0]), int(sockaddr[1])
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[len("::ffff:") :]
+    return Endpoint(ip, port)
+
+
+@dataclass
+class _Link:
+    id: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[Any] | None
+    closing: bool = False
+    handed_off: bool = False
+    linger_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class CoordinatorServer:
+    """``tcppunch server``'s coordinator on one TCP address (shared with STUN when ``stun_handler`` is set).
+
+    ``relay_bytes_per_peer``: byte budget of each peer id over the server's life, shared by all relays it
+    takes part in (``None``: unlimited). Concurrency limits live in ``config.max_relays_per_peer``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tokens: Tokens,
+        *,
+        config: CoordinatorConfig | None = None,
+        stun_handler: StunHandler | None = None,
+        relay_bytes_per_peer: int | None = None,
+        max_connections: int = 4096,
+        reuse_port: bool | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.protocol = CoordinatorProtocol(tokens, config)
+        self.stun_handler = stun_handler
+        self.max_connections = max_connections
+        # STUN connect-back tests originate from the listening port itself: that needs SO_REUSEPORT.
+        self.reuse_port = stun_handler is not None if reuse_port is None else reuse_port
+        self.relay_stats: list[RelayStats] = []
+        self._relay_bytes = relay_bytes_per_peer
+        self._budgets: dict[str, ByteBudget] = {}
+        self._server: asyncio.Server | None = None
+        self._links: dict[int, _Link] = {}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._log = log.bind(component="coordinator")
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> CoordinatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind and listen (raises OSError when the address cannot be bound)."""
+        self._server = await asyncio.start_server(
+            self._accepted, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port, backlog=256
+        )
+        self._log = self._log.bind(listen=str(self.address))
+        self._log.info("coordinator.listening")
+
+    @property
+    def address(self) -> Endpoint:
+        """The bound address (useful with port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the server is not started")
+        return endpoint_of(self._server.sockets[0].getsockname())
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        """Stop accepting, tell every client (ERROR shutting-down), end relays, wait for handlers."""
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        self._apply(self.protocol.shutdown(loop.time()))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=LINGER_TIMEOUT + 1.0)
+            for task in pending:
+                task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+        for link in list(self._links.values()):
+            link.writer.transport.abort()
+        self._links.clear()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    # --------------------------------------------------------------------------------- connections
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._links) >= self.max_connections:
+            writer.write(encode_message(Error(ErrorCode.SERVER_BUSY, "too many connections")))
+            writer.close()
+            return
+        try:
+            observed = endpoint_of(writer.get_extra_info("peername"))
+            local = endpoint_of(writer.get_extra_info("sockname"))
+        except (TypeError, IndexError, ValueError):
+            writer.transport.abort()
+            return
+        conn = next(self._ids)
+        link = _Link(conn, reader, writer, asyncio.current_task())
+        self._links[conn] = link
+        try:
+            self._apply(self.protocol.connection_made(conn, observed, local, loop.time()))
+            prefix = await self._read_prefix(link)
+            if self.stun_handler is not None and looks_like_stun(prefix):
+                self.protocol.connection_forget(conn)
+                del self._links[conn]
+                await self.stun_handler(reader, writer, prefix)
+                return
+            data = prefix
+            while data:
+                self._apply(self.protocol.data_received(conn, data, loop.time()))
+                if link.handed_off:
+                    break
+                data = await reader.read(READ_SIZE)
+        except (ConnectionError, OSError) as exc:
+            self._log.debug("coordinator.conn_error", conn=conn, error=repr(exc))
+        except asyncio.CancelledError:
+            # Only this server cancels a connection task: at a relay hand-over or at stop(). Ending
+            # normally keeps asyncio's client_connected_cb wrapper from reporting the cancellation.
+            pass
+        finally:
+            if conn in self._links and not link.handed_off:
+                self._links.pop(conn, None)
+                if link.linger_handle is not None:
+                    link.linger_handle.cancel()
+                self._apply(self.protocol.connection_lost(conn, loop.time()))
+                link.writer.close()
+
+    async def _read_prefix(self, link: _Link) -> bytes:
+        """Up to the first 8 bytes (fewer only at EOF); the protocol's handshake timer bounds the wait."""
+        prefix = b""
+        while len(prefix) < PREAMBLE_SIZE:
+            chunk = await link.reader.read(PREAMBLE_SIZE - len(prefix))
+            if not chunk:
+                break
+            prefix += chunk
+        return prefix
+
+    # ------------------------------------------------------------------------------------- actions
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(action)
+            elif isinstance(action, Close):
+                self._close(action)
+            else:
+                self._start_relay(action)
+        self._arm_timer()
+
+    def _send(self, action: Send) -> None:
+        link = self._links.get(action.conn)
+        if link is None or link.closing or link.writer.is_closing():
+            return
+        link.writer.write(action.data)
+        if link.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self._log.info("coordinator.slow_reader_cut", conn=link.id)
+            link.closing = True
+            link.writer.transport.abort()
+
+    def _close(self, action: Close) -> None:
+        link = self._links.get(action.conn)
+        if link is None or link.closing:
+            return
+        link.closing = True
+        transport = link.writer.transport
+        if action.linger and not transport.is_closing() and transport.can_write_eof():
+            # Half-close: the client reads our ERROR, then EOF; its close ends our read loop.
+            with contextlib.suppress(OSError):
+                transport.write_eof()
+            link.linger_handle = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
+        else:
+            link.writer.close()
+
+    def _arm_timer(self) -> None:
+        deadline = self.protocol.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, deadline)
+
+    def _on_timer(self, scheduled: float) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = max(asyncio.get_running_loop().time(), scheduled)
+        self._apply(self.protocol.tick(now))
+
+    # --------------------------------------------------------------------------------------- relay
+
+    def _start_relay(self, action: StartRelay) -> None:
+        links = [self._links.get(action.initiator), self._links.get(action.responder)]
+        for link in links:
+            if link is not None:
+                link.handed_off = True
+        task = asyncio.get_running_loop().create_task(self._run_relay(action, links[0], links[1]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _budget(self, peer_id: str) -> ByteBudget:
+        budget = self._budgets.get(peer_id)
+        if budget is None:
+            budget = self._budgets[peer_id] = ByteBudget(self._relay_bytes)
+        return budget
+
+    async def _run_relay(self, action: StartRelay, ini: _Link | None, resp: _Link | None) -> None:
+        current = asyncio.current_task()
+        ends: list[RelayEnd] = []
+        try:
+            if ini is None or resp is None:
+                raise ConnectionError("a relay connection vanished before the hand-over")
+            pair = ((ini, action.initiator_pending), (resp, action.responder_pending))
+            # Stop the read loops (a read cancelled while waiting loses no bytes).
+            readers = [lk.task for lk, _ in pair if lk.task is not None and lk.task is not current]
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            for lk, _ in pair:
+                # RELAY-OK must be on the wire before the socket changes hands.
+                lk.writer.transport.set_write_buffer_limits(0)
+                await asyncio.wait_for(lk.writer.drain(), RELAY_FLUSH_TIMEOUT)
+            for lk, pending in pair:
+                end = detach(lk.reader, lk.writer)
+                ends.append(RelayEnd(end.sock, pending + end.pending))
+            peers = self.protocol.relay_peers(action.session_id)
+            stats = await relay(
+                ends[0],
+                ends[1],
+                idle_timeout=action.idle_timeout,
+                max_bytes=action.max_bytes,
+                budgets=[self._budget(p) for p in peers] if self._relay_bytes is not None else (),
+            )
+            self.relay_stats.append(stats)
+            self._log.info("coordinator.relay_done", session=action.session_id, stats=str(stats))
+        except (ConnectionError, OSError, TimeoutError, RuntimeError) as exc:
+            self._log.info("coordinator.relay_failed", session=action.session_id, error=repr(exc))
+            for sock_end in ends:
+                sock_end.sock.close()
+            for maybe in (ini, resp):
+                if maybe is not None and not maybe.writer.transport.is_closing():
+                    maybe.writer.transport.abort()
+        finally:
+            for maybe in (ini, resp):
+                if maybe is not None:
+                    self._links.pop(maybe.id, None)
+            self.protocol.relay_finished(action.session_id)
