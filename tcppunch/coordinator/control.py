@@ -103,6 +103,7 @@ class PunchOrder:
     relay_advice: RelayAdvice
     received_at: float
     request_id: str | None = None
+    advice_reason: str = ""
     cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     cancel_reason: str | None = None
 
@@ -122,6 +123,7 @@ class PunchOrder:
             relay_advice=msg.relay_advice,
             received_at=received_at,
             request_id=msg.request_id,
+            advice_reason=msg.advice_reason,
         )
 
 

@@ -419,7 +419,7 @@ class CoordinatorProtocol:
         me.sessions.add(session_id)
         target.sessions.add(session_id)
         self.stats.sessions += 1
-        advice = relay_advice(me.nat, target.nat)
+        advice, advice_reason = relay_advice(me.nat, target.nat)
         log.info(
             "coordinator.session",
             session=session_id,
@@ -447,6 +447,7 @@ class CoordinatorProtocol:
                 relay=cfg.relay_endpoint or this_conn.local,
                 relay_advice=advice,
                 request_id=request_id,
+                advice_reason=advice_reason,
             )
             actions.append(Send(this.conn, encode_message(order)))
         return actions

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport
+from tcppunch.nat.report import NatReport
+from tcppunch.punch.prediction import direct_possible
 from tcppunch.wire.coord import RelayAdvice, Role
 
 from .registry import ConnId
@@ -33,42 +34,15 @@ def schedule_fire(owd_a: float | None, owd_b: float | None, *, margin: float = 0
     return latest - owd_a + margin, latest - owd_b + margin
 
 
-def _predictable(nat: NatReport) -> bool:
-    """Can the other side know which public port this host's SYN towards it will come from?"""
-    tcp = nat.tcp
-    if nat.behind_nat is False or tcp.mapping is None:
-        return True  # no NAT, or not measured: do not give up on it
-    if tcp.mapping is MappingBehaviour.ENDPOINT_INDEPENDENT:
-        return True
-    return tcp.port_delta is not None or tcp.port_preservation is True
+def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None) -> tuple[RelayAdvice, str]:
+    """``relay-now`` only when the two reports together rule a direct connection out, and why.
 
-
-def _admits_unknown_port(nat: NatReport) -> bool:
-    """Does this host's NAT let in a SYN from the peer's address whatever its source port?"""
-    if nat.behind_nat is False or nat.tcp.filtering is None:
-        return True
-    return nat.tcp.filtering in (FilteringBehaviour.ENDPOINT_INDEPENDENT, FilteringBehaviour.ADDRESS_DEPENDENT)
-
-
-def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None) -> RelayAdvice:
-    """``relay-now`` only when the two reports together rule a direct connection out.
-
-    Nobody can aim a SYN at a host whose public port towards a new destination cannot be predicted
-    (endpoint-dependent mapping with random ports), but that host can still reach a peer whose NAT admits
-    a SYN from its address on any port (endpoint-independent or address-dependent filtering, or no NAT).
-    So direct fails when both are unpredictable, or one is and the other's NAT filters by address and port.
-    Unknown (unmeasured) properties count as favourable: advice never blocks a punch that might work.
+    The rule is the punch engine's own (:func:`tcppunch.punch.prediction.direct_possible`), so the
+    coordinator never advises against a punch the engine would attempt: direct fails when both NATs map
+    randomly, or one does and the other filters by address and port. Unknown properties count as "try".
     """
-    if nat_a is None or nat_b is None:
-        return RelayAdvice.PUNCH
-    pred_a, pred_b = _predictable(nat_a), _predictable(nat_b)
-    if not pred_a and not pred_b:
-        return RelayAdvice.RELAY_NOW
-    if not pred_a and not _admits_unknown_port(nat_b):
-        return RelayAdvice.RELAY_NOW
-    if not pred_b and not _admits_unknown_port(nat_a):
-        return RelayAdvice.RELAY_NOW
-    return RelayAdvice.PUNCH
+    verdict = direct_possible(nat_a, nat_b)
+    return (RelayAdvice.PUNCH if verdict.possible else RelayAdvice.RELAY_NOW), verdict.reason
 
 
 @dataclass

@@ -404,6 +404,7 @@ class Punch:
     relay: Endpoint
     relay_advice: RelayAdvice
     request_id: str | None = None
+    advice_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -419,6 +420,7 @@ class Punch:
             "relay": self.relay.to_json(),
             "relay_advice": self.relay_advice.value,
             "request_id": self.request_id,
+            "advice_reason": self.advice_reason,
         }
 
     @classmethod
@@ -436,6 +438,7 @@ class Punch:
             relay=_endpoint(obj, "relay"),
             relay_advice=_enum(obj, "relay_advice", RelayAdvice),
             request_id=_opt_str(obj, "request_id", max_len=64),
+            advice_reason=_opt_str(obj, "advice_reason", max_len=1024) or "",
         )
 
 

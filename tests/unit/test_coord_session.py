@@ -95,11 +95,13 @@ def test_both_fire_at_the_same_instant_and_nobody_waits_needlessly(a: float, b: 
     ],
 )
 def test_relay_advice(a: NatReport, b: NatReport, advice: RelayAdvice) -> None:
-    assert relay_advice(a, b) is advice
+    got, reason = relay_advice(a, b)
+    assert got is advice
+    assert reason
 
 
 def test_relay_advice_without_reports_is_punch() -> None:
-    assert relay_advice(None, SYM_RANDOM) is RelayAdvice.PUNCH
+    assert relay_advice(None, SYM_RANDOM)[0] is RelayAdvice.PUNCH
 
 
 def test_rtt_estimator_smooths_like_rfc6298() -> None:
