@@ -20,8 +20,8 @@ from typing import Protocol
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: Default capacity of each direction's pipe; the Linux default pipe-max-size for unprivileged users.
 DEFAULT_PIPE_SIZE = 1 << 20
-#: Default user buffer of the copy fallback.
-DEFAULT_BUFFER_SIZE = 256 << 10
+#: Default user buffer of the copy fallback (1 MiB measured faster than 64 KiB and 256 KiB).
+DEFAULT_BUFFER_SIZE = 1 << 20
 
 
 def splice_available() -> bool:
