@@ -34,9 +34,11 @@ def main(log_level: str, log_json: bool) -> None:
 
 def _register_commands() -> None:
     """Attach each sub-command; one module per command keeps this file small."""
-    from tcppunch.cli import lab_cmd
+    from tcppunch.cli import detect_cmd, lab_cmd, server_cmd
 
     main.add_command(lab_cmd.lab)
+    main.add_command(detect_cmd.detect_command)
+    main.add_command(server_cmd.server_command)
 
 
 _register_commands()

@@ -77,6 +77,9 @@ class TcpStunConnection:
         except TimeoutError:
             sock.close()
             raise StunTcpError(f"no TCP answer from {destination} within {timeout:.1f} s") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise StunTcpError(f"cannot connect to {destination}: connection refused") from None
         except OSError as exc:
             sock.close()
             raise StunTcpError(f"cannot connect to {destination}: {exc.strerror or exc}") from exc

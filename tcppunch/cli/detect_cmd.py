@@ -1,0 +1,148 @@
+"""``tcppunch detect``: what NAT is this host behind, and what does that mean for direct TCP?"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import sys
+import textwrap
+
+import click
+
+from tcppunch.nat.detect import ServerUnreachable, detect
+from tcppunch.nat.report import Endpoint, NatReport
+
+DEFAULT_STUN_PORT = 3478
+EXIT_UNREACHABLE = 3
+
+
+def parse_host_port(text: str, default_port: int | None = DEFAULT_STUN_PORT, resolve: bool = True) -> Endpoint:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``HOST`` (with ``default_port``) -> Endpoint; ValueError if malformed.
+
+    Host names are resolved (IPv4 first); addresses are returned in canonical form.
+    """
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: port must be 1-65535")
+        port = int(port_text)
+    elif default_port is None:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    else:
+        port = default_port
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    try:
+        return Endpoint(str(ipaddress.ip_address(host)), port)
+    except ValueError:
+        if not resolve:
+            raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return Endpoint(str(infos[0][4][0]), port)
+
+
+class EndpointType(click.ParamType[Endpoint]):
+    """A click parameter for HOST:PORT."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, default_port: int | None = DEFAULT_STUN_PORT, resolve: bool = True) -> None:
+        self.default_port = default_port
+        self.resolve = resolve
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        try:
+            return parse_host_port(str(value), self.default_port, self.resolve)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.command("detect")
+@click.option("--server", type=EndpointType(), help="A tcppunch server (all tests). Port defaults to 3478.")
+@click.option(
+    "--stun",
+    "stun",
+    type=EndpointType(),
+    multiple=True,
+    help="A plain STUN server (mapping only; RFC 5780 servers such as coturn give more). Repeatable.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60.0),
+    default=3.0,
+    show_default=True,
+    help="Bound on each network step, in seconds (a healthy run takes well under a second).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the NatReport) instead of a table.")
+@click.option("--no-udp", is_flag=True, help="Skip the classic UDP label (pystun3).")
+def detect_command(
+    server: Endpoint | None, stun: tuple[Endpoint, ...], timeout: float, as_json: bool, no_udp: bool
+) -> None:
+    """Measure the NAT in front of this host over TCP and say what it means for direct connections.
+
+    \b
+    Exit status: 0 measured, 2 usage error, 3 server unreachable.
+    """
+    if server is None and not stun:
+        raise click.UsageError("give --server HOST:PORT (a tcppunch server) or --stun HOST:PORT")
+    try:
+        report = asyncio.run(detect(server, stun, timeout=timeout, udp=not no_udp))
+    except ServerUnreachable as exc:
+        click.echo(f"tcppunch detect: server unreachable: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        click.echo(render_table(report, server or stun[0]))
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "not measured"
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return str(value)
+
+
+def render_table(report: NatReport, server: Endpoint) -> str:
+    """The human output: a short table, what was not measured, and the verdict."""
+    tcp = report.tcp
+    delta = tcp.port_delta
+    rows = [
+        ("TCP mapping", _text(tcp.mapping)),
+        ("TCP filtering", _text(tcp.filtering)),
+        ("port preservation", _text(tcp.port_preservation)),
+        ("port delta", "random" if delta is None and tcp.mapping is not None else _text(delta)),
+        ("unsolicited SYN", _text(tcp.unsolicited_syn)),
+        ("hairpin", _text(tcp.hairpin)),
+        ("public endpoint", _text(report.public)),
+        ("behind NAT", _text(report.behind_nat)),
+        ("local addresses", ", ".join(report.local) or "none"),
+        ("UDP (classic)", _text(report.udp_nat_type)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"NAT behaviour measured against {server}"]
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    for item in report.untested:
+        lines.append(textwrap.fill(f"not measured: {item}", 100, initial_indent="  ", subsequent_indent="    "))
+    lines.append("")
+    lines.append(textwrap.fill(report.verdict, 100))
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""``tcppunch server``: the public side. For now the STUN service (TCP + UDP) on every address and port.
+
+Structure: :func:`serve` enters every service into one AsyncExitStack, prints one "listening on ..." line
+to stderr once everything is bound (scripts and tests wait for it), and waits for SIGTERM/SIGINT. The
+coordinator shares the primary TCP port with STUN: it accepts, sniffs the first 8 bytes, and hands STUN
+connections to ``StunService.serve_tcp_connection``; adding it means listing the primary endpoint in
+``external_tcp`` and entering ``CoordinatorServer(..., stun_handler=stun.serve_tcp_connection)`` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+import sys
+
+import click
+
+from tcppunch.cli.detect_cmd import EndpointType
+from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
+from tcppunch.nat.report import Endpoint
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IP address") from None
+
+
+@click.command("server")
+@click.option(
+    "--listen",
+    type=EndpointType(default_port=None, resolve=False),
+    required=True,
+    help="Primary address and port (TCP and UDP), e.g. 198.51.100.10:3478.",
+)
+@click.option("--alt-address", help="A second address of this host (RFC 5780 tests need two).")
+@click.option("--alt-port", type=click.IntRange(1, 65535), help="Second port. Default: the listen port + 1.")
+@click.option("--token", help="Shared secret peers present to the coordinator.")
+@click.option("--tokens-file", type=click.Path(dir_okay=False), help="JSON object of peer id -> secret.")
+@click.option(
+    "--connect-back-timeout",
+    type=click.FloatRange(0.05, 10.0),
+    default=0.4,
+    show_default=True,
+    help="How long the TCP filtering test waits for a connect-back to open.",
+)
+def server_command(
+    listen: Endpoint,
+    alt_address: str | None,
+    alt_port: int | None,
+    token: str | None,
+    tokens_file: str | None,
+    connect_back_timeout: float,
+) -> None:
+    """Run the public server: STUN over TCP and UDP on every address/port combination.
+
+    Stops cleanly on SIGTERM or SIGINT.
+    """
+    if token is None and tokens_file is None:
+        raise click.UsageError("give --token or --tokens-file (peers authenticate with it)")
+    if token == "":
+        raise click.UsageError("--token must not be empty")
+    alternate = None if alt_address is None else _ip(alt_address)
+    if alternate is not None and ipaddress.ip_address(listen.ip).is_unspecified:
+        raise click.UsageError("with --alt-address, --listen must be a specific address, not a wildcard")
+    if alternate is not None and alternate == listen.ip:
+        raise click.UsageError("--alt-address must differ from the --listen address")
+    port2 = listen.port + 1 if alt_port is None else alt_port
+    if port2 == listen.port or port2 > 65535:
+        raise click.UsageError("the second port must differ from the listen port (and be at most 65535)")
+    config = StunServiceConfig(
+        primary_address=listen.ip,
+        primary_port=listen.port,
+        alternate_address=alternate,
+        alternate_port=port2,
+        connect_back_timeout=connect_back_timeout,
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        click.echo(f"tcppunch server: cannot listen: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+async def serve(config: StunServiceConfig) -> None:
+    """Run until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        stun = await stack.enter_async_context(StunService(config))
+        # The coordinator goes here (same TCP port as STUN's primary endpoint), e.g.:
+        #   config external_tcp={primary}; await stack.enter_async_context(
+        #       CoordinatorServer(host, port, tokens, stun_handler=stun.serve_tcp_connection))
+        endpoints = ", ".join(str(e) for e in stun.tcp_endpoints)
+        print(f"listening on {endpoints} (STUN over TCP and UDP)", file=sys.stderr, flush=True)
+        await stop.wait()

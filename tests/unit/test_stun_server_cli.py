@@ -1,0 +1,101 @@
+"""``tcppunch server`` as a process: ready line, answers STUN, stops cleanly on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from tcppunch.cli import main
+from tcppunch.wire.stun import MessageClass, StunStreamDecoder, binding_request, encode_message
+
+READY_TIMEOUT = 10.0
+
+
+def _wait_ready(proc: subprocess.Popen[str]) -> str:
+    """Read stderr lines until the 'listening on' line (bounded)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + READY_TIMEOUT
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("listening on"):
+            return line
+    proc.kill()
+    raise AssertionError(f"server never became ready: {seen}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_process_serves_and_stops_on_signal(signum: int) -> None:
+    for _ in range(10):
+        port = random.randrange(30000, 40000, 2)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tcppunch",
+                "server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--alt-address",
+                "127.0.0.2",
+                "--token",
+                "s3cret",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = _wait_ready(proc)
+        except AssertionError:
+            proc.wait(5)
+            continue
+        break
+    else:
+        pytest.fail("could not start the server on any port")
+    try:
+        assert f"127.0.0.2:{port + 1}" in line
+        with socket.create_connection(("127.0.0.2", port + 1), 5) as sock:
+            sock.settimeout(5)
+            request = binding_request(os.urandom(12))
+            sock.sendall(encode_message(request))
+            decoder = StunStreamDecoder()
+            while (response := decoder.next_message()) is None:
+                decoder.receive_data(sock.recv(2048))
+        assert response.message_class is MessageClass.SUCCESS
+        proc.send_signal(signum)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["server", "--listen", "127.0.0.1:3478"],  # no token
+        ["server", "--listen", "127.0.0.1", "--token", "t"],  # no port
+        ["server", "--listen", "0.0.0.0:3478", "--alt-address", "127.0.0.2", "--token", "t"],
+        ["server", "--listen", "127.0.0.1:3478", "--alt-address", "not-an-ip", "--token", "t"],
+        ["server", "--listen", "127.0.0.1:3478", "--alt-port", "3478", "--token", "t"],
+    ],
+)
+def test_server_usage_errors(args: list[str]) -> None:
+    assert CliRunner().invoke(main, args).exit_code == 2
