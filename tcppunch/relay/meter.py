@@ -60,7 +60,8 @@ class RelayMeter:
         self.started = now
         self.idle_timeout = idle_timeout
         self.max_bytes = max_bytes
-        self.budgets = tuple(budgets)
+        # One budget given twice (both peers under one token) must be charged once per byte.
+        self.budgets = tuple({id(budget): budget for budget in budgets}.values())
         self.last_activity = now
         self.taken_total = 0
         self.delivered = {Direction.A_TO_B: 0, Direction.B_TO_A: 0}

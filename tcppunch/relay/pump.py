@@ -52,10 +52,12 @@ async def relay(
     Ends with ``eof`` once both directions have passed their EOF on, ``idle`` after ``idle_timeout``
     seconds without a byte moving either way, ``limit`` when ``max_bytes`` (both directions together) or
     any of ``budgets`` (shared per-token budgets, see :mod:`~tcppunch.relay.limits`) is used up, and
-    ``error`` when either socket fails. On every ending but ``eof`` both sockets are closed at once, so a
-    partner of a vanished peer sees its connection end instead of hanging. ``a.pending`` goes to ``b``
-    (and ``b.pending`` to ``a``) before anything else. ``method="copy"`` forces the recv/send path;
-    ``"auto"`` uses splice where available. Cancelling the relay closes both sockets too.
+    ``error`` when either socket fails. However it ends, the relay closes both sockets (it owns them);
+    on ``idle``/``limit``/``error`` that happens at once, so the partner of a vanished peer sees its
+    connection end instead of hanging. ``a.pending`` goes to ``b`` (and ``b.pending`` to ``a``) before
+    anything else. ``method="copy"`` forces the recv/send path; ``"auto"`` uses splice where available
+    (and the copy path if a pipe cannot be made). Cancelling the relay closes both sockets too. Invalid
+    arguments raise ValueError before anything is touched.
     """
     loop = asyncio.get_running_loop()
     meter = RelayMeter(
@@ -103,7 +105,7 @@ async def relay(
         for end in (a, b):
             end.sock.close()
     reason = next(r for r in _PRECEDENCE if r in reasons)
-    used_method = conduits[0].method
+    used_method = "+".join(sorted({c.method for c in conduits}))
     stats = meter.stats(loop.time(), reason, used_method, error)
     structlog.get_logger().info(
         "relay ended",
@@ -122,9 +124,18 @@ def _conduit_factory(method: Method, pipe_size: int, buffer_size: int) -> Callab
         raise ValueError("splice is not available on this platform")
     if method not in ("auto", "splice", "copy"):
         raise ValueError(f"unknown relay method {method!r}")
-    if method != "copy" and splice_available():
-        return lambda: PipeConduit(pipe_size)
-    return lambda: BufferConduit(buffer_size)
+    if method == "copy" or not splice_available():
+        return lambda: BufferConduit(buffer_size)
+
+    def pipe_or_buffer() -> Conduit:
+        try:
+            return PipeConduit(pipe_size)
+        except OSError:  # out of file descriptors, say: the copy path needs none
+            if method == "splice":
+                raise
+            return BufferConduit(buffer_size)
+
+    return pipe_or_buffer
 
 
 async def _one_way(

@@ -322,6 +322,27 @@ def test_one_hundred_concurrent_relays_of_one_megabyte(method: str) -> None:
     asyncio.run(main())
 
 
+def test_auto_falls_back_to_copying_when_no_pipe_can_be_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pipe(size: int) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("tcppunch.relay.pump.PipeConduit", no_pipe)
+
+    async def main() -> None:
+        rig = await start("auto")
+        data = payload(1 << 20, 6)
+        _, _, got = await asyncio.gather(
+            send_then_eof(rig.a, data), send_then_eof(rig.b, b""), rig.b.read_to_eof()
+        )
+        stats = await rig.stats()
+        assert got == data
+        assert stats.method == "copy"
+        rig.a.close()
+        rig.b.close()
+
+    asyncio.run(main())
+
+
 def test_unknown_method_is_refused() -> None:
     async def main() -> None:
         client_a, server_a = tcp_pair()

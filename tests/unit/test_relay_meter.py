@@ -34,6 +34,13 @@ def test_a_shared_budget_is_charged_and_limits_every_meter_holding_it() -> None:
     assert budget.used == 50 and budget.remaining == 0
 
 
+def test_a_budget_given_twice_is_charged_once() -> None:
+    budget = ByteBudget(100)
+    meter = RelayMeter(now=0.0, idle_timeout=5.0, budgets=[budget, budget])
+    meter.took(30, now=0.0)
+    assert budget.used == 30
+
+
 def test_the_smallest_of_several_limits_wins() -> None:
     meter = RelayMeter(
         now=0.0, idle_timeout=5.0, max_bytes=100, budgets=[ByteBudget(80), ByteBudget(None)]
