@@ -1,0 +1,203 @@
+"""``tcppunch detect`` in the NAT lab: every NAT type x SYN policy against ground truth, plus interop.
+
+One lab for the whole module (one router per type x policy, one server running both ``tcppunch server``
+and coturn), so the suite costs one lab build and one detect run per case.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stun as pystun
+
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+
+SERVER = "198.51.100.10"
+ALT = "198.51.100.11"
+PORT = 3478
+COTURN_PORT = 3480
+CASES = [(t, p) for t in NatType for p in SynPolicy]
+READY_TIMEOUT = 15.0
+
+# The classic label pystun3 should give each type (the lab's rule sets treat UDP like TCP).
+UDP_LABEL = {
+    NatType.NONE: pystun.OpenInternet,
+    NatType.FULL_CONE: pystun.FullCone,
+    NatType.RESTRICTED: pystun.RestricNAT,
+    NatType.PORT_RESTRICTED: pystun.RestricPortNAT,
+    NatType.SYMMETRIC_SEQ: pystun.SymmetricNAT,
+    NatType.SYMMETRIC_RANDOM: pystun.SymmetricNAT,
+    NatType.CGNAT: pystun.RestricPortNAT,
+}
+
+
+def router_name(nat: NatType, policy: SynPolicy) -> str:
+    return f"d{list(NatType).index(nat)}{policy.value[0]}"
+
+
+def _wait_for_lines(proc: subprocess.Popen[str], *needles: str) -> None:
+    """Read the process's output until every needle has appeared in some line (bounded in time)."""
+    stream = proc.stderr if proc.stderr is not None else proc.stdout
+    assert stream is not None
+    missing = set(needles)
+    deadline = time.monotonic() + READY_TIMEOUT
+    seen: list[str] = []
+    while missing and time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        missing -= {needle for needle in missing if needle in line}
+    if missing:
+        raise AssertionError(f"never saw {sorted(missing)}; output: {''.join(seen[-10:])}")
+
+
+@dataclass
+class DetectLab:
+    lab: Lab
+    reports: dict[tuple[str, str], dict[str, Any]]
+
+    def detect(self, host: LabHost, target: str) -> dict[str, Any]:
+        """``tcppunch detect <target> --json`` on ``host``, cached per (host, target)."""
+        key = (host.name, target)
+        if key not in self.reports:
+            option, endpoint = target.split(" ", 1)
+            result = host.run([sys.executable, "-m", "tcppunch", "detect", option, endpoint, "--json"], timeout=30)
+            assert result.returncode == 0, result.stderr
+            self.reports[key] = json.loads(result.stdout)
+        return self.reports[key]
+
+
+@pytest.fixture(scope="module")
+def detect_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
+    spec = LabSpec([RouterSpec(router_name(t, p), t, p) for t, p in CASES])
+    workdir = Path(tmp_path_factory.mktemp("coturn"))
+    with Lab(spec) as lab:
+        ours = lab.server.popen(
+            [
+                sys.executable,
+                "-m",
+                "tcppunch",
+                "server",
+                "--listen",
+                f"{SERVER}:{PORT}",
+                "--alt-address",
+                ALT,
+                "--token",
+                "lab-secret",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for_lines(ours, "listening on")
+        coturn = lab.server.popen(
+            [
+                "turnserver",
+                "-n",
+                "--no-auth",
+                "--stun-only",
+                "--listening-ip",
+                SERVER,
+                "--listening-ip",
+                ALT,
+                "--listening-port",
+                str(COTURN_PORT),
+                "--alt-listening-port",
+                str(COTURN_PORT + 1),
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+                "--log-file",
+                "stdout",
+                "--simple-log",
+                "--pidfile",
+                str(workdir / "turnserver.pid"),
+                "--userdb",
+                str(workdir / "turndb"),
+                "-v",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _wait_for_lines(
+            coturn,
+            *[f"TCP listener opened on : {a}:{p}" for a in (SERVER, ALT) for p in (COTURN_PORT, COTURN_PORT + 1)],
+            *[f"UDP listener opened on: {a}:{p}" for a in (SERVER, ALT) for p in (COTURN_PORT, COTURN_PORT + 1)],
+        )
+        try:
+            yield DetectLab(lab, {})
+        finally:
+            for proc in (ours, coturn):
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+
+
+@pytest.mark.parametrize(("nat", "policy"), CASES, ids=[f"{t.value}-{p.value}" for t, p in CASES])
+def test_detect_matches_ground_truth(detect_lab: DetectLab, nat: NatType, policy: SynPolicy) -> None:
+    host = detect_lab.lab.host(router_name(nat, policy))
+    report = detect_lab.detect(host, f"--server {SERVER}:{PORT}")
+    tcp = report["tcp"]
+    assert tcp["mapping"] == nat.mapping.value
+    assert tcp["filtering"] == nat.filtering.value
+    assert tcp["port_preservation"] is nat.port_preservation
+    assert tcp["port_delta"] == nat.port_delta
+    assert tcp["unsolicited_syn"] == nat.unsolicited_syn(policy).value
+    assert tcp["hairpin"] is nat.truth.hairpin
+    assert report["public"]["ip"] == host.public_address
+    assert report["behind_nat"] is (nat is not NatType.NONE)
+    assert report["udp"]["nat_type"] == UDP_LABEL[nat]
+    assert host.address in report["local"]
+    assert report["untested"] == []
+    assert report["verdict"]
+
+
+@pytest.mark.parametrize("nat", list(NatType), ids=[t.value for t in NatType])
+def test_coturn_gives_the_same_mapping(detect_lab: DetectLab, nat: NatType) -> None:
+    host = detect_lab.lab.host(router_name(nat, SynPolicy.DROP))
+    theirs = detect_lab.detect(host, f"--stun {SERVER}:{COTURN_PORT}")
+    ours = detect_lab.detect(host, f"--server {SERVER}:{PORT}")
+    for key in ("mapping", "port_preservation", "port_delta"):
+        assert theirs["tcp"][key] == ours["tcp"][key], key
+    assert theirs["tcp"]["mapping"] == nat.mapping.value
+    assert theirs["tcp"]["filtering"] is None  # coturn cannot run our TCP connect-back
+    assert any("filtering" in item for item in theirs["untested"])
+    # the guarded pystun3 run reads coturn's UDP answers correctly too
+    assert theirs["udp"]["nat_type"] == UDP_LABEL[nat]
+
+
+def _raw_pystun3(address: str) -> tuple[str, str | None]:
+    """pystun3 itself (no guard), with a short socket timeout, against our server's UDP side."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.bind((address, 0))
+        port = sock.getsockname()[1]
+        nat_type, result = pystun.get_nat_type(sock, address, port, stun_host=SERVER, stun_port=PORT)
+        return str(nat_type), result.get("ExternalIP")
+
+
+@pytest.mark.parametrize("nat", list(NatType), ids=[t.value for t in NatType])
+def test_pystun3_reads_our_udp_answers(detect_lab: DetectLab, nat: NatType) -> None:
+    host = detect_lab.lab.host(router_name(nat, SynPolicy.DROP))
+    label, _ = host.call(_raw_pystun3, host.address, timeout=30)
+    assert label == UDP_LABEL[nat]
