@@ -1,0 +1,202 @@
+"""The coordinator across real NAT routers (the lab): observed endpoints are the routers' mappings, PUNCH
+orders drive the punch engine to a verified direct connection, and the relay joins two hosts behind
+random-port symmetric NATs.
+
+The coordinator runs in the lab server's namespace (198.51.100.10), each peer in its own host's
+namespace, each on its own event loop thread (one monotonic clock, so fire times compare directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.control import ControlChannel, PunchOrder
+from tcppunch.coordinator.protocol import CoordinatorConfig
+from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, NetnsLoop, RouterSpec, SynPolicy
+from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
+from tcppunch.punch.engine import punch
+from tcppunch.punch.plan import PunchFailed, PunchPlan, PunchResult
+from tcppunch.punch.plan import Role as PunchRole
+from tcppunch.punch.prediction import build_candidates, retry_policy_for
+from tcppunch.wire.coord import RelayAdvice, Role
+
+pytestmark = pytest.mark.lab
+
+COORDINATOR = Endpoint("198.51.100.10", 3478)
+TOKEN = "lab-token"
+CONFIG = CoordinatorConfig(keepalive_interval=0.5, punch_window=6.0)
+
+
+def ground_truth(host: LabHost) -> NatReport:
+    """What ``detect`` would report for this host (taken from the lab's ground truth)."""
+    nat = host.nat
+    if nat is NatType.NONE:
+        return NatReport(behind_nat=False)
+    return NatReport(
+        tcp=TcpBehaviour(mapping=nat.mapping, filtering=nat.filtering, port_delta=nat.port_delta),
+        behind_nat=True,
+    )
+
+
+@contextlib.contextmanager
+def coordinator_lab(routers: list[RouterSpec]) -> Iterator[tuple[Lab, NetnsLoop, CoordinatorServer]]:
+    with Lab(LabSpec(routers)) as lab, lab.server.event_loop() as srv:
+
+        async def start() -> CoordinatorServer:
+            server = CoordinatorServer(COORDINATOR.ip, COORDINATOR.port, Tokens(shared=TOKEN), config=CONFIG)
+            await server.start()
+            return server
+
+        server = srv.run(start(), timeout=10)
+        try:
+            yield lab, srv, server
+        finally:
+            srv.run(server.stop(), timeout=15)
+
+
+async def _register(host: LabHost, peer_id: str) -> ControlChannel:
+    channel = ControlChannel(
+        COORDINATOR, peer_id, TOKEN, local=Endpoint(host.address, 0), nat=ground_truth(host)
+    )
+    await channel.register()
+    return channel
+
+
+async def _observed_by_server(server: CoordinatorServer, peer_id: str) -> Endpoint:
+    record = server.protocol.registry.get(peer_id)
+    assert record is not None
+    return record.observed
+
+
+async def _relay_stats(server: CoordinatorServer) -> Any:
+    for _ in range(500):  # bounded: 5 s
+        if server.relay_stats:
+            return server.relay_stats[0]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the relay did not finish")
+
+
+async def _close(channel: ControlChannel) -> None:
+    await channel.close()
+
+
+def _plan(channel: ControlChannel, order: PunchOrder) -> PunchPlan:
+    """The PunchPlan a Peer builds from a PunchOrder: punch from the control connection's own port."""
+    assert channel.registration is not None
+    return PunchPlan(
+        local=channel.registration.local,
+        role=PunchRole(order.role.value),
+        session_id=order.session_id,
+        key=order.key,
+        candidates=build_candidates(
+            peer_observed=order.peer_observed,
+            peer_nat=order.peer_nat,
+            own_nat=channel.nat,
+            peer_private=order.peer_private,
+            own_public_ip=channel.observed.ip,
+        ),
+        fire_at=order.fire_at,
+        deadline=order.deadline,
+        retry=retry_policy_for(channel.nat),
+    )
+
+
+async def _punch_and_exchange(channel: ControlChannel, order: PunchOrder, payload: bytes) -> tuple[Any, str]:
+    try:
+        result = await punch(_plan(channel, order))
+    except PunchFailed as exc:
+        return exc, ""
+    assert result.reader is not None and result.writer is not None
+    result.writer.write(payload)
+    result.writer.write_eof()
+    got = await result.reader.read()
+    result.writer.close()
+    return result, hashlib.sha256(got).hexdigest()
+
+
+async def _relay_exchange(channel: ControlChannel, order: PunchOrder, payload: bytes) -> str:
+    reader, writer = await channel.open_relay(order, timeout=15.0)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    got, _ = await asyncio.gather(reader.read(), send())
+    writer.close()
+    return hashlib.sha256(got).hexdigest()
+
+
+def test_observed_endpoints_orders_and_a_direct_punch_through_real_nats() -> None:
+    routers = [
+        RouterSpec("a", NatType.PORT_RESTRICTED, SynPolicy.DROP),
+        # DROP on the sequential side: with RST, every early SYN of the peer is answered by a RST that
+        # the lab's sequential NAT counts as a new mapping, shifting the predicted port (see the report).
+        RouterSpec("b", NatType.SYMMETRIC_SEQ, SynPolicy.DROP),
+    ]
+    with coordinator_lab(routers) as (lab, srv, server):
+        a, b = lab.host("a"), lab.host("b")
+        with a.event_loop() as la, b.event_loop() as lb:
+            alice = la.run(_register(a, "alice"))
+            bob = lb.run(_register(b, "bob"))
+            try:
+                for channel, host in ((alice, a), (bob, b)):
+                    assert channel.registration is not None
+                    assert channel.registration.local.ip == host.address
+                    # the coordinator sees the router's mapping, not the private address
+                    assert channel.observed.ip == host.public_address != host.address
+                assert srv.run(_observed_by_server(server, "bob")) == bob.observed
+                mine = la.run(alice.connect("bob"))
+                theirs = lb.run(bob.next_order(timeout=5.0))
+                assert (mine.session_id, mine.key) == (theirs.session_id, theirs.key)
+                assert mine.peer_observed == bob.observed and theirs.peer_observed == alice.observed
+                assert mine.relay_advice is RelayAdvice.PUNCH
+                payload_a, payload_b = os.urandom(200_000), os.urandom(200_000)
+                fa = la.submit(_punch_and_exchange(alice, mine, payload_a))
+                fb = lb.submit(_punch_and_exchange(bob, theirs, payload_b))
+                ra, got_a = fa.result(30)
+                rb, got_b = fb.result(30)
+                assert isinstance(ra, PunchResult), getattr(ra, "explanation", ra)
+                assert isinstance(rb, PunchResult), getattr(rb, "explanation", rb)
+                assert got_a == hashlib.sha256(payload_b).hexdigest()
+                assert got_b == hashlib.sha256(payload_a).hexdigest()
+            finally:
+                la.run(_close(alice))
+                lb.run(_close(bob))
+
+
+def test_relay_joins_two_random_symmetric_nats() -> None:
+    routers = [
+        RouterSpec("c", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
+        RouterSpec("d", NatType.SYMMETRIC_RANDOM, SynPolicy.RST),
+    ]
+    with coordinator_lab(routers) as (lab, srv, server):
+        c, d = lab.host("c"), lab.host("d")
+        with c.event_loop() as lc, d.event_loop() as ld:
+            carol = lc.run(_register(c, "carol"))
+            dave = ld.run(_register(d, "dave"))
+            try:
+                mine = lc.run(carol.connect("dave"))
+                theirs = ld.run(dave.next_order(timeout=5.0))
+                assert mine.relay_advice is theirs.relay_advice is RelayAdvice.RELAY_NOW
+                assert (mine.role, theirs.role) == (Role.INITIATOR, Role.RESPONDER)
+                assert mine.relay == COORDINATOR
+                payload_c, payload_d = os.urandom(1 << 20), os.urandom(1 << 20)
+                fc = lc.submit(_relay_exchange(carol, mine, payload_c))
+                fd = ld.submit(_relay_exchange(dave, theirs, payload_d))
+                assert fc.result(30) == hashlib.sha256(payload_d).hexdigest()
+                assert fd.result(30) == hashlib.sha256(payload_c).hexdigest()
+                stats = srv.run(_relay_stats(server))
+                assert stats.a_to_b == stats.b_to_a == 1 << 20
+            finally:
+                lc.run(_close(carol))
+                ld.run(_close(dave))
