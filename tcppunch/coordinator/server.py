@@ -182,6 +182,8 @@ class CoordinatorServer:
                 data = await reader.read(READ_SIZE)
         except (ConnectionError, OSError) as exc:
             self._log.debug("coordinator.conn_error", conn=conn, error=repr(exc))
+        except Exception:  # a bug: this connection ends, the server and every other client go on
+            self._log.exception("coordinator.conn_failed", conn=conn)
         except asyncio.CancelledError:
             # Only this server cancels a connection task: at a relay hand-over or at stop(). Ending
             # normally keeps asyncio's client_connected_cb wrapper from reporting the cancellation.
@@ -255,7 +257,12 @@ class CoordinatorServer:
         self._timer = None
         self._timer_at = None
         now = max(asyncio.get_running_loop().time(), scheduled)
-        self._apply(self.protocol.tick(now))
+        try:
+            self._apply(self.protocol.tick(now))
+        except Exception:  # a bug must not stop every keepalive: log it, try again in a second
+            self._log.exception("coordinator.tick_failed")
+            self._timer_at = now + 1.0
+            self._timer = asyncio.get_running_loop().call_at(self._timer_at, self._on_timer, self._timer_at)
 
     # --------------------------------------------------------------------------------------- relay
 

@@ -443,3 +443,23 @@ def test_relay_refuses_wrong_proofs_and_third_parties() -> None:
             await bob.close()
 
     run(with_server(body))
+
+
+def test_many_peers_connect_concurrently() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        channels = [channel(server, f"p{i:02d}") for i in range(40)]
+        await asyncio.gather(*(c.register() for c in channels))
+        try:
+            initiators, responders = channels[:20], channels[20:]
+            mine = await asyncio.gather(*(a.connect(b.peer_id) for a, b in zip(initiators, responders, strict=True)))
+            theirs = await asyncio.gather(*(b.next_order(timeout=5.0) for b in responders))
+            for a, b, m, t in zip(initiators, responders, mine, theirs, strict=True):
+                assert (m.session_id, m.key, m.peer_id, t.peer_id) == (t.session_id, t.key, b.peer_id, a.peer_id)
+                assert m.peer_observed == b.observed and t.peer_observed == a.observed
+            assert len({m.session_id for m in mine}) == 20
+            assert len(await channels[0].list_peers()) == 39
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
+        await until(lambda: len(server.protocol.registry) == 0)
+
+    run(with_server(body))
