@@ -1,0 +1,90 @@
+"""Plan validation, the retry schedule and failure explanations (pure parts of the punch engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcppunch.nat.report import Endpoint
+from tcppunch.punch.plan import (
+    Candidate,
+    CandidateKind,
+    Outcome,
+    PunchAttempt,
+    PunchPlan,
+    RetryPolicy,
+    Role,
+    explain_failure,
+)
+
+C1 = Candidate(Endpoint("198.51.100.102", 4000), CandidateKind.OBSERVED)
+C2 = Candidate(Endpoint("198.51.100.102", 20001), CandidateKind.PREDICTED, 1)
+
+
+def plan(**changes: object) -> PunchPlan:
+    base: dict[str, object] = {
+        "local": Endpoint("10.0.1.2", 4000),
+        "role": Role.INITIATOR,
+        "session_id": "s",
+        "key": b"k" * 32,
+        "candidates": (C1, C2),
+        "fire_at": 10.0,
+        "deadline": 15.0,
+    }
+    base.update(changes)
+    return PunchPlan(**base)  # type: ignore[arg-type]
+
+
+def test_roles_are_opposites() -> None:
+    assert Role.INITIATOR.other is Role.RESPONDER and Role.RESPONDER.other is Role.INITIATOR
+    assert Role("initiator") is Role.INITIATOR  # same values as the coordinator's roles
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"session_id": ""}, "session_id"),
+        ({"session_id": "x" * 65}, "session_id"),
+        ({"key": b"short"}, "key"),
+        ({"deadline": 10.0}, "deadline"),
+        ({"low_ttl": 0}, "low_ttl"),
+        ({"prime_delay": -1.0}, "negative"),
+        ({"candidates": (C1, C1)}, "distinct"),
+    ],
+)
+def test_plan_validation(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan(**changes)
+
+
+def test_candidate_str() -> None:
+    assert str(C1) == "198.51.100.102:4000 (observed)"
+    assert str(C2) == "198.51.100.102:20001 (predicted #1)"
+
+
+def test_retry_delays_fast_then_exponential_and_capped() -> None:
+    policy = RetryPolicy(base=0.001, fast_tries=3, cap=0.05, jitter=0.5)
+    assert policy.delay(0, 0.0) == 0.0
+    assert [policy.delay(n, 0.0) for n in (1, 2, 3)] == [0.001] * 3
+    assert policy.delay(4, 0.0) == 0.002 and policy.delay(5, 0.0) == 0.004
+    assert policy.delay(100, 0.0) == 0.05
+    assert policy.delay(1000, 0.999) <= 0.05 * 1.5
+    assert policy.delay(1, 1.0) == pytest.approx(0.0015)
+
+
+def test_failure_explanation_names_every_candidate_and_the_way_out() -> None:
+    attempts = (
+        PunchAttempt(C1.endpoint, C1, 1, Outcome.REFUSED, 0.001),
+        PunchAttempt(C1.endpoint, C1, 2, Outcome.REFUSED, 0.003),
+        PunchAttempt(Endpoint("198.51.100.9", 1), None, 0, Outcome.VERIFY_FAILED, 0.01, "bad HELLO MAC"),
+    )
+    text = explain_failure(plan(), attempts, "no verified connection before the deadline")
+    assert "refused x2" in text and "RST" in text
+    assert "198.51.100.102:20001 (predicted #1): no try finished" in text
+    assert "incoming (listener): verify-failed x1" in text
+    assert "relay" in text and "tcppunch detect" in text
+    assert "listened" in explain_failure(plan(candidates=()), (), "x")
+
+
+def test_attempt_str() -> None:
+    a = PunchAttempt(C1.endpoint, C1, 3, Outcome.REFUSED, 0.0125, "Connection refused")
+    assert str(a) == "+12.5 ms 198.51.100.102:4000 (observed) try 3: refused: Connection refused"
