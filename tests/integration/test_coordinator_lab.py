@@ -21,7 +21,7 @@ from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel, PunchOrder
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.lab import Lab, LabHost, LabSpec, NatType, NetnsLoop, RouterSpec, SynPolicy
+from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
 from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchFailed, PunchPlan, PunchResult
@@ -200,3 +200,84 @@ def test_relay_joins_two_random_symmetric_nats() -> None:
             finally:
                 lc.run(_close(carol))
                 ld.run(_close(dave))
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+async def _rtt_samples(server: CoordinatorServer, ids: tuple[str, ...], at_least: int) -> None:
+    for _ in range(1000):  # bounded: 10 s
+        records = [server.protocol.registry.get(i) for i in ids]
+        if all(r is not None and r.rtt.samples >= at_least for r in records):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no RTT samples")
+
+
+async def _timed_connect(channel: ControlChannel, peer_id: str) -> tuple[float, PunchOrder]:
+    started = asyncio.get_running_loop().time()
+    return started, await channel.connect(peer_id)
+
+
+def measure(delay_a: float, delay_b: float, runs: int) -> None:
+    """Print, per run: how far apart the two peers fire (the schedule's error) and connect() -> selected
+    against the floor's ingredients (RTT alice-coordinator + RTT alice-bob). Not a test: no assertions
+    on time."""
+    routers = [
+        RouterSpec("a", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=LinkShape(delay_ms=delay_a)),
+        RouterSpec("b", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=LinkShape(delay_ms=delay_b)),
+    ]
+    rtt_coord, rtt_peer = 2 * delay_a / 1000, 2 * (delay_a + delay_b) / 1000
+    ratios = []
+    with coordinator_lab(routers) as (lab, srv, server):
+        a, b = lab.host("a"), lab.host("b")
+        with a.event_loop() as la, b.event_loop() as lb:
+            for i in range(runs):
+                alice = la.run(_register(a, "alice"))
+                bob = lb.run(_register(b, "bob"))
+                try:
+                    srv.run(_rtt_samples(server, ("alice", "bob"), 3))
+                    started, mine = la.run(_timed_connect(alice, "bob"))
+                    theirs = lb.run(bob.next_order(timeout=5.0))
+                    fa = la.submit(_punch_and_exchange(alice, mine, b"a"))
+                    fb = lb.submit(_punch_and_exchange(bob, theirs, b"b"))
+                    ra, _ = fa.result(30)
+                    rb, _ = fb.result(30)
+                    skew = (mine.fire_at - theirs.fire_at) * 1000
+                    if isinstance(ra, PunchResult) and isinstance(rb, PunchResult):
+                        total = mine.fire_at - started + ra.timings.selected
+                        ratio = total / max(rtt_coord + rtt_peer, 1e-9)
+                        ratios.append(ratio)
+                        to_fire = (mine.fire_at - started) * 1000
+                        print(
+                            f"run {i}: fire skew {skew:+6.1f} ms  connect->fire {to_fire:6.1f} ms"
+                            f"  connect->selected {total * 1000:6.1f} ms  ratio to (RTTc+RTTp) {ratio:.2f}"
+                        )
+                    else:
+                        print(f"run {i}: fire skew {skew:+6.1f} ms  punch FAILED")
+                finally:
+                    la.run(_close(alice))
+                    lb.run(_close(bob))
+                srv.run(_gone(server, ("alice", "bob")))
+    if ratios:
+        ratios.sort()
+        print(f"median ratio {ratios[len(ratios) // 2]:.2f} over {len(ratios)} runs "
+              f"(RTTc {rtt_coord * 1000:.0f} ms, RTTp {rtt_peer * 1000:.0f} ms)")
+
+
+async def _gone(server: CoordinatorServer, ids: tuple[str, ...]) -> None:
+    for _ in range(500):
+        if all(server.protocol.registry.get(i) is None for i in ids):
+            return
+        await asyncio.sleep(0.01)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=measure.__doc__)
+    parser.add_argument("--delay-a", type=float, default=20.0, help="one-way ms on router a's WAN link")
+    parser.add_argument("--delay-b", type=float, default=20.0, help="one-way ms on router b's WAN link")
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    measure(args.delay_a, args.delay_b, max(1, min(args.runs, 200)))
