@@ -244,17 +244,20 @@ def measure(delay_a: float, delay_b: float, runs: int) -> None:
                     ra, _ = fa.result(30)
                     rb, _ = fb.result(30)
                     skew = (mine.fire_at - theirs.fire_at) * 1000
+                    # what the skew would be if both fired on receipt (no schedule)
+                    unscheduled = (mine.received_at - theirs.received_at) * 1000
                     if isinstance(ra, PunchResult) and isinstance(rb, PunchResult):
                         total = mine.fire_at - started + ra.timings.selected
                         ratio = total / max(rtt_coord + rtt_peer, 1e-9)
                         ratios.append(ratio)
                         to_fire = (mine.fire_at - started) * 1000
                         print(
-                            f"run {i}: fire skew {skew:+6.1f} ms  connect->fire {to_fire:6.1f} ms"
+                            f"run {i}: fire skew {skew:+6.1f} ms (on receipt: {unscheduled:+6.1f})"
+                            f"  connect->fire {to_fire:6.1f} ms"
                             f"  connect->selected {total * 1000:6.1f} ms  ratio to (RTTc+RTTp) {ratio:.2f}"
                         )
                     else:
-                        print(f"run {i}: fire skew {skew:+6.1f} ms  punch FAILED")
+                        print(f"run {i}: fire skew {skew:+6.1f} ms (on receipt: {unscheduled:+6.1f})  punch FAILED")
                 finally:
                     la.run(_close(alice))
                     lb.run(_close(bob))
