@@ -174,7 +174,7 @@ def test_half_close_is_passed_on_and_the_other_way_keeps_flowing(method: str, fi
 @pytest.mark.parametrize("method", METHODS)
 def test_idle_timeout_ends_the_relay_and_both_peers_see_it(method: str) -> None:
     async def main() -> None:
-        rig = await start(method, idle_timeout=0.3)
+        rig = await start(method, idle_timeout=1.0)
         await rig.a.send(b"one message")
         assert await rig.b.reader.readexactly(11) == b"one message"
         stats = await rig.stats()
