@@ -31,6 +31,7 @@ from tcppunch.wire.coord import (
     ErrorCode,
     ListPeers,
     Message,
+    Outcome,
     PeerInfo,
     Peers,
     Ping,
@@ -73,7 +74,7 @@ class CoordinatorConfig:
     fire_margin: float = 0.0
     # Relay joins are accepted until the punch deadline + relay_window; then the session is forgotten.
     relay_window: float = 30.0
-    max_sessions_per_peer: int = 16
+    max_sessions_per_peer: int = 64
     # Concurrent relayed sessions a peer id may take part in.
     max_relays_per_peer: int = 8
     relay_idle_timeout: float = 300.0
@@ -454,10 +455,14 @@ class CoordinatorProtocol:
 
     def _result(self, record: PeerRecord, msg: Result) -> list[Action]:
         session = self.sessions.get(msg.session_id)
-        if session is not None and record.id in session.peer_ids():
-            session.results[record.id] = msg.outcome.value
         self.stats.results[msg.outcome.value] = self.stats.results.get(msg.outcome.value, 0) + 1
         log.info("coordinator.result", peer=record.id, session=msg.session_id, outcome=msg.outcome.value)
+        if session is None or record.id not in session.peer_ids():
+            return []
+        session.results[record.id] = msg.outcome.value
+        # Both connected directly: the session (and its relay option) is done, free the slots now.
+        if len(session.results) == 2 and set(session.results.values()) == {Outcome.DIRECT.value}:
+            return self._end_session(session, ErrorCode.UNKNOWN_SESSION, "the session ended direct")
         return []
 
     def _end_session(self, session: Session, code: ErrorCode, why: str) -> list[Action]:

@@ -525,6 +525,32 @@ def test_result_is_recorded() -> None:
     assert h.take(alice) == []
 
 
+def test_a_session_both_peers_report_direct_is_closed() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.send(alice, Connect("r", "bob"))
+    (punch,) = [m for m in h.take(alice) if isinstance(m, Punch)]
+    h.send(alice, Result(punch.session_id, Outcome.DIRECT))
+    h.send(bob, Result(punch.session_id, Outcome.DIRECT))
+    assert h.proto.sessions == {}
+    record = h.proto.registry.get("alice")
+    assert record is not None and record.sessions == set()
+    late = _join(h, punch, Role.INITIATOR)
+    assert_fatal(h, late, "unknown-session")
+
+
+def test_a_failed_punch_keeps_the_session_for_the_relay() -> None:
+    h = Harness()
+    alice, bob = h.register("alice"), h.register("bob")
+    h.send(alice, Connect("r", "bob"))
+    (punch,) = [m for m in h.take(alice) if isinstance(m, Punch)]
+    h.send(alice, Result(punch.session_id, Outcome.FAILED))
+    h.send(bob, Result(punch.session_id, Outcome.FAILED))
+    _join(h, punch, Role.INITIATOR)
+    _join(h, punch, Role.RESPONDER)
+    assert len(h.relays) == 1
+
+
 # ------------------------------------------------------------------------------------ relay
 
 
