@@ -1,10 +1,11 @@
-"""``tcppunch server``: the public side. For now the STUN service (TCP + UDP) on every address and port.
+"""``tcppunch server``: the public side. The coordinator (registration, punch scheduling, relay) and
+STUN (TCP + UDP) on every address and port, the coordinator sharing the primary TCP port with STUN.
 
 Structure: :func:`serve` enters every service into one AsyncExitStack, prints one "listening on ..." line
 to stderr once everything is bound (scripts and tests wait for it), and waits for SIGTERM/SIGINT. The
-coordinator shares the primary TCP port with STUN: it accepts, sniffs the first 8 bytes, and hands STUN
-connections to ``StunService.serve_tcp_connection``; adding it means listing the primary endpoint in
-``external_tcp`` and entering ``CoordinatorServer(..., stun_handler=stun.serve_tcp_connection)`` below.
+coordinator owns the primary TCP listener: it accepts, sniffs the first 8 bytes, and hands STUN
+connections to ``StunService.serve_tcp_connection`` (the primary endpoint is listed in the STUN
+config's ``external_tcp`` so that STUN does not bind it twice).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import sys
 import click
 
 from tcppunch.cli.detect_cmd import EndpointType
+from tcppunch.coordinator.auth import Tokens, TokensFileError
+from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.nat.report import Endpoint
+from tcppunch.wire.stun import TransportAddress
 
 
 def _ip(value: str) -> str:
@@ -40,6 +44,7 @@ def _ip(value: str) -> str:
 @click.option("--alt-port", type=click.IntRange(1, 65535), help="Second port. Default: the listen port + 1.")
 @click.option("--token", help="Shared secret peers present to the coordinator.")
 @click.option("--tokens-file", type=click.Path(dir_okay=False), help="JSON object of peer id -> secret.")
+@click.option("--relay-max-mb", type=click.FloatRange(0.001), help="Relay byte budget per peer id (MB). Default: none.")
 @click.option(
     "--connect-back-timeout",
     type=click.FloatRange(0.05, 10.0),
@@ -54,8 +59,11 @@ def server_command(
     token: str | None,
     tokens_file: str | None,
     connect_back_timeout: float,
+    relay_max_mb: float | None,
 ) -> None:
-    """Run the public server: STUN over TCP and UDP on every address/port combination.
+    """Run the public server: the coordinator peers register with (it schedules their punches and relays
+    when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
+    HOST:PORT serves both `tcppunch detect --server` and `tcppunch connect --coordinator`.
 
     Stops cleanly on SIGTERM or SIGINT.
     """
@@ -71,21 +79,27 @@ def server_command(
     port2 = listen.port + 1 if alt_port is None else alt_port
     if port2 == listen.port or port2 > 65535:
         raise click.UsageError("the second port must differ from the listen port (and be at most 65535)")
+    try:
+        tokens = Tokens.from_file(tokens_file, shared=token) if tokens_file else Tokens(shared=token)
+    except (OSError, TokensFileError, ValueError) as exc:
+        raise click.UsageError(f"tokens: {exc}") from exc
     config = StunServiceConfig(
         primary_address=listen.ip,
         primary_port=listen.port,
         alternate_address=alternate,
         alternate_port=port2,
         connect_back_timeout=connect_back_timeout,
+        external_tcp=frozenset({TransportAddress(listen.ip, listen.port)}),
     )
+    budget = None if relay_max_mb is None else int(relay_max_mb * 1_000_000)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tokens, budget))
     except OSError as exc:
         click.echo(f"tcppunch server: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-async def serve(config: StunServiceConfig) -> None:
+async def serve(config: StunServiceConfig, tokens: Tokens, relay_bytes_per_peer: int | None = None) -> None:
     """Run until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,9 +107,11 @@ async def serve(config: StunServiceConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         stun = await stack.enter_async_context(StunService(config))
-        # The coordinator goes here (same TCP port as STUN's primary endpoint), e.g.:
-        #   config external_tcp={primary}; await stack.enter_async_context(
-        #       CoordinatorServer(host, port, tokens, stun_handler=stun.serve_tcp_connection))
-        endpoints = ", ".join(str(e) for e in stun.tcp_endpoints)
-        print(f"listening on {endpoints} (STUN over TCP and UDP)", file=sys.stderr, flush=True)
+        coordinator = await stack.enter_async_context(
+            CoordinatorServer(config.primary_address, config.primary_port, tokens,
+                              stun_handler=stun.serve_tcp_connection, relay_bytes_per_peer=relay_bytes_per_peer)
+        )
+        endpoints = ", ".join(str(e) for e in [coordinator.address, *stun.tcp_endpoints])
+        print(f"listening on {endpoints} (coordinator on {coordinator.address}; STUN over TCP and UDP)",
+              file=sys.stderr, flush=True)
         await stop.wait()
