@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Benchmark: ``tcppunch detect`` against pystun3's own CLI, per NAT type, in the NAT lab.
+
+One lab, one router per NAT type (SYN policy selectable), one ``tcppunch server`` on the lab server.
+From each NAT'd host, N runs of each tool against the same server, interleaved, wall time measured
+around the whole process (both start a Python interpreter, so start-up cost is in both figures):
+
+* ours:     tcppunch detect --server 198.51.100.10:3478 --json
+* pystun3:  pystun3 -H 198.51.100.10 -P 3478 -i HOST_ADDRESS -p RANDOM_PORT   (our server's UDP side)
+
+Prints per-type medians and the ratio pystun3/ours, plus the labels each tool reported, so a speed-up
+never hides a wrong answer. Needs root (the lab). Usage:
+
+    .venv/bin/python scripts/bench_detect.py [--runs 3] [--policy drop|rst] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.topology import SHORT_NAMES
+
+SERVER, ALT, PORT = "198.51.100.10", "198.51.100.11", 3478
+PYSTUN3 = str(Path(sys.executable).with_name("pystun3"))
+
+
+def _wait_ready(proc: subprocess.Popen[str], timeout: float = 15.0) -> None:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if line.startswith("listening on"):
+            return
+    raise SystemExit("tcppunch server did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per tool and NAT type (default 3)")
+    parser.add_argument("--policy", choices=[p.value for p in SynPolicy], default="drop")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args()
+    if not 1 <= args.runs <= 50:
+        parser.error("--runs must be 1-50")
+    if not Path(PYSTUN3).exists() and shutil.which("pystun3") is None:
+        parser.error("pystun3 console script not found next to this interpreter")
+    policy = SynPolicy(args.policy)
+    types = list(NatType)
+    spec = LabSpec([RouterSpec(SHORT_NAMES[t], t, policy) for t in types])
+    results: dict[str, dict[str, object]] = {}
+    with Lab(spec) as lab:
+        server = lab.server.popen(
+            [
+                sys.executable,
+                "-m",
+                "tcppunch",
+                "server",
+                "--listen",
+                f"{SERVER}:{PORT}",
+                "--alt-address",
+                ALT,
+                "--token",
+                "bench",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_ready(server)
+            for nat in types:
+                host = lab.host(SHORT_NAMES[nat])
+                ours: list[float] = []
+                theirs: list[float] = []
+                our_labels: set[str] = set()
+                their_labels: set[str] = set()
+                for _ in range(args.runs):
+                    started = time.monotonic()
+                    done = host.run(
+                        [sys.executable, "-m", "tcppunch", "detect", "--server", f"{SERVER}:{PORT}", "--json"],
+                        timeout=60,
+                    )
+                    ours.append(time.monotonic() - started)
+                    if done.returncode == 0:
+                        report = json.loads(done.stdout)
+                        tcp = report["tcp"]
+                        our_labels.add(f"{tcp['mapping']}/{tcp['filtering']}/udp={report['udp']['nat_type']}")
+                    else:
+                        our_labels.add(f"exit {done.returncode}")
+                    started = time.monotonic()
+                    done = host.run(
+                        [
+                            PYSTUN3,
+                            "-H",
+                            SERVER,
+                            "-P",
+                            str(PORT),
+                            "-i",
+                            host.address,
+                            "-p",
+                            str(random.randrange(40000, 60000)),
+                        ],
+                        timeout=120,
+                    )
+                    theirs.append(time.monotonic() - started)
+                    first = done.stdout.splitlines()[0] if done.stdout else f"exit {done.returncode}"
+                    their_labels.add(first.removeprefix("NAT Type: "))
+                ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+                results[nat.value] = {
+                    "ours_s": round(ours_median, 3),
+                    "pystun3_s": round(theirs_median, 3),
+                    "ratio": round(theirs_median / ours_median, 1),
+                    "ours_result": sorted(our_labels),
+                    "pystun3_result": sorted(their_labels),
+                }
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(5)
+            if server.stderr is not None:
+                server.stderr.close()
+    print(f"detect benchmark: {args.runs} runs per tool and type, SYN policy {policy.value}, no added delay")
+    print(f"{'NAT type':18} {'ours (s)':>9} {'pystun3 (s)':>12} {'ratio':>7}  results (ours | pystun3)")
+    for name, row in results.items():
+        print(
+            f"{name:18} {row['ours_s']:>9.3f} {row['pystun3_s']:>12.3f} {row['ratio']:>6.1f}x  "
+            f"{', '.join(row['ours_result'])} | {', '.join(row['pystun3_result'])}"
+        )  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
