@@ -7,6 +7,7 @@ polled with a bounded deadline, never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -461,5 +462,47 @@ def test_many_peers_connect_concurrently() -> None:
         finally:
             await asyncio.gather(*(c.close() for c in channels))
         await until(lambda: len(server.protocol.registry) == 0)
+
+    run(with_server(body))
+
+
+def test_relay_byte_budget_per_peer_ends_the_relay() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        alice, bob, mine, theirs = await _pair(server)
+        try:
+            (_, wa), (rb, wb) = await asyncio.gather(alice.open_relay(mine), bob.open_relay(theirs))
+            wa.write(os.urandom(200_000))
+            got = await asyncio.wait_for(rb.read(), 10.0)  # the relay ends: EOF (or reset) for bob
+            assert len(got) <= 10_000
+            await until(lambda: len(server.relay_stats) == 1)
+            assert server.relay_stats[0].reason == "limit"
+            wa.close()
+            wb.close()
+        finally:
+            await alice.close()
+            await bob.close()
+
+    run(with_server(body, relay_bytes_per_peer=10_000))
+
+
+def test_killing_one_relay_side_closes_its_partner() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        alice, bob, mine, theirs = await _pair(server)
+        try:
+            (_, wa), (rb, wb) = await asyncio.gather(alice.open_relay(mine), bob.open_relay(theirs))
+            wa.write(b"hello")
+            assert await rb.readexactly(5) == b"hello"
+            # alice vanishes: close with SO_LINGER 0, the kernel sends a RST (a plain close would be a
+            # FIN: a half-close, which the relay passes on while bob may still send)
+            wa.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            wa.transport.abort()
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(rb.read(), 10.0) == b""
+            await until(lambda: len(server.relay_stats) == 1)
+            assert server.relay_stats[0].reason == "error"
+            wb.close()
+        finally:
+            await alice.close()
+            await bob.close()
 
     run(with_server(body))
