@@ -11,7 +11,6 @@ import textwrap
 
 import click
 
-from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import Endpoint, NatReport
 
 DEFAULT_STUN_PORT = 3478
@@ -101,6 +100,8 @@ def detect_command(
     """
     if server is None and not stun:
         raise click.UsageError("give --server HOST:PORT (a tcppunch server) or --stun HOST:PORT")
+    from tcppunch.nat.detect import ServerUnreachable, detect  # here: other commands start faster
+
     try:
         report = asyncio.run(detect(server, stun, timeout=timeout, udp=not no_udp))
     except ServerUnreachable as exc:
