@@ -55,6 +55,14 @@ class _Link:
     task: asyncio.Task[Any] | None
     closing: bool = False
     handed_off: bool = False
+    # Bytes this connection's read loop took off the socket after the hand-over was decided.
+    stash: bytes = b""
+
+    def keep(self, data: bytes) -> bool:
+        """After the hand-over (decided by another connection's event), bytes read go to the relay."""
+        if self.handed_off:
+            self.stash += data
+        return self.handed_off
     linger_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -175,7 +183,7 @@ class CoordinatorServer:
                 await self.stun_handler(reader, writer, prefix)
                 return
             data = prefix
-            while data:
+            while data and not link.keep(data):
                 self._apply(self.protocol.data_received(conn, data, loop.time()))
                 if link.handed_off:
                     break
@@ -299,7 +307,8 @@ class CoordinatorServer:
                 await asyncio.wait_for(lk.writer.drain(), RELAY_FLUSH_TIMEOUT)
             for lk, pending in pair:
                 end = detach(lk.reader, lk.writer)
-                ends.append(RelayEnd(end.sock, pending + end.pending))
+                # in arrival order: bytes the protocol held, bytes the read loop took, the reader's buffer
+                ends.append(RelayEnd(end.sock, pending + lk.stash + end.pending))
             peers = self.protocol.relay_peers(action.session_id)
             stats = await relay(
                 ends[0],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -28,7 +29,18 @@ from tcppunch.coordinator.control import (
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport, TcpBehaviour
-from tcppunch.wire.coord import Error, Message, Outcome, Register, Role, decode_message, encode_message
+from tcppunch.wire.coord import (
+    Error,
+    Message,
+    Outcome,
+    Register,
+    Relay,
+    RelayOk,
+    Role,
+    decode_message,
+    encode_message,
+    relay_proof,
+)
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder, encode_frame
 
 T = TypeVar("T")
@@ -506,3 +518,37 @@ def test_killing_one_relay_side_closes_its_partner() -> None:
             await bob.close()
 
     run(with_server(body))
+
+
+def test_bytes_sent_before_relay_ok_are_delivered_first_and_in_order() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        alice, bob, mine, theirs = await _pair(server)
+        try:
+            reader, writer = await asyncio.open_connection(mine.relay.ip, mine.relay.port)
+            proof = relay_proof(mine.key, mine.session_id, Role.INITIATOR)
+            writer.write(PREAMBLE + encode_message(Relay(mine.session_id, Role.INITIATOR, proof)) + b"early")
+            await until(lambda: bool(server.protocol.sessions[mine.session_id].relay_waiting))
+            writer.write(b"-waiting")
+            await until(lambda: server.protocol.stats.relays == 0 and _raw_waiting(server, mine.session_id) == 13)
+            rb, wb = await bob.open_relay(theirs)
+            writer.write(b"-after")
+            writer.write_eof()
+            assert await asyncio.wait_for(rb.read(), 10.0) == b"early-waiting-after"
+            # and alice's connection got its RELAY-OK before anything else
+            header = await reader.readexactly(4)
+            ok = decode_message(json.loads(await reader.readexactly(struct.unpack("!I", header)[0])))
+            assert ok == RelayOk(mine.session_id)
+            writer.close()
+            wb.close()
+        finally:
+            await alice.close()
+            await bob.close()
+
+    run(with_server(body))
+
+
+def _raw_waiting(server: CoordinatorServer, session_id: str) -> int:
+    session = server.protocol.sessions.get(session_id)
+    if session is None or Role.INITIATOR not in session.relay_waiting:
+        return -1
+    return len(server.protocol._conns[session.relay_waiting[Role.INITIATOR]].raw)
