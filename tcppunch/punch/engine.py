@@ -8,7 +8,8 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
    fires a little earlier reaches it.
 2. At ``fire_at`` one SYN per candidate leaves, in plan order, inside consecutive ``connect()`` calls
    (sequential port prediction depends on that order). With ``low_ttl`` those first SYNs carry a low
-   TTL and ``prime_delay`` later each still-pending one is replaced by a normal SYN.
+   TTL (restored right after ``connect()``: the kernel's SYN retransmission and the SYN-ACK of a
+   simultaneous open carry the normal one).
 3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline; a pending SYN is
    left to the kernel's own retransmission — abandoning it could RST a simultaneous open in progress.
 4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
@@ -47,7 +48,6 @@ from tcppunch.punch.sockets import (
     BUSY_ERRNOS,
     REFUSED_ERRNOS,
     RESET_ERRNOS,
-    TCP_SYN_SENT,
     TIMEOUT_ERRNOS,
     UNREACHABLE_ERRNOS,
     close_quietly,
@@ -55,7 +55,6 @@ from tcppunch.punch.sockets import (
     reuse_listener,
     reuse_socket,
     start_connect,
-    tcp_state,
     wait_connected,
 )
 
@@ -249,24 +248,9 @@ class _Punch:
         plan = self.plan
         await _sleep_until(self.loop, plan.fire_at)
         self.log.debug("punch.fire", low_ttl=plan.low_ttl, late=round(self._t(), 6))
-        first: list[tuple[Candidate, socket.socket, int]] = []
-        for cand in plan.candidates:  # one connect() after the other: SYNs leave in this order
-            sock, err = self._syn(cand, plan.low_ttl)
-            first.append((cand, sock, err))
-        if plan.low_ttl is not None and first:
-            await asyncio.sleep(plan.prime_delay)
-            first = [self._unprime(cand, sock, err) for cand, sock, err in first]
+        first = [(cand, *self._syn(cand, plan.low_ttl)) for cand in plan.candidates]  # SYNs leave in order
         for cand, sock, err in first:
             self._spawn(self._candidate(cand, sock, err))
-
-    def _unprime(self, cand: Candidate, sock: socket.socket, err: int) -> tuple[Candidate, socket.socket, int]:
-        """Replace a low-TTL SYN still waiting for an answer by a normal one (same 4-tuple, so on a NAT
-        the same mapping). One that got further (the peer's SYN reached it) is kept as it is."""
-        if err not in (0, errno.EINPROGRESS) or tcp_state(sock) != TCP_SYN_SENT:
-            return cand, sock, err
-        sock.close()  # SYN_SENT: closing sends nothing
-        new, new_err = self._syn(cand, None)
-        return cand, new, new_err
 
     async def _candidate(self, cand: Candidate, sock: socket.socket, err: int) -> None:
         """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
@@ -290,10 +274,7 @@ class _Punch:
                 return
             await asyncio.sleep(delay)
             tries += 1
-            sock, err = self._syn(cand, plan.low_ttl)
-            if plan.low_ttl is not None:
-                await asyncio.sleep(plan.prime_delay)
-                _, sock, err = self._unprime(cand, sock, err)
+            sock, err = self._syn(cand, None)
 
     async def _await_connect(self, sock: socket.socket, err: int) -> tuple[Outcome, str]:
         if err not in (0, errno.EINPROGRESS):

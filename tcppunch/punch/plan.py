@@ -92,7 +92,9 @@ class PunchPlan:
     ``fire_at`` / ``deadline``: event-loop times. The responder waits ``select_grace`` longer for the
     initiator's SELECT on a connection it has already verified.
     ``low_ttl``: send the first SYN to each candidate with this TTL (hops up to and including our own
-    outermost NAT, plus one), then ``prime_delay`` later the normal SYN; None = off.
+    outermost NAT, plus one) so that it opens our NAT but dies before the peer's; the socket then goes
+    on with the normal TTL (the kernel retransmits the SYN after its 1 s initial RTO). None = off, the
+    default: it did not help in the lab (docs/punching.md).
     """
 
     local: Endpoint
@@ -103,7 +105,6 @@ class PunchPlan:
     fire_at: float
     deadline: float
     low_ttl: int | None = None
-    prime_delay: float = 0.02
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     select_grace: float = 1.0
     backlog: int = 16
@@ -117,8 +118,8 @@ class PunchPlan:
             raise ValueError("deadline must come after fire_at")
         if self.low_ttl is not None and not 1 <= self.low_ttl <= 255:
             raise ValueError("low_ttl must be 1..255 or None")
-        if self.prime_delay < 0 or self.select_grace < 0:
-            raise ValueError("prime_delay and select_grace must not be negative")
+        if self.select_grace < 0:
+            raise ValueError("select_grace must not be negative")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
 

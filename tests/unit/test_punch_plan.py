@@ -47,7 +47,7 @@ def test_roles_are_opposites() -> None:
         ({"key": b"short"}, "key"),
         ({"deadline": 10.0}, "deadline"),
         ({"low_ttl": 0}, "low_ttl"),
-        ({"prime_delay": -1.0}, "negative"),
+        ({"select_grace": -1.0}, "negative"),
         ({"candidates": (C1, C1)}, "distinct"),
     ],
 )
