@@ -397,7 +397,8 @@ class StunService:
 
     # ------------------------------------------------------------------------------------------ UDP
 
-    def _datagram(self, data: bytes, addr: Any, received_on: TransportAddress) -> None:
+    def handle_datagram(self, data: bytes, addr: Any, received_on: TransportAddress) -> None:
+        """Answer one UDP datagram that arrived on ``received_on`` (drop it if it is not a request)."""
         try:
             request = parse_message(data)
         except StunParseError as exc:
@@ -430,7 +431,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._endpoint = endpoint
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._service._datagram(data, addr, self._endpoint)
+        self._service.handle_datagram(data, addr, self._endpoint)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from earlier sends; nothing to do but carry on.
