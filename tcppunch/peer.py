@@ -1,0 +1,552 @@
+"""The embedding API: a :class:`Peer` registers with a coordinator, connects to other peers by id and
+accepts their connections — direct by TCP simultaneous open when it can, through the coordinator's
+relay when it cannot — and says which one each :class:`Connection` is.
+
+>>> async with Peer("198.51.100.10:3478", "alice", token="s3cret") as peer:
+...     conn = await peer.connect("bob")
+...     conn.writer.write(b"hello")
+...     print(conn.method, conn.remote)
+
+Everything here is a thin driver: the coordinator protocol lives in ``tcppunch.coordinator.control``,
+the punch in ``tcppunch.punch``, NAT measurement in ``tcppunch.nat``. :class:`BlockingPeer` gives the
+same thing as plain connected ``socket.socket`` objects, for programs with their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import structlog
+
+from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PunchOrder
+from tcppunch.nat.detect import ServerUnreachable, detect
+from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.sockets import endpoint_of, route_source_ip
+from tcppunch.punch.engine import punch
+from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
+from tcppunch.punch.plan import Role as PunchRole
+from tcppunch.punch.prediction import build_candidates, retry_policy_for
+from tcppunch.wire.coord import (
+    Error,
+    Outcome,
+    PeerInfo,
+    Relay,
+    RelayAdvice,
+    RelayOk,
+    Role,
+    decode_message,
+    encode_message,
+    relay_proof,
+)
+from tcppunch.wire.framing import HEADER_SIZE, MAX_FRAME_SIZE, PREAMBLE, ProtocolError, parse_payload
+
+__all__ = [
+    "BlockingPeer",
+    "ConnectFailed",
+    "Connection",
+    "ConnectionInfo",
+    "Method",
+    "Peer",
+    "PeerInfo",
+    "RelayMode",
+    "parse_endpoint",
+]
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+DEFAULT_PORT = 3478
+
+
+class RelayMode(StrEnum):
+    """When to use the coordinator's relay."""
+
+    AUTO = "auto"  # punch; relay if punching fails or cannot work
+    NEVER = "never"  # punch only; fail if it fails
+    ALWAYS = "always"  # skip punching
+
+
+class Method(StrEnum):
+    """How a connection reached the peer."""
+
+    DIRECT = "direct"
+    RELAY = "relay"
+
+
+class ConnectFailed(Exception):
+    """No connection to the peer: why, what each punch candidate got, and what to try."""
+
+    def __init__(self, message: str, *, peer: str, attempts: tuple[PunchAttempt, ...] = (),
+                 timings: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.attempts = attempts
+        self.timings = timings or {}
+
+
+@dataclass
+class ConnectionInfo:
+    """What is known about one established connection (also the ``--report`` JSON)."""
+
+    peer: str
+    method: Method
+    local: Endpoint
+    remote: Endpoint
+    session_id: str
+    role: Role
+    attempts: tuple[PunchAttempt, ...] = ()
+    # Seconds: schedule (request -> PUNCH), wait (PUNCH -> fire), punch (fire -> verified and selected),
+    # relay (joining the relay), total (connect() call or PUNCH receipt -> usable connection).
+    timings: dict[str, float] = field(default_factory=dict)
+    relay_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method.value,
+            "peer": self.peer,
+            "local": str(self.local),
+            "remote": str(self.remote),
+            "session": self.session_id,
+            "role": self.role.value,
+            "attempts": [str(a) for a in self.attempts],
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "relay_reason": self.relay_reason,
+        }
+
+
+@dataclass
+class Connection:
+    """An established connection to a peer: asyncio streams plus what :class:`ConnectionInfo` says."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    info: ConnectionInfo
+
+    @property
+    def peer(self) -> str:
+        return self.info.peer
+
+    @property
+    def method(self) -> Method:
+        return self.info.method
+
+    @property
+    def local(self) -> Endpoint:
+        return self.info.local
+
+    @property
+    def remote(self) -> Endpoint:
+        return self.info.remote
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` (default port) -> Endpoint (host must be an IP address)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        number = int(port) if port else default_port
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (ValueError, OSError):
+        raise ValueError(f"{text!r} is not IP:PORT") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"{text!r}: port out of range")
+    return Endpoint(host, number)
+
+
+class Peer:
+    """One registered peer. Serves many concurrent :meth:`connect` and incoming connections.
+
+    ``nat``: this host's NAT report; when None and ``detect_nat`` is true, :meth:`start` measures it
+    against the coordinator (the same HOST:PORT serves STUN), which peers need to predict ports and to
+    know when only a relay can work. ``port``: the local port to punch from (0: any free one).
+    """
+
+    def __init__(
+        self,
+        coordinator: Endpoint | str,
+        peer_id: str,
+        token: str,
+        *,
+        bind: str = "0.0.0.0",
+        port: int = 0,
+        nat: NatReport | None = None,
+        detect_nat: bool = True,
+        relay: RelayMode = RelayMode.AUTO,
+        swarm: str | None = None,
+        relay_timeout: float = 30.0,
+        on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.coordinator = parse_endpoint(coordinator) if isinstance(coordinator, str) else coordinator
+        self.peer_id = peer_id
+        self.relay_mode = relay
+        self.swarm = swarm
+        self.relay_timeout = relay_timeout
+        self.nat = nat
+        self._token = token
+        self._bind = bind
+        self._port = port
+        self._detect = detect_nat and nat is None
+        self._on_stage = on_stage
+        self._channel: ControlChannel | None = None
+        # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
+        # hands them out as they are.
+        self._incoming: asyncio.Queue[tuple[socket.socket, ConnectionInfo] | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._serving: asyncio.Task[None] | None = None
+        self._closed = False
+        self.timings: dict[str, float] = {}
+        self._log = log.bind(peer=peer_id)
+
+    # ------------------------------------------------------------------ life cycle
+    async def __aenter__(self) -> Peer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Measure the NAT (unless given), register, and start answering incoming punch orders."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._detect:
+            self._stage("detect", {})
+            try:
+                self.nat = await detect(server=self.coordinator, timeout=2.0)
+            except ServerUnreachable as exc:
+                raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="") from exc
+            self.timings["detect"] = loop.time() - started
+            self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
+        port = self._port or _free_port(self._bind)
+        local = Endpoint(self._bind, port)
+        private = [Endpoint(route_source_ip(self.coordinator.ip), port)]
+        self._channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
+                                       private=private, swarm=self.swarm)
+        registered_at = loop.time()
+        registration = await self._channel.register()
+        self.timings["register"] = loop.time() - registered_at
+        self._log = self._log.bind(local=str(registration.local), observed=str(registration.observed))
+        self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
+                                   "seconds": round(self.timings["register"], 4)})
+        self._serving = loop.create_task(self._serve_orders())
+
+    async def close(self) -> None:
+        """Unregister and stop; connections already handed out stay open (close them yourself)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
+        for task in [*self._tasks, *([self._serving] if self._serving else [])]:
+            task.cancel()
+        for task in [*self._tasks, *([self._serving] if self._serving else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._incoming.put_nowait(None)
+
+    @property
+    def observed(self) -> Endpoint:
+        """Our public endpoint as the coordinator sees it."""
+        return self._control.observed
+
+    @property
+    def local(self) -> Endpoint:
+        """The local endpoint we punch from (the control connection's port)."""
+        registration = self._control.registration
+        assert registration is not None
+        return registration.local
+
+    @property
+    def _control(self) -> ControlChannel:
+        if self._channel is None:
+            raise RuntimeError("the peer is not started (use 'async with Peer(...)' or await start())")
+        return self._channel
+
+    # ------------------------------------------------------------------ public operations
+    async def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
+        """Other peers registered with the coordinator (in ``swarm``, or in our own swarm if we have one)."""
+        return await self._control.list_peers(swarm if swarm is not None else self.swarm)
+
+    async def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float | None = 60.0
+                      ) -> Connection:
+        """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason."""
+        sock, info = await asyncio.wait_for(self._connect_socket(peer_id, relay), timeout)
+        return await _wrap(sock, info)
+
+    async def accept(self, timeout: float | None = None) -> Connection:
+        """The next connection another peer opened to us. Raises ConnectionError once the peer closed."""
+        return await _wrap(*await self._accept_socket(timeout))
+
+    async def _accept_socket(self, timeout: float | None) -> tuple[socket.socket, ConnectionInfo]:
+        item = await asyncio.wait_for(self._incoming.get(), timeout)
+        if item is None:
+            self._incoming.put_nowait(None)  # every later accept() sees the end too
+            raise ConnectionError("the peer is closed")
+        return item
+
+    async def incoming(self) -> AsyncIterator[Connection]:
+        """Incoming connections until the peer closes."""
+        while True:
+            try:
+                yield await self.accept()
+            except ConnectionError:
+                return
+
+    # ------------------------------------------------------------------ internals
+    async def _connect_socket(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._stage("schedule", {"peer": peer_id})
+        try:
+            order = await self._control.connect(peer_id)
+        except CoordinatorError as exc:
+            raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id) from exc
+        return await self._establish(order, started, relay or self.relay_mode)
+
+    async def _serve_orders(self) -> None:
+        async for order in self._control.orders():
+            task = asyncio.get_running_loop().create_task(self._answer(order))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, order: PunchOrder) -> None:
+        try:
+            established = await self._establish(order, order.received_at, self.relay_mode)
+        except ConnectFailed as exc:
+            self._log.warning("peer.incoming_failed", peer=order.peer_id, session=order.session_id, error=str(exc))
+            return
+        await self._incoming.put(established)
+
+    async def _establish(self, order: PunchOrder, started: float, mode: RelayMode
+                         ) -> tuple[socket.socket, ConnectionInfo]:
+        """Punch (and/or relay) as ``order`` says; return a raw connected socket and what we know."""
+        loop = asyncio.get_running_loop()
+        timings = {"schedule": order.received_at - started} if order.role is Role.INITIATOR else {}
+        info_log = self._log.bind(session=order.session_id, remote_peer=order.peer_id, role=order.role.value)
+        attempts: tuple[PunchAttempt, ...] = ()
+        if mode is RelayMode.ALWAYS:
+            reason = "relay requested (--relay always)"
+        elif order.relay_advice is RelayAdvice.RELAY_NOW:
+            reason = f"direct cannot work: {order.advice_reason or 'both NATs map unpredictably'}"
+            if mode is RelayMode.NEVER:
+                await self._report(order, Outcome.FAILED, {"reason": reason})
+                raise ConnectFailed(f"{reason}; relay not allowed (--relay never)", peer=order.peer_id,
+                                    timings=timings)
+        else:
+            self._stage("punch", {"peer": order.peer_id, "session": order.session_id, "role": order.role.value,
+                                  "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
+            try:
+                result = await punch(self._plan(order), streams=False)
+            except PunchFailed as exc:
+                attempts = exc.attempts
+                timings["punch"] = loop.time() - max(order.fire_at, started)
+                info_log.info("peer.punch_failed", explanation=exc.explanation)
+                if mode is RelayMode.NEVER:
+                    await self._report(order, Outcome.FAILED, {"reason": "punch failed"})
+                    raise ConnectFailed(exc.explanation, peer=order.peer_id, attempts=attempts,
+                                        timings=timings) from exc
+                reason = f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
+            else:
+                timings["wait"] = max(0.0, order.fire_at - order.received_at)
+                timings["punch"] = result.timings.selected
+                timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
+                timings["total"] = loop.time() - started
+                info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
+                                      order.role, result.attempts, timings)
+                self._stage("direct", info.to_json())
+                await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
+                return result.sock, info
+        self._stage("relay", {"peer": order.peer_id, "reason": reason})
+        relay_started = loop.time()
+        try:
+            sock = await asyncio.wait_for(_join_relay(order), self.relay_timeout)
+        except (CoordinatorError, OSError, TimeoutError) as exc:
+            await self._report(order, Outcome.FAILED, {"reason": f"relay: {exc}"})
+            raise ConnectFailed(f"{reason}; the relay failed too: {exc}", peer=order.peer_id, attempts=attempts,
+                                timings=timings) from exc
+        timings["relay"] = loop.time() - relay_started
+        timings["total"] = loop.time() - started
+        info = ConnectionInfo(order.peer_id, Method.RELAY, endpoint_of(sock.getsockname()),
+                              endpoint_of(sock.getpeername()), order.session_id, order.role, attempts, timings,
+                              relay_reason=reason)
+        self._stage("relayed", info.to_json())
+        await self._report(order, Outcome.RELAY, {"reason": reason})
+        return sock, info
+
+    def _plan(self, order: PunchOrder) -> PunchPlan:
+        return PunchPlan(
+            local=self.local,
+            role=PunchRole(order.role.value),
+            session_id=order.session_id,
+            key=order.key,
+            candidates=build_candidates(
+                peer_observed=order.peer_observed,
+                peer_nat=order.peer_nat,
+                own_nat=self.nat,
+                peer_private=order.peer_private,
+                own_public_ip=self.observed.ip,
+            ),
+            fire_at=order.fire_at,
+            deadline=order.deadline,
+            retry=retry_policy_for(self.nat),
+        )
+
+    async def _report(self, order: PunchOrder, outcome: Outcome, details: dict[str, Any]) -> None:
+        with contextlib.suppress(CoordinatorError, ConnectionError, OSError):
+            await self._control.report_result(order.session_id, outcome, details)
+
+    def _stage(self, name: str, data: dict[str, Any]) -> None:
+        self._log.info(f"peer.{name}", **data)
+        if self._on_stage is not None:
+            self._on_stage(name, data)
+
+
+async def _wrap(sock: socket.socket, info: ConnectionInfo) -> Connection:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    return Connection(reader, writer, info)
+
+
+async def _join_relay(order: PunchOrder) -> socket.socket:
+    """Join the session's relay on a new connection; return the raw socket once the coordinator paired us.
+
+    Reads exactly the RELAY-OK frame and nothing after it, so every later byte is the other peer's.
+    """
+    loop = asyncio.get_running_loop()
+    relay = order.relay
+    sock = socket.socket(socket.AF_INET6 if ":" in relay.ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (relay.ip, relay.port))
+        proof = relay_proof(order.key, order.session_id, order.role)
+        frame = encode_message(Relay(order.session_id, order.role, proof))
+        await loop.sock_sendall(sock, PREAMBLE + frame)
+        (size,) = struct.unpack("!I", await _recv_exactly(loop, sock, HEADER_SIZE))
+        if not 0 < size <= MAX_FRAME_SIZE:
+            raise CoordinatorError("bad-frame", f"the relay sent a frame of {size} bytes")
+        try:
+            reply = decode_message(parse_payload(await _recv_exactly(loop, sock, size)))
+        except ProtocolError as exc:
+            raise CoordinatorError(exc.code, exc.message) from None
+        if isinstance(reply, Error):
+            raise CoordinatorError(reply.code, reply.message)
+        if not isinstance(reply, RelayOk) or reply.session_id != order.session_id:
+            raise CoordinatorError("unexpected-message", f"expected relay-ok, got {reply.TYPE}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise CoordinatorError("closed", "the relay closed the connection")
+        data += chunk
+    return data
+
+
+def _free_port(bind: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((bind, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _value(member: StrEnum | None) -> str | None:
+    return None if member is None else member.value
+
+
+class BlockingPeer:
+    """:class:`Peer` for blocking programs: runs the asyncio peer in a background thread and hands out
+    connected, blocking ``socket.socket`` objects (no byte of the peer's data is held back).
+
+    >>> with BlockingPeer("198.51.100.10:3478", "alice", "s3cret") as peer:
+    ...     sock, info = peer.connect("bob")
+    ...     sock.sendall(b"hello")
+    """
+
+    def __init__(self, coordinator: Endpoint | str, peer_id: str, token: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"tcppunch-{peer_id}", daemon=True)
+        self._thread.start()
+        try:
+            self._peer = self._call(self._start(coordinator, peer_id, token, options), timeout=None)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @staticmethod
+    async def _start(coordinator: Endpoint | str, peer_id: str, token: str, options: dict[str, Any]) -> Peer:
+        peer = Peer(coordinator, peer_id, token, **options)
+        await peer.start()
+        return peer
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 120.0) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError("tcppunch: operation timed out") from None
+
+    def __enter__(self) -> BlockingPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def observed(self) -> Endpoint:
+        return self._peer.observed
+
+    def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float = 60.0
+                ) -> tuple[socket.socket, ConnectionInfo]:
+        """A connected blocking socket to ``peer_id`` and what is known about it."""
+        sock, info = self._call(self._peer._connect_socket(peer_id, relay), timeout)
+        sock.setblocking(True)
+        return sock, info
+
+    def accept(self, timeout: float | None = None) -> tuple[socket.socket, ConnectionInfo]:
+        """The next connection another peer opened to us, as a blocking socket."""
+        sock, info = self._call(self._peer._accept_socket(timeout), None if timeout is None else timeout + 5)
+        sock.setblocking(True)
+        return sock, info
+
+    def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
+        return self._call(self._peer.list_peers(swarm))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._call(self._peer.close(), timeout=10)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -1,0 +1,158 @@
+"""The embedding API end to end on loopback: a real coordinator + STUN, two Peers, bytes both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
+from tcppunch.nat.report import Endpoint
+from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
+from tcppunch.wire.stun import TransportAddress
+
+TOKEN = "loopback-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def coordinator() -> AsyncIterator[Endpoint]:
+    port = _free_port()
+    config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
+                               external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
+    async with StunService(config) as stun, CoordinatorServer("127.0.0.1", port, Tokens(shared=TOKEN),
+                                                             stun_handler=stun.serve_tcp_connection):
+        yield Endpoint("127.0.0.1", port)
+
+
+async def _exchange(a: Connection, b: Connection, size: int) -> tuple[bool, bool]:
+    up, down = os.urandom(size), os.urandom(size)
+
+    async def send(conn: Connection, data: bytes) -> None:
+        conn.writer.write(data)
+        await conn.writer.drain()
+        conn.writer.write_eof()
+
+    _, _, at_b, at_a = await asyncio.gather(send(a, up), send(b, down), b.reader.read(), a.reader.read())
+    for c in (a, b):
+        c.close()
+    return hashlib.sha256(at_b).digest() == hashlib.sha256(up).digest(), at_a == down
+
+
+def test_connect_direct_and_accept_carry_bytes_both_ways() -> None:
+    async def scenario() -> None:
+        async with coordinator() as where, Peer(where, "bob", TOKEN) as bob, Peer(where, "alice", TOKEN) as alice:
+            assert alice.nat is not None and alice.nat.behind_nat is False
+            outgoing, incoming = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
+            assert outgoing.method is incoming.method is Method.DIRECT
+            assert outgoing.peer == "bob" and incoming.peer == "alice"
+            assert outgoing.remote == incoming.local and incoming.remote == outgoing.local
+            assert outgoing.info.timings["total"] > 0
+            assert await _exchange(outgoing, incoming, 2_000_000) == (True, True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_relay_always_goes_through_the_coordinator() -> None:
+    async def scenario() -> None:
+        async with coordinator() as where, Peer(where, "bob", TOKEN, detect_nat=False) as bob, \
+                Peer(where, "alice", TOKEN, detect_nat=False) as alice:
+            outgoing = await alice.connect("bob", relay=RelayMode.ALWAYS)
+            incoming = await bob.accept(timeout=15)
+            assert outgoing.method is Method.RELAY
+            assert outgoing.remote == where  # the relay is the coordinator itself
+            assert outgoing.info.relay_reason is not None and "relay requested" in outgoing.info.relay_reason
+            assert await _exchange(outgoing, incoming, 1_000_000) == (True, True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_unknown_peer_is_a_clear_failure_and_the_peer_keeps_working() -> None:
+    async def scenario() -> None:
+        async with coordinator() as where, Peer(where, "bob", TOKEN, detect_nat=False) as bob, \
+                Peer(where, "alice", TOKEN, detect_nat=False) as alice:
+            with pytest.raises(ConnectFailed, match="unknown-peer"):
+                await alice.connect("carol")
+            ids = {p.id for p in await alice.list_peers()}
+            assert "bob" in ids
+            conn = await alice.connect("bob")
+            got = await bob.accept(timeout=15)
+            assert await _exchange(conn, got, 1000) == (True, True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_wrong_token_is_refused() -> None:
+    async def scenario() -> None:
+        async with coordinator() as where:
+            peer = Peer(where, "mallory", "not-the-token", detect_nat=False)
+            with pytest.raises(Exception, match="bad-token"):
+                await peer.start()
+            await peer.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@contextlib.contextmanager
+def coordinator_thread() -> Iterator[Endpoint]:
+    """The coordinator on its own loop in a thread, for the blocking API."""
+    ready: concurrent.futures.Future[Endpoint] = concurrent.futures.Future()
+    stop = threading.Event()
+
+    async def main() -> None:
+        async with coordinator() as where:
+            ready.set_result(where)
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    try:
+        yield ready.result(10)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_blocking_peer_hands_out_plain_sockets() -> None:
+    payload = os.urandom(500_000)
+    with coordinator_thread() as where, BlockingPeer(where, "bob", TOKEN, detect_nat=False) as bob, \
+            BlockingPeer(where, "alice", TOKEN, detect_nat=False) as alice:
+        result: dict[str, bytes] = {}
+
+        def serve() -> None:
+            sock, info = bob.accept(timeout=20)
+            result["method"] = info.method.value.encode()
+            with sock:
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                result["got"] = data
+                sock.sendall(hashlib.sha256(data).digest())
+
+        server = threading.Thread(target=serve)
+        server.start()
+        sock, info = alice.connect("bob")
+        assert isinstance(sock, socket.socket) and info.method is Method.DIRECT
+        with sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            digest = sock.recv(64)
+        server.join(20)
+        assert result["got"] == payload
+        assert result["method"] == b"direct"
+        assert digest == hashlib.sha256(payload).digest()
