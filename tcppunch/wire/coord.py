@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ MAX_TOKEN = 1024
 MAX_ENDPOINTS = 16
 MAX_PEERS_LISTED = 100
 SESSION_KEY_SIZE = 32
+# Encoded size limit of a NAT report inside REGISTER (PUNCH forwards it to the other peer).
+MAX_NAT_REPORT = 16 * 1024
 
 
 def relay_proof(key: bytes, session_id: str, role: Role) -> bytes:
@@ -193,6 +196,9 @@ def _nat(obj: dict[str, Any], name: str) -> NatReport | None:
         return None
     if not isinstance(value, dict):
         raise _bad(name, "must be a NAT report object")
+    # Bounded so that a PUNCH carrying it (plus everything else) always fits in one frame.
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_NAT_REPORT:
+        raise _bad(name, f"is larger than {MAX_NAT_REPORT} bytes")
     try:
         return NatReport.from_json(value)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -7,6 +7,7 @@ decodes what the protocol sends back, per connection.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -703,3 +704,18 @@ def test_stun_connection_can_be_forgotten_before_hello() -> None:
     alice = h.register("alice")
     with pytest.raises(ValueError):
         h.proto.connection_forget(alice)
+
+
+def test_the_largest_registration_still_fits_in_a_punch_frame() -> None:
+    from tcppunch.wire.coord import MAX_ENDPOINTS, MAX_NAT_REPORT
+
+    base = len(json.dumps(SYM_RANDOM.replace(verdict="").to_json(), separators=(",", ":")))
+    big_nat = SYM_RANDOM.replace(verdict="v" * (MAX_NAT_REPORT - base))
+    private = tuple(Endpoint("f" * 60 + f":{i:03d}", 65535) for i in range(MAX_ENDPOINTS))
+    h = Harness()
+    alice = h.register("a" * 64, nat=big_nat, private=private, swarm="s" * 256)
+    bob = h.register("b" * 64, nat=big_nat, private=private, swarm="s" * 256)
+    h.take(bob)
+    h.send(alice, Connect("r" * 64, "b" * 64))
+    (punch,) = [m for m in h.take(bob) if isinstance(m, Punch)]
+    assert punch.peer_nat == big_nat and punch.peer_private == private

@@ -226,6 +226,7 @@ def test_unknown_type() -> None:
         {"type": "register", "id": "a", "token": "t", "private": [{"ip": "10.0.0.1", "port": 1}] * 17},
         {"type": "register", "id": "a", "token": "t", "nat": {"tcp": {"mapping": "sideways"}}},
         {"type": "register", "id": "a", "token": "t", "nat": []},
+        {"type": "register", "id": "a", "token": "t", "nat": {"verdict": "v" * 20000}},
         {"type": "ping", "seq": True},
         {"type": "ping", "seq": -1},
         {"type": "ping", "seq": 1.5},
