@@ -232,7 +232,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self._detect:
-            self._stage("detect", {})
+            self._stage("detect", {"server": str(self.coordinator)})
             try:
                 self.nat = await detect(server=self.coordinator, timeout=2.0)
             except ServerUnreachable as exc:

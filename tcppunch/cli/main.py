@@ -34,11 +34,13 @@ def main(log_level: str, log_json: bool) -> None:
 
 def _register_commands() -> None:
     """Attach each sub-command; one module per command keeps this file small."""
-    from tcppunch.cli import detect_cmd, lab_cmd, server_cmd
+    from tcppunch.cli import detect_cmd, lab_cmd, peer_cmds, server_cmd
 
     main.add_command(lab_cmd.lab)
     main.add_command(detect_cmd.detect_command)
     main.add_command(server_cmd.server_command)
+    main.add_command(peer_cmds.connect_command)
+    main.add_command(peer_cmds.listen_command)
 
 
 _register_commands()

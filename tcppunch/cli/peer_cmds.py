@@ -1,0 +1,231 @@
+"""``tcppunch connect`` and ``tcppunch listen``: two hosts meet by name through a coordinator.
+
+Without ``--forward`` / ``--local`` they behave like netcat: stdin goes to the peer, the peer's bytes go
+to stdout, and the end of stdin is passed on as a half-close. Progress goes to stderr, one line per
+stage, so that stdout carries nothing but the peer's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tcppunch.cli.detect_cmd import EndpointType
+from tcppunch.cli.pipes import join_streams, pipe_stdio
+from tcppunch.coordinator.control import CoordinatorError
+from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by connect and listen."""
+    options = [
+        click.option("--coordinator", type=EndpointType(resolve=False), required=True,
+                     help="The tcppunch server, HOST:PORT (port 3478 if omitted)."),
+        click.option("--id", "peer_id", required=True, help="Our name at the coordinator."),
+        click.option("--token", required=True, envvar="TCPPUNCH_TOKEN",
+                     help="Secret the coordinator expects for our id (or env TCPPUNCH_TOKEN)."),
+        click.option("--relay", type=click.Choice([m.value for m in RelayMode]), default=RelayMode.AUTO.value,
+                     show_default=True, help="auto: punch, relay if that fails; never: punch only; always: relay."),
+        click.option("--port", type=click.IntRange(0, 65535), default=0,
+                     help="Local port to punch from (default: any free port)."),
+        click.option("--nat-report", type=click.Path(exists=True, dir_okay=False),
+                     help="Use this `tcppunch detect --json` output instead of measuring at start."),
+        click.option("--no-detect", is_flag=True, help="Do not measure the NAT at start (peers then cannot "
+                     "predict ports, and the relay is used only after a failed punch)."),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False),
+                     help="Write a JSON report (method, addresses, attempts, timings) to this file."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
+    if quiet:
+        return None
+
+    def show(stage: str, data: dict[str, Any]) -> None:
+        if stage in ("direct", "relayed"):
+            total = data.get("timings", {}).get("total")
+            extra = f" in {total * 1000:.0f} ms" if isinstance(total, float) else ""
+            line = f"{stage}: {data.get('local')} <-> {data.get('remote')} with {data.get('peer')}{extra}"
+            if data.get("relay_reason"):
+                line += f" ({data['relay_reason']})"
+        else:
+            line = f"{stage}: " + " ".join(f"{k}={v}" for k, v in data.items())
+        click.echo(f"tcppunch: {line}", err=True)
+
+    return show
+
+
+def _peer(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
+          no_detect: bool, quiet: bool) -> Peer:
+    nat = None
+    if nat_report:
+        try:
+            nat = NatReport.from_json(json.loads(Path(nat_report).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(f"cannot read NAT report {nat_report}: {exc}") from exc
+    return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect, relay=RelayMode(relay),
+                on_stage=_progress(quiet))
+
+
+def _write_report(path: str | None, peer: Peer, conn: Connection) -> None:
+    if not path:
+        return
+    report = conn.info.to_json()
+    report["timings"] = {**{k: round(v, 6) for k, v in peer.timings.items()}, **report["timings"]}
+    report["self"] = {"id": peer.peer_id, "observed": str(peer.observed), "local": str(peer.local),
+                      "nat": None if peer.nat is None else peer.nat.to_json()}
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _run(main: Callable[[], Any]) -> None:
+    """Run a command's coroutine; turn expected failures into one line and an exit code."""
+    try:
+        asyncio.run(main())
+    except ConnectFailed as exc:
+        click.echo(f"tcppunch: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE if "unreachable" in str(exc) else EXIT_FAILED)
+    except CoordinatorError as exc:
+        click.echo(f"tcppunch: coordinator: {exc.message} ({exc.code})", err=True)
+        sys.exit(EXIT_FAILED)
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        click.echo(f"tcppunch: {exc.__class__.__name__}: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _until_signal(work: asyncio.Future[Any]) -> None:
+    """Wait for ``work`` or SIGINT/SIGTERM, whichever comes first."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (work, stopper):
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if work in done:
+        work.result()
+
+
+@click.command("connect")
+@click.argument("peer_name", metavar="PEER")
+@_common
+@click.option("--local", "local_listen", type=EndpointType(default_port=None, resolve=False),
+              help="Instead of stdin/stdout: accept local TCP clients on ADDR:PORT and carry each to PEER "
+                   "over its own connection (e.g. --local 127.0.0.1:8080 to reach PEER's forwarded service).")
+@click.option("--timeout", type=click.FloatRange(1, 600), default=60, show_default=True,
+              help="Give up connecting after this many seconds.")
+def connect_command(peer_name: str, coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int,
+                    nat_report: str | None, no_detect: bool, report_path: str | None, quiet: bool,
+                    local_listen: Endpoint | None, timeout: float) -> None:
+    """Connect to PEER through the coordinator: directly if a hole can be punched, else relayed.
+
+    \b
+    tcppunch connect bob --coordinator 198.51.100.10:3478 --id alice --token S < file
+    tcppunch connect bob --coordinator ... --id alice --token S --local 127.0.0.1:8080
+    """
+
+    async def main() -> None:
+        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet) as peer:
+            if local_listen is None:
+                conn = await peer.connect(peer_name, timeout=timeout)
+                _write_report(report_path, peer, conn)
+                await pipe_stdio(conn.reader, conn.writer)
+                return
+            await _until_signal(asyncio.ensure_future(_serve_local(peer, peer_name, local_listen, timeout,
+                                                                   report_path, quiet)))
+
+    _run(main)
+
+
+async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: float, report_path: str | None,
+                       quiet: bool) -> None:
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = await peer.connect(peer_name, timeout=timeout)
+        except ConnectFailed as exc:
+            click.echo(f"tcppunch: local client dropped: {exc}", err=True)
+            writer.close()
+            return
+        _write_report(report_path, peer, conn)
+        await join_streams((reader, writer), (conn.reader, conn.writer))
+
+    server = await asyncio.start_server(client, where.ip, where.port)
+    if not quiet:
+        click.echo(f"tcppunch: accepting local clients on {where} for {peer_name}", err=True)
+    async with server:
+        await server.serve_forever()
+
+
+@click.command("listen")
+@_common
+@click.option("--forward", type=EndpointType(default_port=None, resolve=False),
+              help="Carry each incoming connection to this local TCP service (e.g. 127.0.0.1:80) instead of "
+                   "stdin/stdout: expose a service behind NAT to peers.")
+@click.option("--once", is_flag=True, help="Exit after the first connection ends.")
+def listen_command(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
+                   no_detect: bool, report_path: str | None, quiet: bool, forward: Endpoint | None,
+                   once: bool) -> None:
+    """Register as --id and take connections from peers: pipe them to stdin/stdout, or --forward them.
+
+    \b
+    tcppunch listen --coordinator 198.51.100.10:3478 --id bob --token S > received
+    tcppunch listen --coordinator ... --id bob --token S --forward 127.0.0.1:80
+    """
+
+    async def main() -> None:
+        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet) as peer:
+            if not quiet:
+                click.echo(f"tcppunch: listening as {peer_id} (public {peer.observed}, local {peer.local})",
+                           err=True)
+            await _until_signal(asyncio.ensure_future(_accept_loop(peer, forward, once, report_path)))
+
+    _run(main)
+
+
+async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+    async for conn in peer.incoming():
+        _write_report(report_path, peer, conn)
+        if forward is None:
+            # stdin/stdout is one stream: take connections one after the other.
+            await pipe_stdio(conn.reader, conn.writer)
+        else:
+            task = asyncio.ensure_future(_forward(conn, forward))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if once:
+                await task
+        if once:
+            return
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _forward(conn: Connection, target: Endpoint) -> None:
+    try:
+        local = await asyncio.wait_for(asyncio.open_connection(target.ip, target.port), 10)
+    except (OSError, TimeoutError) as exc:
+        click.echo(f"tcppunch: cannot reach {target} for {conn.peer}: {exc}", err=True)
+        conn.close()
+        return
+    await join_streams((conn.reader, conn.writer), local)
