@@ -218,9 +218,10 @@ class CoordinatorProtocol:
 
     def connection_forget(self, conn: ConnId) -> None:
         """The driver handed ``conn`` to another protocol (STUN on the same port): drop it silently."""
-        c = self._conns.pop(conn, None)
+        c = self._conns.get(conn)
         if c is not None and c.state is not ConnState.HELLO:
             raise ValueError(f"connection {conn} is past its hello, cannot be forgotten")
+        self._conns.pop(conn, None)
 
     def data_received(self, conn: ConnId, data: bytes, now: float) -> list[Action]:
         c = self._conns.get(conn)

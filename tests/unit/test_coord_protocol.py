@@ -704,6 +704,7 @@ def test_stun_connection_can_be_forgotten_before_hello() -> None:
     alice = h.register("alice")
     with pytest.raises(ValueError):
         h.proto.connection_forget(alice)
+    assert h.proto.conn_state(alice) is ConnState.PEER  # refused, and nothing changed
 
 
 def test_the_largest_registration_still_fits_in_a_punch_frame() -> None:
