@@ -104,6 +104,8 @@ def _classify(err: int) -> Outcome:
 @dataclass
 class _Winner:
     sock: socket.socket
+    local: Endpoint
+    remote: Endpoint
     candidate: Candidate | None
     via: str
     verified_at: float
@@ -202,8 +204,8 @@ class _Punch:
             sock=w.sock,
             reader=reader,
             writer=writer,
-            local=endpoint_of(w.sock.getsockname()),
-            remote=endpoint_of(w.sock.getpeername()),
+            local=w.local,
+            remote=w.remote,
             candidate=w.candidate,
             via=w.via,
             attempts=tuple(self.attempts),
@@ -261,7 +263,7 @@ class _Punch:
             if outcome is Outcome.CONNECTED:
                 self.pending.pop(cand, None)
                 self._record(cand.endpoint, cand, tries, outcome)
-                if await self._verify(sock, cand, "connect", tries):
+                if await self._verify(sock, cand.endpoint, cand, "connect", tries):
                     return
             else:
                 self._record(cand.endpoint, cand, tries, outcome, detail)
@@ -302,14 +304,16 @@ class _Punch:
             remote = endpoint_of(addr)
             cand = self.by_endpoint.get(remote)
             self._record(remote, cand, 0, Outcome.ACCEPTED)
-            self._spawn(self._verify_task(conn, cand))
+            self._spawn(self._verify_task(conn, remote, cand))
 
-    async def _verify_task(self, conn: socket.socket, cand: Candidate | None) -> None:
-        await self._verify(conn, cand, "accept", 0)
+    async def _verify_task(self, conn: socket.socket, remote: Endpoint, cand: Candidate | None) -> None:
+        await self._verify(conn, remote, cand, "accept", 0)
 
     # ---- verification and selection ----------------------------------------------------------------
 
-    async def _verify(self, sock: socket.socket, cand: Candidate | None, via: str, attempt: int) -> bool:
+    async def _verify(
+        self, sock: socket.socket, remote: Endpoint, cand: Candidate | None, via: str, attempt: int
+    ) -> bool:
         """Run the handshake on one open connection. True when it verified (winner or not): the
         candidate needs no more SYNs. False when it must be closed (and the candidate retried)."""
         plan = self.plan
@@ -317,7 +321,6 @@ class _Punch:
         self.conns.add(sock)
         if self.first_connection is None:
             self.first_connection = self._t()
-        remote = endpoint_of(sock.getpeername())
         hs = Handshake(role=plan.role, session_id=plan.session_id, key=plan.key, nonce=os.urandom(16))
         try:
             async with asyncio.timeout_at(plan.deadline + plan.select_grace):
@@ -358,7 +361,12 @@ class _Punch:
             return True
         self.conns.discard(sock)
         self._record(remote, cand, attempt, Outcome.SELECTED, via)
-        self.winner.set_result(_Winner(sock, cand, via, verified_at, self._t(), hs.leftover))
+        try:
+            local = endpoint_of(sock.getsockname())
+        except OSError as exc:  # the socket died between SELECT and here
+            self._finish_loser(sock, remote, cand, attempt, Outcome.LOST, str(exc))
+            return False
+        self.winner.set_result(_Winner(sock, local, remote, cand, via, verified_at, self._t(), hs.leftover))
         return True
 
     def _finish_loser(
