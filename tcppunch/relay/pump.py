@@ -32,6 +32,9 @@ from tcppunch.relay.meter import Direction, EndReason, RelayMeter, RelayStats
 
 Method = Literal["auto", "splice", "copy"]
 
+# A direction that keeps moving bytes without ever waiting yields to the event loop after this many
+# turns (up to 16 x 1 MiB), so one fast relay cannot starve the others and the coordinator.
+_TURNS_PER_YIELD = 16
 # When several things end a relay in the same loop turn, report the most telling one.
 _PRECEDENCE = (EndReason.ERROR, EndReason.LIMIT, EndReason.IDLE, EndReason.EOF)
 
@@ -156,6 +159,7 @@ async def _one_way(
     loop = asyncio.get_running_loop()
     ready = _Readiness(loop, src.fileno(), dst.fileno())
     eof = limited = False
+    busy_turns = 0
     try:
         if pending:
             limited = await _send_pending(pending, dst, ready, meter, direction)
@@ -180,10 +184,14 @@ async def _one_way(
             if (eof or limited) and not conduit.buffered:
                 break
             if not moved:
+                busy_turns = 0
                 if conduit.buffered:
                     await ready.writable()
                 else:
                     await ready.readable()
+            elif (busy_turns := busy_turns + 1) >= _TURNS_PER_YIELD:
+                busy_turns = 0
+                await asyncio.sleep(0)
     finally:
         ready.close()
     if limited:
