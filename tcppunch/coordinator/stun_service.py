@@ -7,7 +7,8 @@ its NAT gives towards (A1,P1), (A2,P1) and (A1,P2) (RFC 5780 section 4.3).
 TCP filtering test (ours; RFC 5780 defines filtering tests for UDP only). A TCP Binding request carrying
 CHANGE-REQUEST makes the server, before answering, open a TCP connection FROM the changed source (the
 other address and/or the other port, relative to where the request arrived) TO the requester's mapped
-endpoint (the peer address of the request's connection), with a short timeout. The client listens on
+endpoint (the peer address of the request's connection), with a short timeout (the configured one, or
+three smoothed RTTs of the request's connection if longer). The client listens on
 the same local port meanwhile (SO_REUSEPORT), so a connection that gets through is ground truth that the
 NAT's filter lets such a SYN in. The outcome (connected / refused = RST / timeout = dropped) goes back in
 the private comprehension-optional attribute CONNECT-BACK-RESULT (0x8055). A connected back-connection
@@ -41,6 +42,7 @@ import structlog
 
 from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import reuse_port_socket as _reuse_port_socket
+from tcppunch.nat.sockets import smoothed_rtt
 from tcppunch.wire.stun import (
     AlternatePort,
     Attribute,
@@ -71,6 +73,10 @@ log = structlog.get_logger(__name__)
 SOFTWARE = "tcppunch"
 # A TCP STUN connection that sends nothing for this long is closed (bounds idle resources).
 TCP_IDLE_TIMEOUT = 30.0
+# The connect-back waits at least this many smoothed round trips of the request's connection (TCP_INFO),
+# and never longer than MAX_CONNECT_BACK_TIMEOUT.
+CONNECT_BACK_RTTS = 3
+MAX_CONNECT_BACK_TIMEOUT = 5.0
 # How long a connected back-connection waits for the client to close before the server closes it.
 BACK_CONNECTION_LINGER = 2.0
 
@@ -342,7 +348,12 @@ class StunService:
                 # No alternate address: report the test as impossible, from the unchanged source.
                 connect_back = ConnectBackResult(ConnectBackOutcome.UNAVAILABLE, local)
             else:
-                outcome = await self._connect_back(source, peer, request.transaction_id)
+                # A slow path must not pass for a dropped SYN: wait at least a few round trips.
+                rtt = smoothed_rtt(writer.get_extra_info("socket"))
+                timeout = self.config.connect_back_timeout
+                if rtt is not None:
+                    timeout = min(max(timeout, CONNECT_BACK_RTTS * rtt), MAX_CONNECT_BACK_TIMEOUT)
+                outcome = await self._connect_back(source, peer, request.transaction_id, timeout)
                 connect_back = ConnectBackResult(outcome, source)
         response = answer_binding(request, self.config, peer, local, local, connect_back)
         if response is not None:
@@ -350,7 +361,7 @@ class StunService:
             await writer.drain()
 
     async def _connect_back(
-        self, source: TransportAddress, target: TransportAddress, transaction_id: bytes
+        self, source: TransportAddress, target: TransportAddress, transaction_id: bytes, timeout: float
     ) -> ConnectBackOutcome:
         """Open a TCP connection from ``source`` to ``target``; report what happened."""
         loop = asyncio.get_running_loop()
@@ -360,7 +371,7 @@ class StunService:
             self._log.warning("connect_back_bind_failed", source=str(source), error=str(exc))
             return ConnectBackOutcome.UNAVAILABLE
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (target.ip, target.port)), self.config.connect_back_timeout)
+            await asyncio.wait_for(loop.sock_connect(sock, (target.ip, target.port)), timeout)
         except TimeoutError:
             sock.close()
             return ConnectBackOutcome.TIMEOUT

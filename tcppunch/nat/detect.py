@@ -2,10 +2,12 @@
 
 Order matters, because a symmetric NAT with a sequential allocator hands out ports to every new flow of
 the host (TCP and UDP alike): the mapping test, which also measures the allocation step, runs first and
-alone, one request after the other from one local port. Then everything else runs concurrently: the two
-filtering connect-backs (each from a fresh local port), hairpinning, and pystun3's classic UDP test in
-its thread. With no network delay the whole run takes about one connect-back timeout plus two UDP test
-budgets at most (well under a second).
+alone from one local port: one exchange with the primary server (which names the other destinations),
+then the other connections with their SYNs sent in a fixed order and their handshakes and requests
+overlapping. Then everything else runs concurrently: the two filtering connect-backs (each from a fresh
+local port), hairpinning, and pystun3's classic UDP test in its thread. With no network delay the whole
+run takes about one connect-back timeout (the longer of two UDP test budgets) at most, well under a
+second; on slow paths the UDP budget and the server's connect-back wait grow with the measured RTT.
 
 ``server`` is a ``tcppunch server`` (full test set). ``stun`` are plain STUN servers (coturn and the
 like): they give the mapping test its destinations (their RFC 5780 OTHER-ADDRESS too, when they send
@@ -44,6 +46,9 @@ from tcppunch.nat.verdict import verdict
 from tcppunch.wire.stun import AlternatePort, ChangeRequest, StunMessage
 
 log = structlog.get_logger(__name__)
+
+
+UDP_BUDGET_RTTS = 3
 
 
 class ServerUnreachable(Exception):
@@ -110,14 +115,14 @@ async def detect(
         local_port = first.local.port
         observations = [MappingObservation(primary, mapped_endpoint(first_response))]
         destinations = _mapping_destinations(run, server is not None, first_response, stun)
-        for destination in destinations:
-            try:
-                connection = await TcpStunConnection.open(Endpoint(local_ip, local_port), destination, timeout)
-                connections.append(connection)
-                response = await connection.request((), timeout)
-                observations.append(MappingObservation(destination, mapped_endpoint(response)))
-            except StunTcpError as exc:
-                run.untested.append(f"mapping towards {destination} ({exc})")
+        opened = await TcpStunConnection.open_in_order(Endpoint(local_ip, local_port), destinations, timeout)
+        connections += [c for c in opened if isinstance(c, TcpStunConnection)]
+        answers = await asyncio.gather(*(_ask(c, timeout) for c in opened))
+        for destination, answer in zip(destinations, answers, strict=True):
+            if isinstance(answer, StunTcpError):
+                run.untested.append(f"mapping towards {destination} ({answer})")
+            else:
+                observations.append(MappingObservation(destination, answer))
         mapping_done = time.monotonic()
         public = observations[0].mapped
         mapping = classify_mapping(observations)
@@ -146,8 +151,13 @@ async def detect(
             )
         udp_task = None
         if udp and other is not None:  # the classic test needs CHANGED-ADDRESS: two server addresses
+            # Each unanswered UDP test waits its budget: enough for a few round trips on slow paths.
+            rtt = first.rtt or 0.0
+            budget = min(max(udp_test_timeout, UDP_BUDGET_RTTS * rtt), timeout / 2)
             udp_task = asyncio.ensure_future(
-                classic_udp_nat_type(primary, per_test_timeout=udp_test_timeout, deadline=timeout, local_ip=local_ip)
+                classic_udp_nat_type(
+                    primary, per_test_timeout=budget, deadline=max(timeout, 4 * budget + 0.5), local_ip=local_ip
+                )
             )
         tasks += [t for t in (stranger_task, other_port_task, udp_task) if t is not None]
         hairpin = await _hairpin(local_ip, local_port, public, min(timeout, 1.0))
@@ -208,6 +218,15 @@ def _mapping_destinations(run: _Run, ours: bool, first: StunMessage, stun: Seque
     if other is None and not ours and len(out) == 0:
         run.untested.append("mapping: the STUN server sent no OTHER-ADDRESS; give more --stun servers")
     return [d for d in out if d != primary]
+
+
+async def _ask(connection: TcpStunConnection | StunTcpError, timeout: float) -> Endpoint | StunTcpError:
+    if isinstance(connection, StunTcpError):
+        return connection
+    try:
+        return mapped_endpoint(await connection.request((), timeout))
+    except StunTcpError as exc:
+        return exc
 
 
 async def _hairpin(local_ip: str, local_port: int, public: Endpoint, timeout: float) -> bool | None:

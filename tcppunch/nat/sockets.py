@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 
 from tcppunch.nat.report import Endpoint
 
@@ -48,3 +49,23 @@ def route_source_ip(destination: str) -> str:
     with socket.socket(family_of(destination), socket.SOCK_DGRAM) as probe:
         probe.connect((destination, 9))
         return str(probe.getsockname()[0])
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCPI_RTT_OFFSET = 68  # struct tcp_info: u32 tcpi_rtt (microseconds) after 8 bytes of u8 fields and 15 u32s
+
+
+def smoothed_rtt(sock: socket.socket) -> float | None:
+    """The kernel's smoothed RTT estimate of a connected TCP socket in seconds (TCP_INFO), or None.
+
+    Available right after the handshake (both sides take a sample from it), so it sizes timeouts that
+    must outlast a round trip on slow paths without slowing down fast ones.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    (rtt_us,) = struct.unpack_from("I", info, _TCPI_RTT_OFFSET)
+    return rtt_us / 1e6 if rtt_us else None

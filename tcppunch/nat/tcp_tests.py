@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tcppunch.nat.report import Endpoint, FilteringBehaviour, MappingBehaviour, SynResponse
-from tcppunch.nat.sockets import endpoint_of, reuse_port_socket
+from tcppunch.nat.sockets import endpoint_of, reuse_port_socket, smoothed_rtt
 from tcppunch.wire.stun import (
     Attribute,
     ChangeRequest,
@@ -115,8 +116,57 @@ class TcpStunConnection:
         except OSError as exc:
             raise StunTcpError(f"connection to {self.destination} failed: {exc.strerror or exc}") from exc
 
+    @property
+    def rtt(self) -> float | None:
+        """The kernel's smoothed RTT of this connection, in seconds (None if unavailable)."""
+        return smoothed_rtt(self._sock)
+
     def close(self) -> None:
         self._sock.close()
+
+    @classmethod
+    async def open_in_order(
+        cls, local: Endpoint, destinations: Sequence[Endpoint], timeout: float
+    ) -> list[TcpStunConnection | StunTcpError]:
+        """Connect from ``local`` to every destination, SYNs leaving in the given order, handshakes overlapping.
+
+        A non-blocking connect() has sent its SYN when it returns, so the NAT sees (and allocates ports
+        for) the connections in list order, as a sequential test would, at the cost of one round trip.
+        """
+        loop = asyncio.get_running_loop()
+        started: list[socket.socket | StunTcpError] = []
+        for destination in destinations:
+            try:
+                sock = reuse_port_socket(socket.SOCK_STREAM, local)
+            except OSError as exc:
+                started.append(StunTcpError(f"cannot bind {local}: {exc.strerror or exc}"))
+                continue
+            error = sock.connect_ex((destination.ip, destination.port))
+            if error not in (0, errno.EINPROGRESS):
+                sock.close()
+                started.append(StunTcpError(f"cannot connect to {destination}: {os.strerror(error)}"))
+            else:
+                started.append(sock)
+
+        async def finish(item: socket.socket | StunTcpError, destination: Endpoint) -> TcpStunConnection | StunTcpError:
+            if isinstance(item, StunTcpError):
+                return item
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(item.fileno(), lambda: None if writable.done() else writable.set_result(None))
+            try:
+                await asyncio.wait_for(writable, timeout)
+            except TimeoutError:
+                item.close()
+                return StunTcpError(f"no TCP answer from {destination} within {timeout:.1f} s")
+            finally:
+                loop.remove_writer(item.fileno())
+            error = item.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                item.close()
+                return StunTcpError(f"cannot connect to {destination}: {os.strerror(error)}")
+            return cls(item, destination)
+
+        return list(await asyncio.gather(*(finish(i, d) for i, d in zip(started, destinations, strict=True))))
 
 
 def mapped_endpoint(response: StunMessage) -> Endpoint:
