@@ -133,6 +133,9 @@ def reuse_port_socket(local: Endpoint, family: socket.AddressFamily) -> socket.s
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Small frames in both directions: without this, Nagle holds a CONNECT behind an un-ACKed frame
+        # until the coordinator's delayed ACK (40 ms on Linux). asyncio does not set it on a given sock.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         sock.bind((local.ip, local.port))
     except BaseException:

@@ -174,10 +174,12 @@ def _postrouting(kind: NatType, wan_if: str, wan_ip: str) -> list[str]:
         snat = f"snat ip to {wan_ip}:1024-65535 fully-random"
     else:
         snat = f"snat ip to {wan_ip}"
+    # Only forwarded traffic is translated: the router's own packets (the RSTs of the rst policy above all)
+    # must neither consume a symmetric-seq port nor get a random source port.
     return [
         "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;",
-        f'    oifname "{wan_if}" meta l4proto {{ tcp, udp }} {snat}',
-        f'    oifname "{wan_if}" snat ip to {wan_ip}',
+        f'    oifname "{wan_if}" ip saddr != {wan_ip} meta l4proto {{ tcp, udp }} {snat}',
+        f'    oifname "{wan_if}" ip saddr != {wan_ip} snat ip to {wan_ip}',
         "  }",
     ]
 
