@@ -1,0 +1,52 @@
+"""The connectivity matrix's lab: two routers of every NAT type, so that every ordered pair of types
+(including a type with itself) has its own two NATs. Ground truth of which pairs can go direct lives here
+too, derived from the types' behaviour alone (not from the punch engine's own rule), so that tests
+compare the engine with an independent statement.
+"""
+
+from __future__ import annotations
+
+from tcppunch.lab.nat_types import NatType, SynPolicy
+from tcppunch.lab.topology import SHORT_NAMES, LabSpec, LinkShape, RouterSpec
+from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour
+
+# With the rst policy a SYN that arrives before the peer's own SYN has left is answered with a RST, which
+# also closes the sender's NAT entry (Linux conntrack then treats the peer's SYN as invalid). Punching then
+# needs the two SYNs to cross in flight: the window is the one-way delay between the NATs. Real paths
+# have milliseconds; the lab's bridge has ~0.1 ms, so rst matrices run with this much delay per WAN link.
+RST_MATRIX_DELAY_MS = 5.0
+
+
+def matrix_spec(policy: SynPolicy, delay_ms: float | None = None) -> LabSpec:
+    """Routers ``<short>a`` and ``<short>b`` for every NAT type (e.g. ``pra``, ``prb``)."""
+    if delay_ms is None:
+        delay_ms = RST_MATRIX_DELAY_MS if policy is SynPolicy.RST else 0.0
+    link = LinkShape(delay_ms=delay_ms)
+    return LabSpec([RouterSpec(f"{SHORT_NAMES[t]}{side}", t, policy, link=link) for t in NatType for side in "ab"])
+
+
+def host_names(initiator: NatType, responder: NatType) -> tuple[str, str]:
+    """Router names of the initiator's (side a) and the responder's (side b) NAT."""
+    return f"{SHORT_NAMES[initiator]}a", f"{SHORT_NAMES[responder]}b"
+
+
+def direct_expected(a: NatType, b: NatType) -> bool:
+    """Can two hosts behind ``a`` and ``b`` reach each other directly?
+
+    A side whose NAT maps each connection to an unguessable port (random) can only be reached by opening
+    the other side's filter towards an address, not a port: the other side must filter endpoint- or
+    address-independently of port (full cone, restricted, no NAT). Everything else has a port the other side
+    can name: its fixed mapping, or (symmetric-seq) a predictable next port.
+    """
+
+    def random_mapping(t: NatType) -> bool:
+        return t.mapping is not MappingBehaviour.ENDPOINT_INDEPENDENT and t.port_delta is None
+
+    def filters_by_port(t: NatType) -> bool:
+        return t.filtering is FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT
+
+    if random_mapping(a) and random_mapping(b):
+        return False
+    if random_mapping(a) and filters_by_port(b):
+        return False
+    return not (random_mapping(b) and filters_by_port(a))

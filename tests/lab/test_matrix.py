@@ -1,0 +1,60 @@
+"""The connectivity matrix: every ordered pair of lab NAT types, both SYN policies, 10 MB each way.
+
+Direct wherever the NAT types allow it (tcppunch.lab.matrix.direct_expected), relayed elsewhere, and the
+bytes always arrive intact. Runs the public Peer API on lab hosts against a coordinator on the lab server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tcppunch.lab import Lab, NatType, SynPolicy
+from tcppunch.lab.matrix import direct_expected, host_names, matrix_spec
+from tcppunch.labrun import LabRunner
+from tcppunch.peer import Method
+
+SIZE = 10_000_000
+PAIRS = [(a, b) for a in NatType for b in NatType]
+
+
+def _runner(policy: SynPolicy) -> Iterator[tuple[Lab, LabRunner]]:
+    with Lab(matrix_spec(policy)) as lab, LabRunner(lab) as runner:
+        yield lab, runner
+
+
+@pytest.fixture(scope="module")
+def drop_lab() -> Iterator[tuple[Lab, LabRunner]]:
+    yield from _runner(SynPolicy.DROP)
+
+
+@pytest.fixture(scope="module")
+def rst_lab() -> Iterator[tuple[Lab, LabRunner]]:
+    yield from _runner(SynPolicy.RST)
+
+
+def _check(lab: Lab, runner: LabRunner, a: NatType, b: NatType) -> None:
+    ra, rb = host_names(a, b)
+    result = runner.pair(lab.host(ra), lab.host(rb), size=SIZE)
+    assert result.error is None, result.error
+    assert result.ok, "SHA-256 mismatch"
+    expected = Method.DIRECT if direct_expected(a, b) else Method.RELAY
+    assert result.method is expected, (result.relay_reason, result.attempts[-5:])
+
+
+@pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
+def test_drop_policy(drop_lab: tuple[Lab, LabRunner], a: NatType, b: NatType) -> None:
+    _check(*drop_lab, a, b)
+
+
+@pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
+def test_rst_policy(rst_lab: tuple[Lab, LabRunner], a: NatType, b: NatType) -> None:
+    _check(*rst_lab, a, b)
+
+
+def test_expected_relay_pairs_are_exactly_the_random_ones() -> None:
+    relayed = {(a, b) for a, b in PAIRS if not direct_expected(a, b)}
+    rnd = NatType.SYMMETRIC_RANDOM
+    by_port = {NatType.PORT_RESTRICTED, NatType.SYMMETRIC_SEQ, NatType.CGNAT, rnd}
+    assert relayed == {(rnd, t) for t in by_port} | {(t, rnd) for t in by_port}
