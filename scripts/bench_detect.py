@@ -9,7 +9,8 @@ around the whole process (both start a Python interpreter, so start-up cost is i
 * pystun3:  pystun3 -H 198.51.100.10 -P 3478 -i HOST_ADDRESS -p RANDOM_PORT   (our server's UDP side)
 
 Prints per-type medians and the ratio pystun3/ours, plus the labels each tool reported, so a speed-up
-never hides a wrong answer. Needs root (the lab). Usage:
+never hides a wrong answer. "in-process" is the detect engine's own time (its ``detect_done`` debug log
+line), i.e. without interpreter start-up and imports. Needs root (the lab). Usage:
 
     .venv/bin/python scripts/bench_detect.py [--runs 3] [--policy drop|rst] [--json]
 """
@@ -49,6 +50,18 @@ def _wait_ready(proc: subprocess.Popen[str], timeout: float = 15.0) -> None:
     raise SystemExit("tcppunch server did not become ready")
 
 
+def _detect_seconds(stderr: str) -> list[float]:
+    """The engine's own duration from the ``detect_done`` debug log line (JSON), without start-up."""
+    for line in stderr.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "detect_done":
+            return [float(entry["seconds"])]
+    return []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per tool and NAT type (default 3)")
@@ -85,6 +98,7 @@ def main() -> None:
             for nat in types:
                 host = lab.host(SHORT_NAMES[nat])
                 ours: list[float] = []
+                inside: list[float] = []
                 theirs: list[float] = []
                 our_labels: set[str] = set()
                 their_labels: set[str] = set()
@@ -122,6 +136,7 @@ def main() -> None:
                 ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
                 results[nat.value] = {
                     "ours_s": round(ours_median, 3),
+                    "ours_in_process_s": round(statistics.median(inside), 3) if inside else None,
                     "pystun3_s": round(theirs_median, 3),
                     "ratio": round(theirs_median / ours_median, 1),
                     "ours_result": sorted(our_labels),

@@ -100,7 +100,7 @@ async def detect(
     network = local_network()
     bound = log.bind(server=str(primary))
 
-    # 1. Mapping, alone and sequential, from one local port.
+    # 1. Mapping, alone and in a fixed order, from one local port.
     try:
         first = await TcpStunConnection.open(Endpoint(local_ip, 0), primary, timeout)
     except StunTcpError as exc:
@@ -110,10 +110,11 @@ async def detect(
     try:
         try:
             first_response = await first.request((), timeout)
+            first_mapped = mapped_endpoint(first_response)
         except StunTcpError as exc:
             raise ServerUnreachable(str(exc)) from exc
         local_port = first.local.port
-        observations = [MappingObservation(primary, mapped_endpoint(first_response))]
+        observations = [MappingObservation(primary, first_mapped)]
         destinations = _mapping_destinations(run, server is not None, first_response, stun)
         opened = await TcpStunConnection.open_in_order(Endpoint(local_ip, local_port), destinations, timeout)
         connections += [c for c in opened if isinstance(c, TcpStunConnection)]

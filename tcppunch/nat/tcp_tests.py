@@ -4,9 +4,9 @@ What matters for TCP hole punching has to be measured over TCP: a NAT may treat 
 differently, and TCP brings its own question (what happens to an unsolicited SYN).
 
 * Mapping (RFC 5780 section 4.3, over TCP): from ONE local port (SO_REUSEADDR + SO_REUSEPORT), Binding
-  requests to (A1,P1), (A2,P1), (A1,P2), (A2,P2), one after the other. Same public endpoint everywhere:
-  endpoint-independent. Same per server address but different across addresses: address-dependent.
-  Different for another port of the same address: address-and-port-dependent.
+  requests to (A1,P1), then (A2,P1), (A1,P2), (A2,P2), their SYNs sent in that order. Same public
+  endpoint everywhere: endpoint-independent. Same per server address but different across addresses:
+  address-dependent. Different for another port of the same address: address-and-port-dependent.
 * Port preservation: the public port equals the local port.
 * Port delta: the step between the public ports of consecutive new mappings; 0 when the mapping is
   reused, k for a sequential allocator, None when the steps disagree (random allocation).
