@@ -1,0 +1,145 @@
+"""The real command-line tools across the lab: tcppunch server / listen / connect as processes.
+
+netcat mode moves 10 MB each way (SHA-256 on both ends); forward mode serves a web page from behind
+one NAT to a browser-like client behind another; the reports say direct or relay as the types predict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+
+TOKEN = "cli-lab-token"
+COORD = "198.51.100.10:3478"
+PY = [sys.executable, "-m", "tcppunch"]
+
+
+def _wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str]) -> bool:
+    """Read lines (in a helper thread, bounded by ``timeout``) until one contains ``needle``."""
+    found = threading.Event()
+
+    def reader() -> None:
+        for line in stream:
+            seen.append(line)
+            if needle in line:
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    return found.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP),
+                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP),
+                    RouterSpec("rnda", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
+                    RouterSpec("rndb", NatType.SYMMETRIC_RANDOM, SynPolicy.RST)])
+    with Lab(spec) as the_lab:
+        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
+                                       "--token", TOKEN], stderr=subprocess.PIPE, text=True)
+        seen: list[str] = []
+        assert server.stderr is not None
+        assert _wait_for_line(server.stderr, "listening on", 20, seen), seen
+        yield the_lab
+        server.terminate()
+        server.wait(10)
+
+
+def _listen(host: LabHost, peer_id: str, stdin: Path, stdout: Path, report: Path, *extra: str
+            ) -> subprocess.Popen[str]:
+    proc = host.popen([*PY, "listen", "--coordinator", COORD, "--id", peer_id, "--token", TOKEN, "--once",
+                       "--report", str(report), *extra],
+                      stdin=stdin.open("rb"), stdout=stdout.open("wb"), stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    assert proc.stderr is not None
+    assert _wait_for_line(proc.stderr, "listening as", 30, seen), seen
+    return proc
+
+
+def _files(tmp: Path, name: str, size: int) -> tuple[Path, Path]:
+    src, dst = tmp / f"{name}.in", tmp / f"{name}.out"
+    src.write_bytes(os.urandom(size))
+    return src, dst
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("a", "b", "method"), [("pr", "seq", "direct"), ("seq", "pr", "direct"),
+                                                ("rnda", "rndb", "relay")])
+def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: str, method: str) -> None:
+    a_in, a_out = _files(tmp_path, "a", 10_000_000)
+    b_in, b_out = _files(tmp_path, "b", 10_000_000)
+    listener = _listen(lab.host(b), f"{b}-l", b_in, b_out, tmp_path / "b.json")
+    done = lab.host(a).run([*PY, "connect", f"{b}-l", "--coordinator", COORD, "--id", f"{a}-c", "--token", TOKEN,
+                            "--report", str(tmp_path / "a.json")],
+                           stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert listener.wait(60) == 0
+    assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
+    report: dict[str, Any] = json.loads((tmp_path / "a.json").read_text())
+    assert report["method"] == method
+    assert report["peer"] == f"{b}-l"
+    assert {"register", "total"} <= set(report["timings"])
+    assert json.loads((tmp_path / "b.json").read_text())["method"] == method
+    assert f"{method}:" in done.stderr.replace("relayed:", "relay:")
+
+
+def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    page = os.urandom(300_000)
+    (site / "page.bin").write_bytes(page)
+    b, a = lab.host("pr"), lab.host("seq")
+    web = b.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", str(site)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exposer = forwarder = None
+    try:
+        exposer = b.popen([*PY, "listen", "--coordinator", COORD, "--id", "web", "--token", TOKEN,
+                           "--forward", "127.0.0.1:8080"], stderr=subprocess.PIPE, text=True)
+        seen: list[str] = []
+        assert exposer.stderr is not None and _wait_for_line(exposer.stderr, "listening as", 30, seen), seen
+        forwarder = a.popen([*PY, "connect", "web", "--coordinator", COORD, "--id", "browser", "--token", TOKEN,
+                             "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True)
+        assert forwarder.stderr is not None and _wait_for_line(forwarder.stderr, "accepting local", 30, seen), seen
+        fetch = ("import sys,urllib.request;"
+                 "sys.stdout.buffer.write(urllib.request.urlopen('http://127.0.0.1:9000/page.bin',timeout=30).read())")
+        for _ in range(2):  # two requests: each local client gets its own punched connection
+            got = a.run([sys.executable, "-c", fetch], capture_output=True, text=False, timeout=60)
+            assert got.returncode == 0, got.stderr
+            assert got.stdout == page
+    finally:
+        for proc in (forwarder, exposer, web):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+
+
+def test_connect_to_unknown_peer_is_one_clear_line(lab: Lab) -> None:
+    done = lab.host("pr").run([*PY, "connect", "nobody", "--coordinator", COORD, "--id", "lost", "--token", TOKEN,
+                               "--no-detect"], stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 1
+    assert "unknown-peer" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_wrong_token_is_refused_cleanly(lab: Lab) -> None:
+    done = lab.host("pr").run([*PY, "listen", "--coordinator", COORD, "--id", "intruder", "--token", "wrong",
+                               "--no-detect", "--once"], stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode != 0
+    assert "bad-token" in done.stderr
+    assert "Traceback" not in done.stderr
