@@ -100,7 +100,7 @@ class LabRunner:
         """Fresh peers on ``a`` (connects) and ``b`` (listens); move ``size`` random bytes each way."""
         nat_a, nat_b = self.detect(a), self.detect(b)
         n = next(self._ids)
-        id_a, id_b = f"{a.name}-{n}", f"{b.name}-{n}"
+        id_a, id_b = f"{a.name}-{n}-c", f"{b.name}-{n}-l"  # distinct even when a is b
         up, down = os.urandom(size), os.urandom(size)
         registered: concurrent.futures.Future[None] = concurrent.futures.Future()
         listener = self.loop(b).submit(_listen_once(id_b, nat_b, down, timeout, registered))
