@@ -289,6 +289,10 @@ class Peer:
         """Other peers registered with the coordinator (in ``swarm``, or in our own swarm if we have one)."""
         return await self._control.list_peers(swarm if swarm is not None else self.swarm)
 
+    async def ping(self) -> float:
+        """One round trip to the coordinator on the control connection, in seconds."""
+        return await self._control.ping()
+
     async def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float | None = 60.0
                       ) -> Connection:
         """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason."""

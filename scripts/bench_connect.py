@@ -1,0 +1,95 @@
+"""Time to connect, against the floor set by the network, measured in the same run.
+
+Two hosts behind port-restricted NATs (or --types), D ms one-way delay on every WAN link (default 20, as
+in issue 4). For each run: fresh registered peers, then time `connect()` to a verified direct
+connection, and measure in the same run the round trips that bound it: RTT to the coordinator (a PING
+on the control connection) and RTT between the peers (a 1-byte ping-pong over the punched connection).
+Prints the median ratio  t_connect / (RTT_coord + RTT_peer). The floor is about RTT_coord + 1.5 RTT_peer
+(CONNECT->PUNCH, then the SYNs cross, then HELLO/SELECT), so a ratio of about 1.25 is the best possible.
+
+    python scripts/bench_connect.py [--runs 15] [--delay-ms 20] [--types port-restricted port-restricted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import statistics
+import sys
+import time
+
+from tcppunch.cli.logging import configure_logging
+from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
+from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
+from tcppunch.nat.report import NatReport
+from tcppunch.peer import Connection, Method, Peer
+
+
+async def _responder(peer_id: str, nat: NatReport, registered: concurrent.futures.Future[None]) -> float:
+    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
+        registered.set_result(None)
+        conn = await peer.accept(timeout=30)
+        for _ in range(5):  # echo the initiator's pings
+            conn.writer.write(await conn.reader.readexactly(1))
+            await conn.writer.drain()
+        conn.close()
+        return 0.0
+
+
+async def _initiator(peer_id: str, target: str, nat: NatReport, registered: concurrent.futures.Future[None]
+                     ) -> tuple[float, float, float, Method]:
+    await asyncio.wait_for(asyncio.wrap_future(registered), 30)
+    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
+        rtt_coord = min([await peer.ping() for _ in range(3)])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        conn: Connection = await peer.connect(target, timeout=30)
+        t_connect = loop.time() - started
+        rtts = []
+        for _ in range(5):
+            t = loop.time()
+            conn.writer.write(b"p")
+            await conn.writer.drain()
+            await conn.reader.readexactly(1)
+            rtts.append(loop.time() - t)
+        conn.close()
+        return t_connect, rtt_coord, min(rtts), conn.method
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--policy", choices=[p.value for p in SynPolicy], default="drop")
+    parser.add_argument("--types", nargs=2, default=["port-restricted", "port-restricted"],
+                        choices=[t.value for t in NatType])
+    args = parser.parse_args()
+    configure_logging("error")
+    link = LinkShape(delay_ms=args.delay_ms)
+    spec = LabSpec([RouterSpec("a", NatType(args.types[0]), SynPolicy(args.policy), link=link),
+                    RouterSpec("b", NatType(args.types[1]), SynPolicy(args.policy), link=link)])
+    rows = []
+    with Lab(spec) as lab, LabRunner(lab) as runner:
+        a, b = lab.host("a"), lab.host("b")
+        nat_a, nat_b = runner.detect(a), runner.detect(b)
+        for n in range(args.runs):
+            registered: concurrent.futures.Future[None] = concurrent.futures.Future()
+            resp = runner.loop(b).submit(_responder(f"b{n}", nat_b, registered))
+            rows.append(runner.loop(a).run(_initiator(f"a{n}", f"b{n}", nat_a, registered), timeout=60))
+            resp.result(30)
+    ratios = [t / (rc + rp) for t, rc, rp, _ in rows]
+    print(f"{args.types[0]} -> {args.types[1]}, SYN policy {args.policy}, {args.delay_ms:g} ms one-way per WAN link, "
+          f"{args.runs} runs ({time.strftime('%Y-%m-%d')})")
+    print(f"{'run':>4} {'connect ms':>11} {'RTT coord':>10} {'RTT peer':>9} {'ratio':>6} method")
+    for i, ((t, rc, rp, m), r) in enumerate(zip(rows, ratios, strict=True)):
+        print(f"{i:>4} {t * 1000:>11.1f} {rc * 1000:>10.1f} {rp * 1000:>9.1f} {r:>6.2f} {m.value}")
+    med = statistics.median(ratios)
+    floor = statistics.median([(rc + 1.5 * rp) / (rc + rp) for _, rc, rp, _ in rows])
+    print(f"median connect {statistics.median(r[0] for r in rows) * 1000:.1f} ms; median ratio to "
+          f"(RTT_coord + RTT_peer) = {med:.2f} (goal <= 1.5; the network's floor is {floor:.2f})")
+    return 0 if all(m is Method.DIRECT for *_, m in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
