@@ -1,0 +1,34 @@
+"""`make bench`: every benchmark, each printing ratios against a reference measured in the same run.
+
+* bench_connect.py: time to connect vs RTT_coord + RTT_peer (20 ms one-way delay per WAN link).
+* bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
+* bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
+
+Figures and the exact commands are kept in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = [
+    ["bench_connect.py", "--runs", "15"],
+    ["bench_detect.py", "--runs", "3"],
+    ["bench_relay.py", "--lab", "--reps", "3", "--bytes", str(256 * 1024 * 1024),
+     "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
+]
+
+
+def main() -> int:
+    failed = 0
+    for argv in RUNS:
+        print(f"\n$ python scripts/{' '.join(argv)}", flush=True)
+        failed += subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:]], check=False).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
