@@ -196,23 +196,28 @@ def lab_sides(spec: LabSpec) -> Iterator[tuple[Lab, dict[str, Side]]]:
 
 D, R = SynPolicy.DROP, SynPolicy.RST
 PR, SEQ, RND, FC = NatType.PORT_RESTRICTED, NatType.SYMMETRIC_SEQ, NatType.SYMMETRIC_RANDOM, NatType.FULL_CONE
-# A few ms of delay on every WAN link: against RST-answering NATs the two SYNs must cross in flight, so
-# the fire-time skew between the two engines (threads of this one process, sharing a GIL: up to ~1 ms)
-# must stay below the one-way delay between the NATs (2 x LINK_DELAY_MS here). Real paths have that.
-LINK_DELAY_MS = 3.0
-ROUTERS = [
-    RouterSpec(f"{short}{n}{pol.value[0]}", nat, pol, link=LinkShape(delay_ms=LINK_DELAY_MS))
-    for short, nat in (("pr", PR), ("sq", SEQ), ("rn", RND), ("fc", FC))
-    for pol in (D, R)
-    for n in (1, 2)
-]
+SHORT = {"pr": PR, "sq": SEQ, "rn": RND, "fc": FC, "rc": NatType.RESTRICTED, "cg": NatType.CGNAT, "pub": NatType.NONE}
+# (x, y): host behind router "<x>1<policy>" punches to host behind "<y>2<policy>"
 PAIRS = [
     ("pr", "pr"),
     ("sq", "pr"),
     ("sq", "sq"),
     ("rn", "fc"),
+    ("rc", "rn"),
+    ("cg", "cg"),
+    ("cg", "sq"),
+    ("pub", "rn"),
 ]
 CASES = [(x, y, pol) for x, y in PAIRS for pol in (D, R)]
+# A few ms of delay on every WAN link: against RST-answering NATs the two SYNs must cross in flight, so
+# the fire-time skew between the two engines (threads of this one process, sharing a GIL: up to ~1 ms)
+# must stay below the one-way delay between the NATs (2 x LINK_DELAY_MS here). Real paths have that.
+LINK_DELAY_MS = 3.0
+ROUTERS = [
+    RouterSpec(name, SHORT[name[:-2]], SynPolicy.DROP if name[-1] == "d" else SynPolicy.RST,
+               link=LinkShape(delay_ms=LINK_DELAY_MS))
+    for name in sorted({f"{x}1{p.value[0]}" for x, _, p in CASES} | {f"{y}2{p.value[0]}" for _, y, p in CASES})
+]
 
 
 @pytest.fixture(scope="module")
