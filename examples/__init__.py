@@ -1,0 +1,1 @@
+"""Programs that embed tcppunch through its public API (``tcppunch.peer``)."""
