@@ -105,10 +105,22 @@ def main() -> None:
                 for _ in range(args.runs):
                     started = time.monotonic()
                     done = host.run(
-                        [sys.executable, "-m", "tcppunch", "detect", "--server", f"{SERVER}:{PORT}", "--json"],
+                        [
+                            sys.executable,
+                            "-m",
+                            "tcppunch",
+                            "--log-level",
+                            "debug",
+                            "--log-json",
+                            "detect",
+                            "--server",
+                            f"{SERVER}:{PORT}",
+                            "--json",
+                        ],
                         timeout=60,
                     )
                     ours.append(time.monotonic() - started)
+                    inside.extend(_detect_seconds(done.stderr))
                     if done.returncode == 0:
                         report = json.loads(done.stdout)
                         tcp = report["tcp"]
@@ -152,12 +164,16 @@ def main() -> None:
             if server.stderr is not None:
                 server.stderr.close()
     print(f"detect benchmark: {args.runs} runs per tool and type, SYN policy {policy.value}, no added delay")
-    print(f"{'NAT type':18} {'ours (s)':>9} {'pystun3 (s)':>12} {'ratio':>7}  results (ours | pystun3)")
+    print(
+        f"{'NAT type':18} {'ours (s)':>9} {'in-process':>10} {'pystun3 (s)':>12} {'ratio':>7}  results (ours | pystun3)"
+    )
     for name, row in results.items():
+        in_process = row["ours_in_process_s"]
         print(
-            f"{name:18} {row['ours_s']:>9.3f} {row['pystun3_s']:>12.3f} {row['ratio']:>6.1f}x  "
+            f"{name:18} {row['ours_s']:>9.3f} {in_process if in_process is not None else float('nan'):>10.3f} "
+            f"{row['pystun3_s']:>12.3f} {row['ratio']:>6.1f}x  "
             f"{', '.join(row['ours_result'])} | {', '.join(row['pystun3_result'])}"
-        )  # type: ignore[arg-type]
+        )
     if args.json:
         print(json.dumps(results, indent=2))
 
