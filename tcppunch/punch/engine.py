@@ -10,8 +10,10 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
    (sequential port prediction depends on that order). With ``low_ttl`` those first SYNs carry a low
    TTL (restored right after ``connect()``: the kernel's SYN retransmission and the SYN-ACK of a
    simultaneous open carry the normal one).
-3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline; a pending SYN is
-   left to the kernel's own retransmission — abandoning it could RST a simultaneous open in progress.
+3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline. A SYN without any
+   answer after ``plan.resyn_after`` is sent again from a fresh socket on the same 4-tuple (instead of
+   waiting for the kernel's 1 s retransmission) — but only while the socket is still in ``SYN_SENT``,
+   where closing sends nothing; a socket further into a simultaneous open is never abandoned.
 4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
    SELECT on the first verified one; the responder's winner is where SELECT arrives.
 5. Everything else is closed quietly (no SO_LINGER 0, see :func:`close_quietly`); our own listener too.
@@ -48,6 +50,7 @@ from tcppunch.punch.sockets import (
     BUSY_ERRNOS,
     REFUSED_ERRNOS,
     RESET_ERRNOS,
+    TCP_SYN_SENT,
     TIMEOUT_ERRNOS,
     UNREACHABLE_ERRNOS,
     close_quietly,
@@ -55,6 +58,7 @@ from tcppunch.punch.sockets import (
     reuse_listener,
     reuse_socket,
     start_connect,
+    tcp_state,
     wait_connected,
 )
 
@@ -260,6 +264,13 @@ class _Punch:
         tries = 1
         while True:
             outcome, detail = await self._await_connect(sock, err)
+            if outcome is Outcome.SILENT:  # still SYN_SENT: closing sends nothing; same 4-tuple, new SYN
+                self._record(cand.endpoint, cand, tries, outcome, detail)
+                self.pending.pop(cand, None)
+                sock.close()
+                tries += 1
+                sock, err = self._syn(cand, None)
+                continue
             if outcome is Outcome.CONNECTED:
                 self.pending.pop(cand, None)
                 self._record(cand.endpoint, cand, tries, outcome)
@@ -281,15 +292,24 @@ class _Punch:
     async def _await_connect(self, sock: socket.socket, err: int) -> tuple[Outcome, str]:
         if err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
-        try:
-            async with asyncio.timeout_at(self.plan.deadline):
-                await wait_connected(sock)
-        except TimeoutError:
-            return Outcome.TIMEOUT, "no answer before the deadline"
-        except OSError as exc:
-            code = exc.errno or errno.EIO
-            return _classify(code), os.strerror(code)
-        return Outcome.CONNECTED, ""
+        plan = self.plan
+        while True:
+            limit = plan.deadline
+            if plan.resyn_after is not None:
+                limit = min(limit, self.loop.time() + plan.resyn_after)
+            try:
+                async with asyncio.timeout_at(limit):
+                    await wait_connected(sock)
+            except TimeoutError:
+                if self.loop.time() >= plan.deadline:
+                    return Outcome.TIMEOUT, "no answer before the deadline"
+                if tcp_state(sock) == TCP_SYN_SENT:
+                    return Outcome.SILENT, f"no answer within {plan.resyn_after} s, SYN sent again"
+                continue  # a simultaneous open in progress (SYN_RECV): never abandon it
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                return _classify(code), os.strerror(code)
+            return Outcome.CONNECTED, ""
 
     # ---- inbound -----------------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ class PunchPlan:
     outermost NAT, plus one) so that it opens our NAT but dies before the peer's; the socket then goes
     on with the normal TTL (the kernel retransmits the SYN after its 1 s initial RTO). None = off, the
     default: it did not help in the lab (docs/punching.md).
+    ``resyn_after``: send a SYN that got no answer at all again after this long (set it to a few round
+    trips to the peer; None = leave it to the kernel's retransmission, 1 s, 3 s, ...).
     """
 
     local: Endpoint
@@ -105,6 +107,7 @@ class PunchPlan:
     fire_at: float
     deadline: float
     low_ttl: int | None = None
+    resyn_after: float | None = 0.25
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     select_grace: float = 1.0
     backlog: int = 16
@@ -120,6 +123,8 @@ class PunchPlan:
             raise ValueError("low_ttl must be 1..255 or None")
         if self.select_grace < 0:
             raise ValueError("select_grace must not be negative")
+        if self.resyn_after is not None and self.resyn_after <= 0:
+            raise ValueError("resyn_after must be positive or None")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
 
@@ -132,6 +137,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # RST in answer to our SYN (ECONNREFUSED)
     RESET = "reset"  # RST on an open connection
     TIMEOUT = "timeout"  # no answer until the deadline
+    SILENT = "silent"  # no answer within resyn_after: the SYN was sent again
     UNREACHABLE = "unreachable"  # ICMP unreachable / no route
     BUSY = "busy"  # the 4-tuple is taken (usually: the peer's SYN already reached our listener)
     VERIFIED = "verified"  # the handshake proved the peer knows the session key
@@ -203,6 +209,8 @@ _ADVICE = {
     Outcome.REFUSED: "the peer's NAT (or host) answered with RST: its SYNs probably did not leave at the "
     "same time as ours, or its mapping differs from what we targeted",
     Outcome.TIMEOUT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
+    "us never arrived (wrong predicted port, firewall, or the peer never fired)",
+    Outcome.SILENT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
     "us never arrived (wrong predicted port, firewall, or the peer never fired)",
     Outcome.UNREACHABLE: "no route to that address",
     Outcome.VERIFY_FAILED: "something answered but could not prove the session key (not our peer)",

@@ -282,3 +282,41 @@ def test_no_candidates_listens_only() -> None:
     ra, rb = run(main())
     assert ra.via == "accept" and rb.via == "connect"
     assert ra.candidate is None and rb.candidate is not None
+
+
+def test_silent_candidate_gets_its_syn_resent_until_the_deadline() -> None:
+    async def main() -> PunchFailed:
+        # a listener whose accept queue is full drops new SYNs silently: a NAT with the "drop" policy
+        full = socket.socket()
+        full.bind(("127.0.0.2", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=2)
+        filler2 = socket.socket()
+        filler2.setblocking(False)
+        filler2.connect_ex(full.getsockname())
+        silent = Endpoint("127.0.0.2", port_of(full))
+        la = listener("127.0.0.1")
+        try:
+            fire = asyncio.get_running_loop().time() + 0.01
+            plan = PunchPlan(
+                local=Endpoint("127.0.0.1", port_of(la)),
+                role=Role.RESPONDER,
+                session_id="s1",
+                key=KEY,
+                candidates=(Candidate(silent, CandidateKind.OBSERVED),),
+                fire_at=fire,
+                deadline=fire + 0.8,
+                resyn_after=0.15,
+            )
+            with pytest.raises(PunchFailed) as info:
+                await punch(plan, listener=la)
+            return info.value
+        finally:
+            for s in (la, filler, filler2, full):
+                s.close()
+
+    failure = run(main())
+    outcomes = [a.outcome for a in failure.attempts]
+    assert outcomes.count(Outcome.SILENT) >= 3
+    assert outcomes[-1] is Outcome.TIMEOUT
+    assert "silent x" in failure.explanation and "drops unsolicited SYNs" in failure.explanation

@@ -48,6 +48,7 @@ def test_roles_are_opposites() -> None:
         ({"deadline": 10.0}, "deadline"),
         ({"low_ttl": 0}, "low_ttl"),
         ({"select_grace": -1.0}, "negative"),
+        ({"resyn_after": 0.0}, "resyn_after"),
         ({"candidates": (C1, C1)}, "distinct"),
     ],
 )
