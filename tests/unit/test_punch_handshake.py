@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcppunch.punch.handshake import (
     HELLO_SIZE,
@@ -193,3 +195,23 @@ def test_bytes_needed_never_exceeds_message() -> None:
         assert ini.bytes_needed == HELLO_SIZE - i
         ini.receive_data(hello[i : i + 1])
     assert ini.state is HandshakeState.VERIFIED and ini.bytes_needed == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), cut=st.integers(min_value=0, max_value=200), role=st.sampled_from(list(Role)))
+def test_arbitrary_bytes_never_crash_and_never_verify(data: bytes, cut: int, role: Role) -> None:
+    hs = make(role)
+    events = hs.receive_data(data[:cut]) + hs.receive_data(data[cut:])
+    assert all(isinstance(e, Rejected) for e in events)
+    assert hs.state in (HandshakeState.AWAIT_HELLO, HandshakeState.REJECTED)
+    assert 0 <= hs.bytes_needed <= HELLO_SIZE
+
+
+@settings(max_examples=200, deadline=None)
+@given(flip=st.integers(min_value=0, max_value=HELLO_SIZE * 8 - 1))
+def test_any_single_bit_flip_in_hello_is_rejected(flip: int) -> None:
+    ini, res = make(Role.INITIATOR), make(Role.RESPONDER)
+    hello = bytearray(res.hello())
+    hello[flip // 8] ^= 1 << (flip % 8)
+    events = ini.receive_data(bytes(hello))
+    assert len(events) == 1 and isinstance(events[0], Rejected)
