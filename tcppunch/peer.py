@@ -29,8 +29,9 @@ import structlog
 
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PunchOrder
 from tcppunch.nat.detect import ServerUnreachable, detect
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
+from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
 from tcppunch.punch.plan import Role as PunchRole
@@ -217,6 +218,9 @@ class Peer:
         self._serving: asyncio.Task[None] | None = None
         self._closed = False
         self.timings: dict[str, float] = {}
+        # Behind a sequential NAT every new connection takes the NAT's next port, so punches (which
+        # predict those ports) and refreshes of our public port take turns.
+        self._nat_turn = asyncio.Lock()
         self._log = log.bind(peer=peer_id)
 
     # ------------------------------------------------------------------ life cycle
@@ -322,12 +326,48 @@ class Peer:
     async def _connect_socket(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if not self.sequential_nat:
+            return await self._request_and_establish(peer_id, started, relay)
+        async with self._nat_turn:
+            await self._refresh_observed()
+            try:
+                return await self._request_and_establish(peer_id, started, relay)
+            finally:
+                await self._refresh_observed()  # the punch moved our NAT's counter: tell whoever is next
+
+    async def _request_and_establish(self, peer_id: str, started: float, relay: RelayMode | None
+                                     ) -> tuple[socket.socket, ConnectionInfo]:
         self._stage("schedule", {"peer": peer_id})
         try:
             order = await self._control.connect(peer_id)
         except CoordinatorError as exc:
             raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id) from exc
         return await self._establish(order, started, relay or self.relay_mode)
+
+    @property
+    def sequential_nat(self) -> bool:
+        """Whether our NAT gives each new connection the next port (so peers must predict ours)."""
+        tcp = None if self.nat is None else self.nat.tcp
+        return (tcp is not None and tcp.mapping not in (None, MappingBehaviour.ENDPOINT_INDEPENDENT)
+                and tcp.port_delta not in (None, 0))
+
+    async def _refresh_observed(self) -> None:
+        """Learn where our NAT's port counter stands (one STUN binding from the punch port) and tell the
+        coordinator, so that the next punch predicts from a fresh port, not the control connection's."""
+        # Not the coordinator's own port: the control connection holds that 4-tuple already. A tcppunch
+        # server answers STUN on its port + 1 too (--alt-port default); any destination takes a new port.
+        stun = Endpoint(self.coordinator.ip, self.coordinator.port + 1)
+        try:
+            conn = await TcpStunConnection.open(self.local, stun, timeout=2.0)
+            try:
+                mapped = mapped_endpoint(await conn.request(timeout=2.0))
+            finally:
+                conn.close()
+            await self._control.update_observed(mapped)
+        except (StunTcpError, CoordinatorError, OSError) as exc:
+            self._log.info("peer.refresh_failed", error=str(exc))
+            return
+        self._stage("refreshed", {"observed": str(mapped)})
 
     async def _serve_orders(self) -> None:
         async for order in self._control.orders():
@@ -337,7 +377,14 @@ class Peer:
 
     async def _answer(self, order: PunchOrder) -> None:
         try:
-            established = await self._establish(order, order.received_at, self.relay_mode)
+            if self.sequential_nat:
+                async with self._nat_turn:
+                    try:
+                        established = await self._establish(order, order.received_at, self.relay_mode)
+                    finally:
+                        await self._refresh_observed()  # ready for whoever connects next
+            else:
+                established = await self._establish(order, order.received_at, self.relay_mode)
         except ConnectFailed as exc:
             self._log.warning("peer.incoming_failed", peer=order.peer_id, session=order.session_id, error=str(exc))
             return
@@ -400,8 +447,12 @@ class Peer:
         return sock, info
 
     def _plan(self, order: PunchOrder) -> PunchPlan:
+        # Behind a sequential NAT the local port does not decide the public one (every new connection
+        # takes the NAT's next port), and reusing the control port would repeat last session's 5-tuple,
+        # whose NAT entry may still be alive with last session's public port: use a fresh local port.
+        local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
         return PunchPlan(
-            local=self.local,
+            local=local,
             role=PunchRole(order.role.value),
             session_id=order.session_id,
             key=order.key,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import socket
 import struct
@@ -30,6 +31,7 @@ from tcppunch.wire.coord import (
     Error,
     ListPeers,
     Message,
+    Observed,
     Outcome,
     PeerInfo,
     Peers,
@@ -306,6 +308,13 @@ class ControlChannel:
         """Tell the coordinator how a session ended (for its logs and counters)."""
         self._send(Result(session_id, Outcome(outcome), details or {}))
         await self._drain()
+
+    async def update_observed(self, observed: Endpoint) -> None:
+        """Tell the coordinator our public endpoint moved (a sequential NAT's fresh mapping)."""
+        self._send(Observed(observed))
+        await self._drain()
+        if self.registration is not None:
+            self.registration = dataclasses.replace(self.registration, observed=observed)
 
     async def ping(self) -> float:
         """One round trip to the coordinator on the control connection, in seconds."""

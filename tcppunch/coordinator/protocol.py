@@ -31,6 +31,7 @@ from tcppunch.wire.coord import (
     ErrorCode,
     ListPeers,
     Message,
+    Observed,
     Outcome,
     PeerInfo,
     Peers,
@@ -322,6 +323,8 @@ class CoordinatorProtocol:
             return self._connect(c, record, message, now)
         if isinstance(message, Result):
             return self._result(record, message)
+        if isinstance(message, Observed):
+            return self._observed(record, message)
         return self._fail(c, ErrorCode.UNEXPECTED_MESSAGE, f"{message.TYPE} is not expected from a peer")
 
     # -------------------------------------------------------------------------------- registration
@@ -453,6 +456,15 @@ class CoordinatorProtocol:
             )
             actions.append(Send(this.conn, encode_message(order)))
         return actions
+
+    def _observed(self, record: PeerRecord, msg: Observed) -> list[Action]:
+        """A fresher public port for the next punch. Same address only: a peer must not be able to aim
+        other peers' SYNs at an address that is not its own."""
+        if msg.observed.ip != record.observed.ip:
+            log.info("coordinator.observed_refused", peer=record.id, claimed=str(msg.observed))
+            return []
+        record.observed = msg.observed
+        return []
 
     def _result(self, record: PeerRecord, msg: Result) -> list[Action]:
         session = self.sessions.get(msg.session_id)

@@ -374,6 +374,26 @@ class Peers:
 
 
 @dataclass(frozen=True)
+class Observed:
+    """Client -> server: "my next connections leave from around this public endpoint".
+
+    Sent by a peer behind an endpoint-dependent sequential NAT after a fresh STUN binding from its punch
+    port, because the mapping the server saw on the control connection goes stale with every new
+    connection the NAT allocates. The server accepts a new port on the same address only. Not answered.
+    """
+
+    TYPE: ClassVar[str] = "observed"
+    observed: Endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {"observed": self.observed.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Observed:
+        return cls(observed=_endpoint(obj, "observed"))
+
+
+@dataclass(frozen=True)
 class Connect:
     """Client -> server: start a punch session with ``peer``; answered by PUNCH or ERROR (same request_id)."""
 
@@ -556,6 +576,7 @@ Message = (
     | Pong
     | ListPeers
     | Peers
+    | Observed
     | Connect
     | Punch
     | Result
@@ -574,6 +595,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
         Pong,
         ListPeers,
         Peers,
+        Observed,
         Connect,
         Punch,
         Result,

@@ -1,0 +1,28 @@
+"""OBSERVED: a peer behind a sequential NAT moves its public port; it can never move its address."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.control import ControlChannel
+from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.nat.report import Endpoint
+
+
+def test_port_moves_but_address_cannot() -> None:
+    async def scenario() -> tuple[Endpoint, Endpoint, Endpoint]:
+        async with CoordinatorServer("127.0.0.1", 0, Tokens(shared="t")) as server:
+            where = server.address
+            async with ControlChannel(where, "mover", "t") as mover, ControlChannel(where, "asker", "t") as asker:
+                real = mover.observed
+                moved = Endpoint(real.ip, real.port + 7)
+                await mover.update_observed(moved)
+                first = (await asker.connect("mover")).peer_observed
+                await mover.update_observed(Endpoint("127.0.0.2", 22))  # somebody else's address: refused
+                second = (await asker.connect("mover")).peer_observed
+                return moved, first, second
+
+    moved, first, second = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert first == moved
+    assert second == moved
