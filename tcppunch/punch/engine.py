@@ -159,7 +159,12 @@ class _Punch:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so, keep punching
+            self.log.error("punch.task_failed", error=repr(task.exception()))
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class _Punch:
             candidates=[str(c) for c in plan.candidates],
             fire_in=round(plan.fire_at - self.loop.time(), 4),
         )
+        handed_over = False
         try:
             self._spawn(self._accept_loop())
             self._spawn(self._fire())
@@ -179,8 +185,9 @@ class _Punch:
                 # a verified connection waits for the initiator's SELECT, which it may have sent just
                 # before its deadline: give it a little longer rather than kill what the peer selected
                 await asyncio.wait({self.winner}, timeout=plan.select_grace)
+            handed_over = True
         finally:
-            await self._cleanup()
+            await self._cleanup(keep_winner=handed_over)  # cancelled: the winner is closed too
         if not self.winner.done():
             why = "no verified connection before the deadline"
             if plan.role is Role.RESPONDER and self.awaiting_select:
@@ -195,7 +202,11 @@ class _Punch:
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
         if streams:
-            reader, writer = await asyncio.open_connection(sock=w.sock)
+            try:
+                reader, writer = await asyncio.open_connection(sock=w.sock)
+            except BaseException:
+                w.sock.close()
+                raise
             if w.leftover:
                 reader.feed_data(w.leftover)
         timings = PunchTimings(
@@ -225,12 +236,14 @@ class _Punch:
         )
         return result
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, *, keep_winner: bool) -> None:
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         winner = self.winner.result().sock if self.winner.done() else None
+        if winner is not None and not keep_winner:
+            close_quietly(winner)
         for sock in list(self.pending.values()) + list(self.conns):
             if sock is not winner:
                 close_quietly(sock)
@@ -241,8 +254,12 @@ class _Punch:
 
     # ---- outbound ----------------------------------------------------------------------------------
 
-    def _syn(self, cand: Candidate, ttl: int | None) -> tuple[socket.socket, int]:
-        sock = reuse_socket(self.local)
+    def _syn(self, cand: Candidate, ttl: int | None) -> tuple[socket.socket | None, int]:
+        """A new socket on the punch port and its SYN towards ``cand``; (None, errno) if that failed."""
+        try:
+            sock = reuse_socket(self.local)
+        except OSError as exc:  # e.g. out of file descriptors: this try fails, the punch goes on
+            return None, exc.errno or errno.EIO
         try:
             err = start_connect(sock, cand.endpoint, first_syn_ttl=ttl)
         except OSError as exc:
@@ -258,20 +275,20 @@ class _Punch:
         for cand, sock, err in first:
             self._spawn(self._candidate(cand, sock, err))
 
-    async def _candidate(self, cand: Candidate, sock: socket.socket, err: int) -> None:
+    async def _candidate(self, cand: Candidate, sock: socket.socket | None, err: int) -> None:
         """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
         plan = self.plan
         tries = 1
         while True:
             outcome, detail = await self._await_connect(sock, err)
-            if outcome is Outcome.SILENT:  # still SYN_SENT: closing sends nothing; same 4-tuple, new SYN
+            if outcome is Outcome.SILENT and sock is not None:  # still SYN_SENT: closing sends nothing
                 self._record(cand.endpoint, cand, tries, outcome, detail)
                 self.pending.pop(cand, None)
                 sock.close()
                 tries += 1
-                sock, err = self._syn(cand, None)
+                sock, err = self._syn(cand, None)  # same 4-tuple, same NAT mapping, new SYN
                 continue
-            if outcome is Outcome.CONNECTED:
+            if outcome is Outcome.CONNECTED and sock is not None:
                 self.pending.pop(cand, None)
                 self._record(cand.endpoint, cand, tries, outcome)
                 if await self._verify(sock, cand.endpoint, cand, "connect", tries):
@@ -279,7 +296,8 @@ class _Punch:
             else:
                 self._record(cand.endpoint, cand, tries, outcome, detail)
                 self.pending.pop(cand, None)
-                close_quietly(sock)
+                if sock is not None:
+                    close_quietly(sock)
             if outcome is Outcome.TIMEOUT or tries >= plan.retry.max_tries:
                 return
             delay = plan.retry.delay(tries, self.rng.random())
@@ -289,8 +307,8 @@ class _Punch:
             tries += 1
             sock, err = self._syn(cand, None)
 
-    async def _await_connect(self, sock: socket.socket, err: int) -> tuple[Outcome, str]:
-        if err not in (0, errno.EINPROGRESS):
+    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[Outcome, str]:
+        if sock is None or err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
         plan = self.plan
         while True:

@@ -320,3 +320,42 @@ def test_silent_candidate_gets_its_syn_resent_until_the_deadline() -> None:
     assert outcomes.count(Outcome.SILENT) >= 3
     assert outcomes[-1] is Outcome.TIMEOUT
     assert "silent x" in failure.explanation and "drops unsolicited SYNs" in failure.explanation
+
+
+def test_cancelled_punch_releases_every_socket_on_its_port() -> None:
+    async def main() -> int:
+        hold = reuse_socket(Endpoint("127.0.0.1", 0))
+        port = port_of(hold)
+        hold.close()
+        # a peer that never answers: a listener whose accept queue is full drops SYNs
+        full = socket.socket()
+        full.bind(("127.0.0.2", 0))
+        full.listen(0)
+        fillers = [socket.create_connection(full.getsockname(), timeout=2), socket.socket()]
+        fillers[1].setblocking(False)
+        fillers[1].connect_ex(full.getsockname())
+        try:
+            now = asyncio.get_running_loop().time()
+            plan = PunchPlan(
+                local=Endpoint("127.0.0.1", port),
+                role=Role.INITIATOR,
+                session_id="s1",
+                key=KEY,
+                candidates=(Candidate(Endpoint("127.0.0.2", port_of(full)), CandidateKind.OBSERVED),),
+                fire_at=now,
+                deadline=now + 30,
+            )
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(punch(plan), timeout=0.3)
+        finally:
+            for s in (*fillers, full):
+                s.close()
+        return port
+
+    port = run(main())
+    # nothing of the punch is left on the port: a plain socket (no SO_REUSEPORT) can bind it
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))
+    finally:
+        plain.close()
