@@ -1,1 +1,53 @@
-"""Hole punching: reuse-port sockets, candidates and port prediction, fire-time schedule, the engine."""
+"""Hole punching: reuse-port sockets, candidates and port prediction, the verification handshake, the
+engine. See docs/punching.md. In short::
+
+    plan = PunchPlan(local=..., role=Role.INITIATOR, session_id=..., key=..., fire_at=..., deadline=...,
+                     candidates=build_candidates(peer_observed=..., peer_nat=..., own_nat=...))
+    result = await punch(plan)  # PunchResult (reader, writer, sock, ...) or raises PunchFailed
+"""
+
+from tcppunch.punch.engine import punch
+from tcppunch.punch.plan import (
+    SLOW_RETRY,
+    Candidate,
+    CandidateKind,
+    Outcome,
+    PunchAttempt,
+    PunchFailed,
+    PunchPlan,
+    PunchResult,
+    PunchTimings,
+    RetryPolicy,
+    Role,
+)
+from tcppunch.punch.prediction import (
+    DirectVerdict,
+    MappingClass,
+    build_candidates,
+    classify,
+    direct_possible,
+    predicted_ports,
+    retry_policy_for,
+)
+
+__all__ = [
+    "SLOW_RETRY",
+    "Candidate",
+    "CandidateKind",
+    "DirectVerdict",
+    "MappingClass",
+    "Outcome",
+    "PunchAttempt",
+    "PunchFailed",
+    "PunchPlan",
+    "PunchResult",
+    "PunchTimings",
+    "RetryPolicy",
+    "Role",
+    "build_candidates",
+    "classify",
+    "direct_possible",
+    "predicted_ports",
+    "punch",
+    "retry_policy_for",
+]
