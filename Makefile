@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 ethtool socat conntrack coturn procps
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv test test-unit lint demo bench matrix clean lab-down
+.PHONY: setup apt venv test test-unit lint demo bench matrix clean lab-down swarm-demo
 
 setup: apt venv
 
@@ -41,6 +41,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_all.py
+
+# A seeder and five leechers, each behind its own NAT type in the lab, share a 20 MB file (examples/swarm).
+swarm-demo: setup
+	$(BIN)/python -m examples.swarm demo
 
 lab-down: venv
 	$(BIN)/tcppunch lab down --all

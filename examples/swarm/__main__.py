@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seeder", default="port-restricted", help="the seeder's NAT type")
     demo.add_argument("--leechers", default="full-cone,restricted,symmetric-seq,symmetric-random,cgnat",
                       help="comma-separated NAT types, one leecher each")
-    demo.add_argument("--upload-rate", type=float, help="per-peer upload cap, bytes/s")
+    demo.add_argument("--upload-rate", type=float, default=5e6,
+                      help="per-peer upload cap, bytes/s, like a home uplink (default: 5e6; 0: none)")
     demo.add_argument("--parallel-dials", action="store_true")
-    demo.add_argument("--kill", help="SIGKILL this peer (by NAT type) once a leecher is fetching from it")
+    demo.add_argument("--kill", help="SIGKILL the peer behind this NAT type mid-transfer (once it has uploaded "
+                      "a piece, as the next request for one arrives)")
     demo.add_argument("--timeout", type=float, default=300.0)
     demo.add_argument("--workdir", type=Path, help="keep files here (default: a temporary directory)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON after the table")
@@ -125,7 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
     from examples.swarm.demo import DemoConfig, format_table, run_demo
 
     config = DemoConfig(size=int(args.size_mb * 1_000_000), piece_size=args.piece_size, seeder=args.seeder,
-                        leechers=[t for t in args.leechers.split(",") if t], upload_rate=args.upload_rate,
+                        leechers=[t for t in args.leechers.split(",") if t], upload_rate=args.upload_rate or None,
                         serial_dials=not args.parallel_dials, kill=args.kill, timeout=args.timeout,
                         workdir=args.workdir)
     result = run_demo(config, progress=lambda line: print(line, file=sys.stderr, flush=True))

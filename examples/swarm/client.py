@@ -116,10 +116,11 @@ class Link:
 
 
 class RateLimiter:
-    """A token bucket for the upload side (pacing, not synchronisation)."""
+    """A token bucket for the upload side (pacing, not synchronisation); bursts of at most ``burst`` bytes."""
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, burst: int = 64 * 1024) -> None:
         self.rate = rate
+        self.burst = burst
         self._allowance = 0.0
         self._stamp = time.monotonic()
 
@@ -127,7 +128,7 @@ class RateLimiter:
         if self.rate is None:
             return
         now = time.monotonic()
-        self._allowance = min(self.rate, self._allowance + (now - self._stamp) * self.rate)
+        self._allowance = min(float(self.burst), self._allowance + (now - self._stamp) * self.rate)
         self._stamp = now
         self._allowance -= n
         if self._allowance < 0:
@@ -413,6 +414,8 @@ class SwarmClient:
                     raise WireError(f"more than {MAX_REMOTE_REQUESTS} requests outstanding")
                 link.uploads.append(index)
                 link.wake.set()
+                self.emit({"event": "request", "remote": link.remote, "piece": index,
+                           "uploaded_pieces": sum(p.pieces_out for p in self.pairs.values())})
             case Cancel(index):
                 with contextlib.suppress(ValueError):
                     link.uploads.remove(index)
@@ -477,6 +480,7 @@ class SwarmClient:
             self.emit({"event": "progress", "have": len(self.store.have), "pieces": self.meta.piece_count,
                        "downloaded": sum(p.downloaded for p in self.pairs.values()),
                        "uploaded": sum(p.uploaded for p in self.pairs.values()),
+                       "queued": sum(len(v.uploads) for v in self.links.values()),
                        "links": sorted(self.links), "inflight": {k: len(v.inflight) for k, v in self.links.items()
                                                                  if v.inflight}})
             await asyncio.sleep(self.config.progress_interval)

@@ -48,7 +48,10 @@ class DemoConfig:
                                                          "symmetric-random", "cgnat"])
     upload_rate: float | None = None
     serial_dials: bool = True
-    kill: str | None = None  # NAT type of the peer to SIGKILL once some leecher is fetching from it
+    # NAT type of a peer to SIGKILL mid-transfer: once it uploaded a piece, at its next incoming request. With
+    # --upload-rate that request is still owed when the SIGKILL lands (pacing holds each piece back for
+    # (piece size - 64 KiB burst) / rate), so the requester must fetch it from someone else.
+    kill: str | None = None
     timeout: float = 300.0
     workdir: Path | None = None
     syn_policy: SynPolicy = SynPolicy.DROP
@@ -204,7 +207,7 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
             processes[peer_id] = _Process(peer_id, lab.host(ROUTER_NAMES[nat]), argv, events, log_file)
 
         state = _watch(events, processes, ids, seeder, kill_nat and ROUTER_NAMES[kill_nat], deadline, progress,
-                       errors)
+                       errors, workdir / "events.jsonl")
         for p in processes.values():
             if p.proc.poll() is None:
                 p.proc.terminate()  # the peers' SIGTERM handler stops them cleanly; they print "stats"
@@ -220,7 +223,7 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
     peers = []
     for peer_id in ids:
         proc = processes[peer_id]
-        stats = proc.stats or {}
+        stats = proc.stats or state.last_progress.get(peer_id, {})  # a killed peer: what it last said
         path = workdir / peer_id / meta.name
         sha_ok = None
         if peer_id != seeder and peer_id not in state.killed:
@@ -242,14 +245,23 @@ class _State:
     connected: dict[frozenset[str], dict[str, Any]] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_progress: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _watch(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process], ids: list[str], seeder: str,
-           kill: str | None, deadline: float, progress: Callable[[str], None], errors: list[str]) -> _State:
+           kill: str | None, deadline: float, progress: Callable[[str], None], errors: list[str],
+           journal: Path) -> _State:
     """Follow the peers' events until every (living) leecher completed and every pair connected — or the
     deadline, or a grace period after completion for pairs that never connect."""
     state = _State()
     all_pairs = {frozenset((a, b)) for i, a in enumerate(ids) for b in ids[i + 1:]}
+    with journal.open("w") as record:
+        return _follow(events, processes, ids, seeder, kill, deadline, progress, errors, state, all_pairs, record)
+
+
+def _follow(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process], ids: list[str], seeder: str,
+            kill: str | None, deadline: float, progress: Callable[[str], None], errors: list[str], state: _State,
+            all_pairs: set[frozenset[str]], record: IO[str]) -> _State:
     complete_since: float | None = None
     while True:
         now = time.monotonic()
@@ -267,7 +279,10 @@ def _watch(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process], 
             event = events.get(timeout=min(1.0, max(0.01, deadline - now)))
         except queue.Empty:
             continue
+        record.write(json.dumps(event) + "\n")
         peer, kind = event.get("peer", "?"), event.get("event")
+        if kind == "progress":
+            state.last_progress[peer] = event
         if kind == "ready":
             progress(f"{peer}: registered, public {event.get('observed')}")
         elif kind == "connected":
@@ -290,11 +305,12 @@ def _watch(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process], 
             code = processes[peer].proc.poll()
             errors.append(f"{peer} exited early (code {code})")
             state.killed.add(peer)  # treated as gone; its pairs no longer awaited
-        elif kind == "progress" and kill and kill not in state.killed and peer != kill \
-                and event.get("inflight", {}).get(kill) and event.get("have", 0) < event.get("pieces", 0):
+        elif kind == "request" and kill is not None and peer == kill and kill not in state.killed \
+                and event.get("uploaded_pieces", 0):
             processes[kill].proc.kill()
             state.killed.add(kill)
-            progress(f"killed {kill} (SIGKILL) while {peer} had {event['inflight'][kill]} requests out to it")
+            progress(f"killed {kill} (SIGKILL) after {event['uploaded_pieces']} pieces uploaded, just as "
+                     f"{event.get('remote')} asked it for piece {event.get('piece')}")
 
 
 def _collect_stats(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process], deadline: float,
