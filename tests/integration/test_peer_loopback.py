@@ -31,12 +31,23 @@ def _free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def coordinator() -> AsyncIterator[Endpoint]:
-    port = _free_port()
-    config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
-                               external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
-    async with StunService(config) as stun, CoordinatorServer("127.0.0.1", port, Tokens(shared=TOKEN),
-                                                             stun_handler=stun.serve_tcp_connection):
-        yield Endpoint("127.0.0.1", port)
+    """Coordinator + STUN on a free port P (and P+1, which STUN needs too: retry if it is taken)."""
+    for _ in range(20):
+        port = _free_port()
+        config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
+                                   external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
+        stack = contextlib.AsyncExitStack()
+        try:
+            stun = await stack.enter_async_context(StunService(config))
+            await stack.enter_async_context(CoordinatorServer("127.0.0.1", port, Tokens(shared=TOKEN),
+                                                              stun_handler=stun.serve_tcp_connection))
+        except OSError:
+            await stack.aclose()
+            continue
+        async with stack:
+            yield Endpoint("127.0.0.1", port)
+        return
+    raise RuntimeError("no free pair of ports for the coordinator")
 
 
 async def _exchange(a: Connection, b: Connection, size: int) -> tuple[bool, bool]:
