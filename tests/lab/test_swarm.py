@@ -3,14 +3,25 @@ type, every peer a separate process on its lab host, a ``tcppunch server`` on th
 
 Every leecher ends with the seeder's file (SHA-256), every pair of peers connects, directly exactly where
 the NAT types allow it (tcppunch.lab.matrix.direct_expected) and through the relay elsewhere; and a peer
-killed while others fetch from it costs only retries from the rest.
+killed while others fetch from it costs only retries from the rest. The walkthrough programs of
+docs/api.md run here too, as written.
 """
 
 from __future__ import annotations
 
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
 import pytest
 
 from examples.swarm.demo import DemoConfig, DemoResult, format_table, run_demo
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec
 from tcppunch.lab.matrix import direct_expected
 
 SIZE = 4_000_000
@@ -51,3 +62,81 @@ def test_a_peer_killed_mid_transfer_costs_only_retries() -> None:
 def test_one_peer_per_nat_type(bad: list[str]) -> None:
     with pytest.raises(ValueError, match="one peer per NAT type"):
         run_demo(DemoConfig(leechers=bad))
+
+
+# ----------------------------------------------------------------------------- docs/api.md runs as written
+
+
+def _doc_programs(directory: Path) -> dict[str, Path]:
+    """Every ```python block of docs/api.md whose first line is ``# file: NAME``, written to ``directory``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    files = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        first, _, body = block.partition("\n")
+        if first.startswith("# file: "):
+            name = first.removeprefix("# file: ").strip()
+            (directory / name).write_text(body)
+            files[name] = directory / name
+    return files
+
+
+def _first_line_with(stream: IO[str] | None, needle: str, seconds: float) -> str:
+    """Read ``stream`` (bounded) until a line contains ``needle``; a thread keeps draining it after."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert stream is not None
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if needle in line:
+            return line
+    raise AssertionError(f"no line with {needle!r} within {seconds} s")
+
+
+def test_api_walkthrough_programs_run(tmp_path: Path) -> None:
+    files = _doc_programs(tmp_path)
+    assert set(files) == {"echo_peer.py", "blocking_echo.py", "lab_pair.py"}
+    py = sys.executable
+    spec = LabSpec([RouterSpec("a", NatType.PORT_RESTRICTED), RouterSpec("b", NatType.SYMMETRIC_SEQ),
+                    RouterSpec("c", NatType.SYMMETRIC_RANDOM)])
+    with Lab(spec) as lab:
+        server = lab.server.python(["-m", "tcppunch", "server", "--listen", "198.51.100.10:3478", "--alt-address",
+                                    "198.51.100.11", "--token", "s3cret"], stderr=subprocess.PIPE, text=True)
+        _first_line_with(server.stderr, "listening on", 20)
+        a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
+        listener = b.python([str(files["echo_peer.py"]), "listen", "bob", "--count", "4"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+        _first_line_with(listener.stdout, "bob: registered", 30)
+
+        def run(host: LabHost, *argv: str) -> str:
+            done = host.run([py, *argv], cwd=tmp_path, timeout=60)
+            assert done.returncode == 0, done.stderr
+            print(done.stdout)
+            return done.stdout
+
+        out = run(a, str(files["echo_peer.py"]), "connect", "alice", "bob")
+        assert "peers in the swarm: ['bob']" in out
+        assert "connected to bob: direct" in out and "echo: hello from alice" in out
+        out = run(a, str(files["blocking_echo.py"]), "carol", "bob")
+        assert "direct in" in out and "echo: hello from carol" in out
+        out = run(c, str(files["echo_peer.py"]), "connect", "dave", "bob")  # random mapping vs port filter
+        assert "connected to bob: relay" in out and "relayed because" in out and "echo: hello from dave" in out
+        out = run(a, str(files["echo_peer.py"]), "connect", "erin", "bob", "--relay", "always")
+        assert "connected to bob: relay" in out and "echo: hello from erin" in out
+        assert listener.wait(30) == 0
+    done = subprocess.run([py, str(files["lab_pair.py"])], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    print(done.stdout)
+    assert "alice -> bob: direct, bob got b'hi bob'" in done.stdout
