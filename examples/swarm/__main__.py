@@ -119,18 +119,26 @@ def _peer(args: argparse.Namespace) -> int:
     except ConnectFailed as exc:  # the coordinator is unreachable
         print(f"peer: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a refused registration (bad token, id taken): tcppunch.peer exports no type for it
+        print(f"peer: cannot join: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     emit({"event": "stats", **stats})
     return 0 if stats["complete"] else 3
 
 
 def _demo(args: argparse.Namespace) -> int:
     from examples.swarm.demo import DemoConfig, format_table, run_demo
+    from tcppunch.lab import LabError
 
     config = DemoConfig(size=int(args.size_mb * 1_000_000), piece_size=args.piece_size, seeder=args.seeder,
                         leechers=[t for t in args.leechers.split(",") if t], upload_rate=args.upload_rate or None,
                         serial_dials=not args.parallel_dials, kill=args.kill, timeout=args.timeout,
                         workdir=args.workdir)
-    result = run_demo(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        result = run_demo(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (LabError, ValueError) as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
