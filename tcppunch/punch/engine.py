@@ -300,7 +300,7 @@ class _Punch:
                     close_quietly(sock)
             if outcome is Outcome.TIMEOUT or tries >= plan.retry.max_tries:
                 return
-            delay = plan.retry.delay(tries, self.rng.random())
+            delay = plan.retry.delay(self._t(), self.rng.random())
             if self.loop.time() + delay >= plan.deadline:
                 return
             await asyncio.sleep(delay)

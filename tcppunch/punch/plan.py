@@ -56,31 +56,34 @@ class Candidate:
 class RetryPolicy:
     """When to send a candidate's next SYN after a RST / refusal.
 
-    The first ``fast_tries`` retries come after ``base`` seconds: against a NAT that answers early SYNs
-    with a RST, our own NAT's entry is only open between our SYN and the RST coming back, so the peer's
-    SYN gets in only if we re-open it quickly (see docs/punching.md). After that the delay doubles up to
-    ``cap``. ``jitter`` spreads retries (a fraction of the delay, drawn by the caller) so that two peers
-    do not stay in lockstep.
+    During the first ``fast_window`` seconds after firing, retries come after ``base`` seconds: against a
+    NAT that answers early SYNs with a RST, our own NAT's entry is open only while our SYN is in flight,
+    so the two peers' SYNs must cross, and the window covers the fire-time skew (see docs/punching.md).
+    On a real path each try waits a round trip for its RST, so this is a few tries; on a path with
+    microseconds of delay it is many cheap ones. After the window the delay grows with the time spent
+    since (an ever slower retry rate), up to ``cap``. ``jitter`` spreads retries (a fraction of the
+    delay, drawn by the caller) so that two peers do not stay in lockstep. ``max_tries`` bounds it all.
     """
 
     base: float = 0.001
-    fast_tries: int = 20
+    fast_window: float = 0.25
     cap: float = 0.25
     jitter: float = 0.5
-    max_tries: int = 2000
+    max_tries: int = 1000
 
-    def delay(self, failures: int, unit: float) -> float:
-        """Seconds to wait after the ``failures``-th failed try; ``unit`` is a random draw in [0, 1)."""
-        if failures < 1:
-            return 0.0
-        grow = max(0, failures - self.fast_tries)
-        raw = min(self.cap, self.base * (2.0 ** min(grow, 30)))
+    def delay(self, since_fire: float, unit: float) -> float:
+        """Seconds to wait before the next try, ``since_fire`` seconds after firing; ``unit`` is a
+        random draw in [0, 1)."""
+        if since_fire < self.fast_window:
+            raw = self.base
+        else:
+            raw = min(self.cap, max(self.base, since_fire - self.fast_window))
         return raw * (1.0 + self.jitter * unit)
 
 
 # A NAT that allocates a new public port for every new connection makes each retry cost one port (and so
 # shift the peer's prediction); those sides retry slowly.
-SLOW_RETRY = RetryPolicy(base=0.2, fast_tries=0, cap=1.0, jitter=0.5, max_tries=50)
+SLOW_RETRY = RetryPolicy(base=0.2, fast_window=0.0, cap=1.0, jitter=0.5, max_tries=50)
 
 
 @dataclass(frozen=True)

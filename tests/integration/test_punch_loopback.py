@@ -196,7 +196,7 @@ def test_refusing_candidate_is_retried_until_the_deadline_and_failure_explains_i
                 [dead],
                 fire,
                 deadline=0.5,
-                retry=RetryPolicy(base=0.01, fast_tries=3, cap=0.05),
+                retry=RetryPolicy(base=0.01, fast_window=0.03, cap=0.05),
             )
             with pytest.raises(PunchFailed) as info:
                 await punch(plan, listener=la)

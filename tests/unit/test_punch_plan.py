@@ -62,14 +62,14 @@ def test_candidate_str() -> None:
     assert str(C2) == "198.51.100.102:20001 (predicted #1)"
 
 
-def test_retry_delays_fast_then_exponential_and_capped() -> None:
-    policy = RetryPolicy(base=0.001, fast_tries=3, cap=0.05, jitter=0.5)
-    assert policy.delay(0, 0.0) == 0.0
-    assert [policy.delay(n, 0.0) for n in (1, 2, 3)] == [0.001] * 3
-    assert policy.delay(4, 0.0) == 0.002 and policy.delay(5, 0.0) == 0.004
-    assert policy.delay(100, 0.0) == 0.05
-    assert policy.delay(1000, 0.999) <= 0.05 * 1.5
-    assert policy.delay(1, 1.0) == pytest.approx(0.0015)
+def test_retry_delays_fast_during_the_window_then_slower_and_capped() -> None:
+    policy = RetryPolicy(base=0.001, fast_window=0.25, cap=0.05, jitter=0.5)
+    assert [policy.delay(t, 0.0) for t in (0.0, 0.1, 0.249)] == [0.001] * 3
+    assert policy.delay(0.25, 0.0) == 0.001  # leaving the window: grows from base
+    assert policy.delay(0.27, 0.0) == pytest.approx(0.02)
+    assert policy.delay(10.0, 0.0) == 0.05 and policy.delay(10.0, 0.999) <= 0.05 * 1.5
+    assert policy.delay(0.0, 1.0) == pytest.approx(0.0015)
+    assert policy.delay(-1.0, 0.0) == 0.001  # before firing (accepted early): fast
 
 
 def test_failure_explanation_names_every_candidate_and_the_way_out() -> None:
