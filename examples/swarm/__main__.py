@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--upload-rate", type=float, default=5e6,
                       help="per-peer upload cap, bytes/s, like a home uplink (default: 5e6; 0: none)")
     demo.add_argument("--parallel-dials", action="store_true")
+    demo.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay on every router's WAN link")
+    demo.add_argument("--syn-policy", choices=["drop", "rst"], default="drop",
+                      help="what the routers do with unsolicited SYNs (rst wants --delay-ms 5 or more)")
     demo.add_argument("--kill", help="SIGKILL the peer behind this NAT type mid-transfer (once it has uploaded "
                       "a piece, as the next request for one arrives)")
     demo.add_argument("--timeout", type=float, default=300.0)
@@ -128,12 +131,12 @@ def _peer(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from examples.swarm.demo import DemoConfig, format_table, run_demo
-    from tcppunch.lab import LabError
+    from tcppunch.lab import LabError, SynPolicy
 
     config = DemoConfig(size=int(args.size_mb * 1_000_000), piece_size=args.piece_size, seeder=args.seeder,
                         leechers=[t for t in args.leechers.split(",") if t], upload_rate=args.upload_rate or None,
                         serial_dials=not args.parallel_dials, kill=args.kill, timeout=args.timeout,
-                        workdir=args.workdir)
+                        workdir=args.workdir, delay_ms=args.delay_ms, syn_policy=SynPolicy(args.syn_policy))
     try:
         result = run_demo(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (LabError, ValueError) as exc:

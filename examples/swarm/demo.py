@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from examples.swarm.metainfo import create_metainfo
-from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "swarm-demo"
@@ -55,6 +55,7 @@ class DemoConfig:
     timeout: float = 300.0
     workdir: Path | None = None
     syn_policy: SynPolicy = SynPolicy.DROP
+    delay_ms: float = 0.0  # one-way delay on every router's WAN link (a round trip between peers gains 4x)
 
 
 @dataclass
@@ -158,7 +159,8 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda line: 
     with contextlib.ExitStack() as stack:
         workdir = config.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        spec = LabSpec([RouterSpec(ROUTER_NAMES[t], t, config.syn_policy) for t in nats])
+        link = LinkShape(delay_ms=config.delay_ms)
+        spec = LabSpec([RouterSpec(ROUTER_NAMES[t], t, config.syn_policy, link=link) for t in nats])
         progress(f"building the lab: {', '.join(f'{ROUTER_NAMES[t]} ({t.value})' for t in nats)}")
         lab = stack.enter_context(Lab(spec))
         return _run(lab, config, nats, kill_nat, workdir, progress)
