@@ -1,9 +1,10 @@
 """The punch engine between two lab hosts behind real NAT routers (no coordinator: the test derives each
 side's plan from the lab's ground truth and an echo-address service on the lab server).
 
-Also a measurement entry point for the low-TTL question (see docs/punching.md)::
+Also the measurements of docs/punching.md::
 
-    .venv/bin/python -m tests.lab.test_punch_lab --runs 10 --delay-ms 0 --delay-ms 5
+    .venv/bin/python -m tests.lab.test_punch_lab --runs 10 --delay-ms 5 --delay-ms 0   # low TTL on/off
+    .venv/bin/python -m tests.lab.test_punch_lab --table 10                            # lab results
 """
 
 from __future__ import annotations
@@ -332,6 +333,24 @@ def _measure(runs: int, delay_ms: float, policy: SynPolicy, pairs: list[str]) ->
                       flush=True)
 
 
+def _table(runs: int) -> None:
+    """The lab-results table of docs/punching.md: every CASES row, ``runs`` times, as the tests run it."""
+    with lab_sides(LabSpec(ROUTERS)) as (_, sides):
+        for x, y, pol in CASES:
+            a, b = sides[f"{x}1{pol.value[0]}"], sides[f"{y}2{pol.value[0]}"]
+            oks, times, ways = 0, [], set()
+            for i in range(runs):
+                out = run_pair(a, b, session=f"t-{x}-{y}-{pol.value}-{i}")
+                ra, rb = out.results
+                if isinstance(ra, PunchResult) and isinstance(rb, PunchResult) and out.digests_match:
+                    oks += 1
+                    times.append(out.time_to_verified or 0.0)
+                    kinds = [r.candidate.kind.value if r.candidate else "-" for r in (ra, rb)]
+                    ways.add(f"{ra.via}/{rb.via} {'+'.join(kinds)}")
+            med = f"{statistics.median(times) * 1000:.1f} ms" if times else "-"
+            print(f"| {x}-{y} | {pol.value} | {oks}/{runs} | {med} | {', '.join(sorted(ways))} |", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="low-TTL measurement (see docs/punching.md)")
     parser.add_argument("--child", metavar="IP", help=argparse.SUPPRESS)
@@ -339,14 +358,18 @@ if __name__ == "__main__":
     parser.add_argument("--delay-ms", type=float, action="append")
     parser.add_argument("--policy", choices=[p.value for p in SynPolicy], default="rst")
     parser.add_argument("--pairs", default="pr-pr,sq-pr,sq-sq,rn-fc")
+    parser.add_argument("--table", type=int, metavar="RUNS", help="print the lab-results table instead")
     args = parser.parse_args()
+    import logging
+
+    import structlog
+
+    # a script entry point may configure logging: attempt logs at debug would cost time in the engine
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     if args.child:
-        import logging
-
-        import structlog
-
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         asyncio.run(_child(args.child))
+    elif args.table:
+        _table(args.table)
     else:
         for d in args.delay_ms or [0.0]:
             _measure(args.runs, d, SynPolicy(args.policy), args.pairs.split(","))
