@@ -301,6 +301,7 @@ class SwarmClient:
                 self._unregister(link, reason)
             else:
                 self._log.info("swarm.rejected", remote=remote, reason=reason)
+                self.emit({"event": "rejected", "remote": remote, "reason": reason})
 
     async def _read_handshake(self, conn: Connection, decoder: Decoder) -> list[Message]:
         """The remote's handshake (checked) and any messages that came in the same read."""
