@@ -32,6 +32,7 @@ from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
+from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
 from tcppunch.punch.plan import Role as PunchRole
@@ -211,6 +212,7 @@ class Peer:
         self._detect = detect_nat and nat is None
         self._on_stage = on_stage
         self._channel: ControlChannel | None = None
+        self._dispatcher: PortDispatcher | None = None
         # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
         # hands them out as they are.
         self._incoming: asyncio.Queue[tuple[socket.socket, ConnectionInfo] | None] = asyncio.Queue()
@@ -254,6 +256,10 @@ class Peer:
         self._log = self._log.bind(local=str(registration.local), observed=str(registration.observed))
         self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
                                    "seconds": round(self.timings["register"], 4)})
+        if not self.sequential_nat:
+            # Many punches share our one punch port: one listener routes incoming connections by session.
+            self._dispatcher = PortDispatcher(registration.local)
+            self._dispatcher.start()
         self._serving = loop.create_task(self._serve_orders())
 
     async def close(self) -> None:
@@ -263,6 +269,8 @@ class Peer:
         self._closed = True
         if self._channel is not None:
             await self._channel.close()
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
             task.cancel()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
@@ -408,9 +416,11 @@ class Peer:
         else:
             self._stage("punch", {"peer": order.peer_id, "session": order.session_id, "role": order.role.value,
                                   "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
+            inbound = None if self._dispatcher is None else self._dispatcher.register(order.session_id)
             try:
-                result = await punch(self._plan(order), streams=False)
+                result = await punch(self._plan(order), inbound=inbound, streams=False)
             except PunchFailed as exc:
+                self._unroute(order)
                 attempts = exc.attempts
                 timings["punch"] = loop.time() - max(order.fire_at, started)
                 info_log.info("peer.punch_failed", explanation=exc.explanation)
@@ -419,7 +429,11 @@ class Peer:
                     raise ConnectFailed(exc.explanation, peer=order.peer_id, attempts=attempts,
                                         timings=timings) from exc
                 reason = f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
+            except BaseException:
+                self._unroute(order)
+                raise
             else:
+                self._unroute(order)
                 timings["wait"] = max(0.0, order.fire_at - order.received_at)
                 timings["punch"] = result.timings.selected
                 timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
@@ -445,6 +459,10 @@ class Peer:
         self._stage("relayed", info.to_json())
         await self._report(order, Outcome.RELAY, {"reason": reason})
         return sock, info
+
+    def _unroute(self, order: PunchOrder) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.unregister(order.session_id)
 
     def _plan(self, order: PunchOrder) -> PunchPlan:
         # Behind a sequential NAT the local port does not decide the public one (every new connection

@@ -66,15 +66,26 @@ _log = structlog.get_logger(__name__)
 
 
 async def punch(
-    plan: PunchPlan, *, listener: socket.socket | None = None, streams: bool = True
+    plan: PunchPlan,
+    *,
+    listener: socket.socket | None = None,
+    inbound: asyncio.Queue[socket.socket] | None = None,
+    streams: bool = True,
 ) -> PunchResult:
     """Run one punch; return the verified winner or raise :class:`PunchFailed`.
 
     ``listener``: a listening socket already bound (with SO_REUSEADDR + SO_REUSEPORT) to the punch port;
-    it stays open and belongs to the caller. Without it the engine makes one on ``plan.local`` and
-    closes it at the end. ``streams=False`` returns the raw socket only (see :class:`PunchResult`).
+    it stays open and belongs to the caller. ``inbound``: instead of a listener, a queue on which someone
+    else (a :class:`~tcppunch.punch.dispatch.PortDispatcher` serving several punches on one port) hands
+    over this session's incoming connections; ``plan.local`` must then name the port. With neither, the
+    engine makes a listener on ``plan.local`` and closes it at the end. ``streams=False`` returns the raw
+    socket only (see :class:`PunchResult`).
     """
-    return await _Punch(plan, listener).run(streams=streams)
+    if listener is not None and inbound is not None:
+        raise ValueError("give a listener or an inbound queue, not both")
+    if inbound is not None and plan.local.port == 0:
+        raise ValueError("with an inbound queue, plan.local must name the punch port")
+    return await _Punch(plan, listener, inbound).run(streams=streams)
 
 
 # The event loop wakes timers with about 1 ms granularity (epoll timeouts are in ms); the last stretch
@@ -118,14 +129,21 @@ class _Winner:
 
 
 class _Punch:
-    def __init__(self, plan: PunchPlan, listener: socket.socket | None) -> None:
+    def __init__(
+        self, plan: PunchPlan, listener: socket.socket | None, inbound: asyncio.Queue[socket.socket] | None
+    ) -> None:
         self.plan = plan
         self.loop = asyncio.get_running_loop()
         self.log = _log.bind(session=plan.session_id, role=plan.role.value)
-        self.own_listener = listener is None
-        self.listener = listener if listener is not None else reuse_listener(plan.local, plan.backlog)
-        self.listener.setblocking(False)
-        self.local = endpoint_of(self.listener.getsockname())
+        self.inbound = inbound
+        self.own_listener = listener is None and inbound is None
+        self.listener: socket.socket | None = None
+        if inbound is None:
+            self.listener = listener if listener is not None else reuse_listener(plan.local, plan.backlog)
+            self.listener.setblocking(False)
+            self.local = endpoint_of(self.listener.getsockname())
+        else:
+            self.local = plan.local
         self.attempts: list[PunchAttempt] = []
         self.winner: asyncio.Future[_Winner] = self.loop.create_future()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -249,7 +267,7 @@ class _Punch:
                 close_quietly(sock)
         self.pending.clear()
         self.conns.clear()
-        if self.own_listener:
+        if self.own_listener and self.listener is not None:
             self.listener.close()
 
     # ---- outbound ----------------------------------------------------------------------------------
@@ -331,15 +349,26 @@ class _Punch:
 
     # ---- inbound -----------------------------------------------------------------------------------
 
+    async def _next_inbound(self) -> socket.socket:
+        if self.inbound is not None:
+            return await self.inbound.get()
+        assert self.listener is not None
+        conn, _ = await self.loop.sock_accept(self.listener)
+        return conn
+
     async def _accept_loop(self) -> None:
         while True:
             try:
-                conn, addr = await self.loop.sock_accept(self.listener)
+                conn = await self._next_inbound()
             except OSError as exc:  # e.g. EMFILE: note it, keep the punch going
                 self.log.warning("punch.accept_error", error=str(exc))
                 await asyncio.sleep(0.05)
                 continue
-            remote = endpoint_of(addr)
+            try:
+                remote = endpoint_of(conn.getpeername())
+            except OSError:  # reset while it waited in the queue
+                close_quietly(conn)
+                continue
             cand = self.by_endpoint.get(remote)
             self._record(remote, cand, 0, Outcome.ACCEPTED)
             self._spawn(self._verify_task(conn, remote, cand))

@@ -73,3 +73,28 @@ def test_sequential_peer_stays_direct_over_many_sessions(lab_and_runner: tuple[L
     finally:
         seq_loop.run(p_seq.close())
         other_loop.run(p_other.close())
+
+
+def test_one_peer_serves_many_concurrent_connects(lab_and_runner: tuple[Lab, LabRunner]) -> None:
+    """Several peers dial one long-lived peer at once, round after round: every connection direct."""
+    lab, runner = lab_and_runner
+    hub, dialers = lab.host("pr"), [lab.host("seq"), lab.host("seqr"), lab.host("pr", 0)]
+    hub_loop = runner.loop(hub)
+
+    async def start(pid: str, host_name: str) -> Peer:
+        p = Peer(COORDINATOR, pid, TOKEN, nat=runner.detect(lab.hosts[host_name]))
+        await p.start()
+        return p
+
+    hub_peer = hub_loop.run(start("hub", hub.name))
+    callers = [(runner.loop(h), runner.loop(h).run(start(f"caller{i}", h.name))) for i, h in enumerate(dialers)]
+    try:
+        for _ in range(2):
+            serving = hub_loop.submit(_serve(hub_peer, len(callers)))
+            dials = [loop.submit(_dial(p, "hub", 1)) for loop, p in callers]
+            assert [d.result(90) for d in dials] == [[Method.DIRECT]] * len(callers)
+            assert serving.result(90) == [Method.DIRECT] * len(callers)
+    finally:
+        hub_loop.run(hub_peer.close())
+        for loop, p in callers:
+            loop.run(p.close())
