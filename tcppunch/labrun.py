@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import hashlib
 import itertools
 import os
@@ -99,6 +100,10 @@ class LabRunner:
              timeout: float = 60.0) -> PairResult:
         """Fresh peers on ``a`` (connects) and ``b`` (listens); move ``size`` random bytes each way."""
         nat_a, nat_b = self.detect(a), self.detect(b)
+        # Every peer of the run shares this one process: a garbage collection of the last pair's
+        # buffers in the middle of this pair's fire time would make one side fire late (seen: 70 ms,
+        # more than the lab's crossing window under the rst policy). Collect now, between pairs.
+        gc.collect()
         n = next(self._ids)
         id_a, id_b = f"{a.name}-{n}-c", f"{b.name}-{n}-l"  # distinct even when a is b
         up, down = os.urandom(size), os.urandom(size)

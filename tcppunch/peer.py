@@ -35,7 +35,6 @@ from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpo
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
-from tcppunch.punch.plan import Role as PunchRole
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import (
     Error,
@@ -471,7 +470,7 @@ class Peer:
         local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
         return PunchPlan(
             local=local,
-            role=PunchRole(order.role.value),
+            role=order.role,
             session_id=order.session_id,
             key=order.key,
             candidates=build_candidates(

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -129,29 +130,15 @@ class PunchOrder:
         )
 
 
-def reuse_port_socket(local: Endpoint, family: socket.AddressFamily) -> socket.socket:
-    """A non-blocking TCP socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # Small frames in both directions: without this, Nagle holds a CONNECT behind an un-ACKed frame
-        # until the coordinator's delayed ACK (40 ms on Linux). asyncio does not set it on a given sock.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        sock.bind((local.ip, local.port))
-    except BaseException:
-        sock.close()
-        raise
+def control_socket(local: Endpoint) -> socket.socket:
+    """The control connection's socket: bound to the punch port (shared via SO_REUSEPORT), no Nagle.
+
+    Small frames go both ways: with Nagle a CONNECT waits behind an un-ACKed frame for the coordinator's
+    delayed ACK (40 ms on Linux); asyncio does not set TCP_NODELAY on a socket it is given.
+    """
+    sock = reuse_port_socket(socket.SOCK_STREAM, local)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _family(ip: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-def _endpoint(sockaddr: Any) -> Endpoint:
-    return Endpoint(str(sockaddr[0]), int(sockaddr[1]))
 
 
 _CLOSED = object()
@@ -181,7 +168,7 @@ class ControlChannel:
         self.coordinator = coordinator
         self.peer_id = peer_id
         self._token = token
-        family = _family(coordinator.ip)
+        family = family_of(coordinator.ip)
         self._local = local or Endpoint("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
         self.nat = nat
         self.private = tuple(private)
@@ -230,7 +217,7 @@ class ControlChannel:
         if self._writer is not None:
             raise RuntimeError("register() was already called")
         loop = asyncio.get_running_loop()
-        sock = reuse_port_socket(self._local, _family(self.coordinator.ip))
+        sock = control_socket(self._local)
         try:
             await asyncio.wait_for(
                 loop.sock_connect(sock, (self.coordinator.ip, self.coordinator.port)), self.connect_timeout
@@ -239,7 +226,7 @@ class ControlChannel:
         except BaseException:
             sock.close()
             raise
-        local = _endpoint(sock.getsockname())
+        local = endpoint_of(sock.getsockname())
         self._registered = loop.create_future()
         self._read_task = loop.create_task(self._read_loop())
         hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm)

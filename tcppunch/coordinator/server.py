@@ -22,7 +22,8 @@ import structlog
 from tcppunch.nat.report import Endpoint
 from tcppunch.relay import ByteBudget, RelayEnd, RelayStats, detach, relay
 from tcppunch.wire.coord import Error, ErrorCode, encode_message
-from tcppunch.wire.framing import PREAMBLE_SIZE, looks_like_stun
+from tcppunch.wire.framing import PREAMBLE_SIZE
+from tcppunch.wire.stun import looks_like_stun
 
 from .auth import Tokens
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay

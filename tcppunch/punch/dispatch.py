@@ -17,8 +17,9 @@ import socket
 import structlog
 
 from tcppunch.nat.report import Endpoint
+from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.handshake import MAGIC_HELLO, TAG_SIZE, session_tag
-from tcppunch.punch.sockets import close_quietly, endpoint_of, reuse_listener
+from tcppunch.punch.sockets import close_quietly, reuse_listener
 
 _log = structlog.get_logger(__name__)
 

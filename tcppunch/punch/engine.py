@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.report import Endpoint
+from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.handshake import Handshake, PeerVerified, Rejected, SelectReceived
 from tcppunch.punch.plan import (
     Candidate,
@@ -54,7 +55,6 @@ from tcppunch.punch.sockets import (
     TIMEOUT_ERRNOS,
     UNREACHABLE_ERRNOS,
     close_quietly,
-    endpoint_of,
     reuse_listener,
     reuse_socket,
     start_connect,

@@ -15,20 +15,12 @@ from enum import StrEnum
 
 from tcppunch.nat.report import Endpoint
 
+# Roles come from the session, never from who called connect(): after a simultaneous open both ends are
+# "clients". The punch speaks the coordinator's own role vocabulary.
+from tcppunch.wire.coord import Role as Role
+
 SESSION_ID_MAX = 64
 KEY_MIN = 16
-
-
-class Role(StrEnum):
-    """Who selects the winner. Comes from the session, never from who called ``connect()``: after a
-    simultaneous open both ends are "clients". Values match the coordinator's roles."""
-
-    INITIATOR = "initiator"
-    RESPONDER = "responder"
-
-    @property
-    def other(self) -> Role:
-        return Role.RESPONDER if self is Role.INITIATOR else Role.INITIATOR
 
 
 class CandidateKind(StrEnum):

@@ -22,6 +22,7 @@ import socket
 import struct
 
 from tcppunch.nat.report import Endpoint
+from tcppunch.nat.sockets import reuse_port_socket
 
 # Linux TCP states as reported by TCP_INFO (include/net/tcp_states.h).
 TCP_ESTABLISHED = 1
@@ -30,21 +31,9 @@ TCP_SYN_RECV = 3
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 
-def family_of(ip: str) -> socket.AddressFamily:
-    """AF_INET6 for an address with a colon, else AF_INET."""
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
 def sockaddr(endpoint: Endpoint) -> tuple[str, int]:
     """The address tuple that ``connect``/``bind`` take for ``endpoint``."""
     return (endpoint.ip, endpoint.port)
-
-
-def endpoint_of(address: object) -> Endpoint:
-    """An :class:`Endpoint` from a socket address tuple (v4 or v6)."""
-    if not isinstance(address, tuple) or len(address) < 2:
-        raise ValueError(f"not an IP socket address: {address!r}")
-    return Endpoint(str(address[0]), int(address[1]))
 
 
 def reuse_socket(local: Endpoint) -> socket.socket:
@@ -52,16 +41,7 @@ def reuse_socket(local: Endpoint) -> socket.socket:
 
     Port 0 picks a free port; read it back with ``getsockname()`` and bind the others to it.
     """
-    sock = socket.socket(family_of(local.ip), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind(sockaddr(local))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return reuse_port_socket(socket.SOCK_STREAM, local)
 
 
 def reuse_listener(local: Endpoint, backlog: int = 16) -> socket.socket:

@@ -25,14 +25,6 @@ HEADER_SIZE = 4
 # a client cannot make the server buffer much before it is refused.
 MAX_FRAME_SIZE = 64 * 1024
 
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
-
-
-def looks_like_stun(prefix: bytes) -> bool:
-    """True if the first 8 bytes of a connection are a STUN header start (RFC 5389 section 6)."""
-    return len(prefix) >= 8 and prefix[0] & 0xC0 == 0 and prefix[4:8] == STUN_MAGIC_COOKIE
-
-
 class ProtocolError(Exception):
     """The peer broke the protocol; ``code`` is the error code sent back in an ERROR frame."""
 

@@ -23,8 +23,8 @@ from tcppunch.coordinator.control import (
     ControlChannel,
     CoordinatorError,
     PunchOrder,
+    control_socket,
     open_relay,
-    reuse_port_socket,
 )
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
@@ -170,7 +170,7 @@ def test_the_control_port_can_be_shared_by_the_punch() -> None:
             assert alice.registration is not None
             local = alice.registration.local
             # the punch engine binds the very same port again (SO_REUSEPORT) and listens on it
-            sock = reuse_port_socket(local, socket.AF_INET)
+            sock = control_socket(local)
             try:
                 sock.listen(1)
                 assert sock.getsockname()[1] == local.port

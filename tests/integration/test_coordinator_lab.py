@@ -25,7 +25,6 @@ from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, R
 from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchFailed, PunchPlan, PunchResult
-from tcppunch.punch.plan import Role as PunchRole
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import RelayAdvice, Role
 
@@ -94,7 +93,7 @@ def _plan(channel: ControlChannel, order: PunchOrder) -> PunchPlan:
     assert channel.registration is not None
     return PunchPlan(
         local=channel.registration.local,
-        role=PunchRole(order.role.value),
+        role=order.role,
         session_id=order.session_id,
         key=order.key,
         candidates=build_candidates(

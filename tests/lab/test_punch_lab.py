@@ -28,10 +28,11 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
 from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
+from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import Outcome, PunchFailed, PunchPlan, PunchResult, Role
 from tcppunch.punch.prediction import build_candidates, direct_possible, retry_policy_for
-from tcppunch.punch.sockets import endpoint_of, reuse_listener, reuse_socket
+from tcppunch.punch.sockets import reuse_listener, reuse_socket
 
 ECHO = Endpoint("198.51.100.10", 3479)
 KEY = os.urandom(32)

@@ -43,8 +43,8 @@ from tcppunch.wire.framing import (
     FrameDecoder,
     ProtocolError,
     encode_frame,
-    looks_like_stun,
 )
+from tcppunch.wire.stun import looks_like_stun
 
 NAT = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ENDPOINT_INDEPENDENT, port_delta=1), verdict="ok")
 EP = Endpoint("198.51.100.7", 40000)

@@ -274,7 +274,11 @@ def test_serve_tcp_connection_accepts_a_handed_over_prefix(two_address: ServiceT
             assert response.transaction_id == request.transaction_id
             assert response.find(XorMappedAddress) == XorMappedAddress(TransportAddress(*sock.getsockname()))
     finally:
-        server.close()
+
+        async def stop() -> None:  # on the service's own loop: asyncio servers are not thread-safe
+            server.close()
+
+        two_address.run(stop())
     assert received
 
 
