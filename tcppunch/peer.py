@@ -55,9 +55,13 @@ __all__ = [
     "ConnectFailed",
     "Connection",
     "ConnectionInfo",
+    "CoordinatorError",
+    "Endpoint",
     "Method",
+    "NatReport",
     "Peer",
     "PeerInfo",
+    "PunchAttempt",
     "RelayMode",
     "parse_endpoint",
 ]
@@ -84,12 +88,19 @@ class Method(StrEnum):
 
 
 class ConnectFailed(Exception):
-    """No connection to the peer: why, what each punch candidate got, and what to try."""
+    """No connection to the peer: why, what each punch candidate got, and what to try.
 
-    def __init__(self, message: str, *, peer: str, attempts: tuple[PunchAttempt, ...] = (),
+    ``code`` tells the cases apart without parsing the message: a coordinator error code
+    (``unknown-peer``, ``busy``, ``self-connect``, ... see docs/protocol.md), or ``punch-failed``
+    (relay not allowed), ``direct-impossible`` (the NATs rule direct out, relay not allowed),
+    ``relay-failed``, ``timeout``, ``unreachable`` (the coordinator does not answer).
+    """
+
+    def __init__(self, message: str, *, peer: str, code: str = "failed", attempts: tuple[PunchAttempt, ...] = (),
                  timings: dict[str, float] | None = None) -> None:
         super().__init__(message)
         self.peer = peer
+        self.code = code
         self.attempts = attempts
         self.timings = timings or {}
 
@@ -241,7 +252,8 @@ class Peer:
             try:
                 self.nat = await detect(server=self.coordinator, timeout=2.0)
             except ServerUnreachable as exc:
-                raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="") from exc
+                raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
+                                    code="unreachable") from exc
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
         port = self._port or _free_port(self._bind)
@@ -307,7 +319,11 @@ class Peer:
     async def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float | None = 60.0
                       ) -> Connection:
         """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason."""
-        sock, info = await asyncio.wait_for(self._connect_socket(peer_id, relay), timeout)
+        try:
+            sock, info = await asyncio.wait_for(self._connect_socket(peer_id, relay), timeout)
+        except TimeoutError:
+            raise ConnectFailed(f"no connection to {peer_id} within {timeout} s", peer=peer_id,
+                                code="timeout") from None
         return await _wrap(sock, info)
 
     async def accept(self, timeout: float | None = None) -> Connection:
@@ -344,12 +360,14 @@ class Peer:
 
     async def _request_and_establish(self, peer_id: str, started: float, relay: RelayMode | None
                                      ) -> tuple[socket.socket, ConnectionInfo]:
+        mode = relay or self.relay_mode
         self._stage("schedule", {"peer": peer_id})
         try:
-            order = await self._control.connect(peer_id)
+            order = await self._control.connect(peer_id, relay_only=mode is RelayMode.ALWAYS)
         except CoordinatorError as exc:
-            raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id) from exc
-        return await self._establish(order, started, relay or self.relay_mode)
+            raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id,
+                                code=exc.code) from exc
+        return await self._establish(order, started, mode)
 
     @property
     def sequential_nat(self) -> bool:
@@ -393,7 +411,8 @@ class Peer:
             else:
                 established = await self._establish(order, order.received_at, self.relay_mode)
         except ConnectFailed as exc:
-            self._log.warning("peer.incoming_failed", peer=order.peer_id, session=order.session_id, error=str(exc))
+            self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id, "code": exc.code,
+                                            "error": str(exc).splitlines()[0]})
             return
         await self._incoming.put(established)
 
@@ -411,7 +430,7 @@ class Peer:
             if mode is RelayMode.NEVER:
                 await self._report(order, Outcome.FAILED, {"reason": reason})
                 raise ConnectFailed(f"{reason}; relay not allowed (--relay never)", peer=order.peer_id,
-                                    timings=timings)
+                                    code="direct-impossible", timings=timings)
         else:
             self._stage("punch", {"peer": order.peer_id, "session": order.session_id, "role": order.role.value,
                                   "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
@@ -425,8 +444,8 @@ class Peer:
                 info_log.info("peer.punch_failed", explanation=exc.explanation)
                 if mode is RelayMode.NEVER:
                     await self._report(order, Outcome.FAILED, {"reason": "punch failed"})
-                    raise ConnectFailed(exc.explanation, peer=order.peer_id, attempts=attempts,
-                                        timings=timings) from exc
+                    raise ConnectFailed(exc.explanation, peer=order.peer_id, code="punch-failed",
+                                        attempts=attempts, timings=timings) from exc
                 reason = f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
             except BaseException:
                 self._unroute(order)
@@ -448,8 +467,8 @@ class Peer:
             sock = await asyncio.wait_for(_join_relay(order), self.relay_timeout)
         except (CoordinatorError, OSError, TimeoutError) as exc:
             await self._report(order, Outcome.FAILED, {"reason": f"relay: {exc}"})
-            raise ConnectFailed(f"{reason}; the relay failed too: {exc}", peer=order.peer_id, attempts=attempts,
-                                timings=timings) from exc
+            raise ConnectFailed(f"{reason}; the relay failed too: {exc}", peer=order.peer_id, code="relay-failed",
+                                attempts=attempts, timings=timings) from exc
         timings["relay"] = loop.time() - relay_started
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.RELAY, endpoint_of(sock.getsockname()),

@@ -95,7 +95,7 @@ def _peer(args: argparse.Namespace) -> int:
     from examples.swarm.client import ClientConfig, SwarmClient
     from examples.swarm.metainfo import Metainfo, MetainfoError
     from examples.swarm.storage import PieceStore
-    from tcppunch.peer import ConnectFailed, RelayMode
+    from tcppunch.peer import ConnectFailed, CoordinatorError, RelayMode
 
     try:
         meta = Metainfo.load(args.metainfo)
@@ -122,7 +122,7 @@ def _peer(args: argparse.Namespace) -> int:
     except ConnectFailed as exc:  # the coordinator is unreachable
         print(f"peer: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # a refused registration (bad token, id taken): tcppunch.peer exports no type for it
+    except CoordinatorError as exc:  # a refused registration (bad token, id taken)
         print(f"peer: cannot join: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     emit({"event": "stats", **stats})

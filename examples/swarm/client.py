@@ -44,7 +44,7 @@ from examples.swarm.wire import (
     pack_bits,
     unpack_bits,
 )
-from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
+from tcppunch.peer import ConnectFailed, Connection, CoordinatorError, Peer, RelayMode
 
 log = structlog.get_logger("examples.swarm")
 
@@ -230,7 +230,7 @@ class SwarmClient:
         while True:  # bounded by run(): cancelled at stop or run_timeout
             try:
                 listed = await asyncio.wait_for(peer.list_peers(), 10.0)
-            except Exception as exc:  # list_peers raises the coordinator's own (non-public) error type
+            except (CoordinatorError, ConnectionError, TimeoutError) as exc:
                 self._log.warning("swarm.list_failed", error=str(exc))
                 listed = []
             now = time.monotonic()

@@ -266,10 +266,11 @@ class ControlChannel:
         reply: Peers = await self._request(request_id, ListPeers(request_id, swarm))
         return list(reply.peers)
 
-    async def connect(self, peer_id: str) -> PunchOrder:
-        """Ask for a punch session with ``peer_id``; returns our PunchOrder (role initiator)."""
+    async def connect(self, peer_id: str, *, relay_only: bool = False) -> PunchOrder:
+        """Ask for a punch session with ``peer_id``; returns our PunchOrder (role initiator).
+        ``relay_only``: skip the punch on both sides (both orders say relay-now)."""
         request_id = self._request_id()
-        order: PunchOrder = await self._request(request_id, Connect(request_id, peer_id))
+        order: PunchOrder = await self._request(request_id, Connect(request_id, peer_id, relay_only))
         return order
 
     async def next_order(self, timeout: float | None = None) -> PunchOrder:

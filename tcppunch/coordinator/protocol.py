@@ -41,6 +41,7 @@ from tcppunch.wire.coord import (
     Register,
     Registered,
     Relay,
+    RelayAdvice,
     RelayOk,
     Result,
     Role,
@@ -425,6 +426,8 @@ class CoordinatorProtocol:
         target.sessions.add(session_id)
         self.stats.sessions += 1
         advice, advice_reason = relay_advice(me.nat, target.nat)
+        if msg.relay_only:
+            advice, advice_reason = RelayAdvice.RELAY_NOW, f"{me.id} asked for the relay"
         log.info(
             "coordinator.session",
             session=session_id,

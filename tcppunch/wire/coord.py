@@ -400,13 +400,19 @@ class Connect:
     TYPE: ClassVar[str] = "connect"
     request_id: str
     peer: str
+    # The caller wants the relay only: both PUNCH copies then say relay-now, so the other side does not
+    # spend the punch deadline. Optional on the wire (absent = false).
+    relay_only: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "peer": self.peer}
+        return {"request_id": self.request_id, "peer": self.peer, "relay_only": self.relay_only}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Connect:
-        return cls(request_id=_str(obj, "request_id", max_len=64), peer=_peer_id(obj, "peer"))
+        relay_only = obj.get("relay_only", False)
+        if not isinstance(relay_only, bool):
+            raise _bad("relay_only", "must be true or false")
+        return cls(request_id=_str(obj, "request_id", max_len=64), peer=_peer_id(obj, "peer"), relay_only=relay_only)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,9 @@ def test_relay_always_goes_through_the_coordinator() -> None:
             assert outgoing.method is Method.RELAY
             assert outgoing.remote == where  # the relay is the coordinator itself
             assert outgoing.info.relay_reason is not None and "relay requested" in outgoing.info.relay_reason
+            # the other side was told too: it went straight to the relay without punching
+            assert incoming.method is Method.RELAY and incoming.info.attempts == ()
+            assert incoming.info.relay_reason is not None and "asked for the relay" in incoming.info.relay_reason
             assert await _exchange(outgoing, incoming, 1_000_000) == (True, True)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
@@ -96,8 +99,9 @@ def test_unknown_peer_is_a_clear_failure_and_the_peer_keeps_working() -> None:
     async def scenario() -> None:
         async with coordinator() as where, Peer(where, "bob", TOKEN, detect_nat=False) as bob, \
                 Peer(where, "alice", TOKEN, detect_nat=False) as alice:
-            with pytest.raises(ConnectFailed, match="unknown-peer"):
+            with pytest.raises(ConnectFailed, match="unknown-peer") as failed:
                 await alice.connect("carol")
+            assert failed.value.code == "unknown-peer"
             ids = {p.id for p in await alice.list_peers()}
             assert "bob" in ids
             conn = await alice.connect("bob")
