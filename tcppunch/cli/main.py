@@ -1,14 +1,41 @@
-"""The ``tcppunch`` click group. Each sub-command lives in its own module and is added below."""
+"""The ``tcppunch`` click group. Each sub-command lives in its own module, imported only when it runs
+(``tcppunch detect`` does not pay for the coordinator, the relay and the lab at start-up)."""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from tcppunch import __version__
 from tcppunch.cli.logging import LEVELS, configure_logging
 
+# command name -> (module, attribute)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "connect": ("tcppunch.cli.peer_cmds", "connect_command"),
+    "detect": ("tcppunch.cli.detect_cmd", "detect_command"),
+    "lab": ("tcppunch.cli.lab_cmd", "lab"),
+    "listen": ("tcppunch.cli.peer_cmds", "listen_command"),
+    "server": ("tcppunch.cli.server_cmd", "server_command"),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tcppunch")
 @click.option(
     "--log-level",
@@ -30,17 +57,3 @@ def main(log_level: str, log_json: bool) -> None:
     Try it all without a network: tcppunch lab --help
     """
     configure_logging(log_level, log_json)
-
-
-def _register_commands() -> None:
-    """Attach each sub-command; one module per command keeps this file small."""
-    from tcppunch.cli import detect_cmd, lab_cmd, peer_cmds, server_cmd
-
-    main.add_command(lab_cmd.lab)
-    main.add_command(detect_cmd.detect_command)
-    main.add_command(server_cmd.server_command)
-    main.add_command(peer_cmds.connect_command)
-    main.add_command(peer_cmds.listen_command)
-
-
-_register_commands()
