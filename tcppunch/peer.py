@@ -326,6 +326,11 @@ class Peer:
                                 code="timeout") from None
         return await _wrap(sock, info)
 
+    async def _abandon(self, order: PunchOrder) -> None:
+        """Tell the coordinator we gave up, so that the other peer stops at once (shielded: runs while
+        the caller is being cancelled)."""
+        await asyncio.shield(self._report(order, Outcome.ABANDONED, {"reason": "gave up"}))
+
     async def accept(self, timeout: float | None = None) -> Connection:
         """The next connection another peer opened to us. Raises ConnectionError once the peer closed."""
         return await _wrap(*await self._accept_socket(timeout))
@@ -367,7 +372,11 @@ class Peer:
         except CoordinatorError as exc:
             raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id,
                                 code=exc.code) from exc
-        return await self._establish(order, started, mode)
+        try:
+            return await self._establish(order, started, mode)
+        except asyncio.CancelledError:  # connect() timed out or the caller cancelled it
+            await self._abandon(order)
+            raise
 
     @property
     def sequential_nat(self) -> bool:
@@ -436,7 +445,11 @@ class Peer:
                                   "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
             inbound = None if self._dispatcher is None else self._dispatcher.register(order.session_id)
             try:
-                result = await punch(self._plan(order), inbound=inbound, streams=False)
+                result = await _unless_cancelled(order, punch(self._plan(order), inbound=inbound, streams=False))
+            except SessionCancelled as exc:
+                self._unroute(order)
+                raise ConnectFailed(f"{order.peer_id} gave up or left: {exc}", peer=order.peer_id, code="cancelled",
+                                    timings=timings) from exc
             except PunchFailed as exc:
                 self._unroute(order)
                 attempts = exc.attempts
@@ -464,7 +477,10 @@ class Peer:
         self._stage("relay", {"peer": order.peer_id, "reason": reason})
         relay_started = loop.time()
         try:
-            sock = await asyncio.wait_for(_join_relay(order), self.relay_timeout)
+            sock = await _unless_cancelled(order, asyncio.wait_for(_join_relay(order), self.relay_timeout))
+        except SessionCancelled as exc:
+            raise ConnectFailed(f"{order.peer_id} gave up or left: {exc}", peer=order.peer_id, code="cancelled",
+                                attempts=attempts, timings=timings) from exc
         except (CoordinatorError, OSError, TimeoutError) as exc:
             await self._report(order, Outcome.FAILED, {"reason": f"relay: {exc}"})
             raise ConnectFailed(f"{reason}; the relay failed too: {exc}", peer=order.peer_id, code="relay-failed",
@@ -512,6 +528,27 @@ class Peer:
         self._log.info(f"peer.{name}", **data)
         if self._on_stage is not None:
             self._on_stage(name, data)
+
+
+class SessionCancelled(Exception):
+    """The coordinator cancelled the session (the other peer gave up or left)."""
+
+
+async def _unless_cancelled(order: PunchOrder, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` unless and until the coordinator cancels the order's session."""
+    task = asyncio.ensure_future(work)
+    cancelled = asyncio.ensure_future(order.cancelled.wait())
+    try:
+        done, _ = await asyncio.wait({task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, cancelled):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+    if task in done:
+        return task.result()
+    raise SessionCancelled(order.cancel_reason or "cancelled")
 
 
 async def _wrap(sock: socket.socket, info: ConnectionInfo) -> Connection:

@@ -476,6 +476,12 @@ class CoordinatorProtocol:
         if session is None or record.id not in session.peer_ids():
             return []
         session.results[record.id] = msg.outcome.value
+        if msg.outcome is Outcome.ABANDONED:
+            actions: list[Action] = []
+            other = self.registry.get(session.other(record.id))
+            if other is not None:
+                actions.append(Send(other.conn, encode_message(Cancel(session.id, f"peer {record.id!r} gave up"))))
+            return actions + self._end_session(session, ErrorCode.SESSION_CANCELLED, f"peer {record.id!r} gave up")
         # Both connected directly: the session (and its relay option) is done, free the slots now.
         if len(session.results) == 2 and set(session.results.values()) == {Outcome.DIRECT.value}:
             return self._end_session(session, ErrorCode.UNKNOWN_SESSION, "the session ended direct")

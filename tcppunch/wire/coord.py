@@ -78,6 +78,9 @@ class Outcome(StrEnum):
     DIRECT = "direct"
     RELAY = "relay"
     FAILED = "failed"
+    # The peer gave up on the session (its connect() timed out or was cancelled): the server ends the
+    # session and tells the other peer (CANCEL), which stops punching and does not wait in the relay.
+    ABANDONED = "abandoned"
 
 
 # Peer ids: what people type on a command line; no spaces, no control characters, bounded.

@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.nat.report import Endpoint
 from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
+from tcppunch.wire.coord import Outcome
 from tcppunch.wire.stun import TransportAddress
 
 TOKEN = "loopback-secret"
@@ -171,3 +173,27 @@ def test_blocking_peer_hands_out_plain_sockets() -> None:
         assert result["got"] == payload
         assert result["method"] == b"direct"
         assert digest == hashlib.sha256(payload).digest()
+
+
+def test_a_peer_that_gives_up_stops_the_other_side_at_once() -> None:
+    """The initiator abandons the session: the responder stops punching instead of waiting for the
+    deadline and then for a relay partner who will never come."""
+
+    async def scenario() -> dict[str, object]:
+        failed: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+        def on_stage(stage: str, data: dict[str, object]) -> None:
+            if stage == "incoming_failed":
+                failed.put_nowait(data)
+
+        async with coordinator() as where, \
+                Peer(where, "bob", TOKEN, detect_nat=False, relay=RelayMode.NEVER, on_stage=on_stage), \
+                ControlChannel(where, "alice", TOKEN) as alice:
+            order = await alice.connect("bob")  # bob starts punching towards alice, who never fires
+            await alice.report_result(order.session_id, Outcome.ABANDONED)
+            # well inside bob's punch window (6 s): the CANCEL stopped him
+            return await asyncio.wait_for(failed.get(), 3)
+
+    data = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert data["code"] == "cancelled"
+    assert data["peer"] == "alice"
