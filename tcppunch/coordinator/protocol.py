@@ -517,9 +517,16 @@ class CoordinatorProtocol:
             return self._fail(c, ErrorCode.RELAY_ROLE_TAKEN, f"the {msg.role.value} is already connected")
         busy = [p for p in session.peer_ids() if self.active_relays(p) >= cfg.max_relays_per_peer]
         if busy:
-            return self._fail(
-                c, ErrorCode.RELAY_LIMIT, f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running"
-            )
+            # The session cannot be relayed: say so to this connection, to a partner already waiting, and
+            # to both peers' control connections (CANCEL), instead of letting the partner wait for a
+            # relay that will never start.
+            why = f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running"
+            actions = self._fail(c, ErrorCode.RELAY_LIMIT, why)
+            for peer_id in session.peer_ids():
+                record = self.registry.get(peer_id)
+                if record is not None:
+                    actions.append(Send(record.conn, encode_message(Cancel(session.id, f"relay-limit: {why}"))))
+            return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
         session.relay_waiting[msg.role] = c.id
         c.state, c.session_id, c.role = ConnState.RELAY_WAIT, session.id, msg.role
         actions = self._check_relay_overflow(c, now)

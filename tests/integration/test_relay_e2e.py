@@ -11,7 +11,7 @@ from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError, open_relay
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.peer import Connection, Method, Peer, RelayMode
+from tcppunch.peer import ConnectFailed, Connection, Method, Peer, RelayMode
 
 STREAMS = 100
 SIZE = 1_000_000
@@ -104,3 +104,27 @@ def test_killing_one_side_closes_its_partner_and_strangers_are_refused() -> None
     rest, refused = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert rest == b""
     assert refused == "bad-proof"
+
+
+def test_relay_limit_reaches_both_sides_at_once() -> None:
+    """A relay refused for the per-peer limit: both peers hear the real reason, nobody waits 30 s."""
+    config = CoordinatorConfig(max_relays_per_peer=1)
+
+    async def scenario() -> str:
+        async with CoordinatorServer("127.0.0.1", 0, Tokens(shared="t"), config=config) as server, \
+                Peer(server.address, "hub", "t", detect_nat=False) as hub, \
+                Peer(server.address, "first", "t", detect_nat=False, relay=RelayMode.ALWAYS) as first, \
+                Peer(server.address, "second", "t", detect_nat=False, relay=RelayMode.ALWAYS) as second:
+            held = await first.connect("hub")  # hub's one relay slot is now taken
+            held_far = await hub.accept(timeout=10)
+            try:
+                await second.connect("hub", timeout=10)
+            except ConnectFailed as exc:
+                return str(exc)
+            finally:
+                held.close()
+                held_far.close()
+            return "connected"
+
+    message = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert "relay-limit" in message or "relays running" in message

@@ -677,11 +677,22 @@ def test_relays_per_peer_are_limited() -> None:
     for punch in punches[:2]:
         _join(h, punch, Role.INITIATOR)
         _join(h, punch, Role.RESPONDER)
+    h.take(alice)
+    h.take(bob)
     refused = _join(h, punches[2], Role.INITIATOR)
     assert_fatal(h, refused, "relay-limit")
+    # both peers hear why at once (CANCEL), and the session is over: nobody waits for a relay partner
+    for peer in (alice, bob):
+        (cancel,) = [m for m in h.take(peer) if isinstance(m, Cancel)]
+        assert cancel.session_id == punches[2].session_id and "relay-limit" in cancel.reason
+    assert_fatal(h, _join(h, punches[2], Role.RESPONDER), "unknown-session")
+    # a slot that frees up serves the next session
     h.proto.relay_finished(punches[0].session_id)
-    _join(h, punches[2], Role.INITIATOR)
-    _join(h, punches[2], Role.RESPONDER)
+    h.send(alice, Connect("r3", "bob"))
+    again = h.take(alice)[-1]
+    assert isinstance(again, Punch)
+    _join(h, again, Role.INITIATOR)
+    _join(h, again, Role.RESPONDER)
     assert len(h.relays) == 3
 
 
