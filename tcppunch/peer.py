@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PunchOrder
+from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PunchOrder, punch_plan
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
@@ -35,7 +35,6 @@ from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpo
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
-from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import (
     Error,
     Outcome,
@@ -503,22 +502,7 @@ class Peer:
         # takes the NAT's next port), and reusing the control port would repeat last session's 5-tuple,
         # whose NAT entry may still be alive with last session's public port: use a fresh local port.
         local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
-        return PunchPlan(
-            local=local,
-            role=order.role,
-            session_id=order.session_id,
-            key=order.key,
-            candidates=build_candidates(
-                peer_observed=order.peer_observed,
-                peer_nat=order.peer_nat,
-                own_nat=self.nat,
-                peer_private=order.peer_private,
-                own_public_ip=self.observed.ip,
-            ),
-            fire_at=order.fire_at,
-            deadline=order.deadline,
-            retry=retry_policy_for(self.nat),
-        )
+        return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip)
 
     async def _report(self, order: PunchOrder, outcome: Outcome, details: dict[str, Any]) -> None:
         with contextlib.suppress(CoordinatorError, ConnectionError, OSError):

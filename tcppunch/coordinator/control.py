@@ -26,6 +26,8 @@ import structlog
 
 from tcppunch.nat.report import Endpoint, NatReport
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
+from tcppunch.punch.plan import PunchPlan
+from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -128,6 +130,28 @@ class PunchOrder:
             request_id=msg.request_id,
             advice_reason=msg.advice_reason,
         )
+
+
+def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str) -> PunchPlan:
+    """The punch engine's plan for ``order``: fire from ``local`` at the peer's candidates (its private
+    endpoints when we share its public address, its observed endpoint, or predicted ports for a
+    sequential NAT), retrying as fast as our own NAT allows."""
+    return PunchPlan(
+        local=local,
+        role=order.role,
+        session_id=order.session_id,
+        key=order.key,
+        candidates=build_candidates(
+            peer_observed=order.peer_observed,
+            peer_nat=order.peer_nat,
+            own_nat=own_nat,
+            peer_private=order.peer_private,
+            own_public_ip=own_public_ip,
+        ),
+        fire_at=order.fire_at,
+        deadline=order.deadline,
+        retry=retry_policy_for(own_nat),
+    )
 
 
 def control_socket(local: Endpoint) -> socket.socket:

@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 
 from tcppunch.coordinator.auth import Tokens
-from tcppunch.coordinator.control import ControlChannel, PunchOrder
+from tcppunch.coordinator.control import ControlChannel, PunchOrder, punch_plan
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
 from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchFailed, PunchPlan, PunchResult
-from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import RelayAdvice, Role
 
 pytestmark = pytest.mark.lab
@@ -91,22 +90,8 @@ async def _close(channel: ControlChannel) -> None:
 def _plan(channel: ControlChannel, order: PunchOrder) -> PunchPlan:
     """The PunchPlan a Peer builds from a PunchOrder: punch from the control connection's own port."""
     assert channel.registration is not None
-    return PunchPlan(
-        local=channel.registration.local,
-        role=order.role,
-        session_id=order.session_id,
-        key=order.key,
-        candidates=build_candidates(
-            peer_observed=order.peer_observed,
-            peer_nat=order.peer_nat,
-            own_nat=channel.nat,
-            peer_private=order.peer_private,
-            own_public_ip=channel.observed.ip,
-        ),
-        fire_at=order.fire_at,
-        deadline=order.deadline,
-        retry=retry_policy_for(channel.nat),
-    )
+    return punch_plan(order, local=channel.registration.local, own_nat=channel.nat,
+                      own_public_ip=channel.observed.ip)
 
 
 async def _punch_and_exchange(channel: ControlChannel, order: PunchOrder, payload: bytes) -> tuple[Any, str]:
