@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PunchOrder, punch_plan
+from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PeerList, PunchOrder, punch_plan
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
@@ -60,6 +60,7 @@ __all__ = [
     "NatReport",
     "Peer",
     "PeerInfo",
+    "PeerList",
     "PunchAttempt",
     "RelayMode",
     "parse_endpoint",
@@ -192,6 +193,10 @@ class Peer:
     ``nat``: this host's NAT report; when None and ``detect_nat`` is true, :meth:`start` measures it
     against the coordinator (the same HOST:PORT serves STUN), which peers need to predict ports and to
     know when only a relay can work. ``port``: the local port to punch from (0: any free one).
+    ``on_stage(name, data)``: progress callbacks (detect, registered, schedule, punch, direct, relay,
+    relayed, refused, incoming_failed, ...). ``accept_filter(peer_id, peer_nat)``: asked for each incoming
+    session before any punching; False refuses it (the caller's ``connect()`` fails with code
+    ``cancelled`` and a reason that says ``refused``).
     """
 
     def __init__(
@@ -208,6 +213,7 @@ class Peer:
         swarm: str | None = None,
         relay_timeout: float = 30.0,
         on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+        accept_filter: Callable[[str, NatReport | None], bool] | None = None,
     ) -> None:
         self.coordinator = parse_endpoint(coordinator) if isinstance(coordinator, str) else coordinator
         self.peer_id = peer_id
@@ -220,6 +226,7 @@ class Peer:
         self._port = port
         self._detect = detect_nat and nat is None
         self._on_stage = on_stage
+        self._accept_filter = accept_filter
         self._channel: ControlChannel | None = None
         self._dispatcher: PortDispatcher | None = None
         # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
@@ -307,8 +314,9 @@ class Peer:
         return self._channel
 
     # ------------------------------------------------------------------ public operations
-    async def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
-        """Other peers registered with the coordinator (in ``swarm``, or in our own swarm if we have one)."""
+    async def list_peers(self, swarm: str | None = None) -> PeerList:
+        """Other peers registered with the coordinator (in ``swarm``, or in our own swarm if we have one).
+        A list; ``.truncated`` says the coordinator listed only the first of them."""
         return await self._control.list_peers(swarm if swarm is not None else self.swarm)
 
     async def ping(self) -> float:
@@ -409,6 +417,10 @@ class Peer:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, order: PunchOrder) -> None:
+        if self._accept_filter is not None and not self._accept_filter(order.peer_id, order.peer_nat):
+            self._stage("refused", {"peer": order.peer_id, "session": order.session_id})
+            await self._report(order, Outcome.ABANDONED, {"reason": "refused"})
+            return
         try:
             if self.sequential_nat:
                 async with self._nat_turn:

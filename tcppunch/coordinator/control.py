@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,14 @@ class PunchOrder:
             request_id=msg.request_id,
             advice_reason=msg.advice_reason,
         )
+
+
+class PeerList(list[PeerInfo]):
+    """The answer to LIST: the peers, and whether the server listed only the first of them."""
+
+    def __init__(self, peers: Iterable[PeerInfo] = (), *, truncated: bool = False) -> None:
+        super().__init__(peers)
+        self.truncated = truncated
 
 
 def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str) -> PunchPlan:
@@ -284,11 +292,11 @@ class ControlChannel:
 
     # ------------------------------------------------------------------------------------- requests
 
-    async def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
-        """The other registered peers (of ``swarm``, or all)."""
+    async def list_peers(self, swarm: str | None = None) -> PeerList:
+        """The other registered peers (of ``swarm``, or all); ``.truncated`` if the server cut the list."""
         request_id = self._request_id()
         reply: Peers = await self._request(request_id, ListPeers(request_id, swarm))
-        return list(reply.peers)
+        return PeerList(reply.peers, truncated=reply.truncated)
 
     async def connect(self, peer_id: str, *, relay_only: bool = False) -> PunchOrder:
         """Ask for a punch session with ``peer_id``; returns our PunchOrder (role initiator).

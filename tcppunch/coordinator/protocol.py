@@ -477,11 +477,14 @@ class CoordinatorProtocol:
             return []
         session.results[record.id] = msg.outcome.value
         if msg.outcome is Outcome.ABANDONED:
+            why = f"peer {record.id!r} gave up"
+            if isinstance(msg.details.get("reason"), str):
+                why += f": {msg.details['reason'][:200]}"
             actions: list[Action] = []
             other = self.registry.get(session.other(record.id))
             if other is not None:
-                actions.append(Send(other.conn, encode_message(Cancel(session.id, f"peer {record.id!r} gave up"))))
-            return actions + self._end_session(session, ErrorCode.SESSION_CANCELLED, f"peer {record.id!r} gave up")
+                actions.append(Send(other.conn, encode_message(Cancel(session.id, why))))
+            return actions + self._end_session(session, ErrorCode.SESSION_CANCELLED, why)
         # Both connected directly: the session (and its relay option) is done, free the slots now.
         if len(session.results) == 2 and set(session.results.values()) == {Outcome.DIRECT.value}:
             return self._end_session(session, ErrorCode.UNKNOWN_SESSION, "the session ended direct")

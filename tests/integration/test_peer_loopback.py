@@ -197,3 +197,35 @@ def test_a_peer_that_gives_up_stops_the_other_side_at_once() -> None:
     data = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert data["code"] == "cancelled"
     assert data["peer"] == "alice"
+
+
+def test_accept_filter_refuses_before_any_punch_and_the_caller_hears_it() -> None:
+    async def scenario() -> tuple[str, str, list[str], bool]:
+        refused: list[str] = []
+
+        def only_friends(peer_id: str, nat: object) -> bool:
+            return peer_id == "friend"
+
+        def on_stage(stage: str, data: dict[str, object]) -> None:
+            if stage == "refused":
+                refused.append(str(data["peer"]))
+
+        async with coordinator() as where, \
+                Peer(where, "bob", TOKEN, detect_nat=False, accept_filter=only_friends, on_stage=on_stage) as bob, \
+                Peer(where, "stranger", TOKEN, detect_nat=False) as stranger, \
+                Peer(where, "friend", TOKEN, detect_nat=False) as friend:
+            with pytest.raises(ConnectFailed) as failed:
+                await stranger.connect("bob", timeout=10)
+            conn = await friend.connect("bob", timeout=10)
+            got = await bob.accept(timeout=10)
+            ok = got.peer == "friend" and conn.method is Method.DIRECT
+            conn.close()
+            got.close()
+            listed = await friend.list_peers()
+            assert listed.truncated is False and {p.id for p in listed} >= {"bob", "stranger"}
+            return failed.value.code, str(failed.value), refused, ok
+
+    code, message, refused, ok = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert code == "cancelled" and "refused" in message
+    assert refused == ["stranger"]
+    assert ok
