@@ -27,7 +27,14 @@ from typing import Any, TypeVar
 
 import structlog
 
-from tcppunch.coordinator.control import ControlChannel, CoordinatorError, PeerList, PunchOrder, punch_plan
+from tcppunch.coordinator.control import (
+    ControlChannel,
+    CoordinatorError,
+    PeerList,
+    PunchOrder,
+    Registration,
+    punch_plan,
+)
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
@@ -70,6 +77,8 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 3478
+# Registering again after the control connection dropped: 0.1 s doubling to 5 s, about 4 minutes in all.
+REREGISTER_ATTEMPTS = 55
 
 
 class RelayMode(StrEnum):
@@ -214,6 +223,7 @@ class Peer:
         relay_timeout: float = 30.0,
         on_stage: Callable[[str, dict[str, Any]], None] | None = None,
         accept_filter: Callable[[str, NatReport | None], bool] | None = None,
+        reconnect: bool = True,
     ) -> None:
         self.coordinator = parse_endpoint(coordinator) if isinstance(coordinator, str) else coordinator
         self.peer_id = peer_id
@@ -227,6 +237,7 @@ class Peer:
         self._detect = detect_nat and nat is None
         self._on_stage = on_stage
         self._accept_filter = accept_filter
+        self._reconnect = reconnect
         self._channel: ControlChannel | None = None
         self._dispatcher: PortDispatcher | None = None
         # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
@@ -263,21 +274,54 @@ class Peer:
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
         port = self._port or _free_port(self._bind)
-        local = Endpoint(self._bind, port)
-        private = [Endpoint(route_source_ip(self.coordinator.ip), port)]
-        self._channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
-                                       private=private, swarm=self.swarm)
-        registered_at = loop.time()
-        registration = await self._channel.register()
-        self.timings["register"] = loop.time() - registered_at
-        self._log = self._log.bind(local=str(registration.local), observed=str(registration.observed))
-        self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
-                                   "seconds": round(self.timings["register"], 4)})
+        registration = await self._register(Endpoint(self._bind, port))
         if not self.sequential_nat:
             # Many punches share our one punch port: one listener routes incoming connections by session.
             self._dispatcher = PortDispatcher(registration.local)
             self._dispatcher.start()
-        self._serving = loop.create_task(self._serve_orders())
+        self._serving = loop.create_task(self._serve())
+
+    async def _register(self, local: Endpoint) -> Registration:
+        loop = asyncio.get_running_loop()
+        private = [Endpoint(route_source_ip(self.coordinator.ip), local.port)]
+        channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
+                                 private=private, swarm=self.swarm)
+        registered_at = loop.time()
+        registration = await channel.register()
+        self._channel = channel
+        self.timings["register"] = loop.time() - registered_at
+        self._log = log.bind(peer=self.peer_id, local=str(registration.local), observed=str(registration.observed))
+        self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
+                                   "seconds": round(self.timings["register"], 4)})
+        return registration
+
+    async def _serve(self) -> None:
+        """Answer incoming orders; when the control connection drops, register again (bounded back-off)."""
+        while True:
+            await self._serve_orders()
+            if self._closed or not self._reconnect:
+                break
+            if not await self._register_again():
+                break
+        if not self._closed:
+            self._incoming.put_nowait(None)  # accept() callers learn that this peer is gone
+
+    async def _register_again(self) -> bool:
+        local = self.local
+        delay = 0.1
+        for attempt in range(1, REREGISTER_ATTEMPTS + 1):
+            if self._closed:
+                return False
+            self._stage("reconnecting", {"attempt": attempt, "in_seconds": round(delay, 2)})
+            await asyncio.sleep(delay)  # back-off between attempts, not a synchronisation
+            try:
+                await self._register(local)
+                return True
+            except (CoordinatorError, OSError, TimeoutError) as exc:
+                self._log.info("peer.register_failed", attempt=attempt, error=str(exc))
+            delay = min(delay * 2, 5.0)
+        self._stage("lost", {"attempts": REREGISTER_ATTEMPTS})
+        return False
 
     async def close(self) -> None:
         """Unregister and stop; connections already handed out stay open (close them yourself)."""
@@ -395,17 +439,21 @@ class Peer:
     async def _refresh_observed(self) -> None:
         """Learn where our NAT's port counter stands (one STUN binding from the punch port) and tell the
         coordinator, so that the next punch predicts from a fresh port, not the control connection's."""
-        # Not the coordinator's own port: the control connection holds that 4-tuple already. A tcppunch
-        # server answers STUN on its port + 1 too (--alt-port default); any destination takes a new port.
+        # A sequential NAT gives any new connection its next port, whatever the local port: use a fresh
+        # one, so that no two refreshes share a 5-tuple (the second would hit our TIME_WAIT, or revive the
+        # NAT's entry for the first with its old port). The server answers STUN on its port + 1 too.
         stun = Endpoint(self.coordinator.ip, self.coordinator.port + 1)
         try:
-            conn = await TcpStunConnection.open(self.local, stun, timeout=2.0)
+            conn = await TcpStunConnection.open(Endpoint(self.local.ip, 0), stun, timeout=2.0)
             try:
                 mapped = mapped_endpoint(await conn.request(timeout=2.0))
             finally:
                 conn.close()
             await self._control.update_observed(mapped)
-        except (StunTcpError, CoordinatorError, OSError) as exc:
+            # The server handles a connection's frames in order: once this PING is answered, the new port
+            # is in place for whoever connects to us next (their CONNECT comes on another connection).
+            await self._control.ping()
+        except (StunTcpError, CoordinatorError, OSError, TimeoutError) as exc:
             self._log.info("peer.refresh_failed", error=str(exc))
             return
         self._stage("refreshed", {"observed": str(mapped)})
@@ -521,7 +569,8 @@ class Peer:
             await self._control.report_result(order.session_id, outcome, details)
 
     def _stage(self, name: str, data: dict[str, Any]) -> None:
-        self._log.info(f"peer.{name}", **data)
+        # the log context's "peer" is us; a stage's "peer" is the other side
+        self._log.info(f"peer.{name}", **{("remote_peer" if k == "peer" else k): v for k, v in data.items()})
         if self._on_stage is not None:
             self._on_stage(name, data)
 

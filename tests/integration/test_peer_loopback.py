@@ -9,7 +9,7 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -229,3 +229,44 @@ def test_accept_filter_refuses_before_any_punch_and_the_caller_hears_it() -> Non
     assert code == "cancelled" and "refused" in message
     assert refused == ["stranger"]
     assert ok
+
+
+def test_peers_register_again_after_the_coordinator_restarts() -> None:
+    async def scenario() -> tuple[Method, int]:
+        registered: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_stage(name: str) -> Callable[[str, dict[str, object]], None]:
+            def record(stage: str, data: dict[str, object]) -> None:
+                if stage == "registered":
+                    registered.put_nowait(name)
+
+            return record
+
+        port = _free_port()
+        tokens = Tokens(shared=TOKEN)
+        first = CoordinatorServer("127.0.0.1", port, tokens)
+        await first.start()
+        where = Endpoint("127.0.0.1", port)
+        async with Peer(where, "bob", TOKEN, detect_nat=False, on_stage=on_stage("bob")) as bob, \
+                Peer(where, "alice", TOKEN, detect_nat=False, on_stage=on_stage("alice")) as alice:
+            assert {await registered.get(), await registered.get()} == {"alice", "bob"}
+            await first.stop()  # both control connections drop
+            second = CoordinatorServer("127.0.0.1", port, tokens)
+            await second.start()
+            try:
+                again = {await asyncio.wait_for(registered.get(), 20), await asyncio.wait_for(registered.get(), 20)}
+                assert again == {"alice", "bob"}
+                conn = await alice.connect("bob", timeout=15)
+                got = await bob.accept(timeout=15)
+                conn.writer.write(b"after the restart")
+                conn.writer.write_eof()
+                data = await got.reader.read()
+                conn.close()
+                got.close()
+                return conn.method, len(data)
+            finally:
+                await second.stop()
+
+    method, size = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert method is Method.DIRECT
+    assert size == len(b"after the restart")
