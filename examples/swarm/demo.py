@@ -307,8 +307,10 @@ def _follow(events: queue.Queue[dict[str, Any]], processes: dict[str, _Process],
             code = processes[peer].proc.poll()
             errors.append(f"{peer} exited early (code {code})")
             state.killed.add(peer)  # treated as gone; its pairs no longer awaited
-        elif kind == "request" and kill is not None and peer == kill and kill not in state.killed \
-                and event.get("uploaded_pieces", 0):
+        # The first request the victim receives: its requester now waits on it, so the kill is sure to
+        # leave a request to retry elsewhere (waiting for "after it uploaded something" raced: all its
+        # requests could arrive before its first upload finished, and then none came later).
+        elif kind == "request" and kill is not None and peer == kill and kill not in state.killed:
             processes[kill].proc.kill()
             state.killed.add(kill)
             progress(f"killed {kill} (SIGKILL) after {event['uploaded_pieces']} pieces uploaded, just as "
