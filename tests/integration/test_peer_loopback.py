@@ -9,47 +9,24 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.nat.report import Endpoint
 from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
 from tcppunch.wire.coord import Outcome
-from tcppunch.wire.stun import TransportAddress
+from tests.loopback import free_port, loopback_coordinator
 
 TOKEN = "loopback-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-@contextlib.asynccontextmanager
-async def coordinator() -> AsyncIterator[Endpoint]:
-    """Coordinator + STUN on a free port P (and P+1, which STUN needs too: retry if it is taken)."""
-    for _ in range(20):
-        port = _free_port()
-        config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
-                                   external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
-        stack = contextlib.AsyncExitStack()
-        try:
-            stun = await stack.enter_async_context(StunService(config))
-            await stack.enter_async_context(CoordinatorServer("127.0.0.1", port, Tokens(shared=TOKEN),
-                                                              stun_handler=stun.serve_tcp_connection))
-        except OSError:
-            await stack.aclose()
-            continue
-        async with stack:
-            yield Endpoint("127.0.0.1", port)
-        return
-    raise RuntimeError("no free pair of ports for the coordinator")
+def coordinator() -> contextlib.AbstractAsyncContextManager[Endpoint]:
+    return loopback_coordinator(TOKEN)
 
 
 async def _exchange(a: Connection, b: Connection, size: int) -> tuple[bool, bool]:
@@ -242,7 +219,7 @@ def test_peers_register_again_after_the_coordinator_restarts() -> None:
 
             return record
 
-        port = _free_port()
+        port = free_port()
         tokens = Tokens(shared=TOKEN)
         first = CoordinatorServer("127.0.0.1", port, tokens)
         await first.start()

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,40 +16,16 @@ from examples.swarm.client import ClientConfig, SwarmClient
 from examples.swarm.metainfo import Metainfo, create_metainfo
 from examples.swarm.storage import PieceStore
 from examples.swarm.wire import Bitfield, Decoder, Handshake, Message, Request, encode
-from tcppunch.coordinator.auth import Tokens
-from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.peer import Peer
-from tcppunch.wire.stun import TransportAddress
+from tests.loopback import loopback_coordinator
 
 TOKEN = "swarm-loopback"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def coordinator() -> AsyncIterator[str]:
-    """Coordinator + STUN on a free port P (and P+1 for STUN: retry if it is taken)."""
-    for _ in range(20):
-        port = _free_port()
-        config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
-                                   external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
-        stack = contextlib.AsyncExitStack()
-        try:
-            stun = await stack.enter_async_context(StunService(config))
-            await stack.enter_async_context(CoordinatorServer("127.0.0.1", port, Tokens(shared=TOKEN),
-                                                              stun_handler=stun.serve_tcp_connection))
-        except OSError:
-            await stack.aclose()
-            continue
-        async with stack:
-            yield f"127.0.0.1:{port}"
-        return
-    raise RuntimeError("no free pair of ports for the coordinator")
+    async with loopback_coordinator(TOKEN) as where:
+        yield str(where)
 
 
 def _content(tmp_path: Path, size: int) -> tuple[Metainfo, bytes]:
