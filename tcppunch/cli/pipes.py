@@ -10,16 +10,18 @@ import asyncio
 import contextlib
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 CHUNK = 64 * 1024
 
 
-async def copy_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    """Copy until EOF, honouring back-pressure, then half-close ``writer``; return the byte count."""
+async def _pump(next_chunk: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWriter) -> int:
+    """Write chunks until an empty one (EOF), honouring back-pressure, then half-close ``writer``;
+    return the byte count. A broken connection closes ``writer``."""
     total = 0
     try:
-        while chunk := await reader.read(CHUNK):
+        while chunk := await next_chunk():
             writer.write(chunk)
             total += len(chunk)
             await writer.drain()
@@ -28,6 +30,11 @@ async def copy_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     except (ConnectionError, OSError):
         writer.close()
     return total
+
+
+async def copy_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Copy until EOF, honouring back-pressure, then half-close ``writer``; return the byte count."""
+    return await _pump(lambda: reader.read(CHUNK), writer)
 
 
 async def join_streams(
@@ -71,17 +78,7 @@ async def _stdin_to(writer: asyncio.StreamWriter, source: BinaryIO) -> int:
     """Copy a blocking binary file (stdin) into ``writer``, then half-close."""
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
     _start_reader_thread(source, queue, asyncio.get_running_loop())
-    total = 0
-    try:
-        while chunk := await queue.get():
-            writer.write(chunk)
-            total += len(chunk)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.close()
-    return total
+    return await _pump(queue.get, writer)
 
 
 async def _to_stdout(reader: asyncio.StreamReader, sink: BinaryIO) -> int:
