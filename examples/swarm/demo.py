@@ -234,7 +234,9 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
                 errors.append(f"{peer_id}: file missing or differs from the seeder's")
         peers.append(PeerResult(
             peer_id, nat_of[peer_id], peer_id == seeder, killed=peer_id in state.killed,
-            complete=bool(stats.get("complete")), sha256_ok=sha_ok, downloaded=int(stats.get("downloaded", 0)),
+            # its "complete" event counts even when its final stats line was lost at shutdown
+            complete=bool(stats.get("complete")) or peer_id in state.complete_at, sha256_ok=sha_ok,
+            downloaded=int(stats.get("downloaded", 0)),
             uploaded=int(stats.get("uploaded", 0)), requeued=int(stats.get("requeued", 0)),
             complete_seconds=state.complete_at.get(peer_id), exit_code=proc.proc.returncode, stats=stats))
     pairs = _pairs(ids, nat_of, state)
