@@ -2,13 +2,17 @@
 
 The asyncio server (``server.py``) only moves bytes and arms one timer: it feeds
 ``connection_made`` / ``data_received`` / ``connection_lost`` / ``tick`` with ``now`` and carries out the
-returned :data:`Action` list in order. Everything else — registration, keepalives and RTT, sessions and
-their fire times, relay authentication and pairing, every error path — lives here and is tested without
-sockets.
+returned :data:`Action` list in order, and re-arms its timer at :meth:`next_deadline`. Everything
+else — registration, keepalives and RTT, sessions and their fire times, relay authentication and pairing,
+every error path — lives here and is tested without sockets.
 
 Connection life: ``HELLO`` (preamble + first frame, under ``handshake_timeout``) -> ``PEER`` (after
 REGISTER) or ``RELAY_WAIT`` (after a verified RELAY, until the other role arrives) -> ``HANDED_OFF``
 (a :class:`StartRelay` action gave the socket to the relay pump) ; any state -> ``CLOSED``.
+
+Time: every deadline (handshake, each peer's next ping or keepalive timeout, each session's expiry) sits
+in one :class:`~.timers.TimerHeap`, so an event costs the same with 200 or 50,000 peers registered and
+:meth:`tick` touches only what is due (at most ``max_timers_per_tick`` of them per call).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 from .auth import Tokens
 from .registry import ConnId, PeerRecord, Registry
 from .session import Session, relay_advice, schedule_fire
+from .timers import TimerHeap
 
 log = structlog.get_logger()
 
@@ -87,6 +92,9 @@ class CoordinatorConfig:
     relay_endpoint: Endpoint | None = None
     max_frame_size: int = MAX_FRAME_SIZE
     max_pings_in_flight: int = 4
+    # Due timers one tick() handles; the rest wait for the next call (the driver re-arms at once), so a
+    # burst of expiries never holds up I/O for long.
+    max_timers_per_tick: int = 1000
 
 
 # ------------------------------------------------------------------------------------------- actions
@@ -125,6 +133,17 @@ class StartRelay:
 Action = Send | Close | StartRelay
 
 
+class _Timer(Enum):
+    """What a timer key's id names: a connection in its hello, a registered peer id, a session id."""
+
+    HANDSHAKE = 0
+    PEER = 1
+    SESSION = 2
+
+
+TimerKey = tuple[_Timer, int | str]
+
+
 class ConnState(Enum):
     HELLO = "hello"
     PEER = "peer"
@@ -133,7 +152,7 @@ class ConnState(Enum):
     CLOSED = "closed"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Conn:
     id: ConnId
     observed: Endpoint
@@ -178,6 +197,7 @@ class CoordinatorProtocol:
         # session id -> the two peer ids of a running relay (counted against max_relays_per_peer).
         self._relays: dict[str, tuple[str, str]] = {}
         self._relay_count: dict[str, int] = {}
+        self._timers: TimerHeap[TimerKey] = TimerHeap()
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -193,15 +213,12 @@ class CoordinatorProtocol:
         return self._relays.get(session_id, ())
 
     def next_deadline(self) -> float | None:
-        """When :meth:`tick` must be called next (``None``: nothing is timed)."""
-        times: list[float] = []
-        cfg = self.config
-        times.extend(c.handshake_deadline for c in self._conns.values() if c.state is ConnState.HELLO)
-        for p in self.registry:
-            times.append(p.next_ping_at)
-            times.append(p.last_heard + cfg.keepalive_timeout)
-        times.extend(s.expires_at for s in self.sessions.values())
-        return min(times) if times else None
+        """When :meth:`tick` must be called next (``None``: nothing is timed). O(1) amortized.
+
+        May be earlier than strictly needed (a peer heard from since its timer was set): such a tick
+        does nothing but re-arm that peer.
+        """
+        return self._timers.next_deadline()
 
     # ------------------------------------------------------------------------------------- events
 
@@ -216,6 +233,7 @@ class CoordinatorProtocol:
             decoder=FrameDecoder(expect_preamble=True, max_frame_size=self.config.max_frame_size),
             handshake_deadline=now + self.config.handshake_timeout,
         )
+        self._timers.schedule((_Timer.HANDSHAKE, conn), now + self.config.handshake_timeout)
         return []
 
     def connection_forget(self, conn: ConnId) -> None:
@@ -224,6 +242,7 @@ class CoordinatorProtocol:
         if c is not None and c.state is not ConnState.HELLO:
             raise ValueError(f"connection {conn} is past its hello, cannot be forgotten")
         self._conns.pop(conn, None)
+        self._timers.cancel((_Timer.HANDSHAKE, conn))
 
     def data_received(self, conn: ConnId, data: bytes, now: float) -> list[Action]:
         c = self._conns.get(conn)
@@ -258,27 +277,49 @@ class CoordinatorProtocol:
         return self._cleanup(c, reason="connection closed")
 
     def tick(self, now: float) -> list[Action]:
-        """Run everything that is due at ``now``: handshake timeouts, keepalives, session expiry."""
+        """Run what is due at ``now`` (handshake timeouts, keepalives, session expiry), earliest first.
+
+        Handles at most ``config.max_timers_per_tick`` timers; when more are due, :meth:`next_deadline`
+        stays <= ``now`` and the driver calls again.
+        """
         actions: list[Action] = []
-        cfg = self.config
-        for c in list(self._conns.values()):
-            if c.state is ConnState.HELLO and now >= c.handshake_deadline:
-                actions += self._fail(c, ErrorCode.TIMEOUT, "no REGISTER or RELAY in time")
-        for record in self.registry:
-            if now - record.last_heard >= cfg.keepalive_timeout:
-                peer_conn = self._conns.get(record.conn)
-                if peer_conn is not None:
-                    actions += self._fail(
-                        peer_conn, ErrorCode.KEEPALIVE_TIMEOUT, f"nothing heard for {cfg.keepalive_timeout:g}s"
-                    )
-                else:  # defensive: a record whose connection is gone
-                    actions += self._remove_peer(record, reason="keepalive timeout")
-            elif now >= record.next_ping_at:
-                actions += self._ping(record, now)
-        for session in list(self.sessions.values()):
-            if now >= session.expires_at:
-                actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
+        for kind, key in self._timers.pop_due(now, self.config.max_timers_per_tick):
+            if kind is _Timer.PEER:
+                assert isinstance(key, str)
+                actions += self._peer_due(key, now)
+            elif kind is _Timer.SESSION:
+                session = self.sessions.get(str(key))
+                if session is not None and now >= session.expires_at:
+                    actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
+            else:
+                assert isinstance(key, int)
+                c = self._conns.get(key)
+                if c is not None and c.state is ConnState.HELLO and now >= c.handshake_deadline:
+                    actions += self._fail(c, ErrorCode.TIMEOUT, "no REGISTER or RELAY in time")
         return actions
+
+    def _peer_due(self, peer_id: str, now: float) -> list[Action]:
+        """A peer's timer: keepalive timeout, or its next ping, or (heard from meanwhile) just re-arm."""
+        cfg = self.config
+        record = self.registry.get(peer_id)
+        if record is None:
+            return []
+        if now - record.last_heard >= cfg.keepalive_timeout:
+            peer_conn = self._conns.get(record.conn)
+            if peer_conn is not None:
+                return self._fail(
+                    peer_conn, ErrorCode.KEEPALIVE_TIMEOUT, f"nothing heard for {cfg.keepalive_timeout:g}s"
+                )
+            return self._remove_peer(record, reason="keepalive timeout")  # defensive: no connection
+        if now >= record.next_ping_at:
+            return self._ping(record, now)
+        self._arm_peer(record)
+        return []
+
+    def _arm_peer(self, record: PeerRecord) -> None:
+        """The peer's one timer: its next ping, or its keepalive timeout if that comes first."""
+        when = min(record.next_ping_at, record.last_heard + self.config.keepalive_timeout)
+        self._timers.schedule((_Timer.PEER, record.id), when)
 
     def relay_finished(self, session_id: str) -> None:
         """The pump finished the relay of ``session_id``: its peers may start new ones."""
@@ -361,6 +402,7 @@ class CoordinatorProtocol:
         )
         self.registry.add(record)
         c.state, c.peer_id = ConnState.PEER, msg.id
+        self._timers.cancel((_Timer.HANDSHAKE, c.id))
         self.stats.registrations += 1
         log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
         reply = Registered(msg.id, c.observed, cfg.keepalive_interval, cfg.keepalive_timeout)
@@ -376,6 +418,7 @@ class CoordinatorProtocol:
         while len(record.pings_in_flight) > self.config.max_pings_in_flight:
             record.pings_in_flight.pop(next(iter(record.pings_in_flight)))
         record.next_ping_at = now + self.config.keepalive_interval
+        self._arm_peer(record)
         return [Send(record.conn, encode_message(Ping(seq)))]
 
     def _list(self, c: _Conn, record: PeerRecord, msg: ListPeers) -> list[Action]:
@@ -422,6 +465,7 @@ class CoordinatorProtocol:
             expires_at=now + max(fire_me, fire_target) + cfg.punch_window + cfg.relay_window,
         )
         self.sessions[session_id] = session
+        self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)
         me.sessions.add(session_id)
         target.sessions.add(session_id)
         self.stats.sessions += 1
@@ -493,6 +537,7 @@ class CoordinatorProtocol:
     def _end_session(self, session: Session, code: ErrorCode, why: str) -> list[Action]:
         """Forget a session; relay connections still waiting for their partner get ``code`` and a close."""
         self.sessions.pop(session.id, None)
+        self._timers.cancel((_Timer.SESSION, session.id))
         actions: list[Action] = []
         for peer_id in session.peer_ids():
             record = self.registry.get(peer_id)
@@ -532,6 +577,7 @@ class CoordinatorProtocol:
             return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
         session.relay_waiting[msg.role] = c.id
         c.state, c.session_id, c.role = ConnState.RELAY_WAIT, session.id, msg.role
+        self._timers.cancel((_Timer.HANDSHAKE, c.id))
         actions = self._check_relay_overflow(c, now)
         if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
             return actions
@@ -547,6 +593,7 @@ class CoordinatorProtocol:
         ini = self._conns[session.relay_waiting[Role.INITIATOR]]
         resp = self._conns[session.relay_waiting[Role.RESPONDER]]
         self.sessions.pop(session.id, None)
+        self._timers.cancel((_Timer.SESSION, session.id))
         session.relay_started = True
         session.relay_waiting.clear()
         for peer_id in session.peer_ids():
@@ -591,6 +638,7 @@ class CoordinatorProtocol:
 
     def _cleanup(self, c: _Conn, *, reason: str) -> list[Action]:
         state, c.state = c.state, ConnState.CLOSED
+        self._timers.cancel((_Timer.HANDSHAKE, c.id))
         if state is ConnState.PEER and c.peer_id is not None:
             record = self.registry.get(c.peer_id)
             if record is not None and record.conn == c.id:
@@ -604,6 +652,7 @@ class CoordinatorProtocol:
     def _remove_peer(self, record: PeerRecord, *, reason: str = "removed") -> list[Action]:
         """Unregister ``record``; sessions it was in are cancelled and the other peer is told (CANCEL)."""
         self.registry.remove(record.id)
+        self._timers.cancel((_Timer.PEER, record.id))
         log.info("coordinator.unregistered", peer=record.id, reason=reason)
         actions: list[Action] = []
         for session_id in sorted(record.sessions):

@@ -13,7 +13,7 @@ from tcppunch.nat.report import Endpoint, NatReport
 ConnId = int
 
 
-@dataclass
+@dataclass(slots=True)
 class RttEstimator:
     """Smoothed round-trip time from keepalive pings (RFC 6298 section 2: alpha = 1/8).
 
@@ -36,7 +36,7 @@ class RttEstimator:
         self.samples += 1
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerRecord:
     """One registered peer and the bookkeeping of its control connection."""
 
