@@ -31,15 +31,18 @@ def lab() -> None:
 @click.option("--delay-ms", type=float, default=0.0, show_default=True, help="One-way delay on every WAN link.")
 @click.option("--jitter-ms", type=float, default=0.0, show_default=True, help="± jitter on every WAN link.")
 @click.option("--loss", type=float, default=0.0, show_default=True, help="Loss fraction (0-1) on every WAN link.")
+@click.option("--ipv6", is_flag=True,
+              help="IPv6 too (2001:db8::/32, no NAT66): routers are RFC 6092 stateful firewalls for it, with "
+                   "the router's SYN policy; IPv4 NAT types stay as they are. See docs/lab.md.")
 @click.option("--probe", is_flag=True, help="Measure each host's mapping and filtering and show it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab description as JSON.")
-def up(routers: tuple[str, ...], delay_ms: float, jitter_ms: float, loss: float, probe: bool,
+def up(routers: tuple[str, ...], delay_ms: float, jitter_ms: float, loss: float, ipv6: bool, probe: bool,
        as_json: bool) -> None:
     """Build a lab and leave it running (remove it with `tcppunch lab down PREFIX`)."""
     try:
         link = LinkShape(delay_ms, jitter_ms, loss)
         specs = [RouterSpec.parse(r, link) for r in routers]
-        spec = LabSpec(specs) if specs else LabSpec.every_type(link=link)
+        spec = LabSpec(specs, ipv6=ipv6) if specs else LabSpec.every_type(link=link, ipv6=ipv6)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     the_lab = Lab(spec)
@@ -121,9 +124,13 @@ def _need_root() -> None:
 
 def _print_table(desc: dict[str, object]) -> None:
     click.echo(f"lab {desc['prefix']}: server {', '.join(desc['server']['addresses'])}")  # type: ignore[index]
-    click.echo(f"{'host':<8}{'address':<17}{'public':<17}{'nat':<18}{'syn':<6}namespace")
+    v6 = bool(desc.get("ipv6"))
+    col6 = f"{'ipv6':<19}" if v6 else ""
+    click.echo(f"{'host':<8}{'address':<17}{'public':<17}{col6}{'nat':<18}{'syn':<6}namespace")
     for h in desc["hosts"]:  # type: ignore[attr-defined]
-        click.echo(f"{h['name']:<8}{h['address']:<17}{h['public']:<17}{h['nat']:<18}{h['syn_policy']:<6}{h['netns']}")
+        addr6 = f"{h.get('address6') or '-':<19}" if v6 else ""
+        click.echo(f"{h['name']:<8}{h['address']:<17}{h['public']:<17}{addr6}{h['nat']:<18}{h['syn_policy']:<6}"
+                   f"{h['netns']}")
 
 
 def _print_probe(the_lab: Lab) -> None:

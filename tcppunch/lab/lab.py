@@ -30,18 +30,28 @@ from typing import Any, TypeVar
 import structlog
 
 from tcppunch.lab import netns as ns
+from tcppunch.lab.firewall6 import firewall6_ruleset
 from tcppunch.lab.nat_types import NatType, SynPolicy, router_ruleset
 from tcppunch.lab.topology import (
+    CORE_ROUTER6,
     INTERNET_PREFIXLEN,
+    PREFIXLEN6,
     SERVER_ADDRESSES,
+    SERVER_ADDRESSES6,
     LabSpec,
     LinkShape,
     RouterSpec,
     carrier_address,
+    carrier_address6,
     lan_address,
+    lan_address6,
     lan_gateway,
+    lan_gateway6,
+    lan_prefix6,
     public_host_address,
+    public_host_address6,
     wan_address,
+    wan_address6,
 )
 
 T = TypeVar("T")
@@ -112,7 +122,10 @@ class NetnsLoop:
 
 @dataclass
 class LabHost:
-    """A host in the lab: a namespace with an address, maybe behind a NAT router."""
+    """A host in the lab: a namespace with an address, maybe behind a NAT router.
+
+    ``address6``: its global IPv6 address in a lab built with ``ipv6`` (no NAT66: also its public one).
+    """
 
     name: str
     netns: str
@@ -121,6 +134,7 @@ class LabHost:
     nat: NatType
     syn_policy: SynPolicy
     router: str | None = None
+    address6: str | None = None
     _children: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
 
     def command(self, argv: Sequence[str]) -> list[str]:
@@ -174,6 +188,7 @@ class LabRouter:
     netns: str | None
     wan_address: str
     outer_netns: str | None = None
+    wan_address6: str | None = None
 
 
 class Lab:
@@ -186,7 +201,7 @@ class Lab:
             raise ValueError(f"lab prefix must look like tp1a2b3c, got {self.prefix!r}")
         self.inet = f"{self.prefix}-inet"
         self.server = LabHost("srv", f"{self.prefix}-srv", SERVER_ADDRESSES[0], SERVER_ADDRESSES[0],
-                              NatType.NONE, SynPolicy.DROP)
+                              NatType.NONE, SynPolicy.DROP, address6=SERVER_ADDRESSES6[0] if spec.ipv6 else None)
         self.routers: dict[str, LabRouter] = {}
         self.hosts: dict[str, LabHost] = {}
         self._shapers: list[subprocess.Popen[str]] = []
@@ -194,22 +209,26 @@ class Lab:
 
     # ----------------------------------------------------------------- naming
     def _plan(self) -> None:
+        v6 = self.spec.ipv6
         for index, r in enumerate(self.spec.routers):
             if r.nat is NatType.NONE:
                 router = LabRouter(r.name, index, r, None, public_host_address(index, 0))
             else:
                 outer = f"{self.prefix}-{r.name}-cgn" if r.nat is NatType.CGNAT else None
-                router = LabRouter(r.name, index, r, f"{self.prefix}-{r.name}", wan_address(index), outer)
+                router = LabRouter(r.name, index, r, f"{self.prefix}-{r.name}", wan_address(index), outer,
+                                   wan_address6(index) if v6 else None)
             self.routers[r.name] = router
             for j in range(r.hosts):
                 hname = f"{r.name}{j + 1}"
                 if r.nat is NatType.NONE:
                     addr = public_host_address(index, j)
                     public = addr
+                    addr6 = public_host_address6(index, j)
                 else:
                     addr, public = lan_address(index, j), wan_address(index)
+                    addr6 = lan_address6(index, j)
                 self.hosts[hname] = LabHost(hname, f"{self.prefix}-{hname}", addr, public, r.nat, r.syn_policy,
-                                            router=r.name)
+                                            router=r.name, address6=addr6 if v6 else None)
 
     @property
     def namespaces(self) -> list[str]:
@@ -271,15 +290,35 @@ class Lab:
             host._children.clear()
 
     # ----------------------------------------------------------------- building
-    def _new_ns(self, name: str) -> None:
+    def _new_ns(self, name: str, *, router: bool = False) -> None:
+        """A namespace; without ``spec.ipv6`` IPv6 is off in it. With it, duplicate address detection is
+        off (lab addresses are unique by plan, and DAD would hold each address back for a second or more)
+        and a ``router`` forwards IPv6."""
         ns.add_netns(name)
-        ns.sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")
-        ns.sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+        if not self.spec.ipv6:
+            ns.sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")
+            ns.sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")
+            return
+        for conf in ("all", "default"):
+            ns.sysctl(name, f"net.ipv6.conf.{conf}.accept_dad", "0")
+            ns.sysctl(name, f"net.ipv6.conf.{conf}.dad_transmits", "0")
+            ns.sysctl(name, f"net.ipv6.conf.{conf}.accept_ra", "0")
+        if router:
+            ns.sysctl(name, "net.ipv6.conf.all.forwarding", "1")
+
+    def _add6(self, netns: str, address: str, dev: str) -> None:
+        ns.ip("-6", "addr", "add", f"{address}/{PREFIXLEN6}", "dev", dev, "nodad", netns=netns)
 
     def _build_internet(self) -> None:
-        self._new_ns(self.inet)
+        self._new_ns(self.inet, router=True)
         ns.ip("link", "add", "br0", "type", "bridge", netns=self.inet)
         ns.ip("link", "set", "br0", "up", netns=self.inet)
+        if self.spec.ipv6:  # the core router: one hop that knows every LAN
+            self._add6(self.inet, CORE_ROUTER6, "br0")
+
+    def _route6_default(self, netns: str) -> None:
+        if self.spec.ipv6:
+            ns.ip("-6", "route", "add", "default", "via", CORE_ROUTER6, netns=netns)
 
     def _attach_to_internet(self, netns: str, dev: str, port: str, link: LinkShape) -> None:
         """Wire ``dev`` in ``netns`` to the internet bridge through port ``port``, shaped if asked."""
@@ -312,6 +351,10 @@ class Lab:
         self._attach_to_internet(self.server.netns, "eth0", "srv", self.spec.server_link)
         for addr in SERVER_ADDRESSES:
             ns.ip("addr", "add", f"{addr}/{INTERNET_PREFIXLEN}", "dev", "eth0", netns=self.server.netns)
+        if self.spec.ipv6:
+            for addr in SERVER_ADDRESSES6:
+                self._add6(self.server.netns, addr, "eth0")
+            self._route6_default(self.server.netns)
 
     def _build_router(self, router: LabRouter) -> None:
         spec, k = router.spec, router.index
@@ -321,10 +364,13 @@ class Lab:
                 self._new_ns(host.netns)
                 self._attach_to_internet(host.netns, "eth0", f"p{k}h{j}", spec.link)
                 ns.ip("addr", "add", f"{host.address}/{INTERNET_PREFIXLEN}", "dev", "eth0", netns=host.netns)
+                if host.address6 is not None:
+                    self._add6(host.netns, host.address6, "eth0")
+                    self._route6_default(host.netns)
             return
         assert router.netns is not None
         home = router.netns
-        self._new_ns(home)
+        self._new_ns(home, router=True)
         ns.sysctl(home, "net.ipv4.ip_forward", "1")
         if router.outer_netns is None:
             self._attach_to_internet(home, "wan", f"r{k}", spec.link)
@@ -332,7 +378,7 @@ class Lab:
             ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address))
         else:
             carrier = router.outer_netns
-            self._new_ns(carrier)
+            self._new_ns(carrier, router=True)
             ns.sysctl(carrier, "net.ipv4.ip_forward", "1")
             self._attach_to_internet(carrier, "wan", f"r{k}", spec.link)
             ns.ip("addr", "add", f"{router.wan_address}/{INTERNET_PREFIXLEN}", "dev", "wan", netns=carrier)
@@ -348,6 +394,7 @@ class Lab:
         ns.ip("link", "add", "lan", "type", "bridge", netns=home)
         ns.ip("addr", "add", f"{lan_gateway(k)}/24", "dev", "lan", netns=home)
         ns.ip("link", "set", "lan", "up", netns=home)
+        self._build_router6(router)
         for j in range(spec.hosts):
             host = self.hosts[f"{spec.name}{j + 1}"]
             self._new_ns(host.netns)
@@ -357,21 +404,47 @@ class Lab:
             ns.ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=host.netns)
             ns.ip("link", "set", "eth0", "up", netns=host.netns)
             ns.ip("route", "add", "default", "via", lan_gateway(k), netns=host.netns)
+            if host.address6 is not None:
+                self._add6(host.netns, host.address6, "eth0")
+                ns.ip("-6", "route", "add", "default", "via", lan_gateway6(k), netns=host.netns)
+
+    def _build_router6(self, router: LabRouter) -> None:
+        """IPv6 on a router: WAN and LAN addresses, routes, and the RFC 6092 firewall on the home router
+        (a cgnat's carrier router only routes: carriers hand out IPv6 without NAT or filtering)."""
+        if router.wan_address6 is None:
+            return
+        k, home, policy = router.index, router.netns, router.spec.syn_policy
+        assert home is not None
+        edge = router.outer_netns or home  # the namespace on the internet bridge
+        self._add6(edge, router.wan_address6, "wan")
+        ns.ip("-6", "route", "add", "default", "via", CORE_ROUTER6, netns=edge)
+        ns.ip("-6", "route", "add", lan_prefix6(k), "via", router.wan_address6, netns=self.inet)
+        if router.outer_netns is not None:
+            self._add6(edge, carrier_address6(k, home=False), "home")
+            self._add6(home, carrier_address6(k, home=True), "wan")
+            ns.ip("-6", "route", "add", "default", "via", carrier_address6(k, home=False), netns=home)
+            ns.ip("-6", "route", "add", lan_prefix6(k), "via", carrier_address6(k, home=True), netns=edge)
+        self._add6(home, lan_gateway6(k), "lan")
+        ns.nft_load(home, firewall6_ruleset(policy, wan_if="wan"))
 
     # ----------------------------------------------------------------- state (for the CLI)
     def describe(self) -> dict[str, Any]:
         """A JSON-able description: what the CLI's ``status`` shows and ``down`` needs."""
         return {
             "prefix": self.prefix,
-            "server": {"netns": self.server.netns, "addresses": list(SERVER_ADDRESSES)},
+            "ipv6": self.spec.ipv6,
+            "server": {"netns": self.server.netns,
+                       "addresses": list(SERVER_ADDRESSES) + (list(SERVER_ADDRESSES6) if self.spec.ipv6 else [])},
             "routers": [
                 {"name": r.name, "nat": r.spec.nat.value, "syn_policy": r.spec.syn_policy.value,
-                 "hosts": r.spec.hosts, "wan": r.wan_address, "netns": r.netns, "outer_netns": r.outer_netns,
+                 "hosts": r.spec.hosts, "wan": r.wan_address, "wan6": r.wan_address6,
+                 "netns": r.netns, "outer_netns": r.outer_netns,
                  "delay_ms": r.spec.link.delay_ms, "jitter_ms": r.spec.link.jitter_ms, "loss": r.spec.link.loss}
                 for r in self.routers.values()
             ],
             "hosts": [
                 {"name": h.name, "netns": h.netns, "address": h.address, "public": h.public_address,
+                 "address6": h.address6,
                  "router": h.router, "nat": h.nat.value, "syn_policy": h.syn_policy.value}
                 for h in self.hosts.values()
             ],
@@ -395,7 +468,7 @@ class Lab:
                        LinkShape(float(r["delay_ms"]), float(r["jitter_ms"]), float(r["loss"])))
             for r in data["routers"]
         ]
-        return cls(LabSpec(routers), prefix=prefix)
+        return cls(LabSpec(routers, ipv6=bool(data.get("ipv6", False))), prefix=prefix)
 
 
 def running_labs() -> list[str]:

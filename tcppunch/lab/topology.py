@@ -8,6 +8,13 @@ Address plan, used only inside the lab's own namespaces:
   router on .1 and its hosts on .2, .3, ...; a cgnat router's carrier side is 100.64.(k+1).0/24
   (carrier router .1, home router .2);
 * hosts of a ``none`` router sit on the internet directly: 198.51.100.(151+k*4+j).
+
+With ``LabSpec(ipv6=True)`` every node also gets IPv6 (no NAT66, RFC 6092 firewalls instead), inside
+2001:db8::/32 (documentation): the internet is 2001:db8::/64 with a core router 2001:db8::1 (in the
+internet namespace) that routes every LAN; the server has 2001:db8::10 and ::11; router k's WAN is
+2001:db8::(101+k) and its LAN 2001:db8:(k+1)::/64 (router ::1, hosts ::2, ::3, ...); a cgnat router's
+carrier-home link is 2001:db8:c(k+1)::/64 (carrier ::1, home ::2); ``none`` hosts get
+2001:db8::(151+k*4+j). The groups are the decimal numbers written as hex digits, like the IPv4 plan.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from tcppunch.lab.nat_types import NatType, SynPolicy
 
 SERVER_ADDRESSES = ("198.51.100.10", "198.51.100.11")
 INTERNET_PREFIXLEN = 24
+SERVER_ADDRESSES6 = ("2001:db8::10", "2001:db8::11")
+CORE_ROUTER6 = "2001:db8::1"
+PREFIXLEN6 = 64
 MAX_ROUTERS = 24
 MAX_HOSTS_PER_ROUTER = 4
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -86,12 +96,15 @@ class LabSpec:
 
     routers: tuple[RouterSpec, ...]
     server_link: LinkShape = field(default_factory=LinkShape)
+    ipv6: bool = False  # IPv6 everywhere too: routers are RFC 6092 firewalls for it (no NAT66)
 
     def __init__(
-        self, routers: list[RouterSpec] | tuple[RouterSpec, ...], server_link: LinkShape | None = None
+        self, routers: list[RouterSpec] | tuple[RouterSpec, ...], server_link: LinkShape | None = None,
+        *, ipv6: bool = False,
     ) -> None:
         object.__setattr__(self, "routers", tuple(routers))
         object.__setattr__(self, "server_link", server_link or LinkShape())
+        object.__setattr__(self, "ipv6", ipv6)
         names = [r.name for r in self.routers]
         if len(set(names)) != len(names):
             raise ValueError("router names must be unique")
@@ -99,9 +112,10 @@ class LabSpec:
             raise ValueError(f"at most {MAX_ROUTERS} routers")
 
     @classmethod
-    def every_type(cls, policy: SynPolicy = SynPolicy.DROP, link: LinkShape | None = None) -> LabSpec:
+    def every_type(cls, policy: SynPolicy = SynPolicy.DROP, link: LinkShape | None = None, *,
+                   ipv6: bool = False) -> LabSpec:
         """One router of each NAT type (names are the types' initials, e.g. ``pr`` for port-restricted)."""
-        return cls([RouterSpec(SHORT_NAMES[t], t, policy, link=link or LinkShape()) for t in NatType])
+        return cls([RouterSpec(SHORT_NAMES[t], t, policy, link=link or LinkShape()) for t in NatType], ipv6=ipv6)
 
 
 SHORT_NAMES: dict[NatType, str] = {
@@ -134,3 +148,28 @@ def carrier_address(index: int, home: bool) -> str:
 
 def public_host_address(index: int, host: int) -> str:
     return f"198.51.100.{151 + index * MAX_HOSTS_PER_ROUTER + host}"
+
+
+def wan_address6(index: int) -> str:
+    return f"2001:db8::{101 + index}"
+
+
+def lan_prefix6(index: int) -> str:
+    """Router ``index``'s LAN, 2001:db8:(index+1)::/64."""
+    return f"2001:db8:{index + 1}::/{PREFIXLEN6}"
+
+
+def lan_address6(index: int, host: int) -> str:
+    return f"2001:db8:{index + 1}::{2 + host}"
+
+
+def lan_gateway6(index: int) -> str:
+    return f"2001:db8:{index + 1}::1"
+
+
+def carrier_address6(index: int, home: bool) -> str:
+    return f"2001:db8:c{index + 1}::{2 if home else 1}"
+
+
+def public_host_address6(index: int, host: int) -> str:
+    return f"2001:db8::{151 + index * MAX_HOSTS_PER_ROUTER + host}"

@@ -1,0 +1,156 @@
+"""The lab's IPv6 (``LabSpec(ipv6=True)``): no NAT66, RFC 6092 firewalls on the routers.
+
+Checked with plain blocking sockets, independent of the punch engine: hosts reach the server over IPv6
+and the server sees their own addresses; replies get back in; an unsolicited inbound SYN is dropped or
+answered with a RST as the router's policy says; a simultaneous open through two firewalls works
+(RFC 6092 REC-31); IPv4 NAT stays as it is.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.topology import SERVER_ADDRESSES6
+
+ECHO_PORT = 7100
+_IO = 3.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    spec = LabSpec([RouterSpec("rd", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
+                    RouterSpec("rr", NatType.SYMMETRIC_RANDOM, SynPolicy.RST),
+                    RouterSpec("cg", NatType.CGNAT, SynPolicy.DROP),
+                    RouterSpec("pub", NatType.NONE)], ipv6=True)
+    with Lab(spec) as the_lab:
+        yield the_lab
+
+
+class _Observer:
+    """A server listener that writes back the source address it sees."""
+
+    def __init__(self, server: LabHost, address: str) -> None:
+        self.sock = server.call(lambda: _listener(address, ECHO_PORT))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(peer[0].encode())
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def _listener(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(16)
+    return sock
+
+
+def _ask(address: str, port: int) -> str:
+    with socket.create_connection((address, port), timeout=_IO) as sock:
+        return sock.recv(100).decode()
+
+
+@pytest.fixture(scope="module")
+def observer(lab: Lab) -> Iterator[_Observer]:
+    obs = _Observer(lab.server, SERVER_ADDRESSES6[0])
+    yield obs
+    obs.close()
+
+
+@pytest.mark.parametrize("name", ["rd1", "rr1", "cg1", "pub1"])
+def test_host_reaches_server_without_nat66(lab: Lab, observer: _Observer, name: str) -> None:
+    host = lab.hosts[name]
+    assert host.address6 is not None
+    assert host.call(_ask, SERVER_ADDRESSES6[0], ECHO_PORT) == host.address6  # replies got in; no NAT66
+
+
+def test_ipv4_nat_unchanged(lab: Lab) -> None:
+    host = lab.hosts["rd1"]
+    obs = _Observer(lab.server, lab.server.address)
+    try:
+        assert host.call(_ask, lab.server.address, ECHO_PORT) == host.public_address != host.address
+    finally:
+        obs.close()
+
+
+def _unsolicited(address: str, port: int) -> str:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.settimeout(1.5)
+    try:
+        sock.connect((address, port))
+        return "accept"
+    except TimeoutError:
+        return "drop"
+    except ConnectionRefusedError:
+        return "rst"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(("name", "expected"), [("rd1", "drop"), ("rr1", "rst"), ("cg1", "drop"), ("pub1", "accept")])
+def test_unsolicited_inbound_syn(lab: Lab, name: str, expected: str) -> None:
+    host = lab.hosts[name]
+    assert host.address6 is not None
+    listener = host.call(lambda: _listener(host.address6 or "", 7200))
+    try:
+        assert lab.server.call(_unsolicited, host.address6, 7200) == expected
+    finally:
+        listener.close()
+
+
+def _simultaneous_open(local: str, port: int, remote: str, start: float, budget: float) -> str:
+    """connect() from a fixed port to the other side's fixed port, retrying (bounded) until it opens."""
+    while time.monotonic() < start:
+        time.sleep(0.001)
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((local, port))
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            sock.connect((remote, port))
+            sock.sendall(local.encode())
+            got = sock.recv(100).decode()
+            sock.close()
+            return got
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None):
+                raise
+            time.sleep(0.05)  # bounded retry pacing after a RST, not a synchronisation
+    return "timeout"
+
+
+def test_simultaneous_open_through_two_firewalls(lab: Lab) -> None:
+    """RFC 6092 REC-31: two hosts behind drop-policy firewalls open a TCP connection by simultaneous open
+    (neither listens), each seeing the other's own address."""
+    a, b = lab.hosts["rd1"], lab.hosts["cg1"]
+    assert a.address6 is not None and b.address6 is not None
+    start = time.monotonic() + 0.3
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(a.call, _simultaneous_open, a.address6, 7300, b.address6, start, 10.0)
+        fb = pool.submit(b.call, _simultaneous_open, b.address6, 7300, a.address6, start, 10.0)
+        assert (fa.result(20), fb.result(20)) == (b.address6, a.address6)
