@@ -24,9 +24,9 @@ from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.lab import Lab, LabHost, NetnsLoop
 from tcppunch.lab.topology import SERVER_ADDRESSES
 from tcppunch.nat.detect import detect
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, ConnectionInfo, Method, Peer, RelayMode
-from tcppunch.wire.stun import TransportAddress
+from tcppunch.wire.endpoint import Endpoint
 
 TOKEN = "lab-token"
 COORDINATOR = Endpoint(SERVER_ADDRESSES[0], 3478)
@@ -79,7 +79,7 @@ class LabRunner:
         self._stop = asyncio.Event()
         a1, a2 = SERVER_ADDRESSES
         port = COORDINATOR.port
-        config = StunServiceConfig(a1, port, a2, port + 1, external_tcp=frozenset({TransportAddress(a1, port)}))
+        config = StunServiceConfig(a1, port, a2, port + 1, external_tcp=frozenset({Endpoint(a1, port)}))
         async with StunService(config) as stun, CoordinatorServer(a1, port, Tokens(shared=TOKEN),
                                                                   stun_handler=stun.serve_tcp_connection):
             started.set_result(None)

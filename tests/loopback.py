@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
-from tcppunch.nat.report import Endpoint
-from tcppunch.wire.stun import TransportAddress
+from tcppunch.wire.endpoint import Endpoint
 
 
 def free_port() -> int:
@@ -25,7 +24,7 @@ async def loopback_coordinator(token: str) -> AsyncIterator[Endpoint]:
     for _ in range(20):
         port = free_port()
         config = StunServiceConfig("127.0.0.1", port, "127.0.0.2", port + 1,
-                                   external_tcp=frozenset({TransportAddress("127.0.0.1", port)}))
+                                   external_tcp=frozenset({Endpoint("127.0.0.1", port)}))
         stack = contextlib.AsyncExitStack()
         try:
             stun = await stack.enter_async_context(StunService(config))

@@ -3,73 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import socket
 import sys
 import textwrap
 
 import click
 
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.cli.params import EndpointType
+from tcppunch.nat.report import NatReport
+from tcppunch.wire.endpoint import Endpoint
 
-DEFAULT_STUN_PORT = 3478
 EXIT_UNREACHABLE = 3
-
-
-def parse_host_port(text: str, default_port: int | None = DEFAULT_STUN_PORT, resolve: bool = True) -> Endpoint:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``HOST`` (with ``default_port``) -> Endpoint; ValueError if malformed.
-
-    Host names are resolved (IPv4 first); addresses are returned in canonical form.
-    """
-    text = text.strip()
-    host, port_text = text, ""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{text!r}: port must be 1-65535")
-        port = int(port_text)
-    elif default_port is None:
-        raise ValueError(f"{text!r}: expected HOST:PORT")
-    else:
-        port = default_port
-    if not host:
-        raise ValueError(f"{text!r}: missing host")
-    try:
-        return Endpoint(str(ipaddress.ip_address(host)), port)
-    except ValueError:
-        if not resolve:
-            raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    return Endpoint(str(infos[0][4][0]), port)
-
-
-class EndpointType(click.ParamType[Endpoint]):
-    """A click parameter for HOST:PORT."""
-
-    name = "HOST:PORT"
-
-    def __init__(self, default_port: int | None = DEFAULT_STUN_PORT, resolve: bool = True) -> None:
-        self.default_port = default_port
-        self.resolve = resolve
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Endpoint:
-        if isinstance(value, Endpoint):
-            return value
-        try:
-            return parse_host_port(str(value), self.default_port, self.resolve)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 @click.command("detect")

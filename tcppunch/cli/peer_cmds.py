@@ -18,11 +18,12 @@ from typing import Any
 
 import click
 
-from tcppunch.cli.detect_cmd import EndpointType
+from tcppunch.cli.params import EndpointType
 from tcppunch.cli.pipes import join_streams, pipe_stdio
 from tcppunch.coordinator.control import CoordinatorError
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
+from tcppunch.wire.endpoint import Endpoint
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3

@@ -18,12 +18,11 @@ import sys
 
 import click
 
-from tcppunch.cli.detect_cmd import EndpointType
+from tcppunch.cli.params import EndpointType
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
-from tcppunch.nat.report import Endpoint
-from tcppunch.wire.stun import TransportAddress
+from tcppunch.wire.endpoint import Endpoint
 
 
 def _ip(value: str) -> str:
@@ -89,7 +88,7 @@ def server_command(
         alternate_address=alternate,
         alternate_port=port2,
         connect_back_timeout=connect_back_timeout,
-        external_tcp=frozenset({TransportAddress(listen.ip, listen.port)}),
+        external_tcp=frozenset({Endpoint(listen.ip, listen.port)}),
     )
     budget = None if relay_max_mb is None else int(relay_max_mb * 1_000_000)
     try:

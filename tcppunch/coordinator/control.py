@@ -17,14 +17,13 @@ import contextlib
 import dataclasses
 import itertools
 import socket
-import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import NatReport
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.plan import PunchPlan
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
@@ -32,6 +31,7 @@ from tcppunch.wire.coord import (
     Cancel,
     Connect,
     Error,
+    ErrorCode,
     ListPeers,
     Message,
     Observed,
@@ -52,13 +52,12 @@ from tcppunch.wire.coord import (
     encode_message,
     relay_proof,
 )
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import (
-    HEADER_SIZE,
     MAX_FRAME_SIZE,
     PREAMBLE,
     FrameDecoder,
     ProtocolError,
-    parse_payload,
 )
 
 log = structlog.get_logger()
@@ -69,9 +68,9 @@ READ_SIZE = 64 * 1024
 class CoordinatorError(Exception):
     """The coordinator answered with an ERROR frame (``code`` as in docs/protocol.md), or went away."""
 
-    def __init__(self, code: str, message: str, *, fatal: bool = True) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, *, fatal: bool = True) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = ErrorCode.of(code)
         self.message = message
         self.fatal = fatal
 
@@ -381,7 +380,7 @@ class ControlChannel:
                 await self._writer.drain()
 
     def _closed_error(self) -> CoordinatorError:
-        return self.error or CoordinatorError("closed", "the control channel is closed")
+        return self.error or CoordinatorError(ErrorCode.CLOSED, "the control channel is closed")
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -395,7 +394,7 @@ class ControlChannel:
                 data = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
                 now = loop.time()
                 if not data:
-                    reason = CoordinatorError("closed", "the coordinator closed the connection")
+                    reason = CoordinatorError(ErrorCode.CLOSED, "the coordinator closed the connection")
                     break
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
@@ -403,9 +402,9 @@ class ControlChannel:
         except ProtocolError as exc:
             reason = CoordinatorError(exc.code, f"the coordinator sent a bad frame: {exc.message}")
         except TimeoutError:
-            reason = CoordinatorError("keepalive-timeout", "nothing heard from the coordinator")
+            reason = CoordinatorError(ErrorCode.KEEPALIVE_TIMEOUT, "nothing heard from the coordinator")
         except (ConnectionError, OSError) as exc:
-            reason = CoordinatorError("closed", f"control connection failed: {exc!r}")
+            reason = CoordinatorError(ErrorCode.CLOSED, f"control connection failed: {exc!r}")
         finally:
             self._finish(reason)
 
@@ -484,6 +483,39 @@ class ControlChannel:
             self._writer.close()
 
 
+async def join_relay(
+    relay: Endpoint,
+    session_id: str,
+    key: bytes,
+    role: Role,
+    *,
+    timeout: float = 30.0,
+) -> socket.socket:
+    """Join the relay of a session on a new connection; the raw socket once the coordinator paired both roles.
+
+    Waits (up to ``timeout``) for the other peer to join too. Raises :class:`CoordinatorError` if the
+    coordinator refuses (bad proof, unknown session...). Reads exactly the RELAY-OK frame and nothing
+    after it, so every later byte on the socket is the other peer's.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in relay.ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (relay.ip, relay.port))
+            proof = relay_proof(key, session_id, role)
+            await loop.sock_sendall(sock, PREAMBLE + encode_message(Relay(session_id, role, proof)))
+            reply = await _read_one_message(loop, sock)
+        if isinstance(reply, Error):
+            raise CoordinatorError(reply.code, reply.message)
+        if not isinstance(reply, RelayOk) or reply.session_id != session_id:
+            raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, f"expected relay-ok, got {reply.TYPE}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def open_relay(
     relay: Endpoint,
     session_id: str,
@@ -492,34 +524,27 @@ async def open_relay(
     *,
     timeout: float = 30.0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Join the relay of a session; returns the streams once the coordinator paired both roles.
+    """:func:`join_relay` as asyncio streams: every byte the reader gives is the other peer's."""
+    sock = await join_relay(relay, session_id, key, role, timeout=timeout)
+    return await asyncio.open_connection(sock=sock)
 
-    Waits (up to ``timeout``) for the other peer to join too. Raises :class:`CoordinatorError` if the
-    coordinator refuses (bad proof, unknown session...). Nothing beyond the RELAY-OK frame is read, so
-    every byte after it in the reader comes from the other peer.
-    """
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(relay.ip, relay.port), timeout)
+
+async def _read_one_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Message:
+    """Exactly one frame from ``sock``, decoded by :class:`FrameDecoder` (no read-ahead past it)."""
+    decoder = FrameDecoder()
     try:
-        writer.write(PREAMBLE + encode_message(Relay(session_id, role, relay_proof(key, session_id, role))))
-        reply = await asyncio.wait_for(_read_one_message(reader), timeout)
-        if isinstance(reply, Error):
-            raise CoordinatorError(reply.code, reply.message)
-        if not isinstance(reply, RelayOk) or reply.session_id != session_id:
-            raise CoordinatorError("unexpected-message", f"expected relay-ok, got {reply.TYPE}")
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
-
-
-async def _read_one_message(reader: asyncio.StreamReader) -> Message:
-    """Exactly one frame from ``reader`` (no read-ahead)."""
-    try:
-        (size,) = struct.unpack("!I", await reader.readexactly(HEADER_SIZE))
-        if not 0 < size <= MAX_FRAME_SIZE:
-            raise CoordinatorError("bad-frame", f"the coordinator sent a frame of {size} bytes")
-        return decode_message(parse_payload(await reader.readexactly(size)))
-    except asyncio.IncompleteReadError:
-        raise CoordinatorError("closed", "the coordinator closed the connection") from None
+        while (frame := decoder.next_frame()) is None:
+            decoder.feed(await _recv_exactly(loop, sock, decoder.missing()))
     except ProtocolError as exc:
         raise CoordinatorError(exc.code, exc.message) from None
+    return decode_message(frame)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise CoordinatorError(ErrorCode.CLOSED, "the coordinator closed the connection")
+        data += chunk
+    return bytes(data)

@@ -25,7 +25,6 @@ from enum import Enum
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.wire.coord import (
     MAX_PEERS_LISTED,
     SESSION_KEY_SIZE,
@@ -53,6 +52,7 @@ from tcppunch.wire.coord import (
     encode_message,
     relay_proof,
 )
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 
 from .auth import Tokens

@@ -19,9 +19,9 @@ from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.relay import ByteBudget, RelayEnd, RelayStats, detach, relay
 from tcppunch.wire.coord import Error, ErrorCode, encode_message
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE_SIZE
 from tcppunch.wire.stun import looks_like_stun
 

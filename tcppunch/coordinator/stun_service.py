@@ -40,9 +40,9 @@ from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import reuse_port_socket as _reuse_port_socket
 from tcppunch.nat.sockets import smoothed_rtt
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     AlternatePort,
     Attribute,
@@ -50,18 +50,17 @@ from tcppunch.wire.stun import (
     ChangeRequest,
     ConnectBackOutcome,
     ConnectBackResult,
-    ErrorCode,
     MappedAddress,
     MessageClass,
-    Method,
     OtherAddress,
     ResponseOrigin,
     Software,
     SourceAddress,
+    StunErrorCode,
     StunMessage,
+    StunMethod,
     StunParseError,
     StunStreamDecoder,
-    TransportAddress,
     UnknownAttributes,
     XorMappedAddress,
     encode_message,
@@ -96,26 +95,26 @@ class StunServiceConfig:
     # TCP endpoints whose listener belongs to someone else (the coordinator sharing its port), who
     # hands STUN connections over through StunService.serve_tcp_connection(). That listener must set
     # SO_REUSEADDR + SO_REUSEPORT so connect-backs can originate from its address and port.
-    external_tcp: frozenset[TransportAddress] = frozenset()
+    external_tcp: frozenset[Endpoint] = frozenset()
 
     @property
     def port2(self) -> int:
         return self.primary_port + 1 if self.alternate_port is None else self.alternate_port
 
-    def endpoints(self) -> list[TransportAddress]:
+    def endpoints(self) -> list[Endpoint]:
         """Every (address, port) combination served: (A1,P1), (A1,P2), then (A2,P1), (A2,P2) if any."""
         addresses = [self.primary_address]
         if self.alternate_address is not None:
             addresses.append(self.alternate_address)
-        return [TransportAddress(a, p) for a in addresses for p in (self.primary_port, self.port2)]
+        return [Endpoint(a, p) for a in addresses for p in (self.primary_port, self.port2)]
 
 
 # ------------------------------------------------------------------------------- pure logic
 
 
 def changed_source(
-    config: StunServiceConfig, local: TransportAddress, change: ChangeRequest
-) -> TransportAddress | None:
+    config: StunServiceConfig, local: Endpoint, change: ChangeRequest
+) -> Endpoint | None:
     """The server endpoint a CHANGE-REQUEST asks to answer from, relative to ``local``; None if we lack it."""
     ip = local.ip
     if change.change_ip:
@@ -125,10 +124,10 @@ def changed_source(
     port = local.port
     if change.change_port:
         port = config.port2 if local.port == config.primary_port else config.primary_port
-    return TransportAddress(ip, port)
+    return Endpoint(ip, port)
 
 
-def other_endpoint(config: StunServiceConfig, local: TransportAddress) -> TransportAddress | None:
+def other_endpoint(config: StunServiceConfig, local: Endpoint) -> Endpoint | None:
     """RFC 5780 OTHER-ADDRESS as seen from ``local``: the combination differing in both address and port."""
     return changed_source(config, local, ChangeRequest(change_ip=True, change_port=True))
 
@@ -136,9 +135,9 @@ def other_endpoint(config: StunServiceConfig, local: TransportAddress) -> Transp
 def answer_binding(
     request: StunMessage,
     config: StunServiceConfig,
-    observed: TransportAddress,
-    received_on: TransportAddress,
-    sent_from: TransportAddress,
+    observed: Endpoint,
+    received_on: Endpoint,
+    sent_from: Endpoint,
     connect_back: ConnectBackResult | None = None,
 ) -> StunMessage | None:
     """The response to ``request`` (None: send nothing).
@@ -149,7 +148,7 @@ def answer_binding(
     """
     if request.message_class is not MessageClass.REQUEST:
         return None  # indications and stray responses get no answer (RFC 8489 section 6.3)
-    if request.method != Method.BINDING:
+    if request.method != StunMethod.BINDING:
         return _error(request, 400, "Bad Request: only Binding is served")
     unknown = request.unknown_required()
     if unknown:
@@ -159,7 +158,7 @@ def answer_binding(
         attributes: list[Attribute] = [MappedAddress(observed), SourceAddress(sent_from)]
         if other is not None:
             attributes.append(ChangedAddress(other))
-        return StunMessage(Method.BINDING, MessageClass.SUCCESS, request.transaction_id, tuple(attributes))
+        return StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, request.transaction_id, tuple(attributes))
     attributes = [XorMappedAddress(observed), MappedAddress(observed), ResponseOrigin(sent_from)]
     if other is not None:
         attributes.append(OtherAddress(other))
@@ -171,7 +170,7 @@ def answer_binding(
         attributes.append(connect_back)
     attributes.append(Software(config.software))
     return StunMessage(
-        Method.BINDING, MessageClass.SUCCESS, request.transaction_id, tuple(attributes), fingerprint=True
+        StunMethod.BINDING, MessageClass.SUCCESS, request.transaction_id, tuple(attributes), fingerprint=True
     )
 
 
@@ -180,7 +179,7 @@ def _error(request: StunMessage, code: int, reason: str, extra: tuple[Attribute,
         request.method & 0xFFF,
         MessageClass.ERROR,
         request.transaction_id,
-        (ErrorCode(code, reason), *extra, Software(SOFTWARE)),
+        (StunErrorCode(code, reason), *extra, Software(SOFTWARE)),
         fingerprint=not request.classic,
     )
 
@@ -192,14 +191,14 @@ def _same_ip(a: str, b: str) -> bool:
         return a == b
 
 
-def _endpoint(sockaddr: Any) -> TransportAddress:
+def _endpoint(sockaddr: Any) -> Endpoint:
     ip = str(sockaddr[0])
     if ip.startswith("::ffff:"):
         ip = ip[len("::ffff:") :]
-    return TransportAddress(ip, int(sockaddr[1]))
+    return Endpoint(ip, int(sockaddr[1]))
 
 
-def reuse_port_socket(kind: socket.SocketKind, local: TransportAddress) -> socket.socket:
+def reuse_port_socket(kind: socket.SocketKind, local: Endpoint) -> socket.socket:
     """A non-blocking socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT."""
     return _reuse_port_socket(kind, Endpoint(local.ip, local.port))
 
@@ -218,7 +217,7 @@ class StunService:
     def __init__(self, config: StunServiceConfig) -> None:
         self.config = config
         self._servers: list[asyncio.Server] = []
-        self._udp: dict[TransportAddress, asyncio.DatagramTransport] = {}
+        self._udp: dict[Endpoint, asyncio.DatagramTransport] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._log = log.bind(primary=f"{config.primary_address}:{config.primary_port}")
@@ -231,12 +230,12 @@ class StunService:
         await self.close()
 
     @property
-    def tcp_endpoints(self) -> list[TransportAddress]:
+    def tcp_endpoints(self) -> list[Endpoint]:
         """TCP endpoints this service listens on itself."""
         return [_endpoint(s.getsockname()) for server in self._servers for s in server.sockets]
 
     @property
-    def udp_endpoints(self) -> list[TransportAddress]:
+    def udp_endpoints(self) -> list[Endpoint]:
         return list(self._udp)
 
     async def start(self) -> None:
@@ -331,14 +330,14 @@ class StunService:
         self,
         request: StunMessage,
         writer: asyncio.StreamWriter,
-        peer: TransportAddress,
-        local: TransportAddress,
+        peer: Endpoint,
+        local: Endpoint,
     ) -> None:
         connect_back: ConnectBackResult | None = None
         change = request.find(ChangeRequest)
         if (
             request.message_class is MessageClass.REQUEST
-            and request.method == Method.BINDING
+            and request.method == StunMethod.BINDING
             and change is not None
             and (change.change_ip or change.change_port)
             and not request.unknown_required()
@@ -361,7 +360,7 @@ class StunService:
             await writer.drain()
 
     async def _connect_back(
-        self, source: TransportAddress, target: TransportAddress, transaction_id: bytes, timeout: float
+        self, source: Endpoint, target: Endpoint, transaction_id: bytes, timeout: float
     ) -> ConnectBackOutcome:
         """Open a TCP connection from ``source`` to ``target``; report what happened."""
         loop = asyncio.get_running_loop()
@@ -384,7 +383,7 @@ class StunService:
                 return ConnectBackOutcome.REFUSED  # an active rejection (ICMP or RST), not silence
             self._log.warning("connect_back_failed", source=str(source), target=str(target), error=str(exc))
             return ConnectBackOutcome.UNAVAILABLE
-        indication = StunMessage(Method.BINDING, MessageClass.INDICATION, transaction_id, fingerprint=True)
+        indication = StunMessage(StunMethod.BINDING, MessageClass.INDICATION, transaction_id, fingerprint=True)
         self._spawn(self._finish_back_connection(sock, encode_message(indication)))
         return ConnectBackOutcome.CONNECTED
 
@@ -408,7 +407,7 @@ class StunService:
 
     # ------------------------------------------------------------------------------------------ UDP
 
-    def handle_datagram(self, data: bytes, addr: Any, received_on: TransportAddress) -> None:
+    def handle_datagram(self, data: bytes, addr: Any, received_on: Endpoint) -> None:
         """Answer one UDP datagram that arrived on ``received_on`` (drop it if it is not a request)."""
         try:
             request = parse_message(data)
@@ -437,7 +436,7 @@ class StunService:
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, service: StunService, endpoint: TransportAddress) -> None:
+    def __init__(self, service: StunService, endpoint: Endpoint) -> None:
         self._service = service
         self._endpoint = endpoint
 

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.local import LocalNetwork, local_network
-from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.nat.sockets import reuse_port_socket, route_source_ip
 from tcppunch.nat.tcp_tests import (
     FilteringProbe,
@@ -43,6 +43,7 @@ from tcppunch.nat.tcp_tests import (
 )
 from tcppunch.nat.udp import UdpResult, classic_udp_nat_type
 from tcppunch.nat.verdict import verdict
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import AlternatePort, ChangeRequest, StunMessage
 
 log = structlog.get_logger(__name__)

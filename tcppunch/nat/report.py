@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+# Re-exported for code written before Endpoint moved to the wire layer; import it from tcppunch.wire.endpoint.
+from tcppunch.wire.endpoint import Endpoint as Endpoint
+
 
 class MappingBehaviour(StrEnum):
     """How the NAT chooses the public endpoint of a new outbound connection (RFC 4787 section 4.1)."""
@@ -35,24 +38,6 @@ class SynResponse(StrEnum):
     DROP = "drop"
     RST = "rst"
     ACCEPT = "accept"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """An IP address and port."""
-
-    ip: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ip": self.ip, "port": self.port}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Endpoint:
-        return cls(ip=str(data["ip"]), port=int(data["port"]))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-from tcppunch.nat.report import Endpoint
+from tcppunch.wire.endpoint import Endpoint
 
 
 def family_of(ip: str) -> socket.AddressFamily:

@@ -32,15 +32,16 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tcppunch.nat.report import Endpoint, FilteringBehaviour, MappingBehaviour, SynResponse
+from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse
 from tcppunch.nat.sockets import endpoint_of, reuse_port_socket, smoothed_rtt
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     Attribute,
     ChangeRequest,
     ConnectBackOutcome,
     ConnectBackResult,
-    ErrorCode,
     MessageClass,
+    StunErrorCode,
     StunMessage,
     StunParseError,
     StunStreamDecoder,
@@ -104,7 +105,7 @@ class TcpStunConnection:
                     if message.transaction_id != request.transaction_id:
                         continue  # indications, stale answers
                     if message.message_class is MessageClass.ERROR:
-                        error = message.find(ErrorCode)
+                        error = message.find(StunErrorCode)
                         text = "" if error is None else f" {error.code} {error.reason}"
                         raise StunTcpError(f"{self.destination} answered with an error{text}")
                     if message.message_class is MessageClass.SUCCESS:

@@ -30,15 +30,15 @@ from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     ChangedAddress,
     MappedAddress,
     MessageClass,
-    Method,
     SourceAddress,
     StunMessage,
+    StunMethod,
     StunParseError,
     encode_message,
     parse_message,
@@ -123,7 +123,7 @@ class GuardedUdpSocket:
             return None
         if (
             message.message_class is not MessageClass.SUCCESS
-            or message.method != Method.BINDING
+            or message.method != StunMethod.BINDING
             or data[4:20] != self._tid
         ):
             return None
@@ -141,7 +141,7 @@ class GuardedUdpSocket:
         other = message.other()
         if other is not None:
             attributes.append(ChangedAddress(other))
-        classic = StunMessage(Method.BINDING, MessageClass.SUCCESS, self._tid, tuple(attributes))
+        classic = StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, self._tid, tuple(attributes))
         return encode_message(classic)
 
 

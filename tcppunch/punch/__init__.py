@@ -9,9 +9,9 @@ engine. See docs/punching.md. In short::
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import (
     SLOW_RETRY,
+    AttemptOutcome,
     Candidate,
     CandidateKind,
-    Outcome,
     PunchAttempt,
     PunchFailed,
     PunchPlan,
@@ -32,11 +32,11 @@ from tcppunch.punch.prediction import (
 
 __all__ = [
     "SLOW_RETRY",
+    "AttemptOutcome",
     "Candidate",
     "CandidateKind",
     "DirectVerdict",
     "MappingClass",
-    "Outcome",
     "PunchAttempt",
     "PunchFailed",
     "PunchPlan",

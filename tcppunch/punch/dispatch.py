@@ -16,10 +16,10 @@ import socket
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.handshake import MAGIC_HELLO, TAG_SIZE, session_tag
 from tcppunch.punch.sockets import close_quietly, reuse_listener
+from tcppunch.wire.endpoint import Endpoint
 
 _log = structlog.get_logger(__name__)
 

@@ -33,12 +33,11 @@ from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.handshake import Handshake, PeerVerified, Rejected, SelectReceived
 from tcppunch.punch.plan import (
+    AttemptOutcome,
     Candidate,
-    Outcome,
     PunchAttempt,
     PunchFailed,
     PunchPlan,
@@ -61,6 +60,7 @@ from tcppunch.punch.sockets import (
     tcp_state,
     wait_connected,
 )
+from tcppunch.wire.endpoint import Endpoint
 
 _log = structlog.get_logger(__name__)
 
@@ -102,18 +102,18 @@ async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
         time.sleep(0)  # at most _SPIN of the loop's time, once per punch
 
 
-def _classify(err: int) -> Outcome:
+def _classify(err: int) -> AttemptOutcome:
     if err in REFUSED_ERRNOS:
-        return Outcome.REFUSED
+        return AttemptOutcome.REFUSED
     if err in RESET_ERRNOS:
-        return Outcome.RESET
+        return AttemptOutcome.RESET
     if err in BUSY_ERRNOS:
-        return Outcome.BUSY
+        return AttemptOutcome.BUSY
     if err in UNREACHABLE_ERRNOS:
-        return Outcome.UNREACHABLE
+        return AttemptOutcome.UNREACHABLE
     if err in TIMEOUT_ERRNOS:
-        return Outcome.TIMEOUT
-    return Outcome.LOST
+        return AttemptOutcome.TIMEOUT
+    return AttemptOutcome.LOST
 
 
 @dataclass
@@ -161,7 +161,7 @@ class _Punch:
         return self.loop.time() - self.plan.fire_at
 
     def _record(
-        self, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: Outcome, detail: str = ""
+        self, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: AttemptOutcome, detail: str = ""
     ) -> None:
         entry = PunchAttempt(remote, cand, attempt, outcome, round(self._t(), 6), detail)
         self.attempts.append(entry)
@@ -299,14 +299,14 @@ class _Punch:
         tries = 1
         while True:
             outcome, detail = await self._await_connect(sock, err)
-            if outcome is Outcome.SILENT and sock is not None:  # still SYN_SENT: closing sends nothing
+            if outcome is AttemptOutcome.SILENT and sock is not None:  # still SYN_SENT: closing sends nothing
                 self._record(cand.endpoint, cand, tries, outcome, detail)
                 self.pending.pop(cand, None)
                 sock.close()
                 tries += 1
                 sock, err = self._syn(cand, None)  # same 4-tuple, same NAT mapping, new SYN
                 continue
-            if outcome is Outcome.CONNECTED and sock is not None:
+            if outcome is AttemptOutcome.CONNECTED and sock is not None:
                 self.pending.pop(cand, None)
                 self._record(cand.endpoint, cand, tries, outcome)
                 if await self._verify(sock, cand.endpoint, cand, "connect", tries):
@@ -316,7 +316,7 @@ class _Punch:
                 self.pending.pop(cand, None)
                 if sock is not None:
                     close_quietly(sock)
-            if outcome is Outcome.TIMEOUT or tries >= plan.retry.max_tries:
+            if outcome is AttemptOutcome.TIMEOUT or tries >= plan.retry.max_tries:
                 return
             delay = plan.retry.delay(self._t(), self.rng.random())
             if self.loop.time() + delay >= plan.deadline:
@@ -325,7 +325,7 @@ class _Punch:
             tries += 1
             sock, err = self._syn(cand, None)
 
-    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[Outcome, str]:
+    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[AttemptOutcome, str]:
         if sock is None or err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
         plan = self.plan
@@ -338,14 +338,14 @@ class _Punch:
                     await wait_connected(sock)
             except TimeoutError:
                 if self.loop.time() >= plan.deadline:
-                    return Outcome.TIMEOUT, "no answer before the deadline"
+                    return AttemptOutcome.TIMEOUT, "no answer before the deadline"
                 if tcp_state(sock) == TCP_SYN_SENT:
-                    return Outcome.SILENT, f"no answer within {plan.resyn_after} s, SYN sent again"
+                    return AttemptOutcome.SILENT, f"no answer within {plan.resyn_after} s, SYN sent again"
                 continue  # a simultaneous open in progress (SYN_RECV): never abandon it
             except OSError as exc:
                 code = exc.errno or errno.EIO
                 return _classify(code), os.strerror(code)
-            return Outcome.CONNECTED, ""
+            return AttemptOutcome.CONNECTED, ""
 
     # ---- inbound -----------------------------------------------------------------------------------
 
@@ -370,7 +370,7 @@ class _Punch:
                 close_quietly(conn)
                 continue
             cand = self.by_endpoint.get(remote)
-            self._record(remote, cand, 0, Outcome.ACCEPTED)
+            self._record(remote, cand, 0, AttemptOutcome.ACCEPTED)
             self._spawn(self._verify_task(conn, remote, cand))
 
     async def _verify_task(self, conn: socket.socket, remote: Endpoint, cand: Candidate | None) -> None:
@@ -395,7 +395,7 @@ class _Punch:
                 if not await self._read_until(sock, hs, PeerVerified):
                     raise _Rejected(hs.reject_reason)
                 verified_at = self._t()
-                self._record(remote, cand, attempt, Outcome.VERIFIED, via)
+                self._record(remote, cand, attempt, AttemptOutcome.VERIFIED, via)
                 if plan.role is Role.INITIATOR:
                     if self.claimed or self.winner.done():
                         return True  # verified too, but another one won; closed at the end
@@ -409,13 +409,13 @@ class _Punch:
                     finally:
                         self.awaiting_select -= 1
         except _Rejected as rej:
-            self._finish_loser(sock, remote, cand, attempt, Outcome.VERIFY_FAILED, rej.reason)
+            self._finish_loser(sock, remote, cand, attempt, AttemptOutcome.VERIFY_FAILED, rej.reason)
             return False
         except _Eof:
-            self._finish_loser(sock, remote, cand, attempt, Outcome.LOST, "closed by the other end")
+            self._finish_loser(sock, remote, cand, attempt, AttemptOutcome.LOST, "closed by the other end")
             return False
         except TimeoutError:
-            self._finish_loser(sock, remote, cand, attempt, Outcome.TIMEOUT, "handshake did not finish")
+            self._finish_loser(sock, remote, cand, attempt, AttemptOutcome.TIMEOUT, "handshake did not finish")
             return False
         except OSError as exc:
             if plan.role is Role.INITIATOR and self.claimed and not self.winner.done():
@@ -427,17 +427,18 @@ class _Punch:
         if self.winner.done():  # responder: cannot happen (one SELECT per session), but never two winners
             return True
         self.conns.discard(sock)
-        self._record(remote, cand, attempt, Outcome.SELECTED, via)
+        self._record(remote, cand, attempt, AttemptOutcome.SELECTED, via)
         try:
             local = endpoint_of(sock.getsockname())
         except OSError as exc:  # the socket died between SELECT and here
-            self._finish_loser(sock, remote, cand, attempt, Outcome.LOST, str(exc))
+            self._finish_loser(sock, remote, cand, attempt, AttemptOutcome.LOST, str(exc))
             return False
         self.winner.set_result(_Winner(sock, local, remote, cand, via, verified_at, self._t(), hs.leftover))
         return True
 
     def _finish_loser(
-        self, sock: socket.socket, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: Outcome, why: str
+        self, sock: socket.socket, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: AttemptOutcome,
+        why: str,
     ) -> None:
         self._record(remote, cand, attempt, outcome, why)
         self.conns.discard(sock)

@@ -13,11 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from tcppunch.nat.report import Endpoint
-
 # Roles come from the session, never from who called connect(): after a simultaneous open both ends are
 # "clients". The punch speaks the coordinator's own role vocabulary.
 from tcppunch.wire.coord import Role as Role
+from tcppunch.wire.endpoint import Endpoint
 
 SESSION_ID_MAX = 64
 KEY_MIN = 16
@@ -124,7 +123,7 @@ class PunchPlan:
             raise ValueError("candidates must be distinct")
 
 
-class Outcome(StrEnum):
+class AttemptOutcome(StrEnum):
     """What one try (or one connection) got."""
 
     CONNECTED = "connected"  # our connect() completed (simultaneous open or plain)
@@ -148,7 +147,7 @@ class PunchAttempt:
     remote: Endpoint
     candidate: Candidate | None
     attempt: int
-    outcome: Outcome
+    outcome: AttemptOutcome
     t: float
     detail: str = ""
 
@@ -201,24 +200,24 @@ class PunchFailed(Exception):
 
 
 _ADVICE = {
-    Outcome.REFUSED: "the peer's NAT (or host) answered with RST: its SYNs probably did not leave at the "
+    AttemptOutcome.REFUSED: "the peer's NAT (or host) answered with RST: its SYNs probably did not leave at the "
     "same time as ours, or its mapping differs from what we targeted",
-    Outcome.TIMEOUT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
+    AttemptOutcome.TIMEOUT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
     "us never arrived (wrong predicted port, firewall, or the peer never fired)",
-    Outcome.SILENT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
+    AttemptOutcome.SILENT: "nothing came back: the peer's NAT drops unsolicited SYNs and its own SYN towards "
     "us never arrived (wrong predicted port, firewall, or the peer never fired)",
-    Outcome.UNREACHABLE: "no route to that address",
-    Outcome.VERIFY_FAILED: "something answered but could not prove the session key (not our peer)",
-    Outcome.BUSY: "the 4-tuple was taken (a connection through the listener was already using it)",
-    Outcome.RESET: "the connection opened and was then reset",
-    Outcome.LOST: "the connection opened and was closed by the other end before it was selected",
+    AttemptOutcome.UNREACHABLE: "no route to that address",
+    AttemptOutcome.VERIFY_FAILED: "something answered but could not prove the session key (not our peer)",
+    AttemptOutcome.BUSY: "the 4-tuple was taken (a connection through the listener was already using it)",
+    AttemptOutcome.RESET: "the connection opened and was then reset",
+    AttemptOutcome.LOST: "the connection opened and was closed by the other end before it was selected",
 }
 
 
 def explain_failure(plan: PunchPlan, attempts: tuple[PunchAttempt, ...], why: str) -> str:
     """A human explanation of a failed punch: per candidate what it got, and what the user can do."""
     lines = [f"punch {plan.session_id} ({plan.role.value}) failed: {why}."]
-    by_candidate: dict[Candidate | None, Counter[Outcome]] = {}
+    by_candidate: dict[Candidate | None, Counter[AttemptOutcome]] = {}
     for a in attempts:
         by_candidate.setdefault(a.candidate, Counter())[a.outcome] += 1
     if not plan.candidates:

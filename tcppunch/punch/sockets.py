@@ -21,8 +21,8 @@ import os
 import socket
 import struct
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.nat.sockets import reuse_port_socket
+from tcppunch.wire.endpoint import Endpoint
 
 # Linux TCP states as reported by TCP_INFO (include/net/tcp_states.h).
 TCP_ESTABLISHED = 1

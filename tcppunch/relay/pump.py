@@ -30,7 +30,7 @@ from tcppunch.relay.endpoint import RelayEnd
 from tcppunch.relay.limits import ByteBudget
 from tcppunch.relay.meter import Direction, EndReason, RelayMeter, RelayStats
 
-Method = Literal["auto", "splice", "copy"]
+PumpMethod = Literal["auto", "splice", "copy"]
 
 # A direction that keeps moving bytes without ever waiting yields to the event loop after this many
 # turns (up to 16 x 1 MiB), so one fast relay cannot starve the others and the coordinator.
@@ -46,7 +46,7 @@ async def relay(
     idle_timeout: float = 300.0,
     max_bytes: int | None = None,
     budgets: Sequence[ByteBudget] = (),
-    method: Method = "auto",
+    method: PumpMethod = "auto",
     pipe_size: int = DEFAULT_PIPE_SIZE,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
 ) -> RelayStats:
@@ -122,7 +122,7 @@ async def relay(
     return stats
 
 
-def _conduit_factory(method: Method, pipe_size: int, buffer_size: int) -> Callable[[], Conduit]:
+def _conduit_factory(method: PumpMethod, pipe_size: int, buffer_size: int) -> Callable[[], Conduit]:
     if method == "splice" and not splice_available():
         raise ValueError("splice is not available on this platform")
     if method not in ("auto", "splice", "copy"):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import NatReport
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import ProtocolError, encode_frame
 
 
@@ -51,6 +52,16 @@ class ErrorCode(StrEnum):
     SESSION_CANCELLED = "session-cancelled"
     # server side
     SHUTTING_DOWN = "shutting-down"
+    # client side only, never in an ERROR frame: the connection ended without one
+    CLOSED = "closed"
+
+    @classmethod
+    def of(cls, code: str) -> ErrorCode | str:
+        """The member for a known code; an unknown one (a newer server's) stays text."""
+        try:
+            return cls(code)
+        except ValueError:
+            return code
     SERVER_BUSY = "server-busy"
 
 

@@ -87,6 +87,19 @@ class FrameDecoder:
         """Bytes received and not yet consumed as a frame (bounded by header + max frame size)."""
         return len(self._buffer)
 
+    def missing(self) -> int:
+        """At least how many more bytes the next frame needs (0: call :meth:`next_frame`).
+
+        Reading exactly this many never reads past the frame, which a relay join needs: every byte after
+        its RELAY-OK belongs to the other peer.
+        """
+        if self._stage is _Stage.PREAMBLE:
+            return max(0, PREAMBLE_SIZE - len(self._buffer))
+        if len(self._buffer) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._buffer)
+        (size,) = struct.unpack("!I", self._buffer[:HEADER_SIZE])
+        return 0 if size > self._max else max(0, HEADER_SIZE + size - len(self._buffer))
+
     def take_rest(self) -> bytes:
         """Hand over the unparsed bytes (a relay connection turns into a raw byte pipe after its frame)."""
         rest = bytes(self._buffer)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import TypeVar
 
+from tcppunch.wire.endpoint import Endpoint
+
 MAGIC_COOKIE = 0x2112A442
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 HEADER_LENGTH = 20
@@ -57,7 +59,7 @@ class MessageClass(IntEnum):
     ERROR = 0x110
 
 
-class Method(IntEnum):
+class StunMethod(IntEnum):
     """STUN methods we speak. Unknown methods still parse (as a plain int)."""
 
     BINDING = 0x001
@@ -86,23 +88,12 @@ class AttributeType(IntEnum):
     ALTERNATE_PORT = 0x8056
 
 
-@dataclass(frozen=True)
-class TransportAddress:
-    """An IP address (v4 or v6, canonical text form) and a port."""
-
-    ip: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
-
-
 # ---------------------------------------------------------------------------------------- attributes
 
 
 @dataclass(frozen=True)
 class _AddressAttribute:
-    address: TransportAddress
+    address: Endpoint
 
 
 @dataclass(frozen=True)
@@ -149,7 +140,7 @@ class ChangeRequest:
 
 
 @dataclass(frozen=True)
-class ErrorCode:
+class StunErrorCode:
     """ERROR-CODE: a 300-699 code and a reason phrase."""
 
     code: int
@@ -199,7 +190,7 @@ class ConnectBackResult:
     """
 
     outcome: ConnectBackOutcome
-    source: TransportAddress
+    source: Endpoint
 
 
 @dataclass(frozen=True)
@@ -230,7 +221,7 @@ Attribute = (
     | ChangedAddress
     | ResponseAddress
     | ChangeRequest
-    | ErrorCode
+    | StunErrorCode
     | Software
     | UnknownAttributes
     | ConnectBackResult
@@ -284,7 +275,7 @@ class StunMessage:
                 return attribute
         return None
 
-    def mapped(self) -> TransportAddress | None:
+    def mapped(self) -> Endpoint | None:
         """The reflexive address: XOR-MAPPED-ADDRESS if present, else MAPPED-ADDRESS."""
         xor = self.find(XorMappedAddress)
         if xor is not None:
@@ -292,7 +283,7 @@ class StunMessage:
         plain = self.find(MappedAddress)
         return None if plain is None else plain.address
 
-    def other(self) -> TransportAddress | None:
+    def other(self) -> Endpoint | None:
         """The alternate server address: OTHER-ADDRESS if present, else CHANGED-ADDRESS."""
         for kind in (OtherAddress, ChangedAddress):
             found = self.find(kind)
@@ -313,7 +304,7 @@ def binding_request(
     transaction_id: bytes, attributes: Iterable[Attribute] = (), fingerprint: bool = False
 ) -> StunMessage:
     """A Binding request with the given transaction id (12 bytes: RFC 5389, 16 bytes: classic)."""
-    return StunMessage(Method.BINDING, MessageClass.REQUEST, transaction_id, tuple(attributes), fingerprint)
+    return StunMessage(StunMethod.BINDING, MessageClass.REQUEST, transaction_id, tuple(attributes), fingerprint)
 
 
 def looks_like_stun(first8: bytes) -> bool:
@@ -355,7 +346,7 @@ def _tlv(attr_type: int, value: bytes) -> bytes:
     return struct.pack("!HH", attr_type, len(value)) + value + b"\x00" * (-len(value) % 4)
 
 
-def _encode_address(address: TransportAddress, xor_pad: bytes | None = None) -> bytes:
+def _encode_address(address: Endpoint, xor_pad: bytes | None = None) -> bytes:
     ip = ipaddress.ip_address(address.ip)
     family = _FAMILY_IPV4 if ip.version == 4 else _FAMILY_IPV6
     port_ip = struct.pack("!H", address.port) + ip.packed
@@ -380,7 +371,7 @@ def _encode_attribute(attribute: Attribute, header_tid: bytes) -> bytes:
     if isinstance(attribute, ChangeRequest):
         flags = (0x4 if attribute.change_ip else 0) | (0x2 if attribute.change_port else 0)
         return _tlv(AttributeType.CHANGE_REQUEST, struct.pack("!I", flags))
-    if isinstance(attribute, ErrorCode):
+    if isinstance(attribute, StunErrorCode):
         if not 300 <= attribute.code <= 699:
             raise ValueError(f"error code {attribute.code} is outside 300-699")
         value = struct.pack("!HBB", 0, attribute.code // 100, attribute.code % 100)
@@ -478,7 +469,7 @@ def _fingerprint_of(prefix: bytes) -> int:
     return (binascii.crc32(adjusted) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
 
 
-def _decode_address(name: str, value: bytes, xor_pad: bytes | None = None) -> TransportAddress:
+def _decode_address(name: str, value: bytes, xor_pad: bytes | None = None) -> Endpoint:
     if len(value) < 4:
         raise StunParseError(f"{name} is {len(value)} bytes, too short for an address")
     family = value[1]
@@ -494,7 +485,7 @@ def _decode_address(name: str, value: bytes, xor_pad: bytes | None = None) -> Tr
     if xor_pad is not None:
         port_ip = bytes(b ^ p for b, p in zip(port_ip, xor_pad, strict=False))
     (port,) = struct.unpack_from("!H", port_ip)
-    return TransportAddress(str(ipaddress.ip_address(port_ip[2:])), port)
+    return Endpoint(str(ipaddress.ip_address(port_ip[2:])), port)
 
 
 def _decode_attribute(attr_type: int, value: bytes, header_tid: bytes) -> Attribute:
@@ -514,7 +505,7 @@ def _decode_attribute(attr_type: int, value: bytes, header_tid: bytes) -> Attrib
         code = (value[2] & 0x07) * 100 + value[3]
         if not 300 <= code <= 699 or value[3] > 99:
             raise StunParseError(f"ERROR-CODE {value[2] & 0x07}/{value[3]} is not a 300-699 code")
-        return ErrorCode(code, _utf8("ERROR-CODE reason", value[4:]))
+        return StunErrorCode(code, _utf8("ERROR-CODE reason", value[4:]))
     if attr_type == AttributeType.SOFTWARE:
         return Software(_utf8("SOFTWARE", value))
     if attr_type == AttributeType.UNKNOWN_ATTRIBUTES:

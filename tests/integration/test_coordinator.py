@@ -28,7 +28,7 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import (
     Error,
     Message,
@@ -41,6 +41,7 @@ from tcppunch.wire.coord import (
     encode_message,
     relay_proof,
 )
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder, encode_frame
 
 T = TypeVar("T")
@@ -351,7 +352,7 @@ def test_stun_is_handed_to_the_stun_handler() -> None:
 
 def test_real_stun_service_shares_the_port() -> None:
     from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
-    from tcppunch.wire.stun import StunStreamDecoder, TransportAddress, binding_request
+    from tcppunch.wire.stun import StunStreamDecoder, binding_request
     from tcppunch.wire.stun import encode_message as encode_stun
 
     async def main() -> None:
@@ -363,7 +364,7 @@ def test_real_stun_service_shares_the_port() -> None:
             port,
             udp=False,
             alternate_port=0,
-            external_tcp=frozenset({TransportAddress("127.0.0.1", port)}),
+            external_tcp=frozenset({Endpoint("127.0.0.1", port)}),
         )
         try:
             async with StunService(stun_config) as stun:
@@ -375,7 +376,7 @@ def test_real_stun_service_shares_the_port() -> None:
                     while (answer := decoder.next_message()) is None:
                         decoder.receive_data(await asyncio.wait_for(reader.read(4096), 5.0))
                     local = writer.get_extra_info("sockname")
-                    assert answer.mapped() == TransportAddress("127.0.0.1", local[1])
+                    assert answer.mapped() == Endpoint("127.0.0.1", local[1])
                     writer.close()
                     await assert_still_served(alice)
         finally:

@@ -7,7 +7,7 @@ import asyncio
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.nat.report import Endpoint
+from tcppunch.wire.endpoint import Endpoint
 
 
 def test_port_moves_but_address_cannot() -> None:

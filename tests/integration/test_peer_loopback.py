@@ -16,9 +16,9 @@ import pytest
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.nat.report import Endpoint
 from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
 from tcppunch.wire.coord import Outcome
+from tcppunch.wire.endpoint import Endpoint
 from tests.loopback import free_port, loopback_coordinator
 
 TOKEN = "loopback-secret"

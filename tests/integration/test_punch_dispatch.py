@@ -8,11 +8,11 @@ import socket
 
 import pytest
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.punch import dispatch
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.handshake import Handshake
 from tcppunch.punch.plan import Role
+from tcppunch.wire.endpoint import Endpoint
 
 
 async def _dial(port: int, data: bytes) -> socket.socket:

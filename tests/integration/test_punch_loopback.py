@@ -12,13 +12,12 @@ from typing import TypeVar
 
 import pytest
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.punch.engine import punch
 from tcppunch.punch.handshake import Handshake
 from tcppunch.punch.plan import (
+    AttemptOutcome,
     Candidate,
     CandidateKind,
-    Outcome,
     PunchFailed,
     PunchPlan,
     PunchResult,
@@ -26,6 +25,7 @@ from tcppunch.punch.plan import (
     Role,
 )
 from tcppunch.punch.sockets import reuse_listener, reuse_socket
+from tcppunch.wire.endpoint import Endpoint
 
 KEY = os.urandom(32)
 T = TypeVar("T")
@@ -132,7 +132,7 @@ def test_simultaneous_fire_agrees_on_one_verified_connection_and_moves_bytes() -
     assert sent_a == got_b and sent_b == got_a
     for r in (ra, rb):
         outcomes = [a.outcome for a in r.attempts]
-        assert Outcome.VERIFIED in outcomes and outcomes.count(Outcome.SELECTED) == 1
+        assert AttemptOutcome.VERIFIED in outcomes and outcomes.count(AttemptOutcome.SELECTED) == 1
         assert 0 <= r.timings.verified <= r.timings.selected
 
 
@@ -176,10 +176,10 @@ def test_stranger_without_key_is_rejected_and_real_pair_wins() -> None:
 
     ra, rb, answers = run(main())
     assert ra.local == rb.remote and rb.local == ra.remote
-    failed_b = [a for a in rb.attempts if a.outcome is Outcome.VERIFY_FAILED]
+    failed_b = [a for a in rb.attempts if a.outcome is AttemptOutcome.VERIFY_FAILED]
     assert len(failed_b) == 2
     assert any("MAC" in a.detail for a in failed_b) and any("magic" in a.detail for a in failed_b)
-    assert any(a.outcome is Outcome.VERIFY_FAILED for a in ra.attempts)
+    assert any(a.outcome is AttemptOutcome.VERIFY_FAILED for a in ra.attempts)
     assert all(len(ans) == 69 for ans in answers)  # they got a HELLO and nothing else
 
 
@@ -206,7 +206,7 @@ def test_refusing_candidate_is_retried_until_the_deadline_and_failure_explains_i
             closed.close()
 
     failure = run(main())
-    refused = [a for a in failure.attempts if a.outcome is Outcome.REFUSED]
+    refused = [a for a in failure.attempts if a.outcome is AttemptOutcome.REFUSED]
     assert len(refused) >= 3
     assert [a.attempt for a in refused] == list(range(1, len(refused) + 1))
     assert "refused x" in failure.explanation and "relay" in failure.explanation
@@ -231,7 +231,7 @@ def test_same_roles_never_verify() -> None:
 
     for r in run(main()):
         assert isinstance(r, PunchFailed)
-        assert any("own role" in a.detail for a in r.attempts if a.outcome is Outcome.VERIFY_FAILED)
+        assert any("own role" in a.detail for a in r.attempts if a.outcome is AttemptOutcome.VERIFY_FAILED)
 
 
 def test_raw_socket_mode_and_engine_owned_listeners() -> None:
@@ -317,8 +317,8 @@ def test_silent_candidate_gets_its_syn_resent_until_the_deadline() -> None:
 
     failure = run(main())
     outcomes = [a.outcome for a in failure.attempts]
-    assert outcomes.count(Outcome.SILENT) >= 3
-    assert outcomes[-1] is Outcome.TIMEOUT
+    assert outcomes.count(AttemptOutcome.SILENT) >= 3
+    assert outcomes[-1] is AttemptOutcome.TIMEOUT
     assert "silent x" in failure.explanation and "drops unsolicited SYNs" in failure.explanation
 
 

@@ -27,12 +27,13 @@ from typing import Any
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
-from tcppunch.nat.report import Endpoint, NatReport, TcpBehaviour
+from tcppunch.nat.report import NatReport, TcpBehaviour
 from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.engine import punch
-from tcppunch.punch.plan import Outcome, PunchFailed, PunchPlan, PunchResult, Role
+from tcppunch.punch.plan import AttemptOutcome, PunchFailed, PunchPlan, PunchResult, Role
 from tcppunch.punch.prediction import build_candidates, direct_possible, retry_policy_for
 from tcppunch.punch.sockets import reuse_listener, reuse_socket
+from tcppunch.wire.endpoint import Endpoint
 
 ECHO = Endpoint("198.51.100.10", 3479)
 KEY = os.urandom(32)
@@ -241,7 +242,7 @@ def test_pair_punches_direct(lab: dict[str, Side], x: str, y: str, policy: SynPo
     assert ra.local.ip == a.host.address and rb.local.ip == b.host.address
     assert out.digests_match
     for r in (ra, rb):
-        assert [at.outcome for at in r.attempts].count(Outcome.SELECTED) == 1
+        assert [at.outcome for at in r.attempts].count(AttemptOutcome.SELECTED) == 1
 
 
 def test_impossible_pair_fails_with_an_explanation(lab: dict[str, Side]) -> None:

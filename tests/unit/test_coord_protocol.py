@@ -25,7 +25,7 @@ from tcppunch.coordinator.protocol import (
     Send,
     StartRelay,
 )
-from tcppunch.nat.report import Endpoint, FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -48,6 +48,7 @@ from tcppunch.wire.coord import (
     encode_message,
     relay_proof,
 )
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder
 
 SERVER = Endpoint("198.51.100.10", 3478)

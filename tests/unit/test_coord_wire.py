@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -37,6 +37,7 @@ from tcppunch.wire.coord import (
     message_to_json,
     relay_proof,
 )
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import (
     MAX_FRAME_SIZE,
     PREAMBLE,

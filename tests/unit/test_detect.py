@@ -13,7 +13,6 @@ import pytest
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
 from tcppunch.nat.report import (
-    Endpoint,
     FilteringBehaviour,
     MappingBehaviour,
     SynResponse,
@@ -28,16 +27,16 @@ from tcppunch.nat.tcp_tests import (
 )
 from tcppunch.nat.udp import classic_udp_nat_type
 from tcppunch.nat.verdict import verdict
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     ChangedAddress,
     ChangeRequest,
     ConnectBackOutcome,
-    ErrorCode,
     MappedAddress,
     MessageClass,
-    Method,
+    StunErrorCode,
     StunMessage,
-    TransportAddress,
+    StunMethod,
     XorMappedAddress,
     encode_message,
     parse_message,
@@ -298,7 +297,7 @@ def test_guard_stops_the_endless_loop_on_error_replies() -> None:
         return [
             encode_message(
                 StunMessage(
-                    Method.BINDING, MessageClass.ERROR, request.transaction_id, (ErrorCode(400, "Bad Request"),)
+                    StunMethod.BINDING, MessageClass.ERROR, request.transaction_id, (StunErrorCode(400, "Bad Request"),)
                 )
             )
         ]
@@ -323,13 +322,13 @@ def test_guard_translates_xor_only_answers() -> None:
         request = parse_message(data)
         port = xor_only.client_port  # type: ignore[attr-defined]
         attrs = (
-            XorMappedAddress(TransportAddress("203.0.113.9", port)),
-            ChangedAddress(TransportAddress(A1, xor_only.self_port)),
+            XorMappedAddress(Endpoint("203.0.113.9", port)),
+            ChangedAddress(Endpoint(A1, xor_only.self_port)),
         )  # type: ignore[attr-defined]
         change = request.find(ChangeRequest)
         if change is not None and (change.change_ip or change.change_port):
             return []  # a filtering NAT: the changed answers never arrive
-        return [encode_message(StunMessage(Method.BINDING, MessageClass.SUCCESS, request.transaction_id, attrs))]
+        return [encode_message(StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, request.transaction_id, attrs))]
 
     xor_only.client_port = 4242  # type: ignore[attr-defined]
     with FakeUdpServer(xor_only) as server:
@@ -349,5 +348,5 @@ def test_guard_deadline_bounds_a_silent_server() -> None:
 
 def test_classic_answer_has_mapped_address_first() -> None:
     tid = os.urandom(16)
-    msg = StunMessage(Method.BINDING, MessageClass.SUCCESS, tid, (MappedAddress(TransportAddress("1.2.3.4", 5)),))
-    assert parse_message(encode_message(msg)).mapped() == TransportAddress("1.2.3.4", 5)
+    msg = StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, tid, (MappedAddress(Endpoint("1.2.3.4", 5)),))
+    assert parse_message(encode_message(msg)).mapped() == Endpoint("1.2.3.4", 5)

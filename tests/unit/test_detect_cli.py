@@ -10,8 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tcppunch.cli import main
-from tcppunch.cli.detect_cmd import parse_host_port
-from tcppunch.nat.report import Endpoint, NatReport
+from tcppunch.nat.report import NatReport
 from tests.unit.test_stun_service import A1, ServiceThread, start_service
 
 
@@ -61,13 +60,3 @@ def test_unreachable_server_exits_3_with_one_line() -> None:
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert CliRunner().invoke(main, args).exit_code == 2
-
-
-def test_parse_host_port() -> None:
-    assert parse_host_port("198.51.100.10:3478") == Endpoint("198.51.100.10", 3478)
-    assert parse_host_port("198.51.100.10") == Endpoint("198.51.100.10", 3478)
-    assert parse_host_port("[2001:db8::1]:9") == Endpoint("2001:db8::1", 9)
-    assert parse_host_port("localhost:5") == Endpoint("127.0.0.1", 5)
-    for bad in ["", ":5", "1.2.3.4:70000", "[::1", "host:port"]:
-        with pytest.raises(ValueError):
-            parse_host_port(bad)

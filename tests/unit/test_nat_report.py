@@ -5,13 +5,13 @@ import json
 import pytest
 
 from tcppunch.nat.report import (
-    Endpoint,
     FilteringBehaviour,
     MappingBehaviour,
     NatReport,
     SynResponse,
     TcpBehaviour,
 )
+from tcppunch.wire.endpoint import Endpoint
 
 
 def test_round_trip_through_json_text() -> None:

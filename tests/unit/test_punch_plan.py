@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.punch.plan import (
+    AttemptOutcome,
     Candidate,
     CandidateKind,
-    Outcome,
     PunchAttempt,
     PunchPlan,
     RetryPolicy,
     Role,
     explain_failure,
 )
+from tcppunch.wire.endpoint import Endpoint
 
 C1 = Candidate(Endpoint("198.51.100.102", 4000), CandidateKind.OBSERVED)
 C2 = Candidate(Endpoint("198.51.100.102", 20001), CandidateKind.PREDICTED, 1)
@@ -74,9 +74,9 @@ def test_retry_delays_fast_during_the_window_then_slower_and_capped() -> None:
 
 def test_failure_explanation_names_every_candidate_and_the_way_out() -> None:
     attempts = (
-        PunchAttempt(C1.endpoint, C1, 1, Outcome.REFUSED, 0.001),
-        PunchAttempt(C1.endpoint, C1, 2, Outcome.REFUSED, 0.003),
-        PunchAttempt(Endpoint("198.51.100.9", 1), None, 0, Outcome.VERIFY_FAILED, 0.01, "bad HELLO MAC"),
+        PunchAttempt(C1.endpoint, C1, 1, AttemptOutcome.REFUSED, 0.001),
+        PunchAttempt(C1.endpoint, C1, 2, AttemptOutcome.REFUSED, 0.003),
+        PunchAttempt(Endpoint("198.51.100.9", 1), None, 0, AttemptOutcome.VERIFY_FAILED, 0.01, "bad HELLO MAC"),
     )
     text = explain_failure(plan(), attempts, "no verified connection before the deadline")
     assert "refused x2" in text and "RST" in text
@@ -87,5 +87,5 @@ def test_failure_explanation_names_every_candidate_and_the_way_out() -> None:
 
 
 def test_attempt_str() -> None:
-    a = PunchAttempt(C1.endpoint, C1, 3, Outcome.REFUSED, 0.0125, "Connection refused")
+    a = PunchAttempt(C1.endpoint, C1, 3, AttemptOutcome.REFUSED, 0.0125, "Connection refused")
     assert str(a) == "+12.5 ms 198.51.100.102:4000 (observed) try 3: refused: Connection refused"

@@ -13,25 +13,25 @@ from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     AlternatePort,
     ChangedAddress,
     ChangeRequest,
     ConnectBackOutcome,
     ConnectBackResult,
-    ErrorCode,
     MappedAddress,
     MessageClass,
-    Method,
     OpaqueAttribute,
     OtherAddress,
     ResponseOrigin,
     Software,
     SourceAddress,
+    StunErrorCode,
     StunMessage,
+    StunMethod,
     StunParseError,
     StunStreamDecoder,
-    TransportAddress,
     UnknownAttributes,
     XorMappedAddress,
     binding_request,
@@ -77,7 +77,7 @@ RFC5769_IPV6_RESPONSE = hexbytes(
 
 def test_rfc5769_sample_request() -> None:
     msg = parse_message(RFC5769_REQUEST)
-    assert (msg.method, msg.message_class) == (Method.BINDING, MessageClass.REQUEST)
+    assert (msg.method, msg.message_class) == (StunMethod.BINDING, MessageClass.REQUEST)
     assert msg.transaction_id == RFC5769_TID and not msg.classic
     assert msg.fingerprint
     assert msg.find(Software) == Software("STUN test client")
@@ -94,11 +94,11 @@ def test_rfc5769_sample_request() -> None:
 @pytest.mark.parametrize(
     ("vector", "address"),
     [
-        (RFC5769_IPV4_RESPONSE, TransportAddress("192.0.2.1", 32853)),
-        (RFC5769_IPV6_RESPONSE, TransportAddress("2001:db8:1234:5678:11:2233:4455:6677", 32853)),
+        (RFC5769_IPV4_RESPONSE, Endpoint("192.0.2.1", 32853)),
+        (RFC5769_IPV6_RESPONSE, Endpoint("2001:db8:1234:5678:11:2233:4455:6677", 32853)),
     ],
 )
-def test_rfc5769_sample_responses(vector: bytes, address: TransportAddress) -> None:
+def test_rfc5769_sample_responses(vector: bytes, address: Endpoint) -> None:
     msg = parse_message(vector)
     assert msg.message_class is MessageClass.SUCCESS
     assert msg.find(XorMappedAddress) == XorMappedAddress(address)
@@ -109,10 +109,10 @@ def test_rfc5769_sample_responses(vector: bytes, address: TransportAddress) -> N
 
 def test_rfc5769_xor_address_encodes_to_vector_bytes() -> None:
     msg = StunMessage(
-        Method.BINDING,
+        StunMethod.BINDING,
         MessageClass.SUCCESS,
         RFC5769_TID,
-        (XorMappedAddress(TransportAddress("192.0.2.1", 32853)),),
+        (XorMappedAddress(Endpoint("192.0.2.1", 32853)),),
     )
     assert encode_message(msg)[20:] == hexbytes("00 20 00 08 00 01 a1 47 e1 12 a6 43")
 
@@ -136,22 +136,22 @@ def test_fingerprint_must_be_last() -> None:
 
 
 FULL_RESPONSE_ATTRIBUTES = (
-    XorMappedAddress(TransportAddress("198.51.100.7", 40000)),
-    MappedAddress(TransportAddress("198.51.100.7", 40000)),
-    ResponseOrigin(TransportAddress("198.51.100.10", 3478)),
-    OtherAddress(TransportAddress("198.51.100.11", 3479)),
+    XorMappedAddress(Endpoint("198.51.100.7", 40000)),
+    MappedAddress(Endpoint("198.51.100.7", 40000)),
+    ResponseOrigin(Endpoint("198.51.100.10", 3478)),
+    OtherAddress(Endpoint("198.51.100.11", 3479)),
     Software("tcppunch test"),
-    ConnectBackResult(ConnectBackOutcome.REFUSED, TransportAddress("198.51.100.11", 3479)),
+    ConnectBackResult(ConnectBackOutcome.REFUSED, Endpoint("198.51.100.11", 3479)),
     UnknownAttributes((0x0031, 0x0042, 0x0007)),
     AlternatePort(3479),
-    ErrorCode(420, "Unknown Attribute"),
-    XorMappedAddress(TransportAddress("fe80::1", 1)),
+    StunErrorCode(420, "Unknown Attribute"),
+    XorMappedAddress(Endpoint("fe80::1", 1)),
 )
 
 
 @pytest.mark.parametrize("fingerprint", [False, True])
 def test_round_trip_every_attribute(fingerprint: bool) -> None:
-    msg = StunMessage(Method.BINDING, MessageClass.SUCCESS, os.urandom(12), FULL_RESPONSE_ATTRIBUTES, fingerprint)
+    msg = StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, os.urandom(12), FULL_RESPONSE_ATTRIBUTES, fingerprint)
     raw = encode_message(msg)
     assert len(raw) % 4 == 0
     assert parse_message(raw) == msg
@@ -184,14 +184,14 @@ def test_pystun3_request_bytes_parse() -> None:
 def test_our_bytes_parse_with_aioice() -> None:
     tid = os.urandom(12)
     ours = StunMessage(
-        Method.BINDING,
+        StunMethod.BINDING,
         MessageClass.SUCCESS,
         tid,
         (
-            XorMappedAddress(TransportAddress("203.0.113.5", 5555)),
-            MappedAddress(TransportAddress("203.0.113.5", 5555)),
-            ResponseOrigin(TransportAddress("198.51.100.10", 3478)),
-            OtherAddress(TransportAddress("198.51.100.11", 3479)),
+            XorMappedAddress(Endpoint("203.0.113.5", 5555)),
+            MappedAddress(Endpoint("203.0.113.5", 5555)),
+            ResponseOrigin(Endpoint("198.51.100.10", 3478)),
+            OtherAddress(Endpoint("198.51.100.11", 3479)),
             Software("tcppunch"),
         ),
         fingerprint=True,
@@ -218,11 +218,11 @@ def test_aioice_bytes_parse_with_ours() -> None:
     assert ours.transaction_id == theirs.transaction_id and ours.fingerprint
     assert ours.find(ChangeRequest) == ChangeRequest(True, True)
     assert ours.find(Software) == Software("aioice!")
-    assert ours.mapped() == TransportAddress("2001:db8::9", 9)
+    assert ours.mapped() == Endpoint("2001:db8::9", 9)
     error = aioice_stun.Message(
         aioice_stun.Method.BINDING, aioice_stun.Class.ERROR, attributes={"ERROR-CODE": (420, "Unknown")}
     )
-    assert parse_message(bytes(error)).find(ErrorCode) == ErrorCode(420, "Unknown")
+    assert parse_message(bytes(error)).find(StunErrorCode) == StunErrorCode(420, "Unknown")
 
 
 @given(
@@ -233,9 +233,9 @@ def test_aioice_bytes_parse_with_ours() -> None:
 )
 @settings(max_examples=150, deadline=None)
 def test_cross_check_property(ip: str, port: int, tid: bytes, text: str) -> None:
-    address = TransportAddress(ip, port)
+    address = Endpoint(ip, port)
     ours = StunMessage(
-        Method.BINDING,
+        StunMethod.BINDING,
         MessageClass.SUCCESS,
         tid,
         (XorMappedAddress(address), MappedAddress(address), Software(text)),
@@ -251,7 +251,7 @@ def test_cross_check_property(ip: str, port: int, tid: bytes, text: str) -> None
         attributes={"XOR-MAPPED-ADDRESS": (ip, port), "SOFTWARE": text},
     )
     assert parse_message(bytes(back)) == StunMessage(
-        Method.BINDING, MessageClass.SUCCESS, tid, (XorMappedAddress(address), Software(text))
+        StunMethod.BINDING, MessageClass.SUCCESS, tid, (XorMappedAddress(address), Software(text))
     )
 
 
@@ -260,7 +260,7 @@ def test_cross_check_property(ip: str, port: int, tid: bytes, text: str) -> None
 
 def _valid() -> bytes:
     return encode_message(
-        StunMessage(Method.BINDING, MessageClass.SUCCESS, os.urandom(12), FULL_RESPONSE_ATTRIBUTES, True)
+        StunMessage(StunMethod.BINDING, MessageClass.SUCCESS, os.urandom(12), FULL_RESPONSE_ATTRIBUTES, True)
     )
 
 
@@ -322,17 +322,17 @@ def test_looks_like_stun() -> None:
 def test_classic_response_with_changed_and_source_address() -> None:
     tid = os.urandom(16)
     msg = StunMessage(
-        Method.BINDING,
+        StunMethod.BINDING,
         MessageClass.SUCCESS,
         tid,
         (
-            MappedAddress(TransportAddress("10.0.0.1", 1)),
-            SourceAddress(TransportAddress("127.0.0.1", 3478)),
-            ChangedAddress(TransportAddress("127.0.0.2", 3479)),
+            MappedAddress(Endpoint("10.0.0.1", 1)),
+            SourceAddress(Endpoint("127.0.0.1", 3478)),
+            ChangedAddress(Endpoint("127.0.0.2", 3479)),
         ),
     )
     parsed = parse_message(encode_message(msg))
-    assert parsed == msg and parsed.other() == TransportAddress("127.0.0.2", 3479)
+    assert parsed == msg and parsed.other() == Endpoint("127.0.0.2", 3479)
 
 
 # ------------------------------------------------------------------------------- stream framing
@@ -342,7 +342,7 @@ def _three_messages() -> tuple[list[StunMessage], bytes]:
     msgs = [
         binding_request(os.urandom(12), [ChangeRequest(change_port=True)], fingerprint=True),
         binding_request(os.urandom(12), [Software("x" * 13)]),
-        StunMessage(Method.BINDING, MessageClass.INDICATION, os.urandom(12)),
+        StunMessage(StunMethod.BINDING, MessageClass.INDICATION, os.urandom(12)),
     ]
     return msgs, b"".join(encode_message(m) for m in msgs)
 

@@ -18,21 +18,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     AlternatePort,
     ChangedAddress,
     ChangeRequest,
     ConnectBackOutcome,
     ConnectBackResult,
-    ErrorCode,
     MappedAddress,
     MessageClass,
     OtherAddress,
     ResponseOrigin,
     SourceAddress,
+    StunErrorCode,
     StunMessage,
     StunStreamDecoder,
-    TransportAddress,
     UnknownAttributes,
     XorMappedAddress,
     binding_request,
@@ -137,16 +137,16 @@ def test_tcp_binding_response_has_rfc5780_attributes(two_address: ServiceThread)
     p1, p2 = two_address.config.primary_port, two_address.config.port2
     for server in [(A1, p1), (A2, p1), (A1, p2), (A2, p2)]:
         with socket.create_connection(server, WAIT) as sock:
-            local = TransportAddress(*sock.getsockname())
+            local = Endpoint(*sock.getsockname())
             request = binding_request(os.urandom(12))
             (response,) = tcp_exchange(sock, request)
         assert response.message_class is MessageClass.SUCCESS and response.fingerprint
         assert response.transaction_id == request.transaction_id
         assert response.find(XorMappedAddress) == XorMappedAddress(local)
         assert response.find(MappedAddress) == MappedAddress(local)
-        assert response.find(ResponseOrigin) == ResponseOrigin(TransportAddress(*server))
+        assert response.find(ResponseOrigin) == ResponseOrigin(Endpoint(*server))
         other = (A2 if server[0] == A1 else A1, p2 if server[1] == p1 else p1)
-        assert response.find(OtherAddress) == OtherAddress(TransportAddress(*other))
+        assert response.find(OtherAddress) == OtherAddress(Endpoint(*other))
 
 
 def test_tcp_many_requests_on_one_connection_pipelined(two_address: ServiceThread) -> None:
@@ -166,7 +166,7 @@ def test_tcp_connect_back_reaches_a_listener_on_the_same_port(
     two_address: ServiceThread, change: ChangeRequest, expected_source: str
 ) -> None:
     p1, p2 = two_address.config.primary_port, two_address.config.port2
-    source = {"A2P2": TransportAddress(A2, p2), "A1P2": TransportAddress(A1, p2)}[expected_source]
+    source = {"A2P2": Endpoint(A2, p2), "A1P2": Endpoint(A1, p2)}[expected_source]
     with reuse_socket(socket.SOCK_STREAM) as listener, reuse_socket(socket.SOCK_STREAM) as conn:
         # the listener and the requesting connection share one local port (SO_REUSEPORT)
         conn.close()
@@ -178,7 +178,7 @@ def test_tcp_connect_back_reaches_a_listener_on_the_same_port(
         assert response.find(ConnectBackResult) == ConnectBackResult(ConnectBackOutcome.CONNECTED, source)
         back, addr = listener.accept()
         with back:
-            assert TransportAddress(*addr) == source
+            assert Endpoint(*addr) == source
             back.settimeout(WAIT)
             decoder = StunStreamDecoder()
             while (indication := decoder.next_message()) is None:
@@ -207,7 +207,7 @@ def test_one_address_server_omits_other_address_and_reports_unavailable(one_addr
     assert change_ip.find(ConnectBackResult) is not None
     assert change_ip.find(ConnectBackResult).outcome is ConnectBackOutcome.UNAVAILABLE  # type: ignore[union-attr]
     assert change_port.find(ConnectBackResult) == ConnectBackResult(
-        ConnectBackOutcome.REFUSED, TransportAddress(A1, p2)
+        ConnectBackOutcome.REFUSED, Endpoint(A1, p2)
     )
 
 
@@ -218,7 +218,7 @@ def test_tcp_unknown_required_attribute_gets_420(two_address: ServiceThread) -> 
     with socket.create_connection((A1, two_address.config.primary_port), WAIT) as sock:
         (response,) = tcp_exchange(sock, request)
     assert response.message_class is MessageClass.ERROR
-    assert response.find(ErrorCode) == ErrorCode(420, "Unknown Attribute")
+    assert response.find(StunErrorCode) == StunErrorCode(420, "Unknown Attribute")
     assert response.find(UnknownAttributes) == UnknownAttributes((0x0031,))
 
 
@@ -230,8 +230,8 @@ def test_tcp_bad_attribute_gets_400_and_connection_keeps_serving(two_address: Se
         sock.sendall(bad)
         good = binding_request(os.urandom(12))
         error, ok = _two(sock, good)
-    assert error.transaction_id == tid and error.find(ErrorCode) is not None
-    assert error.find(ErrorCode).code == 400  # type: ignore[union-attr]
+    assert error.transaction_id == tid and error.find(StunErrorCode) is not None
+    assert error.find(StunErrorCode).code == 400  # type: ignore[union-attr]
     assert ok.transaction_id == good.transaction_id and ok.message_class is MessageClass.SUCCESS
 
 
@@ -272,7 +272,7 @@ def test_serve_tcp_connection_accepts_a_handed_over_prefix(two_address: ServiceT
             request = binding_request(os.urandom(12))
             (response,) = tcp_exchange(sock, request)
             assert response.transaction_id == request.transaction_id
-            assert response.find(XorMappedAddress) == XorMappedAddress(TransportAddress(*sock.getsockname()))
+            assert response.find(XorMappedAddress) == XorMappedAddress(Endpoint(*sock.getsockname()))
     finally:
 
         async def stop() -> None:  # on the service's own loop: asyncio servers are not thread-safe
@@ -291,9 +291,9 @@ def test_udp_classic_request_gets_classic_dialect(two_address: ServiceThread) ->
     response, source, port = udp_exchange((A1, p1), request)
     assert source == (A1, p1)
     assert response.classic and response.transaction_id == request.transaction_id
-    assert response.find(MappedAddress) == MappedAddress(TransportAddress(A1, port))
-    assert response.find(SourceAddress) == SourceAddress(TransportAddress(A1, p1))
-    assert response.find(ChangedAddress) == ChangedAddress(TransportAddress(A2, p2))
+    assert response.find(MappedAddress) == MappedAddress(Endpoint(A1, port))
+    assert response.find(SourceAddress) == SourceAddress(Endpoint(A1, p1))
+    assert response.find(ChangedAddress) == ChangedAddress(Endpoint(A2, p2))
     assert response.find(XorMappedAddress) is None and not response.fingerprint
 
 
@@ -308,12 +308,12 @@ def test_udp_change_request_answers_from_the_changed_socket(
     want = {"A2P2": (A2, p2), "A1P2": (A1, p2), "A2P1": (A2, p1)}[expected]
     response, source, _ = udp_exchange((A1, p1), binding_request(os.urandom(16), [change]))
     assert source == want
-    assert response.find(SourceAddress) == SourceAddress(TransportAddress(*want))
+    assert response.find(SourceAddress) == SourceAddress(Endpoint(*want))
 
 
 def test_udp_cookie_request_gets_xor_and_fingerprint(two_address: ServiceThread) -> None:
     response, _, port = udp_exchange((A1, two_address.config.primary_port), binding_request(os.urandom(12)))
-    assert response.find(XorMappedAddress) == XorMappedAddress(TransportAddress(A1, port))
+    assert response.find(XorMappedAddress) == XorMappedAddress(Endpoint(A1, port))
     assert response.fingerprint and response.find(OtherAddress) is not None
 
 

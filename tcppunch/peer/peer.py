@@ -1,27 +1,16 @@
-"""The embedding API: a :class:`Peer` registers with a coordinator, connects to other peers by id and
-accepts their connections — direct by TCP simultaneous open when it can, through the coordinator's
-relay when it cannot — and says which one each :class:`Connection` is.
-
->>> async with Peer("198.51.100.10:3478", "alice", token="s3cret") as peer:
-...     conn = await peer.connect("bob")
-...     conn.writer.write(b"hello")
-...     print(conn.method, conn.remote)
-
-Everything here is a thin driver: the coordinator protocol lives in ``tcppunch.coordinator.control``,
-the punch in ``tcppunch.punch``, NAT measurement in ``tcppunch.nat``. :class:`BlockingPeer` gives the
-same thing as plain connected ``socket.socket`` objects, for programs with their own event loop.
+"""The asyncio :class:`Peer`: registers with a coordinator, connects to other peers by id and accepts
+their connections, direct by TCP simultaneous open when it can, through the coordinator's relay when it
+cannot. A thin driver: the coordinator protocol lives in ``tcppunch.coordinator.control``, the punch in
+``tcppunch.punch``, NAT measurement in ``tcppunch.nat``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import socket
-import struct
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -33,167 +22,26 @@ from tcppunch.coordinator.control import (
     PeerList,
     PunchOrder,
     Registration,
+    join_relay,
     punch_plan,
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
-from tcppunch.nat.report import Endpoint, MappingBehaviour, NatReport
+from tcppunch.nat.report import MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
+from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
-from tcppunch.wire.coord import (
-    Error,
-    Outcome,
-    PeerInfo,
-    Relay,
-    RelayAdvice,
-    RelayOk,
-    Role,
-    decode_message,
-    encode_message,
-    relay_proof,
-)
-from tcppunch.wire.framing import HEADER_SIZE, MAX_FRAME_SIZE, PREAMBLE, ProtocolError, parse_payload
-
-__all__ = [
-    "BlockingPeer",
-    "ConnectFailed",
-    "Connection",
-    "ConnectionInfo",
-    "CoordinatorError",
-    "Endpoint",
-    "Method",
-    "NatReport",
-    "Peer",
-    "PeerInfo",
-    "PeerList",
-    "PunchAttempt",
-    "RelayMode",
-    "parse_endpoint",
-]
+from tcppunch.wire.coord import Outcome, RelayAdvice, Role
+from tcppunch.wire.endpoint import Endpoint
 
 T = TypeVar("T")
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("tcppunch.peer")
 
 DEFAULT_PORT = 3478
 # Registering again after the control connection dropped: 0.1 s doubling to 5 s, about 4 minutes in all.
 REREGISTER_ATTEMPTS = 55
-
-
-class RelayMode(StrEnum):
-    """When to use the coordinator's relay."""
-
-    AUTO = "auto"  # punch; relay if punching fails or cannot work
-    NEVER = "never"  # punch only; fail if it fails
-    ALWAYS = "always"  # skip punching
-
-
-class Method(StrEnum):
-    """How a connection reached the peer."""
-
-    DIRECT = "direct"
-    RELAY = "relay"
-
-
-class ConnectFailed(Exception):
-    """No connection to the peer: why, what each punch candidate got, and what to try.
-
-    ``code`` tells the cases apart without parsing the message: a coordinator error code
-    (``unknown-peer``, ``busy``, ``self-connect``, ... see docs/protocol.md), or ``punch-failed``
-    (relay not allowed), ``direct-impossible`` (the NATs rule direct out, relay not allowed),
-    ``relay-failed``, ``timeout``, ``unreachable`` (the coordinator does not answer).
-    """
-
-    def __init__(self, message: str, *, peer: str, code: str = "failed", attempts: tuple[PunchAttempt, ...] = (),
-                 timings: dict[str, float] | None = None) -> None:
-        super().__init__(message)
-        self.peer = peer
-        self.code = code
-        self.attempts = attempts
-        self.timings = timings or {}
-
-
-@dataclass
-class ConnectionInfo:
-    """What is known about one established connection (also the ``--report`` JSON)."""
-
-    peer: str
-    method: Method
-    local: Endpoint
-    remote: Endpoint
-    session_id: str
-    role: Role
-    attempts: tuple[PunchAttempt, ...] = ()
-    # Seconds: schedule (request -> PUNCH), wait (PUNCH -> fire), punch (fire -> verified and selected),
-    # relay (joining the relay), total (connect() call or PUNCH receipt -> usable connection).
-    timings: dict[str, float] = field(default_factory=dict)
-    relay_reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "method": self.method.value,
-            "peer": self.peer,
-            "local": str(self.local),
-            "remote": str(self.remote),
-            "session": self.session_id,
-            "role": self.role.value,
-            "attempts": [str(a) for a in self.attempts],
-            "timings": {k: round(v, 6) for k, v in self.timings.items()},
-            "relay_reason": self.relay_reason,
-        }
-
-
-@dataclass
-class Connection:
-    """An established connection to a peer: asyncio streams plus what :class:`ConnectionInfo` says."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    info: ConnectionInfo
-
-    @property
-    def peer(self) -> str:
-        return self.info.peer
-
-    @property
-    def method(self) -> Method:
-        return self.info.method
-
-    @property
-    def local(self) -> Endpoint:
-        return self.info.local
-
-    @property
-    def remote(self) -> Endpoint:
-        return self.info.remote
-
-    def close(self) -> None:
-        self.writer.close()
-
-    async def wait_closed(self) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
-
-
-def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
-    """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` (default port) -> Endpoint (host must be an IP address)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    try:
-        number = int(port) if port else default_port
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except (ValueError, OSError):
-        raise ValueError(f"{text!r} is not IP:PORT") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"{text!r}: port out of range")
-    return Endpoint(host, number)
 
 
 class Peer:
@@ -225,7 +73,7 @@ class Peer:
         accept_filter: Callable[[str, NatReport | None], bool] | None = None,
         reconnect: bool = True,
     ) -> None:
-        self.coordinator = parse_endpoint(coordinator) if isinstance(coordinator, str) else coordinator
+        self.coordinator = Endpoint.parse(coordinator, DEFAULT_PORT) if isinstance(coordinator, str) else coordinator
         self.peer_id = peer_id
         self.relay_mode = relay
         self.swarm = swarm
@@ -270,7 +118,7 @@ class Peer:
                 self.nat = await detect(server=self.coordinator, timeout=2.0)
             except ServerUnreachable as exc:
                 raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
-                                    code="unreachable") from exc
+                                    code=FailureCode.UNREACHABLE) from exc
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
         port = self._port or _free_port(self._bind)
@@ -371,10 +219,10 @@ class Peer:
                       ) -> Connection:
         """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason."""
         try:
-            sock, info = await asyncio.wait_for(self._connect_socket(peer_id, relay), timeout)
+            sock, info = await asyncio.wait_for(self.connect_raw(peer_id, relay), timeout)
         except TimeoutError:
             raise ConnectFailed(f"no connection to {peer_id} within {timeout} s", peer=peer_id,
-                                code="timeout") from None
+                                code=FailureCode.TIMEOUT) from None
         return await _wrap(sock, info)
 
     async def _abandon(self, order: PunchOrder) -> None:
@@ -384,9 +232,9 @@ class Peer:
 
     async def accept(self, timeout: float | None = None) -> Connection:
         """The next connection another peer opened to us. Raises ConnectionError once the peer closed."""
-        return await _wrap(*await self._accept_socket(timeout))
+        return await _wrap(*await self.accept_raw(timeout))
 
-    async def _accept_socket(self, timeout: float | None) -> tuple[socket.socket, ConnectionInfo]:
+    async def accept_raw(self, timeout: float | None) -> tuple[socket.socket, ConnectionInfo]:
         item = await asyncio.wait_for(self._incoming.get(), timeout)
         if item is None:
             self._incoming.put_nowait(None)  # every later accept() sees the end too
@@ -402,7 +250,7 @@ class Peer:
                 return
 
     # ------------------------------------------------------------------ internals
-    async def _connect_socket(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
+    async def connect_raw(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         if not self.sequential_nat:
@@ -487,71 +335,80 @@ class Peer:
     async def _establish(self, order: PunchOrder, started: float, mode: RelayMode
                          ) -> tuple[socket.socket, ConnectionInfo]:
         """Punch (and/or relay) as ``order`` says; return a raw connected socket and what we know."""
-        loop = asyncio.get_running_loop()
-        timings = {"schedule": order.received_at - started} if order.role is Role.INITIATOR else {}
-        info_log = self._log.bind(session=order.session_id, remote_peer=order.peer_id, role=order.role.value)
-        attempts: tuple[PunchAttempt, ...] = ()
+        progress = _Progress(order, {"schedule": order.received_at - started} if order.role is Role.INITIATOR else {})
         if mode is RelayMode.ALWAYS:
             reason = "relay requested (--relay always)"
         elif order.relay_advice is RelayAdvice.RELAY_NOW:
             reason = f"direct cannot work: {order.advice_reason or 'both NATs map unpredictably'}"
             if mode is RelayMode.NEVER:
-                await self._report(order, Outcome.FAILED, {"reason": reason})
-                raise ConnectFailed(f"{reason}; relay not allowed (--relay never)", peer=order.peer_id,
-                                    code="direct-impossible", timings=timings)
+                raise await self._give_up(progress, f"{reason}; relay not allowed (--relay never)",
+                                          FailureCode.DIRECT_IMPOSSIBLE, reason)
         else:
-            self._stage("punch", {"peer": order.peer_id, "session": order.session_id, "role": order.role.value,
-                                  "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
-            inbound = None if self._dispatcher is None else self._dispatcher.register(order.session_id)
-            try:
-                result = await _unless_cancelled(order, punch(self._plan(order), inbound=inbound, streams=False))
-            except SessionCancelled as exc:
-                self._unroute(order)
-                raise ConnectFailed(f"{order.peer_id} gave up or left: {exc}", peer=order.peer_id, code="cancelled",
-                                    timings=timings) from exc
-            except PunchFailed as exc:
-                self._unroute(order)
-                attempts = exc.attempts
-                timings["punch"] = loop.time() - max(order.fire_at, started)
-                info_log.info("peer.punch_failed", explanation=exc.explanation)
-                if mode is RelayMode.NEVER:
-                    await self._report(order, Outcome.FAILED, {"reason": "punch failed"})
-                    raise ConnectFailed(exc.explanation, peer=order.peer_id, code="punch-failed",
-                                        attempts=attempts, timings=timings) from exc
-                reason = f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
-            except BaseException:
-                self._unroute(order)
-                raise
-            else:
-                self._unroute(order)
-                timings["wait"] = max(0.0, order.fire_at - order.received_at)
-                timings["punch"] = result.timings.selected
-                timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
-                timings["total"] = loop.time() - started
-                info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
-                                      order.role, result.attempts, timings)
-                self._stage("direct", info.to_json())
-                await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
-                return result.sock, info
+            direct = await self._punch(progress, started, mode)
+            if not isinstance(direct, str):
+                return direct
+            reason = direct
+        return await self._relay(progress, started, reason)
+
+    async def _punch(self, progress: _Progress, started: float, mode: RelayMode
+                     ) -> tuple[socket.socket, ConnectionInfo] | str:
+        """The direct connection, or why the relay has to serve instead."""
+        loop = asyncio.get_running_loop()
+        order, timings = progress.order, progress.timings
+        self._stage("punch", {"peer": order.peer_id, "session": order.session_id, "role": order.role.value,
+                              "fire_in_ms": round((order.fire_at - loop.time()) * 1000, 1)})
+        inbound = None if self._dispatcher is None else self._dispatcher.register(order.session_id)
+        try:
+            result = await _unless_cancelled(order, punch(self._plan(order), inbound=inbound, streams=False))
+        except SessionCancelled as exc:
+            raise progress.failed(f"{order.peer_id} gave up or left: {exc}", FailureCode.CANCELLED) from exc
+        except PunchFailed as exc:
+            progress.attempts = exc.attempts
+            timings["punch"] = loop.time() - max(order.fire_at, started)
+            self._log.info("peer.punch_failed", session=order.session_id, remote_peer=order.peer_id,
+                           role=order.role.value, explanation=exc.explanation)
+            if mode is RelayMode.NEVER:
+                raise await self._give_up(progress, exc.explanation, FailureCode.PUNCH_FAILED, "punch failed"
+                                          ) from exc
+            return f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
+        finally:
+            self._unroute(order)
+        timings["wait"] = max(0.0, order.fire_at - order.received_at)
+        timings["punch"] = result.timings.selected
+        timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
+        timings["total"] = loop.time() - started
+        info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
+                              order.role, result.attempts, timings)
+        self._stage("direct", info.to_json())
+        await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
+        return result.sock, info
+
+    async def _relay(self, progress: _Progress, started: float, reason: str) -> tuple[socket.socket, ConnectionInfo]:
+        loop = asyncio.get_running_loop()
+        order, timings = progress.order, progress.timings
         self._stage("relay", {"peer": order.peer_id, "reason": reason})
         relay_started = loop.time()
+        join = join_relay(order.relay, order.session_id, order.key, order.role, timeout=self.relay_timeout)
         try:
-            sock = await _unless_cancelled(order, asyncio.wait_for(_join_relay(order), self.relay_timeout))
+            sock = await _unless_cancelled(order, join)
         except SessionCancelled as exc:
-            raise ConnectFailed(f"{order.peer_id} gave up or left: {exc}", peer=order.peer_id, code="cancelled",
-                                attempts=attempts, timings=timings) from exc
+            raise progress.failed(f"{order.peer_id} gave up or left: {exc}", FailureCode.CANCELLED) from exc
         except (CoordinatorError, OSError, TimeoutError) as exc:
-            await self._report(order, Outcome.FAILED, {"reason": f"relay: {exc}"})
-            raise ConnectFailed(f"{reason}; the relay failed too: {exc}", peer=order.peer_id, code="relay-failed",
-                                attempts=attempts, timings=timings) from exc
+            raise await self._give_up(progress, f"{reason}; the relay failed too: {exc}", FailureCode.RELAY_FAILED,
+                                      f"relay: {exc}") from exc
         timings["relay"] = loop.time() - relay_started
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.RELAY, endpoint_of(sock.getsockname()),
-                              endpoint_of(sock.getpeername()), order.session_id, order.role, attempts, timings,
-                              relay_reason=reason)
+                              endpoint_of(sock.getpeername()), order.session_id, order.role, progress.attempts,
+                              timings, relay_reason=reason)
         self._stage("relayed", info.to_json())
         await self._report(order, Outcome.RELAY, {"reason": reason})
         return sock, info
+
+    async def _give_up(self, progress: _Progress, message: str, code: FailureCode, reported: str) -> ConnectFailed:
+        """Tell the coordinator the session failed (so the other side stops too); the error to raise."""
+        await self._report(progress.order, Outcome.FAILED, {"reason": reported})
+        return progress.failed(message, code)
 
     def _unroute(self, order: PunchOrder) -> None:
         if self._dispatcher is not None:
@@ -573,6 +430,19 @@ class Peer:
         self._log.info(f"peer.{name}", **{("remote_peer" if k == "peer" else k): v for k, v in data.items()})
         if self._on_stage is not None:
             self._on_stage(name, data)
+
+
+@dataclass
+class _Progress:
+    """One connection being established: what a failure has to carry."""
+
+    order: PunchOrder
+    timings: dict[str, float]
+    attempts: tuple[PunchAttempt, ...] = ()
+
+    def failed(self, message: str, code: FailureCode) -> ConnectFailed:
+        return ConnectFailed(message, peer=self.order.peer_id, code=code, attempts=self.attempts,
+                             timings=self.timings)
 
 
 class SessionCancelled(Exception):
@@ -601,47 +471,6 @@ async def _wrap(sock: socket.socket, info: ConnectionInfo) -> Connection:
     return Connection(reader, writer, info)
 
 
-async def _join_relay(order: PunchOrder) -> socket.socket:
-    """Join the session's relay on a new connection; return the raw socket once the coordinator paired us.
-
-    Reads exactly the RELAY-OK frame and nothing after it, so every later byte is the other peer's.
-    """
-    loop = asyncio.get_running_loop()
-    relay = order.relay
-    sock = socket.socket(socket.AF_INET6 if ":" in relay.ip else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, (relay.ip, relay.port))
-        proof = relay_proof(order.key, order.session_id, order.role)
-        frame = encode_message(Relay(order.session_id, order.role, proof))
-        await loop.sock_sendall(sock, PREAMBLE + frame)
-        (size,) = struct.unpack("!I", await _recv_exactly(loop, sock, HEADER_SIZE))
-        if not 0 < size <= MAX_FRAME_SIZE:
-            raise CoordinatorError("bad-frame", f"the relay sent a frame of {size} bytes")
-        try:
-            reply = decode_message(parse_payload(await _recv_exactly(loop, sock, size)))
-        except ProtocolError as exc:
-            raise CoordinatorError(exc.code, exc.message) from None
-        if isinstance(reply, Error):
-            raise CoordinatorError(reply.code, reply.message)
-        if not isinstance(reply, RelayOk) or reply.session_id != order.session_id:
-            raise CoordinatorError("unexpected-message", f"expected relay-ok, got {reply.TYPE}")
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = await loop.sock_recv(sock, size - len(data))
-        if not chunk:
-            raise CoordinatorError("closed", "the relay closed the connection")
-        data += chunk
-    return data
-
-
 def _free_port(bind: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((bind, 0))
@@ -653,73 +482,3 @@ def _value(member: StrEnum | None) -> str | None:
     return None if member is None else member.value
 
 
-class BlockingPeer:
-    """:class:`Peer` for blocking programs: runs the asyncio peer in a background thread and hands out
-    connected, blocking ``socket.socket`` objects (no byte of the peer's data is held back).
-
-    >>> with BlockingPeer("198.51.100.10:3478", "alice", "s3cret") as peer:
-    ...     sock, info = peer.connect("bob")
-    ...     sock.sendall(b"hello")
-    """
-
-    def __init__(self, coordinator: Endpoint | str, peer_id: str, token: str, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"tcppunch-{peer_id}", daemon=True)
-        self._thread.start()
-        try:
-            self._peer = self._call(self._start(coordinator, peer_id, token, options), timeout=None)
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    @staticmethod
-    async def _start(coordinator: Endpoint | str, peer_id: str, token: str, options: dict[str, Any]) -> Peer:
-        peer = Peer(coordinator, peer_id, token, **options)
-        await peer.start()
-        return peer
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 120.0) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError("tcppunch: operation timed out") from None
-
-    def __enter__(self) -> BlockingPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def observed(self) -> Endpoint:
-        return self._peer.observed
-
-    def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float = 60.0
-                ) -> tuple[socket.socket, ConnectionInfo]:
-        """A connected blocking socket to ``peer_id`` and what is known about it."""
-        sock, info = self._call(self._peer._connect_socket(peer_id, relay), timeout)
-        sock.setblocking(True)
-        return sock, info
-
-    def accept(self, timeout: float | None = None) -> tuple[socket.socket, ConnectionInfo]:
-        """The next connection another peer opened to us, as a blocking socket."""
-        sock, info = self._call(self._peer._accept_socket(timeout), None if timeout is None else timeout + 5)
-        sock.setblocking(True)
-        return sock, info
-
-    def list_peers(self, swarm: str | None = None) -> list[PeerInfo]:
-        return self._call(self._peer.list_peers(swarm))
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(Exception):
-            self._call(self._peer.close(), timeout=10)
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()

@@ -1,0 +1,27 @@
+"""click parameter types shared by the commands."""
+
+from __future__ import annotations
+
+import click
+
+from tcppunch.wire.endpoint import Endpoint
+
+DEFAULT_PORT = 3478
+
+
+class EndpointType(click.ParamType[Endpoint]):
+    """HOST:PORT on the command line (:meth:`Endpoint.parse`; host names only where ``resolve``)."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, default_port: int | None = DEFAULT_PORT, resolve: bool = True) -> None:
+        self.default_port = default_port
+        self.resolve = resolve
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        try:
+            return Endpoint.parse(str(value), self.default_port, resolve=self.resolve)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
