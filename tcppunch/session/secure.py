@@ -1,0 +1,423 @@
+"""TLS 1.3 with pinned Ed25519 identities: between peers, to the coordinator, and on relay joins.
+
+Every connection runs a mutually authenticated TLS 1.3 handshake (stdlib ``ssl``). Both sides present
+the certificate of their identity key; OpenSSL's chain check passes for any tcppunch identity (see the
+public anchor in :mod:`tcppunch.session.identity`) and proves nothing. What authenticates is:
+
+1. the handshake's CertificateVerify, which proves the other side holds the private key of its
+   certificate, and
+2. :func:`verify_peer`: the fingerprint of that key is checked against what the caller expects (a pin,
+   an allow list, the known-peers file) right after the handshake, before one byte is read or written.
+
+Between peers the channel is then **bound to the punch session**: the initiator is the TLS client, and
+each side's first record inside TLS is a BIND frame (session id, role, id) that the other side checks,
+so a TLS connection from another session cannot be swapped in.
+
+:class:`TlsEngine` is the sans-I/O core (``SSLObject`` over two memory BIOs): the coordinator drives it
+from its asyncio streams, and relay joins use it to leave TLS after RELAY-OK (both sides send
+close_notify, the rest of the TCP connection is the peers' own end-to-end TLS, which the relay only
+forwards). :func:`read_record` reads one TLS record at a time so that nothing past close_notify is
+taken off the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .identity import ANCHOR_DER, ANCHOR_FINGERPRINT, Identity, IdentityError, KeyMismatch, fingerprint_of_cert
+
+BIND_MAGIC = b"TPB1"
+MAX_BIND = 1024
+RECORD_HEADER = 5
+MAX_RECORD = 18 * 1024  # 2^14 + 2048: the largest TLS 1.3 ciphertext record
+HANDSHAKE_TIMEOUT = 10.0
+
+Verifier = Callable[[str], None]
+"""Called with the other side's fingerprint after the handshake; raises :class:`KeyMismatch` to refuse."""
+
+
+class SecureErrorCode(StrEnum):
+    """Why a secure channel was not established."""
+
+    KEY_MISMATCH = "peer-key-mismatch"  # the other side holds another key than expected
+    SESSION_MISMATCH = "session-mismatch"  # its BIND names another session, role or id
+    HANDSHAKE_FAILED = "handshake-failed"  # TLS failed, or the connection ended during it
+    TIMEOUT = "handshake-timeout"
+
+
+class SecureError(Exception):
+    """No secure channel: ``code`` says why; ``expected``/``actual`` name the fingerprints on a key mismatch."""
+
+    def __init__(self, code: SecureErrorCode, message: str, *, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.expected = expected
+        self.actual = actual
+
+
+# ------------------------------------------------------------------------------------- contexts
+
+_CONTEXTS: dict[tuple[str, bool], ssl.SSLContext] = {}
+
+
+def context(identity: Identity, *, server_side: bool) -> ssl.SSLContext:
+    """A TLS 1.3-only context presenting ``identity``, requiring a certificate from the other side.
+
+    Built once per identity and side (``load_cert_chain`` wants a file: the PEM goes through a private
+    temporary file that is deleted at once).
+    """
+    cache_key = (identity.fingerprint, server_side)
+    ctx = _CONTEXTS.get(cache_key)
+    if ctx is not None:
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ANCHOR_DER)
+    with tempfile.NamedTemporaryFile(prefix="tcppunch-chain-") as chain:  # mode 0600
+        chain.write(identity.pem_chain())
+        chain.flush()
+        ctx.load_cert_chain(chain.name)
+    if server_side:
+        ctx.num_tickets = 0  # no resumption: every connection authenticates its keys afresh
+    _CONTEXTS[cache_key] = ctx
+    return ctx
+
+
+def peer_fingerprint(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
+    """The fingerprint of the key the other side proved it holds in the handshake."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, "the other side presented no certificate")
+    try:
+        fingerprint = fingerprint_of_cert(der)
+    except IdentityError as exc:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, str(exc)) from None
+    if fingerprint == ANCHOR_FINGERPRINT:
+        raise SecureError(SecureErrorCode.KEY_MISMATCH, "the other side presented the public anchor as its key")
+    return fingerprint
+
+
+def verify_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, verify: Verifier) -> str:
+    """:func:`peer_fingerprint`, checked by ``verify``; a refusal becomes :class:`SecureError`."""
+    fingerprint = peer_fingerprint(ssl_object)
+    try:
+        verify(fingerprint)
+    except KeyMismatch as exc:
+        raise SecureError(SecureErrorCode.KEY_MISMATCH, str(exc), expected=exc.expected,
+                          actual=exc.actual) from None
+    return fingerprint
+
+
+def expect_key(expected: str, what: str) -> Verifier:
+    """A verifier that accepts exactly ``expected``."""
+
+    def verify(actual: str) -> None:
+        if actual != expected:
+            raise KeyMismatch(f"{what} presented key {actual}, expected {expected}", expected=expected,
+                              actual=actual)
+
+    return verify
+
+
+# ------------------------------------------------------------------------------------- sans-I/O engine
+
+
+class TlsEngine:
+    """TLS over memory buffers: feed received bytes, take bytes to send. No sockets, no clock."""
+
+    def __init__(self, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self.established = False
+        self.peer_closed = False
+
+    def feed(self, data: bytes) -> None:
+        self._incoming.write(data)
+
+    def handshake(self) -> bool:
+        """Advance the handshake; True once it is complete. Raises ``ssl.SSLError`` if it fails."""
+        if not self.established:
+            try:
+                self.ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                return False
+            self.established = True
+        return True
+
+    def read(self) -> bytes:
+        """All application bytes decrypted so far (empty if none; ``peer_closed`` after close_notify)."""
+        chunks = []
+        while not self.peer_closed:
+            try:
+                chunk = self.ssl.read(64 * 1024)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def write(self, data: bytes) -> None:
+        self.ssl.write(data)
+
+    def outgoing(self) -> bytes:
+        """Bytes to send now (handshake, records, alerts)."""
+        return self._outgoing.read()
+
+    def unwrap(self) -> bool:
+        """Send close_notify and wait for the other side's; True once both passed. Bytes after the
+        other side's close_notify stay in :meth:`leftover`."""
+        try:
+            self.ssl.unwrap()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def leftover(self) -> bytes:
+        """Received bytes TLS has not consumed (after :meth:`unwrap`: plain bytes that followed TLS)."""
+        return self._incoming.read()
+
+
+async def read_record(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Exactly one TLS record from ``sock`` (header + body): never reads past it."""
+    header = await _recv_exactly(loop, sock, RECORD_HEADER)
+    (size,) = struct.unpack("!H", header[3:5])
+    if size > MAX_RECORD:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS record of {size} bytes")
+    return header + await _recv_exactly(loop, sock, size)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise ConnectionResetError("the connection closed during TLS")
+        data += chunk
+    return data
+
+
+async def engine_handshake(engine: TlsEngine, sock: socket.socket, verify: Verifier) -> str:
+    """Run ``engine``'s handshake over a non-blocking ``sock`` record by record; the checked fingerprint."""
+    loop = asyncio.get_running_loop()
+    try:
+        while not engine.handshake():
+            await loop.sock_sendall(sock, engine.outgoing())
+            engine.feed(await read_record(loop, sock))
+        await loop.sock_sendall(sock, engine.outgoing())
+    except ssl.SSLError as exc:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS handshake failed: {exc}") from None
+    return verify_peer(engine.ssl, verify)
+
+
+async def engine_recv(engine: TlsEngine, sock: socket.socket) -> bytes:
+    """The next application bytes, read record by record (``b""`` once the other side sent close_notify)."""
+    loop = asyncio.get_running_loop()
+    try:
+        while not (data := engine.read()) and not engine.peer_closed:
+            engine.feed(await read_record(loop, sock))
+            await loop.sock_sendall(sock, engine.outgoing())
+    except ssl.SSLError as exc:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS failed: {exc}") from None
+    return data
+
+
+async def engine_send(engine: TlsEngine, sock: socket.socket, data: bytes) -> None:
+    engine.write(data)
+    await asyncio.get_running_loop().sock_sendall(sock, engine.outgoing())
+
+
+async def engine_unwrap(engine: TlsEngine, sock: socket.socket) -> bytes:
+    """Leave TLS (both close_notify) on ``sock``; returns plain bytes that were received after it."""
+    loop = asyncio.get_running_loop()
+    try:
+        while not engine.unwrap():
+            await loop.sock_sendall(sock, engine.outgoing())
+            engine.feed(await read_record(loop, sock))
+        await loop.sock_sendall(sock, engine.outgoing())
+    except ssl.SSLError as exc:
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"leaving TLS failed: {exc}") from None
+    return engine.leftover()
+
+
+# ------------------------------------------------------------------------------------- peer to peer
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What one end of a peer-to-peer channel says about itself, inside TLS."""
+
+    session_id: str
+    role: str  # "initiator" (the TLS client) or "responder"
+    peer_id: str
+
+    def encode(self) -> bytes:
+        body = json.dumps({"session": self.session_id, "role": self.role, "id": self.peer_id}).encode()
+        return BIND_MAGIC + struct.pack("!H", len(body)) + body
+
+    @staticmethod
+    def decode(body: bytes) -> Binding:
+        try:
+            data: Any = json.loads(body)
+            binding = Binding(str(data["session"]), str(data["role"]), str(data["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise SecureError(SecureErrorCode.SESSION_MISMATCH, "the other side sent a malformed BIND") from None
+        return binding
+
+    @staticmethod
+    def body_size(head: bytes) -> int:
+        if len(head) != 6 or head[:4] != BIND_MAGIC:
+            raise SecureError(SecureErrorCode.SESSION_MISMATCH, "the other side did not start with BIND")
+        (size,) = struct.unpack("!H", head[4:])
+        if size > MAX_BIND:
+            raise SecureError(SecureErrorCode.SESSION_MISMATCH, f"BIND of {size} bytes")
+        return int(size)
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Everything one side needs to secure a punched or relayed connection."""
+
+    identity: Identity
+    session_id: str
+    role: str  # ours: "initiator" is the TLS client
+    own_id: str
+    peer_id: str
+    verify: Verifier
+
+    @property
+    def server_side(self) -> bool:
+        return self.role != "initiator"
+
+    def own_binding(self) -> Binding:
+        return Binding(self.session_id, self.role, self.own_id)
+
+    def check_binding(self, theirs: Binding) -> None:
+        expected = Binding(self.session_id, "responder" if self.role == "initiator" else "initiator", self.peer_id)
+        if theirs != expected:
+            raise SecureError(
+                SecureErrorCode.SESSION_MISMATCH,
+                f"the connection belongs to session {theirs.session_id} ({theirs.role} {theirs.peer_id!r}), "
+                f"expected session {expected.session_id} ({expected.role} {expected.peer_id!r})",
+            )
+
+
+@dataclass(frozen=True)
+class SecureInfo:
+    """What the handshake established (``--report`` JSON: ``peer_key``, ``cipher``)."""
+
+    peer_key: str
+    cipher: str
+    version: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"peer_key": self.peer_key, "cipher": self.cipher, "tls": self.version}
+
+
+def _info(ssl_object: ssl.SSLObject | ssl.SSLSocket, fingerprint: str) -> SecureInfo:
+    cipher = ssl_object.cipher()
+    return SecureInfo(fingerprint, cipher[0] if cipher else "?", ssl_object.version() or "?")
+
+
+async def secure_streams(
+    sock: socket.socket, spec: ChannelSpec, *, timeout: float = HANDSHAKE_TIMEOUT, limit: int = 2**16
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SecureInfo]:
+    """TLS over a connected ``sock`` (taken over), the other side's key checked, BIND exchanged.
+
+    Returns asyncio streams that carry only application bytes. On any failure the socket is closed and
+    :class:`SecureError` raised; nothing was sent but the handshake and our BIND.
+    """
+    loop = asyncio.get_running_loop()
+    ctx = context(spec.identity, server_side=spec.server_side)
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                if spec.server_side:
+                    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx)
+                else:
+                    transport, _ = await loop.create_connection(lambda: protocol, sock=sock, ssl=ctx,
+                                                                server_hostname="")
+            except (ssl.SSLError, ConnectionError, OSError) as exc:
+                raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS handshake failed: {exc}") from None
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            try:
+                ssl_object = writer.get_extra_info("ssl_object")
+                fingerprint = verify_peer(ssl_object, spec.verify)
+                writer.write(spec.own_binding().encode())
+                head = await reader.readexactly(6)
+                theirs = Binding.decode(await reader.readexactly(Binding.body_size(head)))
+                spec.check_binding(theirs)
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                writer.transport.abort()
+                raise SecureError(SecureErrorCode.SESSION_MISMATCH,
+                                  "the other side closed the connection before its BIND (did it refuse our key?)"
+                                  ) from None
+            except BaseException:
+                writer.transport.abort()
+                raise
+    except TimeoutError:
+        sock.close()
+        raise SecureError(SecureErrorCode.TIMEOUT, f"no secure channel within {timeout:g} s") from None
+    except BaseException:
+        sock.close()
+        raise
+    return reader, writer, _info(ssl_object, fingerprint)
+
+
+def secure_socket(sock: socket.socket, spec: ChannelSpec, *, timeout: float = HANDSHAKE_TIMEOUT
+                  ) -> tuple[ssl.SSLSocket, SecureInfo]:
+    """:func:`secure_streams` for blocking programs: a connected, blocking ``ssl.SSLSocket``."""
+    sock.settimeout(timeout)
+    try:
+        tls = context(spec.identity, server_side=spec.server_side).wrap_socket(
+            sock, server_side=spec.server_side, do_handshake_on_connect=True
+        )
+    except TimeoutError:
+        sock.close()
+        raise SecureError(SecureErrorCode.TIMEOUT, f"no secure channel within {timeout:g} s") from None
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS handshake failed: {exc}") from None
+    try:
+        fingerprint = verify_peer(tls, spec.verify)
+        tls.sendall(spec.own_binding().encode())
+        head = _recv_all(tls, 6)
+        spec.check_binding(Binding.decode(_recv_all(tls, Binding.body_size(head))))
+    except TimeoutError:
+        tls.close()
+        raise SecureError(SecureErrorCode.TIMEOUT, f"no BIND within {timeout:g} s") from None
+    except (SecureError, OSError):
+        tls.close()
+        raise
+    tls.settimeout(None)
+    return tls, _info(tls, fingerprint)
+
+
+def _recv_all(tls: ssl.SSLSocket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = tls.recv(size - len(data))
+        if not chunk:
+            raise SecureError(SecureErrorCode.SESSION_MISMATCH,
+                              "the other side closed the connection before its BIND (did it refuse our key?)")
+        data += chunk
+    return data

@@ -1,0 +1,179 @@
+"""The secure channel on loopback socket pairs: both directions, wrong keys, swapped sessions, leaving
+TLS after a relay join without losing or reordering the bytes that follow."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+
+from tcppunch.session.identity import Identity, KeyMismatch
+from tcppunch.session.secure import (
+    ChannelSpec,
+    SecureError,
+    SecureErrorCode,
+    TlsEngine,
+    context,
+    engine_handshake,
+    engine_recv,
+    engine_unwrap,
+    expect_key,
+    secure_socket,
+    secure_streams,
+)
+
+ALICE, BOB, EVE = Identity.generate(), Identity.generate(), Identity.generate()
+
+
+def spec(me: Identity, role: str, own: str, other: str, expected: str, session: str = "s1") -> ChannelSpec:
+    return ChannelSpec(me, session, role, own, other, expect_key(expected, f"peer {other!r}"))
+
+
+async def both(a: ChannelSpec, b: ChannelSpec) -> list[object]:
+    left, right = socket.socketpair()
+    return await asyncio.gather(secure_streams(left, a, timeout=5), secure_streams(right, b, timeout=5),
+                                return_exceptions=True)
+
+
+def test_streams_carry_bytes_both_ways_and_name_the_keys() -> None:
+    asyncio.run(_test_streams_carry_bytes_both_ways_and_name_the_keys())
+
+
+async def _test_streams_carry_bytes_both_ways_and_name_the_keys() -> None:
+    a, b = await both(spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint),
+                      spec(BOB, "responder", "bob", "alice", ALICE.fingerprint))
+    assert not isinstance(a, BaseException) and not isinstance(b, BaseException)
+    (ar, aw, ainfo), (br, bw, binfo) = a, b  # type: ignore[misc]
+    assert ainfo.peer_key == BOB.fingerprint and binfo.peer_key == ALICE.fingerprint
+    assert ainfo.version == "TLSv1.3"
+    payload = bytes(range(256)) * 4096
+    aw.write(payload)
+    await aw.drain()
+    assert await br.readexactly(len(payload)) == payload
+    bw.write(b"pong")
+    await bw.drain()
+    assert await ar.readexactly(4) == b"pong"
+    for w in (aw, bw):
+        w.close()
+
+
+def test_wrong_key_is_refused_by_the_pinning_side_before_any_data() -> None:
+    asyncio.run(_test_wrong_key_is_refused_by_the_pinning_side_before_any_data())
+
+
+async def _test_wrong_key_is_refused_by_the_pinning_side_before_any_data() -> None:
+    # alice expects bob's key, but the other end is eve (who would accept alice).
+    a, b = await both(spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint),
+                      spec(EVE, "responder", "bob", "alice", ALICE.fingerprint))
+    assert isinstance(a, SecureError) and a.code is SecureErrorCode.KEY_MISMATCH
+    assert BOB.fingerprint in str(a) and EVE.fingerprint in str(a)
+    assert a.expected == BOB.fingerprint and a.actual == EVE.fingerprint
+    # eve never got alice's BIND (nor anything after it): it fails waiting for it.
+    assert isinstance(b, SecureError) and b.code is SecureErrorCode.SESSION_MISMATCH
+
+
+def test_responder_refuses_an_unexpected_initiator() -> None:
+    asyncio.run(_test_responder_refuses_an_unexpected_initiator())
+
+
+async def _test_responder_refuses_an_unexpected_initiator() -> None:
+    a, b = await both(spec(EVE, "initiator", "alice", "bob", BOB.fingerprint),
+                      spec(BOB, "responder", "bob", "alice", ALICE.fingerprint))
+    assert isinstance(b, SecureError) and b.code is SecureErrorCode.KEY_MISMATCH
+    assert isinstance(a, SecureError)
+
+
+def test_connection_from_another_session_cannot_be_swapped_in() -> None:
+    asyncio.run(_test_connection_from_another_session_cannot_be_swapped_in())
+
+
+async def _test_connection_from_another_session_cannot_be_swapped_in() -> None:
+    a, b = await both(spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint, session="s1"),
+                      spec(BOB, "responder", "bob", "alice", ALICE.fingerprint, session="s2"))
+    for result in (a, b):
+        assert isinstance(result, SecureError) and result.code is SecureErrorCode.SESSION_MISMATCH
+    assert "s2" in str(a) and "s1" in str(a)
+
+
+def test_two_initiators_fail_cleanly() -> None:
+    asyncio.run(_test_two_initiators_fail_cleanly())
+
+
+async def _test_two_initiators_fail_cleanly() -> None:
+    a, b = await both(spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint),
+                      spec(BOB, "initiator", "bob", "alice", ALICE.fingerprint))
+    assert isinstance(a, SecureError) and isinstance(b, SecureError)
+
+
+def test_blocking_sockets_interoperate_with_each_other() -> None:
+    left, right = socket.socketpair()
+    results: dict[str, object] = {}
+
+    def side(name: str, sock: socket.socket, s: ChannelSpec) -> None:
+        try:
+            results[name] = secure_socket(sock, s, timeout=5)
+        except SecureError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=side, args=("a", left, spec(ALICE, "initiator", "alice", "bob",
+                                                                    BOB.fingerprint))),
+               threading.Thread(target=side, args=("b", right, spec(BOB, "responder", "bob", "alice",
+                                                                     ALICE.fingerprint)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    (atls, ainfo), (btls, _) = results["a"], results["b"]  # type: ignore[misc]
+    assert ainfo.peer_key == BOB.fingerprint
+    atls.sendall(b"x" * 100_000)
+    got = b""
+    while len(got) < 100_000:
+        got += btls.recv(65536)
+    assert got == b"x" * 100_000
+    atls.close()
+    btls.close()
+
+
+def test_engine_leaves_tls_and_keeps_the_bytes_that_follow() -> None:
+    asyncio.run(_test_engine_leaves_tls_and_keeps_the_bytes_that_follow())
+
+
+async def _test_engine_leaves_tls_and_keeps_the_bytes_that_follow() -> None:
+    """A relay join: TLS, RELAY-OK inside it, both close_notify, then plain bytes on the same socket."""
+    client_sock, server_sock = socket.socketpair()
+    client_sock.setblocking(False)
+    server_sock.setblocking(False)
+    server = TlsEngine(context(BOB, server_side=True), server_side=True)
+    client = TlsEngine(context(ALICE, server_side=False), server_side=False)
+
+    async def server_side() -> bytes:
+        fp = await engine_handshake(server, server_sock, expect_key(ALICE.fingerprint, "joiner"))
+        assert fp == ALICE.fingerprint
+        server.write(b"relay-ok")
+        return await engine_unwrap(server, server_sock)
+
+    async def client_side() -> bytes:
+        loop = asyncio.get_running_loop()
+        await engine_handshake(client, client_sock, expect_key(BOB.fingerprint, "coordinator"))
+        assert await engine_recv(client, client_sock) == b"relay-ok"
+        leftover = await engine_unwrap(client, client_sock)
+        await loop.sock_sendall(client_sock, b"plain after tls")
+        return leftover
+
+    server_left, client_left = await asyncio.wait_for(asyncio.gather(server_side(), client_side()), 10)
+    assert client_left == b""
+    loop = asyncio.get_running_loop()
+    data = server_left
+    while len(data) < len(b"plain after tls"):
+        data += await loop.sock_recv(server_sock, 100)
+    assert data == b"plain after tls"
+    client_sock.close()
+    server_sock.close()
+
+
+def test_expect_key_names_both() -> None:
+    with pytest.raises(KeyMismatch) as info:
+        expect_key(BOB.fingerprint, "x")(EVE.fingerprint)
+    assert info.value.expected == BOB.fingerprint and info.value.actual == EVE.fingerprint
