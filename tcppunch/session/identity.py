@@ -258,20 +258,10 @@ class KnownPeers:
     @staticmethod
     def _parse(path: Path) -> Iterable[tuple[str, str]]:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise IdentityError(f"cannot read known-peers file {path}: {exc}") from None
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            try:
-                if len(parts) != 2:
-                    raise ValueError("expected NAME FINGERPRINT")
-                yield parts[0], parse_fingerprint(parts[1])
-            except ValueError as exc:
-                raise IdentityError(f"{path}:{number}: {exc}") from None
+        return _key_lines(text, path)
 
     def get(self, name: str) -> str | None:
         return self._entries.get(name)
@@ -303,18 +293,25 @@ class KnownPeers:
 def read_authorized_keys(path: str | Path) -> dict[str, frozenset[str]]:
     """``ID FINGERPRINT`` lines (an id may appear on several lines, one key each) -> id -> keys."""
     owners: dict[str, set[str]] = {}
-    for number, line in enumerate(read_private_file(path).splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for peer_id, fingerprint in _key_lines(read_private_file(path), path):
+        owners.setdefault(peer_id, set()).add(fingerprint)
+    return {peer: frozenset(keys) for peer, keys in owners.items()}
+
+
+def _key_lines(text: str, path: str | Path) -> list[tuple[str, str]]:
+    """``NAME FINGERPRINT`` lines; blank lines and ``#`` comments skipped; errors name file and line."""
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
         try:
             if len(parts) != 2:
-                raise ValueError("expected ID FINGERPRINT")
-            owners.setdefault(parts[0], set()).add(parse_fingerprint(parts[1]))
+                raise ValueError("expected NAME FINGERPRINT")
+            pairs.append((parts[0], parse_fingerprint(parts[1])))
         except ValueError as exc:
             raise IdentityError(f"{path}:{number}: {exc}") from None
-    return {peer: frozenset(keys) for peer, keys in owners.items()}
+    return pairs
 
 
 def read_token(*, env: str = "TCPPUNCH_TOKEN", file: str | Path | None = None) -> str | None:
