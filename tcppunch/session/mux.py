@@ -45,11 +45,11 @@ DEFAULT_KEEPALIVE_TIMEOUT = 10.0  # seconds a ping may stay unanswered (while no
 MAX_WINDOW = (1 << 31) - 1
 
 
-class SessionClosedError(Exception):
+class SessionClosedError(ConnectionError):
     """The session is closed (or closing): no new stream, no more data."""
 
 
-class StreamClosedError(Exception):
+class StreamClosedError(ConnectionError):
     """This stream can no longer send: it was half-closed, reset, or never existed."""
 
 
