@@ -8,6 +8,7 @@ engine. See docs/punching.md. In short::
 
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import (
+    HAPPY_EYEBALLS_DELAY,
     SLOW_RETRY,
     AttemptOutcome,
     Candidate,
@@ -19,6 +20,8 @@ from tcppunch.punch.plan import (
     PunchTimings,
     RetryPolicy,
     Role,
+    Wave,
+    waves,
 )
 from tcppunch.punch.prediction import (
     DirectVerdict,
@@ -31,6 +34,7 @@ from tcppunch.punch.prediction import (
 )
 
 __all__ = [
+    "HAPPY_EYEBALLS_DELAY",
     "SLOW_RETRY",
     "AttemptOutcome",
     "Candidate",
@@ -44,10 +48,12 @@ __all__ = [
     "PunchTimings",
     "RetryPolicy",
     "Role",
+    "Wave",
     "build_candidates",
     "classify",
     "direct_possible",
     "predicted_ports",
     "punch",
     "retry_policy_for",
+    "waves",
 ]

@@ -7,8 +7,10 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
 1. The listener (ours, or the caller's, bound to the punch port) accepts from the start: a peer that
    fires a little earlier reaches it.
 2. At ``fire_at`` one SYN per candidate leaves, in plan order, inside consecutive ``connect()`` calls
-   (sequential port prediction depends on that order). With ``low_ttl`` those first SYNs carry a low
-   TTL (restored right after ``connect()``: the kernel's SYN retransmission and the SYN-ACK of a
+   (sequential port prediction depends on that order). IPv6 candidates go first; the others follow
+   ``plan.attempt_delay`` later unless a connection is up by then (Happy Eyeballs, :func:`waves`); IPv6
+   sockets are bound to ``plan.local6``, and an own listener listens there too. With ``low_ttl`` those
+   first SYNs carry a low TTL (restored right after ``connect()``: the kernel's SYN retransmission and the SYN-ACK of a
    simultaneous open carry the normal one).
 3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline. A SYN without any
    answer after ``plan.resyn_after`` is sent again from a fresh socket on the same 4-tuple (instead of
@@ -45,6 +47,7 @@ from tcppunch.punch.plan import (
     PunchTimings,
     Role,
     explain_failure,
+    waves,
 )
 from tcppunch.punch.sockets import (
     BUSY_ERRNOS,
@@ -138,12 +141,22 @@ class _Punch:
         self.inbound = inbound
         self.own_listener = listener is None and inbound is None
         self.listener: socket.socket | None = None
+        self.listener6: socket.socket | None = None  # always our own when there is one
         if inbound is None:
             self.listener = listener if listener is not None else reuse_listener(plan.local, plan.backlog)
             self.listener.setblocking(False)
             self.local = endpoint_of(self.listener.getsockname())
         else:
             self.local = plan.local
+        self.local6 = plan.local6
+        if inbound is None and plan.local6 is not None:
+            try:
+                self.listener6 = reuse_listener(plan.local6, plan.backlog)
+            except BaseException:
+                if self.own_listener and self.listener is not None:
+                    self.listener.close()
+                raise
+            self.local6 = endpoint_of(self.listener6.getsockname())
         self.attempts: list[PunchAttempt] = []
         self.winner: asyncio.Future[_Winner] = self.loop.create_future()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -196,7 +209,9 @@ class _Punch:
         )
         handed_over = False
         try:
-            self._spawn(self._accept_loop())
+            self._spawn(self._accept_loop(self.listener))
+            if self.listener6 is not None:
+                self._spawn(self._accept_loop(self.listener6))
             self._spawn(self._fire())
             await asyncio.wait({self.winner}, timeout=max(0.0, plan.deadline - self.loop.time()))
             if not self.winner.done() and plan.role is Role.RESPONDER and self.awaiting_select:
@@ -269,13 +284,15 @@ class _Punch:
         self.conns.clear()
         if self.own_listener and self.listener is not None:
             self.listener.close()
+        if self.listener6 is not None:
+            self.listener6.close()
 
     # ---- outbound ----------------------------------------------------------------------------------
 
     def _syn(self, cand: Candidate, ttl: int | None) -> tuple[socket.socket | None, int]:
         """A new socket on the punch port and its SYN towards ``cand``; (None, errno) if that failed."""
         try:
-            sock = reuse_socket(self.local)
+            sock = reuse_socket(self.local6 if cand.is_ipv6 and self.local6 is not None else self.local)
         except OSError as exc:  # e.g. out of file descriptors: this try fails, the punch goes on
             return None, exc.errno or errno.EIO
         try:
@@ -287,11 +304,25 @@ class _Punch:
 
     async def _fire(self) -> None:
         plan = self.plan
-        await _sleep_until(self.loop, plan.fire_at)
-        self.log.debug("punch.fire", low_ttl=plan.low_ttl, late=round(self._t(), 6))
-        first = [(cand, *self._syn(cand, plan.low_ttl)) for cand in plan.candidates]  # SYNs leave in order
-        for cand, sock, err in first:
-            self._spawn(self._candidate(cand, sock, err))
+        for n, wave in enumerate(waves(plan)):
+            if n == 0:
+                await _sleep_until(self.loop, plan.fire_at + wave.offset)
+            elif not await self._next_wave_needed(plan.fire_at + wave.offset):
+                self.log.debug("punch.wave_skipped", offset=wave.offset, candidates=len(wave.candidates))
+                return
+            self.log.debug("punch.fire", wave=n, low_ttl=plan.low_ttl, late=round(self._t() - wave.offset, 6))
+            first = [(cand, *self._syn(cand, plan.low_ttl)) for cand in wave.candidates]  # SYNs leave in order
+            for cand, sock, err in first:
+                self._spawn(self._candidate(cand, sock, err))
+
+    async def _next_wave_needed(self, when: float) -> bool:
+        """Wait until ``when``; False if a connection won by then. One still being verified gets one more
+        attempt delay to finish (RFC 8305: the next family starts when the previous attempt has not
+        succeeded within the delay)."""
+        await asyncio.wait({self.winner}, timeout=max(0.0, when - self.loop.time()))
+        if not self.winner.done() and self.conns:
+            await asyncio.wait({self.winner}, timeout=self.plan.attempt_delay)
+        return not self.winner.done()
 
     async def _candidate(self, cand: Candidate, sock: socket.socket | None, err: int) -> None:
         """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
@@ -349,17 +380,18 @@ class _Punch:
 
     # ---- inbound -----------------------------------------------------------------------------------
 
-    async def _next_inbound(self) -> socket.socket:
-        if self.inbound is not None:
+    async def _next_inbound(self, listener: socket.socket | None) -> socket.socket:
+        if listener is None:
+            assert self.inbound is not None
             return await self.inbound.get()
-        assert self.listener is not None
-        conn, _ = await self.loop.sock_accept(self.listener)
+        conn, _ = await self.loop.sock_accept(listener)
         return conn
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket | None) -> None:
+        """Connections from ``listener``, or from the inbound queue when it is None."""
         while True:
             try:
-                conn = await self._next_inbound()
+                conn = await self._next_inbound(listener)
             except OSError as exc:  # e.g. EMFILE: note it, keep the punch going
                 self.log.warning("punch.accept_error", error=str(exc))
                 await asyncio.sleep(0.05)

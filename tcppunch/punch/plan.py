@@ -8,6 +8,7 @@ whoever turns the coordinator's PUNCH order into a plan converts "fire in N ms" 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,11 +24,19 @@ KEY_MIN = 16
 
 
 class CandidateKind(StrEnum):
-    """Where a candidate endpoint of the peer comes from."""
+    """Where a candidate endpoint of the peer comes from (the one list of kinds; a connection's report
+    names the kind that won)."""
 
     PRIVATE = "private"  # the peer's own interface address: works when we share its LAN
     OBSERVED = "observed"  # the public endpoint the coordinator saw
     PREDICTED = "predicted"  # the peer's NAT's next mapping(s), from its port delta
+    IPV6 = "ipv6"  # the peer's own global IPv6 address: no NAT66, a stateful firewall at most
+
+
+# RFC 8305 section 5: the "Connection Attempt Delay" between starting one address family's attempts and
+# the next: 250 ms recommended, never below 10 ms (100 ms is the recommended floor for computed values).
+HAPPY_EYEBALLS_DELAY = 0.25
+MIN_ATTEMPT_DELAY = 0.01
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,10 @@ class Candidate:
     def __str__(self) -> str:
         suffix = f" #{self.index}" if self.kind is CandidateKind.PREDICTED else ""
         return f"{self.endpoint} ({self.kind.value}{suffix})"
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ipaddress.ip_address(self.endpoint.ip).version == 6
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,11 @@ class PunchPlan:
     default: it did not help in the lab (docs/punching.md).
     ``resyn_after``: send a SYN that got no answer at all again after this long (set it to a few round
     trips to the peer; None = leave it to the kernel's retransmission, 1 s, 3 s, ...).
+    ``local6``: the IPv6 endpoint (our own global address, same port as ``local`` by convention) that
+    IPv6 candidates' sockets are bound to; required when there are IPv6 candidates.
+    ``attempt_delay``: the Happy-Eyeballs stagger (RFC 8305): IPv6 candidates fire at ``fire_at``, the
+    others this much later unless a connection came up by then (see :func:`waves`). Both peers apply the
+    same stagger, so their IPv4 SYNs still leave at the same moment.
     """
 
     local: Endpoint
@@ -105,6 +123,8 @@ class PunchPlan:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     select_grace: float = 1.0
     backlog: int = 16
+    local6: Endpoint | None = None
+    attempt_delay: float = HAPPY_EYEBALLS_DELAY
 
     def __post_init__(self) -> None:
         if not self.session_id or len(self.session_id) > SESSION_ID_MAX:
@@ -121,6 +141,31 @@ class PunchPlan:
             raise ValueError("resyn_after must be positive or None")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
+        if self.local6 is not None and ipaddress.ip_address(self.local6.ip).version != 6:
+            raise ValueError("local6 must be an IPv6 endpoint")
+        if self.local6 is None and any(c.is_ipv6 for c in self.candidates):
+            raise ValueError("IPv6 candidates need local6 (the IPv6 endpoint to send from)")
+        if self.attempt_delay < MIN_ATTEMPT_DELAY:
+            raise ValueError(f"attempt_delay must be at least {MIN_ATTEMPT_DELAY} s (RFC 8305)")
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Candidates whose first SYNs leave together, ``offset`` seconds after ``fire_at``."""
+
+    offset: float
+    candidates: tuple[Candidate, ...]
+
+
+def waves(plan: PunchPlan) -> tuple[Wave, ...]:
+    """When each candidate's first SYN leaves: IPv6 first, the rest ``plan.attempt_delay`` later
+    (Happy Eyeballs, RFC 8305). Plan order is kept inside a wave (sequential prediction relies on it).
+    A later wave is skipped by the engine when a connection won (or is being verified) by then."""
+    v6 = tuple(c for c in plan.candidates if c.is_ipv6)
+    rest = tuple(c for c in plan.candidates if not c.is_ipv6)
+    if not v6 or not rest:
+        return (Wave(0.0, plan.candidates),) if plan.candidates else ()
+    return Wave(0.0, v6), Wave(plan.attempt_delay, rest)
 
 
 class AttemptOutcome(StrEnum):

@@ -9,6 +9,10 @@ its *mapping* can be predicted and what its *filtering* lets in:
   connection leaves from ``observed.port + k*i``; we target a small window of those, in index order;
 * random: unpredictable; direct works only if the *other* side lets a SYN from an unknown port in
   (endpoint-independent or address-dependent filtering).
+
+IPv6 has no NAT: a peer's global IPv6 address and punch port are its public endpoint, behind at most a
+stateful firewall through which a simultaneous open works (RFC 6092 REC-31). When both peers have IPv6,
+direct is possible whatever their IPv4 NATs do, and the IPv6 candidates are raced first.
 """
 
 from __future__ import annotations
@@ -71,12 +75,16 @@ class DirectVerdict:
         return self.possible
 
 
-def direct_possible(a: NatReport | None, b: NatReport | None) -> DirectVerdict:
-    """Whether punching between hosts behind NATs ``a`` and ``b`` can succeed (symmetric in a, b).
+def direct_possible(a: NatReport | None, b: NatReport | None, *, ipv6: bool = False) -> DirectVerdict:
+    """Whether punching between hosts behind NATs ``a`` and ``b`` can succeed (symmetric in a, b);
+    ``ipv6``: both peers announced IPv6 candidates.
 
     Unknown behaviour counts as "try": a failed punch costs one deadline, a skipped one that would have
     worked costs a relay forever.
     """
+    if ipv6:
+        return DirectVerdict(True, "both peers have IPv6: no NAT on that path, a simultaneous open passes "
+                                   "stateful firewalls (RFC 6092 REC-31)")
     ca, cb = classify(a), classify(b)
     if MappingClass.PUBLIC in (ca, cb):
         return DirectVerdict(True, "one side has no NAT: the other connects to its listener")
@@ -118,9 +126,12 @@ def build_candidates(
     peer_private: Sequence[Endpoint] = (),
     own_public_ip: str | None = None,
     window: int = DEFAULT_WINDOW,
+    peer_ipv6: Sequence[Endpoint] = (),
 ) -> tuple[Candidate, ...]:
     """The peer's candidates in the order our SYNs must leave.
 
+    * the peer's IPv6 endpoints first (pass them only when we can send over IPv6 ourselves); the engine
+      staggers the IPv4 ones after them (Happy Eyeballs);
     * private endpoints only when both peers share a public address (same NAT): otherwise the SYN
       would cross our NAT and, on a sequential NAT, consume the port the peer predicted for us;
     * the observed endpoint unless the peer's mapping is sequential (then its observed port belongs to
@@ -131,7 +142,7 @@ def build_candidates(
     """
     if window < 1:
         raise ValueError("window must be at least 1")
-    out: list[Candidate] = []
+    out = [c for c in (Candidate(e, CandidateKind.IPV6) for e in dict.fromkeys(peer_ipv6)) if c.is_ipv6]
     if own_public_ip is not None and own_public_ip == peer_observed.ip:
         out.extend(Candidate(e, CandidateKind.PRIVATE) for e in peer_private if e != peer_observed)
     peer_class = classify(peer_nat)

@@ -12,7 +12,9 @@ from tcppunch.punch.plan import (
     PunchPlan,
     RetryPolicy,
     Role,
+    Wave,
     explain_failure,
+    waves,
 )
 from tcppunch.wire.endpoint import Endpoint
 
@@ -89,3 +91,28 @@ def test_failure_explanation_names_every_candidate_and_the_way_out() -> None:
 def test_attempt_str() -> None:
     a = PunchAttempt(C1.endpoint, C1, 3, AttemptOutcome.REFUSED, 0.0125, "Connection refused")
     assert str(a) == "+12.5 ms 198.51.100.102:4000 (observed) try 3: refused: Connection refused"
+
+
+V6 = Candidate(Endpoint("2001:db8:2::2", 4000), CandidateKind.IPV6)
+LOCAL6 = Endpoint("2001:db8:1::2", 4000)
+
+
+def test_waves_race_ipv6_first_then_the_rest_after_the_attempt_delay() -> None:
+    assert waves(plan()) == (Wave(0.0, (C1, C2)),)
+    staggered = plan(candidates=(C1, V6, C2), local6=LOCAL6, attempt_delay=0.3)
+    assert waves(staggered) == (Wave(0.0, (V6,)), Wave(0.3, (C1, C2)))  # plan order kept within a wave
+    assert waves(plan(candidates=(V6,), local6=LOCAL6)) == (Wave(0.0, (V6,)),)
+    assert waves(plan(candidates=())) == ()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"candidates": (V6,)}, "local6"),
+        ({"local6": Endpoint("10.0.1.2", 4000)}, "IPv6 endpoint"),
+        ({"attempt_delay": 0.0}, "attempt_delay"),
+    ],
+)
+def test_ipv6_plan_validation(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan(**changes)

@@ -140,3 +140,13 @@ def test_retry_policy_for() -> None:
     assert retry_policy_for(RANDOM) == SLOW_RETRY
     assert retry_policy_for(PORT_RESTRICTED) == RetryPolicy()
     assert retry_policy_for(None) == RetryPolicy()
+
+
+V6 = Endpoint("2001:db8:2::2", 4000)
+
+
+def test_ipv6_candidates_come_first_and_random_pairs_become_possible() -> None:
+    cands = build_candidates(peer_observed=PEER, peer_nat=RANDOM, own_nat=RANDOM, peer_ipv6=[V6, V6, PEER])
+    assert [(c.endpoint, c.kind) for c in cands] == [(V6, CandidateKind.IPV6), (PEER, CandidateKind.OBSERVED)]
+    assert not direct_possible(RANDOM, RANDOM)
+    assert direct_possible(RANDOM, RANDOM, ipv6=True)
