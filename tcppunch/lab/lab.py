@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import structlog
 
 from tcppunch.lab import netns as ns
+from tcppunch.lab.daemon import start_daemon
 from tcppunch.lab.firewall6 import firewall6_ruleset
 from tcppunch.lab.nat_types import NatType, SynPolicy, router_ruleset
 from tcppunch.lab.topology import (
@@ -281,6 +283,12 @@ class Lab:
         remove_namespaces(self.prefix)
         with contextlib.suppress(FileNotFoundError):
             (STATE_DIR / f"{self.prefix}.json").unlink()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the lab's background processes write their diagnostics (removed by :meth:`down`)."""
+        return STATE_DIR / self.prefix
 
     def leave_running(self) -> None:
         """Let the lab outlive this handle (``tcppunch lab up``): forget its processes here; ``down``
@@ -340,11 +348,9 @@ class Lab:
     def _start_shaper(self, a: str, b: str, link: LinkShape) -> None:
         argv = [sys.executable, "-m", "tcppunch.lab.link", a, b, "--delay-ms", str(link.delay_ms),
                 "--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)]
-        proc = subprocess.Popen(ns.in_netns(self.inet, argv), stdout=subprocess.PIPE, text=True)
+        proc = start_daemon(self.inet, argv, log_path=self.log_dir / f"shaper-{a}.log", ready="ready",
+                            ready_timeout=_SHAPER_READY_S)
         self._shapers.append(proc)
-        ready = _read_line_within(proc, _SHAPER_READY_S)
-        if ready != "ready":
-            raise ns.LabError(f"link shaper for {a}<->{b} did not start (said {ready!r})")
 
     def _build_server(self) -> None:
         self._new_ns(self.server.netns)
@@ -522,14 +528,3 @@ def _pid_alive(pid: int) -> bool:
         if done == pid:
             return False
     return True
-
-
-def _read_line_within(proc: subprocess.Popen[str], seconds: float) -> str:
-    """First line a child prints, or '' if it prints none within ``seconds``."""
-    assert proc.stdout is not None
-    result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline() if proc.stdout else ""),
-                              daemon=True)
-    reader.start()
-    reader.join(seconds)
-    return result[0].strip() if result else ""

@@ -164,6 +164,32 @@ def test_cli_up_status_exec_down() -> None:
     assert _lab_namespaces(prefix) == []
 
 
+def test_cli_up_with_delay_returns_when_its_output_is_captured() -> None:
+    """The link shapers of a shaped lab outlive `lab up`: they must not hold the caller's pipes (issue 14)."""
+    before = set(running_labs())
+    try:
+        up = subprocess.run([*TCPPUNCH, "lab", "up", "--router", "a=port-restricted", "--router", "b=symmetric-seq",
+                             "--delay-ms", "5", "--json"], capture_output=True, text=True, timeout=60)
+    finally:
+        started = set(running_labs()) - before  # only labs this test made, even if `up` hung
+    assert up.returncode == 0, up.stderr
+    prefix = json.loads(up.stdout)["prefix"]
+    try:
+        assert started == {prefix}
+        shapers = ns.netns_pids(f"{prefix}-inet")
+        assert len(shapers) == 2  # one per shaped WAN link
+        for pid in shapers:
+            assert os.getsid(pid) == pid  # a session of its own, no controlling terminal of ours
+            assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+            assert os.readlink(f"/proc/{pid}/fd/2").startswith(f"/run/tcppunch-lab/{prefix}/shaper-")
+    finally:
+        for leftover in started:
+            done = subprocess.run([*TCPPUNCH, "lab", "down", leftover], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+    assert _lab_namespaces(prefix) == []
+    assert not os.path.exists(f"/run/tcppunch-lab/{prefix}")
+
+
 def test_cli_rejects_unknown_nat_type() -> None:
     bad = subprocess.run([*TCPPUNCH, "lab", "up", "--router", "a=wormhole"], capture_output=True, text=True,
                          timeout=30)
