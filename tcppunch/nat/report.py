@@ -40,6 +40,61 @@ class SynResponse(StrEnum):
     ACCEPT = "accept"
 
 
+class PortMappingProtocol(StrEnum):
+    """How a host asks its gateway for an inbound mapping (tcppunch.portmap speaks all three)."""
+
+    PCP = "pcp"  # RFC 6887
+    NAT_PMP = "nat-pmp"  # RFC 6886
+    UPNP_IGD = "upnp-igd"  # UPnP Internet Gateway Device, WANIPConnection
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """A TCP mapping the gateway granted: connections to ``external`` reach our ``internal_port``.
+
+    ``lifetime`` is in seconds as granted (the client renews at half of it).
+    """
+
+    protocol: PortMappingProtocol
+    external: Endpoint
+    internal_port: int
+    lifetime: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protocol": self.protocol.value, "external": self.external.to_json(),
+                "internal_port": self.internal_port, "lifetime": self.lifetime}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PortMapping:
+        return cls(PortMappingProtocol(str(data["protocol"])), Endpoint.from_json(data["external"]),
+                   int(data["internal_port"]), int(data["lifetime"]))
+
+
+@dataclass(frozen=True)
+class PortMappingSupport:
+    """What the gateway said about port mapping: the protocols it answered, and the mapping we hold.
+
+    ``protocols`` empty means none answered within the budget; ``mapping`` is the granted mapping of the
+    punch port (a peer's) or of the test port (detect, which deletes it again); ``error`` says why no
+    mapping was granted when some protocol answered.
+    """
+
+    protocols: tuple[PortMappingProtocol, ...] = ()
+    mapping: PortMapping | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protocols": [p.value for p in self.protocols],
+                "mapping": None if self.mapping is None else self.mapping.to_json(), "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PortMappingSupport:
+        mapping = data.get("mapping")
+        return cls(tuple(PortMappingProtocol(str(p)) for p in data.get("protocols") or ()),
+                   None if mapping is None else PortMapping.from_json(mapping),
+                   None if data.get("error") is None else str(data["error"]))
+
+
 @dataclass(frozen=True)
 class TcpBehaviour:
     """What matters for TCP hole punching, measured over TCP. ``None`` means "not measured"."""
@@ -86,6 +141,8 @@ class NatReport:
     verdict: str = ""
     # Tests that could not run (for example: the server has one address) and what that leaves unknown.
     untested: tuple[str, ...] = ()
+    # None: not probed (``detect --no-port-mapping``, or an older peer).
+    port_mapping: PortMappingSupport | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +153,7 @@ class NatReport:
             "behind_nat": self.behind_nat,
             "verdict": self.verdict,
             "untested": list(self.untested),
+            "port_mapping": None if self.port_mapping is None else self.port_mapping.to_json(),
         }
 
     @classmethod
@@ -110,6 +168,8 @@ class NatReport:
             behind_nat=_opt_bool(data.get("behind_nat")),
             verdict=str(data.get("verdict") or ""),
             untested=tuple(str(u) for u in data.get("untested") or ()),
+            port_mapping=None if data.get("port_mapping") is None
+            else PortMappingSupport.from_json(data["port_mapping"]),
         )
 
     def replace(self, **changes: Any) -> NatReport:
