@@ -32,6 +32,8 @@ from tcppunch.wire.coord import (
     Connect,
     Error,
     ErrorCode,
+    Expose,
+    Exposed,
     ListPeers,
     Message,
     Observed,
@@ -48,6 +50,7 @@ from tcppunch.wire.coord import (
     RelayOk,
     Result,
     Role,
+    Visitor,
     decode_message,
     encode_message,
     relay_proof,
@@ -56,6 +59,7 @@ from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 
 from .auth import Tokens
+from .expose import ClosePort, ExposeConfig, ExposeTable, OpenPort, Refusal
 from .registry import ConnId, PeerRecord, Registry
 from .session import Session, relay_advice, schedule_fire
 from .timers import TimerHeap
@@ -95,6 +99,8 @@ class CoordinatorConfig:
     # Due timers one tick() handles; the rest wait for the next call (the driver re-arms at once), so a
     # burst of expiries never holds up I/O for long.
     max_timers_per_tick: int = 1000
+    # Exposed ports (``server --expose-ports``); None: EXPOSE is refused.
+    expose: ExposeConfig | None = None
 
 
 # ------------------------------------------------------------------------------------------- actions
@@ -128,9 +134,11 @@ class StartRelay:
     responder_pending: bytes
     idle_timeout: float
     max_bytes: int | None
+    # Set when the initiator is a visitor of an exposed port owned by this peer id (its byte budget).
+    expose_peer: str | None = None
 
 
-Action = Send | Close | StartRelay
+Action = Send | Close | StartRelay | OpenPort | ClosePort
 
 
 class _Timer(Enum):
@@ -139,6 +147,7 @@ class _Timer(Enum):
     HANDSHAKE = 0
     PEER = 1
     SESSION = 2
+    VISITOR = 3
 
 
 TimerKey = tuple[_Timer, int | str]
@@ -148,6 +157,8 @@ class ConnState(Enum):
     HELLO = "hello"
     PEER = "peer"
     RELAY_WAIT = "relay-wait"
+    # A visitor of an exposed port waiting for its owner's join; nothing is read from it here.
+    VISITOR_WAIT = "visitor-wait"
     HANDED_OFF = "handed-off"
     CLOSED = "closed"
 
@@ -198,6 +209,7 @@ class CoordinatorProtocol:
         self._relays: dict[str, tuple[str, str]] = {}
         self._relay_count: dict[str, int] = {}
         self._timers: TimerHeap[TimerKey] = TimerHeap()
+        self.expose = ExposeTable(self.config.expose)
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -246,7 +258,7 @@ class CoordinatorProtocol:
 
     def data_received(self, conn: ConnId, data: bytes, now: float) -> list[Action]:
         c = self._conns.get(conn)
-        if c is None or c.state in (ConnState.CLOSED, ConnState.HANDED_OFF):
+        if c is None or c.state in (ConnState.CLOSED, ConnState.HANDED_OFF, ConnState.VISITOR_WAIT):
             return []
         if c.state is ConnState.RELAY_WAIT:
             c.raw += data
@@ -291,6 +303,11 @@ class CoordinatorProtocol:
                 session = self.sessions.get(str(key))
                 if session is not None and now >= session.expires_at:
                     actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
+            elif kind is _Timer.VISITOR:
+                visitor = self.expose.expire(str(key), now)
+                if visitor is not None:
+                    log.info("coordinator.visitor_not_joined", visitor=visitor.visitor_id, peer=visitor.peer_id)
+                    actions += self._drop_visitor(visitor.conn)
             else:
                 assert isinstance(key, int)
                 c = self._conns.get(key)
@@ -323,6 +340,8 @@ class CoordinatorProtocol:
 
     def relay_finished(self, session_id: str) -> None:
         """The pump finished the relay of ``session_id``: its peers may start new ones."""
+        if self.expose.carried_ended(session_id):
+            return
         ids = self._relays.pop(session_id, None)
         for peer_id in ids or ():
             left = self._relay_count.get(peer_id, 0) - 1
@@ -367,6 +386,8 @@ class CoordinatorProtocol:
             return self._result(record, message)
         if isinstance(message, Observed):
             return self._observed(record, message)
+        if isinstance(message, Expose):
+            return self._expose(c, record, message)
         return self._fail(c, ErrorCode.UNEXPECTED_MESSAGE, f"{message.TYPE} is not expected from a peer")
 
     # -------------------------------------------------------------------------------- registration
@@ -555,6 +576,8 @@ class CoordinatorProtocol:
     def _relay(self, c: _Conn, msg: Relay, now: float) -> list[Action]:
         cfg = self.config
         c.raw += c.decoder.take_rest()
+        if msg.session_id in self.expose.pending:
+            return self._join_visitor(c, msg)
         session = self.sessions.get(msg.session_id)
         if session is None:
             return self._fail(c, ErrorCode.UNKNOWN_SESSION, "no such session (unknown, expired or used)")
@@ -629,6 +652,8 @@ class CoordinatorProtocol:
         """Fatal error on ``c``: ERROR frame, lingering close, and forget everything the conn held."""
         if c.state is ConnState.CLOSED:
             return []
+        if c.state is ConnState.VISITOR_WAIT:  # a visitor speaks its own protocol: no ERROR frame
+            return self._drop_visitor(c.id)
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         log.info("coordinator.error", conn=c.id, code=code, message=message, peer=c.peer_id)
         actions: list[Action] = [Send(c.id, encode_message(Error(code, message))), Close(c.id, linger=True)]
@@ -643,6 +668,9 @@ class CoordinatorProtocol:
             record = self.registry.get(c.peer_id)
             if record is not None and record.conn == c.id:
                 return self._remove_peer(record, reason=reason)
+        if state is ConnState.VISITOR_WAIT and c.session_id is not None:
+            self.expose.visitor_lost(c.session_id)
+            self._timers.cancel((_Timer.VISITOR, c.session_id))
         if state is ConnState.RELAY_WAIT and c.session_id is not None and c.role is not None:
             session = self.sessions.get(c.session_id)
             if session is not None and session.relay_waiting.get(c.role) == c.id:
@@ -665,4 +693,95 @@ class CoordinatorProtocol:
                 actions.append(Send(other.conn, encode_message(cancel)))
             actions += self._end_session(session, ErrorCode.SESSION_CANCELLED, f"peer {record.id!r} left")
         record.sessions.clear()
+        ports, visitors = self.expose.release(record.id)
+        actions += [ClosePort(port) for port in ports]
+        for visitor in visitors:
+            actions += self._drop_visitor(visitor.conn)
         return actions
+
+    # ------------------------------------------------------------------------------- exposed ports
+
+    def port_opened(self, port: int, now: float) -> list[Action]:
+        """The driver listens on ``port`` (after :class:`OpenPort`): tell its owner where."""
+        held = self.expose.opened(port)
+        record = None if held is None else self.registry.get(held.peer_id)
+        if held is None or record is None:
+            return [ClosePort(port)]
+        address = Endpoint(self._conns[record.conn].local.ip, port)
+        log.info("coordinator.exposed", peer=held.peer_id, address=str(address))
+        return [Send(record.conn, encode_message(Exposed(held.request_id, port, address)))]
+
+    def port_failed(self, port: int, reason: str, now: float) -> list[Action]:
+        """The driver could not listen on ``port`` (in use on this host, no permission...)."""
+        held = self.expose.failed(port)
+        record = None if held is None else self.registry.get(held.peer_id)
+        if held is None or record is None:
+            return []
+        c = self._conns[record.conn]
+        return self._request_error(c, held.request_id, ErrorCode.EXPOSE_PORT_TAKEN,
+                                   f"port {port} cannot be opened on the server: {reason}")
+
+    def visitor_arrived(self, conn: ConnId, port: int, observed: Endpoint, local: Endpoint,
+                        now: float) -> list[Action]:
+        """A connection was accepted on exposed ``port``: ask its owner to join it, or close it."""
+        if conn in self._conns:
+            raise ValueError(f"connection {conn} already exists")
+        visitor_id = self._random(16).hex()
+        admitted = self.expose.admit(port, conn, visitor_id, self._random(SESSION_KEY_SIZE), now)
+        if isinstance(admitted, Refusal):
+            log.info("coordinator.visitor_refused", port=port, visitor=str(observed), reason=admitted.message)
+            return [Close(conn)]
+        record = self.registry.get(admitted.peer_id)
+        assert record is not None, "a listening port always has a registered owner"
+        self._conns[conn] = _Conn(id=conn, observed=observed, local=local, decoder=FrameDecoder(),
+                                  handshake_deadline=admitted.deadline, state=ConnState.VISITOR_WAIT,
+                                  peer_id=admitted.peer_id, session_id=visitor_id)
+        self._timers.schedule((_Timer.VISITOR, visitor_id), admitted.deadline)
+        relay = self.config.relay_endpoint or self._conns[record.conn].local
+        notice = Visitor(visitor_id, admitted.key, port, observed, local, relay)
+        return [Send(record.conn, encode_message(notice))]
+
+    def _expose(self, c: _Conn, record: PeerRecord, msg: Expose) -> list[Action]:
+        refusal = self.expose.refuse(record.id, msg.remote_port)
+        if refusal is not None:
+            return self._request_error(c, msg.request_id, refusal.code, refusal.message)
+        self.expose.reserve(record.id, msg.remote_port, msg.request_id)
+        return [OpenPort(msg.remote_port)]
+
+    def _join_visitor(self, c: _Conn, msg: Relay) -> list[Action]:
+        """The owner's join connection for a waiting visitor: check the proof, then carry the visitor."""
+        waiting = self.expose.pending[msg.session_id]
+        expected = relay_proof(waiting.key, waiting.visitor_id, Role.RESPONDER)
+        if msg.role is not Role.RESPONDER or not hmac.compare_digest(expected, msg.proof):
+            log.warning("coordinator.visitor_bad_proof", visitor=waiting.visitor_id, observed=str(c.observed))
+            return self._fail(c, ErrorCode.BAD_PROOF, "join proof does not match the visitor key")
+        if len(c.raw) > self.config.relay_pending_limit:
+            return self._fail(c, ErrorCode.RELAY_OVERFLOW, "too many bytes sent before RELAY-OK")
+        self.expose.join(waiting.visitor_id)
+        self._timers.cancel((_Timer.VISITOR, waiting.visitor_id))
+        visitor = self._conns.pop(waiting.conn)
+        self._conns.pop(c.id, None)
+        visitor.state = c.state = ConnState.HANDED_OFF
+        assert self.expose.config is not None
+        pending, c.raw = bytes(c.raw), bytearray()
+        return [
+            Send(c.id, encode_message(RelayOk(waiting.visitor_id))),
+            StartRelay(
+                session_id=waiting.visitor_id,
+                initiator=visitor.id,
+                responder=c.id,
+                initiator_pending=b"",
+                responder_pending=pending,
+                idle_timeout=self.expose.config.idle_timeout,
+                max_bytes=None,
+                expose_peer=waiting.peer_id,
+            ),
+        ]
+
+    def _drop_visitor(self, conn: ConnId) -> list[Action]:
+        """Close a waiting visitor's connection (no frame: it is not our protocol)."""
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return []
+        self._cleanup(c, reason="dropped")
+        return [Close(conn)]

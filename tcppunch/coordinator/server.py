@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ from tcppunch.wire.framing import PREAMBLE_SIZE
 from tcppunch.wire.stun import looks_like_stun
 
 from .auth import Tokens
+from .expose import ClosePort, OpenPort
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
 
 log = structlog.get_logger()
@@ -95,6 +98,9 @@ class CoordinatorServer:
         self.relay_stats: list[RelayStats] = []
         self._relay_bytes = relay_bytes_per_peer
         self._budgets: dict[str, ByteBudget] = {}
+        self._expose_budgets: dict[str, ByteBudget] = {}
+        # exposed port -> its listener (visitors are accepted there and handed to the protocol)
+        self._exposed: dict[int, asyncio.Server] = {}
         self._server: asyncio.Server | None = None
         self._links: dict[int, _Link] = {}
         self._ids = itertools.count(1)
@@ -137,6 +143,8 @@ class CoordinatorServer:
         """Stop accepting, tell every client (ERROR shutting-down), end relays, wait for handlers."""
         if self._server is not None:
             self._server.close()
+        for port in list(self._exposed):
+            self._close_port(ClosePort(port))
         loop = asyncio.get_running_loop()
         self._apply(self.protocol.shutdown(loop.time()))
         if self._timer is not None:
@@ -223,6 +231,10 @@ class CoordinatorServer:
                 self._send(action)
             elif isinstance(action, Close):
                 self._close(action)
+            elif isinstance(action, OpenPort):
+                self._open_port(action)
+            elif isinstance(action, ClosePort):
+                self._close_port(action)
             else:
                 self._start_relay(action)
         self._arm_timer()
@@ -250,6 +262,56 @@ class CoordinatorServer:
             link.linger_handle = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
         else:
             link.writer.close()
+        if link.task is None:  # a visitor: no read loop of ours will forget it
+            self._links.pop(link.id, None)
+
+    # ------------------------------------------------------------------------------- exposed ports
+
+    def _open_port(self, action: OpenPort) -> None:
+        """Listen on the exposed port now (bound synchronously, so the answer is immediate)."""
+        loop = asyncio.get_running_loop()
+        try:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.create_server((self.host, action.port), family=family, backlog=256)
+        except OSError as exc:
+            self._apply(self.protocol.port_failed(action.port, exc.strerror or str(exc), loop.time()))
+            return
+        sock.setblocking(False)
+        server = loop.create_task(
+            asyncio.start_server(functools.partial(self._visitor, action.port), sock=sock)
+        )
+        server.add_done_callback(functools.partial(self._port_listening, action.port, sock))
+        self._tasks.add(server)
+        server.add_done_callback(self._tasks.discard)
+
+    def _port_listening(self, port: int, sock: socket.socket, task: asyncio.Task[asyncio.Server]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            sock.close()
+            self._apply(self.protocol.port_failed(port, "cannot listen", asyncio.get_running_loop().time()))
+            return
+        self._exposed[port] = task.result()
+        self._apply(self.protocol.port_opened(port, asyncio.get_running_loop().time()))
+
+    def _close_port(self, action: ClosePort) -> None:
+        server = self._exposed.pop(action.port, None)
+        if server is not None:
+            server.close()
+            self._log.info("coordinator.port_closed", port=action.port)
+
+    def _visitor(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A visitor on an exposed port: kept unread (its bytes wait in the reader) until the owner joins."""
+        if len(self._links) >= self.max_connections or port not in self._exposed:
+            writer.transport.abort()
+            return
+        try:
+            observed = endpoint_of(writer.get_extra_info("peername"))
+            local = endpoint_of(writer.get_extra_info("sockname"))
+        except (TypeError, IndexError, ValueError):
+            writer.transport.abort()
+            return
+        conn = next(self._ids)
+        self._links[conn] = _Link(conn, reader, writer, None)
+        self._apply(self.protocol.visitor_arrived(conn, port, observed, local, asyncio.get_running_loop().time()))
 
     def _arm_timer(self) -> None:
         deadline = self.protocol.next_deadline()
@@ -290,6 +352,19 @@ class CoordinatorServer:
             budget = self._budgets[peer_id] = ByteBudget(self._relay_bytes)
         return budget
 
+    def _budgets_of(self, action: StartRelay) -> list[ByteBudget]:
+        if action.expose_peer is not None:
+            expose = self.protocol.config.expose
+            if expose is None or expose.max_bytes_per_id is None:
+                return []
+            budget = self._expose_budgets.get(action.expose_peer)
+            if budget is None:
+                budget = self._expose_budgets[action.expose_peer] = ByteBudget(expose.max_bytes_per_id)
+            return [budget]
+        if self._relay_bytes is None:
+            return []
+        return [self._budget(p) for p in self.protocol.relay_peers(action.session_id)]
+
     async def _run_relay(self, action: StartRelay, ini: _Link | None, resp: _Link | None) -> None:
         current = asyncio.current_task()
         ends: list[RelayEnd] = []
@@ -310,13 +385,12 @@ class CoordinatorServer:
                 end = detach(lk.reader, lk.writer)
                 # in arrival order: bytes the protocol held, bytes the read loop took, the reader's buffer
                 ends.append(RelayEnd(end.sock, pending + lk.stash + end.pending))
-            peers = self.protocol.relay_peers(action.session_id)
             stats = await relay(
                 ends[0],
                 ends[1],
                 idle_timeout=action.idle_timeout,
                 max_bytes=action.max_bytes,
-                budgets=[self._budget(p) for p in peers] if self._relay_bytes is not None else (),
+                budgets=self._budgets_of(action),
             )
             self.relay_stats.append(stats)
             self._log.info("coordinator.relay_done", session=action.session_id, stats=str(stats))

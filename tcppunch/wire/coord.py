@@ -50,6 +50,11 @@ class ErrorCode(StrEnum):
     RELAY_TIMEOUT = "relay-timeout"
     RELAY_OVERFLOW = "relay-overflow"
     SESSION_CANCELLED = "session-cancelled"
+    # expose requests (not fatal: carry the request_id)
+    EXPOSE_DISABLED = "expose-disabled"
+    EXPOSE_PORT_REFUSED = "expose-port-refused"
+    EXPOSE_PORT_TAKEN = "expose-port-taken"
+    EXPOSE_LIMIT = "expose-limit"
     # server side
     SHUTTING_DOWN = "shutting-down"
     # client side only, never in an ERROR frame: the connection ended without one
@@ -562,6 +567,84 @@ class RelayOk:
 
 
 @dataclass(frozen=True)
+class Expose:
+    """Client -> server: listen on ``remote_port`` of the server's public address for me; answered by
+    EXPOSED or a non-fatal ERROR (``expose-*``) with this request_id."""
+
+    TYPE: ClassVar[str] = "expose"
+    request_id: str
+    remote_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "remote_port": self.remote_port}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Expose:
+        return cls(request_id=_str(obj, "request_id", max_len=64), remote_port=_int(obj, "remote_port", low=1,
+                                                                                    high=65535))
+
+
+@dataclass(frozen=True)
+class Exposed:
+    """Server -> client: the server listens at ``address`` for this peer until its control connection ends."""
+
+    TYPE: ClassVar[str] = "exposed"
+    request_id: str
+    remote_port: int
+    address: Endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "remote_port": self.remote_port, "address": self.address.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Exposed:
+        return cls(
+            request_id=_str(obj, "request_id", max_len=64),
+            remote_port=_int(obj, "remote_port", low=1, high=65535),
+            address=_endpoint(obj, "address"),
+        )
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """Server -> the exposing peer: a visitor connected from ``visitor`` to ``address`` (an exposed port).
+
+    The peer joins it like a relay: a new connection with RELAY ``{session_id: visitor_id, role:
+    responder, proof: relay_proof(key, visitor_id, responder)}`` to ``relay``; after RELAY-OK the
+    connection carries the visitor's bytes.
+    """
+
+    TYPE: ClassVar[str] = "visitor"
+    visitor_id: str
+    key: bytes
+    remote_port: int
+    visitor: Endpoint
+    address: Endpoint
+    relay: Endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "visitor_id": self.visitor_id,
+            "key": self.key.hex(),
+            "remote_port": self.remote_port,
+            "visitor": self.visitor.to_json(),
+            "address": self.address.to_json(),
+            "relay": self.relay.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Visitor:
+        return cls(
+            visitor_id=_str(obj, "visitor_id", max_len=64),
+            key=_hex(obj, "key", SESSION_KEY_SIZE),
+            remote_port=_int(obj, "remote_port", low=1, high=65535),
+            visitor=_endpoint(obj, "visitor"),
+            address=_endpoint(obj, "address"),
+            relay=_endpoint(obj, "relay"),
+        )
+
+
+@dataclass(frozen=True)
 class Error:
     """Server -> client. ``fatal`` errors are followed by the close of the connection."""
 
@@ -603,6 +686,9 @@ Message = (
     | Cancel
     | Relay
     | RelayOk
+    | Expose
+    | Exposed
+    | Visitor
     | Error
 )
 
@@ -622,6 +708,9 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
         Cancel,
         Relay,
         RelayOk,
+        Expose,
+        Exposed,
+        Visitor,
         Error,
     )
 }

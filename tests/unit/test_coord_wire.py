@@ -17,6 +17,8 @@ from tcppunch.wire.coord import (
     Connect,
     Error,
     ErrorCode,
+    Expose,
+    Exposed,
     ListPeers,
     Message,
     Outcome,
@@ -32,6 +34,7 @@ from tcppunch.wire.coord import (
     RelayOk,
     Result,
     Role,
+    Visitor,
     decode_message,
     encode_message,
     message_to_json,
@@ -78,6 +81,9 @@ ALL_MESSAGES: list[Message] = [
     Cancel("ab" * 16, "peer left"),
     Relay("ab" * 16, Role.RESPONDER, b"\x01" * 32),
     RelayOk("ab" * 16),
+    Expose("r4", 8080),
+    Exposed("r4", 8080, Endpoint("198.51.100.10", 8080)),
+    Visitor("cd" * 16, bytes(range(32)), 8080, EP, Endpoint("198.51.100.10", 8080), Endpoint("198.51.100.10", 3478)),
     Error("bad-token", "wrong token", True, None),
     Error("unknown-peer", "no such peer", False, "r3"),
 ]
@@ -238,6 +244,8 @@ def test_unknown_type() -> None:
         {"type": "result", "session_id": "s", "outcome": "maybe"},
         {"type": "result", "session_id": "s", "outcome": "direct", "details": []},
         {"type": "error", "code": "x", "message": "y", "fatal": "yes"},
+        {"type": "expose", "request_id": "r", "remote_port": 0},
+        {"type": "expose", "request_id": "r", "remote_port": 65536},
     ],
 )
 def test_bad_fields_are_reported_by_name(obj: dict[str, Any]) -> None:
