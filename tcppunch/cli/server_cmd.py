@@ -20,6 +20,8 @@ import click
 
 from tcppunch.cli.params import EndpointType
 from tcppunch.coordinator.auth import Tokens, TokensFileError
+from tcppunch.coordinator.expose import ExposeConfig, PortRange
+from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.wire.endpoint import Endpoint
@@ -44,6 +46,14 @@ def _ip(value: str) -> str:
 @click.option("--token", help="Shared secret peers present to the coordinator.")
 @click.option("--tokens-file", type=click.Path(dir_okay=False), help="JSON object of peer id -> secret.")
 @click.option("--relay-max-mb", type=click.FloatRange(0.001), help="Relay byte budget per peer id (MB). Default: none.")
+@click.option("--expose-ports", metavar="LOW-HIGH",
+              help="Let peers expose these ports of the listen address (`tcppunch expose`). Default: none.")
+@click.option("--expose-max-ports", type=click.IntRange(1), default=4, show_default=True,
+              help="Ports one peer id may expose at once.")
+@click.option("--expose-max-connections", type=click.IntRange(1), default=64, show_default=True,
+              help="Visitor connections one peer id may have at once (waiting or carried).")
+@click.option("--expose-max-mb", type=click.FloatRange(0.001),
+              help="Bytes one peer id's exposed ports may carry over the server's life (MB). Default: none.")
 @click.option(
     "--connect-back-timeout",
     type=click.FloatRange(0.05, 10.0),
@@ -59,6 +69,10 @@ def server_command(
     tokens_file: str | None,
     connect_back_timeout: float,
     relay_max_mb: float | None,
+    expose_ports: str | None,
+    expose_max_ports: int,
+    expose_max_connections: int,
+    expose_max_mb: float | None,
 ) -> None:
     """Run the public server: the coordinator peers register with (it schedules their punches and relays
     when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
@@ -91,14 +105,23 @@ def server_command(
         external_tcp=frozenset({Endpoint(listen.ip, listen.port)}),
     )
     budget = None if relay_max_mb is None else int(relay_max_mb * 1_000_000)
+    expose = None
+    if expose_ports is not None:
+        try:
+            ports = PortRange.parse(expose_ports)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--expose-ports") from None
+        expose = ExposeConfig(ports, max_ports_per_id=expose_max_ports, max_connections_per_id=expose_max_connections,
+                              max_bytes_per_id=None if expose_max_mb is None else int(expose_max_mb * 1_000_000))
     try:
-        asyncio.run(serve(config, tokens, budget))
+        asyncio.run(serve(config, tokens, budget, CoordinatorConfig(expose=expose)))
     except OSError as exc:
         click.echo(f"tcppunch server: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-async def serve(config: StunServiceConfig, tokens: Tokens, relay_bytes_per_peer: int | None = None) -> None:
+async def serve(config: StunServiceConfig, tokens: Tokens, relay_bytes_per_peer: int | None = None,
+                coordinator_config: CoordinatorConfig | None = None) -> None:
     """Run until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,7 +131,8 @@ async def serve(config: StunServiceConfig, tokens: Tokens, relay_bytes_per_peer:
         stun = await stack.enter_async_context(StunService(config))
         coordinator = await stack.enter_async_context(
             CoordinatorServer(config.primary_address, config.primary_port, tokens,
-                              stun_handler=stun.serve_tcp_connection, relay_bytes_per_peer=relay_bytes_per_peer)
+                              stun_handler=stun.serve_tcp_connection, relay_bytes_per_peer=relay_bytes_per_peer,
+                              config=coordinator_config)
         )
         endpoints = ", ".join(str(e) for e in [coordinator.address, *stun.tcp_endpoints])
         print(f"listening on {endpoints} (coordinator on {coordinator.address}; STUN over TCP and UDP)",

@@ -32,6 +32,8 @@ from tcppunch.wire.coord import (
     Connect,
     Error,
     ErrorCode,
+    Expose,
+    Exposed,
     ListPeers,
     Message,
     Observed,
@@ -48,6 +50,7 @@ from tcppunch.wire.coord import (
     RelayOk,
     Result,
     Role,
+    Visitor,
     decode_message,
     encode_message,
     relay_proof,
@@ -215,6 +218,7 @@ class ControlChannel:
         self._requests: dict[str, asyncio.Future[Any]] = {}
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self._orders: asyncio.Queue[Any] = asyncio.Queue()
+        self._visitors: asyncio.Queue[Any] = asyncio.Queue()
         self._sessions: dict[str, PunchOrder] = {}
         self._ids = itertools.count(1)
         self._closed = asyncio.Event()
@@ -321,6 +325,23 @@ class ControlChannel:
             except CoordinatorError:
                 return
 
+    async def expose(self, remote_port: int) -> Exposed:
+        """Ask the coordinator to listen on ``remote_port`` of its public address for us (until this channel
+        closes). Raises :class:`CoordinatorError` (``expose-*``, not fatal) when it refuses."""
+        request_id = self._request_id()
+        reply: Exposed = await self._request(request_id, Expose(request_id, remote_port))
+        return reply
+
+    async def next_visitor(self, timeout: float | None = None) -> Visitor:
+        """The next visitor of one of our exposed ports (join it with :func:`join_visitor`). Raises once
+        the channel closed."""
+        item = await asyncio.wait_for(self._visitors.get(), timeout)
+        if item is _CLOSED:
+            self._visitors.put_nowait(_CLOSED)
+            raise self._closed_error()
+        assert isinstance(item, Visitor)
+        return item
+
     async def report_result(
         self, session_id: str, outcome: Outcome | str, details: dict[str, Any] | None = None
     ) -> None:
@@ -418,8 +439,10 @@ class ControlChannel:
         elif isinstance(msg, Registered):
             if self._registered is not None and not self._registered.done():
                 self._registered.set_result(msg)
-        elif isinstance(msg, Peers):
+        elif isinstance(msg, Peers | Exposed):
             self._resolve(msg.request_id, msg)
+        elif isinstance(msg, Visitor):
+            self._visitors.put_nowait(msg)
         elif isinstance(msg, Punch):
             self._punch(msg, now)
         elif isinstance(msg, Cancel):
@@ -478,6 +501,7 @@ class ControlChannel:
                 future.set_exception(error)
                 future.exception()  # mark retrieved: nobody may be waiting any more
         self._orders.put_nowait(_CLOSED)
+        self._visitors.put_nowait(_CLOSED)
         self._closed.set()
         if self._writer is not None:
             self._writer.close()
@@ -514,6 +538,12 @@ async def join_relay(
         sock.close()
         raise
     return sock
+
+
+async def join_visitor(visitor: Visitor, *, timeout: float = 10.0) -> socket.socket:
+    """Join a visitor of an exposed port (a relay join in the responder role, with the visitor's key);
+    every byte on the returned socket is the visitor's."""
+    return await join_relay(visitor.relay, visitor.visitor_id, visitor.key, Role.RESPONDER, timeout=timeout)
 
 
 async def open_relay(

@@ -1,0 +1,74 @@
+"""``tcppunch expose``: make a local TCP service reachable by anyone at a port of the server's address.
+
+One line on stderr once the port is open ("exposed ... at HOST:PORT"; scripts wait for it), one per
+finished visitor unless ``--quiet``, and a clear error and exit code 1 when the server refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from tcppunch.cli.params import EndpointType
+from tcppunch.cli.peer_cmds import _run, _until_signal
+from tcppunch.coordinator.control import ControlChannel
+from tcppunch.peer.expose import Exposer, VisitorDone
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.proxy_protocol import ProxyVersion
+
+
+@click.command("expose")
+@click.option("--coordinator", type=EndpointType(resolve=False), required=True,
+              help="The tcppunch server, HOST:PORT (port 3478 if omitted); it must allow --remote-port.")
+@click.option("--id", "peer_id", required=True, help="Our name at the coordinator.")
+@click.option("--token", required=True, envvar="TCPPUNCH_TOKEN",
+              help="Secret the coordinator expects for our id (or env TCPPUNCH_TOKEN).")
+@click.option("--remote-port", type=click.IntRange(1, 65535), required=True,
+              help="The port of the server's address that visitors connect to (within its --expose-ports).")
+@click.option("--forward", type=EndpointType(default_port=None, resolve=False), required=True,
+              help="The local TCP service each visitor is carried to, e.g. 127.0.0.1:8000.")
+@click.option("--proxy-protocol", type=click.Choice([v.value for v in ProxyVersion]),
+              help="Send a PROXY protocol header (v1 text, v2 binary) to the service before the visitor's "
+                   "bytes, so it learns the visitor's address. The service must expect it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per event on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+def expose_command(coordinator: Endpoint, peer_id: str, token: str, remote_port: int, forward: Endpoint,
+                   proxy_protocol: str | None, as_json: bool, quiet: bool) -> None:
+    """Expose the local service --forward at --remote-port of the server, for any TCP client (curl, a
+    browser, a webhook), like frp's tcp proxy. Runs until interrupted; the port closes when it stops.
+
+    The server sees the visitors' bytes: serve TLS from the local service if they are private.
+
+    \b
+    tcppunch server --listen 198.51.100.10:3478 --token S --expose-ports 8000-9000   # public host
+    tcppunch expose --coordinator 198.51.100.10:3478 --id web --token S \\
+                    --remote-port 8080 --forward 127.0.0.1:8000                     # behind NAT
+    curl http://198.51.100.10:8080/                                                 # anyone
+    """
+    version = None if proxy_protocol is None else ProxyVersion(proxy_protocol)
+
+    def report(done: VisitorDone) -> None:
+        if as_json:
+            stats = done.stats
+            click.echo(json.dumps({"event": "visitor", "visitor": str(done.visitor), "error": done.error,
+                                   "sent": None if stats is None else stats.a_to_b,
+                                   "received": None if stats is None else stats.b_to_a}))
+        if not quiet:
+            what = done.error or (f"{done.stats.a_to_b} bytes in, {done.stats.b_to_a} out" if done.stats else "")
+            click.echo(f"tcppunch: visitor {done.visitor}: {what}", err=True)
+
+    async def main() -> None:
+        async with ControlChannel(coordinator, peer_id, token) as channel:
+            exposer = Exposer(channel, forward, proxy_protocol=version, on_done=report)
+            exposed = await exposer.expose(remote_port)
+            if as_json:
+                click.echo(json.dumps({"event": "exposed", "address": str(exposed.address),
+                                       "forward": str(forward)}))
+            click.echo(f"tcppunch: exposed {forward} at {exposed.address}", err=True)
+            await _until_signal(asyncio.ensure_future(exposer.serve()))
+            if channel.closed and channel.error is not None:  # the coordinator went away: say why
+                raise channel.error
+
+    _run(main)

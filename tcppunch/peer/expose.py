@@ -1,0 +1,148 @@
+"""Expose a local TCP service on a port of the coordinator's public address (``tcppunch expose``).
+
+Like frp's ``tcp`` proxy with ``remotePort``: the coordinator listens on the port for us (EXPOSE) and
+tells us of each visitor on our control connection (VISITOR). For each one we connect to the local
+service, join the visitor with a relay join in the responder role (:func:`join_visitor`), optionally
+write a PROXY protocol header first (so the service learns the visitor's address), and splice the two
+sockets with the relay pump until both sides are done. The server sees the visitor's bytes in clear, as
+frp's does: a service that needs privacy speaks TLS itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from tcppunch.coordinator.control import ControlChannel, CoordinatorError, join_visitor
+from tcppunch.relay import RelayEnd, RelayStats, relay
+from tcppunch.wire.coord import Exposed, Visitor
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.proxy_protocol import ProxyVersion, encode
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class VisitorDone:
+    """One visitor's connection, carried (``stats``) or not (``error``)."""
+
+    visitor: Endpoint
+    address: Endpoint
+    stats: RelayStats | None
+    error: str | None = None
+
+
+class Exposer:
+    """Carries the visitors of the ports that ``channel``'s peer exposes to the local ``forward`` service.
+
+    >>> async with ControlChannel(coordinator, "web", token) as channel:
+    ...     exposer = Exposer(channel, Endpoint("127.0.0.1", 8000))
+    ...     exposed = await exposer.expose(8080)      # visitors reach exposed.address
+    ...     await exposer.serve()                     # until the channel closes
+    """
+
+    def __init__(
+        self,
+        channel: ControlChannel,
+        forward: Endpoint,
+        *,
+        proxy_protocol: ProxyVersion | None = None,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        on_done: Callable[[VisitorDone], None] | None = None,
+    ) -> None:
+        self.channel = channel
+        self.forward = forward
+        self.proxy_protocol = proxy_protocol
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.on_done = on_done
+        self.carried = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = log.bind(peer=channel.peer_id, forward=str(forward))
+
+    async def expose(self, remote_port: int) -> Exposed:
+        """Ask for ``remote_port``; raises :class:`CoordinatorError` with the server's reason if refused."""
+        exposed = await self.channel.expose(remote_port)
+        self._log.info("expose.exposed", address=str(exposed.address))
+        return exposed
+
+    async def serve(self) -> None:
+        """Carry visitors until the control channel closes (the server closes our ports then). Connections
+        still running are cut when this returns or is cancelled."""
+        try:
+            while True:
+                try:
+                    visitor = await self.channel.next_visitor()
+                except CoordinatorError:
+                    return
+                task = asyncio.get_running_loop().create_task(self._carry(visitor))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _carry(self, visitor: Visitor) -> None:
+        local: socket.socket | None = None
+        joined: socket.socket | None = None
+        try:
+            try:
+                local = await self._connect_local()
+            except (OSError, TimeoutError):
+                # Join anyway and close at once: the visitor sees its connection end now, not after the
+                # server's join timeout.
+                with contextlib.suppress(OSError, TimeoutError, CoordinatorError):
+                    (await join_visitor(visitor, timeout=self.connect_timeout)).close()
+                raise
+            joined = await join_visitor(visitor, timeout=self.connect_timeout)
+            header = b"" if self.proxy_protocol is None else encode(self.proxy_protocol, visitor.visitor,
+                                                                      visitor.address)
+            # The joined end's pending bytes go to the local service first: the PROXY header.
+            ends = RelayEnd(joined, header), RelayEnd(local, b"")
+            joined = local = None  # the pump owns (and closes) both sockets now
+            stats = await relay(*ends, idle_timeout=self.idle_timeout)
+            self.carried += 1
+            self._finished(VisitorDone(visitor.visitor, visitor.address, stats))
+        except (OSError, TimeoutError, CoordinatorError) as exc:
+            self._finished(VisitorDone(visitor.visitor, visitor.address, None, _describe(exc, self.forward)))
+        finally:
+            for sock in (local, joined):
+                if sock is not None:
+                    sock.close()
+
+    async def _connect_local(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.forward.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (self.forward.ip, self.forward.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _finished(self, done: VisitorDone) -> None:
+        fields: dict[str, Any] = {"visitor": str(done.visitor), "address": str(done.address)}
+        if done.stats is not None:
+            fields.update(sent=done.stats.a_to_b, received=done.stats.b_to_a, reason=done.stats.reason.value)
+        self._log.info("expose.visitor_done", error=done.error, **fields)
+        if self.on_done is not None:
+            with contextlib.suppress(Exception):
+                self.on_done(done)
+
+
+def _describe(exc: BaseException, forward: Endpoint) -> str:
+    if isinstance(exc, CoordinatorError):
+        return f"join refused: {exc.message} ({exc.code})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{forward}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
