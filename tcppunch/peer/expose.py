@@ -67,6 +67,11 @@ class Exposer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = log.bind(peer=channel.peer_id, forward=str(forward))
 
+    @property
+    def active(self) -> int:
+        """Visitors being joined or carried right now."""
+        return len(self._tasks)
+
     async def expose(self, remote_port: int) -> Exposed:
         """Ask for ``remote_port``; raises :class:`CoordinatorError` with the server's reason if refused."""
         exposed = await self.channel.expose(remote_port)

@@ -55,16 +55,16 @@ async def _setup(service: Service, *, proxy: ProxyVersion | None = None, max_con
     local = await asyncio.start_server(service, "127.0.0.1", 0)
     forward = Endpoint("127.0.0.1", local.sockets[0].getsockname()[1])
     done: list[VisitorDone] = []
-    async with local, CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=config) as server:
-        async with ControlChannel(server.address, "web", TOKEN) as channel:
-            exposer = Exposer(channel, forward, proxy_protocol=proxy, on_done=done.append)
-            serving = asyncio.ensure_future(exposer.serve())
-            try:
-                yield server, exposer, port, done
-            finally:
-                serving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await serving
+    async with (local, CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=config) as server,
+                ControlChannel(server.address, "web", TOKEN) as channel):
+        exposer = Exposer(channel, forward, proxy_protocol=proxy, on_done=done.append)
+        serving = asyncio.ensure_future(exposer.serve())
+        try:
+            yield server, exposer, port, done
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
 
 
 async def _visit(port: int, payload: bytes) -> bytes:
@@ -111,7 +111,7 @@ async def test_the_proxy_header_tells_the_service_the_visitors_address(version: 
 
     async with _setup(service, proxy=version) as (_, exposer, port, _done):
         await exposer.expose(port)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         me = writer.get_extra_info("sockname")
         writer.write(b"GET / HTTP/1.0\r\n\r\n")
         writer.write_eof()
@@ -155,13 +155,10 @@ async def test_a_visitor_beyond_the_connection_limit_is_closed_and_the_others_go
     async with _setup(slow, max_connections=1) as (_, exposer, port, _done):
         await exposer.expose(port)
         first = asyncio.ensure_future(_visit(port, b"first"))
-        await _until(lambda: exposer.channel is not None and len(_carried(exposer)) == 1)
+        await _until(lambda: exposer.active == 1)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(reader.read(), PROMPT) == b""  # closed at once, not held
         writer.close()
         release.set()
         assert await asyncio.wait_for(first, PROMPT) == b"first"
 
-
-def _carried(exposer: Exposer) -> set[asyncio.Task[None]]:
-    return exposer._tasks  # noqa: SLF001 - the running carries, to know the first visitor was joined
