@@ -17,6 +17,7 @@ in one :class:`~.timers.TimerHeap`, so an event costs the same with 200 or 50,00
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from enum import Enum
 
 import structlog
 
+from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.wire.coord import (
     MAX_PEERS_LISTED,
     SESSION_KEY_SIZE,
@@ -54,6 +56,7 @@ from tcppunch.wire.coord import (
     decode_message,
     encode_message,
     relay_proof,
+    safe_text,
 )
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
@@ -101,6 +104,25 @@ class CoordinatorConfig:
     max_timers_per_tick: int = 1000
     # Exposed ports (``server --expose-ports``); None: EXPOSE is refused.
     expose: ExposeConfig | None = None
+    # A frame whose first byte arrived must be complete this long after (a trickle of bytes into an
+    # unfinished frame keeps nothing alive: liveness is answering PINGs).
+    frame_timeout: float = 10.0
+    # Connections from one source (IPv4 address or IPv6 /64) that have not registered or joined a relay.
+    max_unauthenticated_per_source: int = 64
+    # Failed authentications (wrong token, bad relay proof) per source: a bucket of this many, refilled
+    # at auth_failure_rate per second; an empty bucket makes REGISTER/RELAY from there fail 'throttled'.
+    auth_failure_burst: int = 10
+    auth_failure_rate: float = 0.5
+    # Open sessions one requester may have with one target (so that no id fills another's slots).
+    max_sessions_per_pair: int = 16
+    # OBSERVED may move a peer's port to a port the server saw from its address within observed_seen_ttl
+    # (a STUN binding, a connection), or within port_delta * observed_window_steps of its current port
+    # when its NAT report says it allocates sequentially.
+    observed_seen_ttl: float = 60.0
+    observed_window_steps: int = 256
+    # Longest text of an ERROR message, and of a verdict in PEERS.
+    max_error_text: int = 512
+    max_verdict_listed: int = 200
 
 
 # ------------------------------------------------------------------------------------------- actions
@@ -142,12 +164,14 @@ Action = Send | Close | StartRelay | OpenPort | ClosePort
 
 
 class _Timer(Enum):
-    """What a timer key's id names: a connection in its hello, a registered peer id, a session id."""
+    """What a timer key's id names: a connection in its hello, a registered peer id, a session id, a
+    connection with an unfinished frame."""
 
     HANDSHAKE = 0
     PEER = 1
     SESSION = 2
     VISITOR = 3
+    FRAME = 4
 
 
 TimerKey = tuple[_Timer, int | str]
@@ -175,6 +199,9 @@ class _Conn:
     session_id: str | None = None
     role: Role | None = None
     raw: bytearray = field(default_factory=bytearray)
+    source: str = ""
+    # When the frame that started arriving must be complete (None: no partial frame buffered).
+    frame_deadline: float | None = None
 
 
 @dataclass
@@ -210,6 +237,15 @@ class CoordinatorProtocol:
         self._relay_count: dict[str, int] = {}
         self._timers: TimerHeap[TimerKey] = TimerHeap()
         self.expose = ExposeTable(self.config.expose)
+        # Per-source bookkeeping (source_key of the address): unauthenticated connections, auth failures.
+        self._hello_count: dict[str, int] = {}
+        cfg = self.config
+        self._auth_failures = KeyedBuckets(cfg.auth_failure_rate, cfg.auth_failure_burst)
+        # ip -> {port: last seen}: public endpoints this server saw (connections, STUN bindings).
+        self._seen: dict[str, dict[int, float]] = {}
+        self.log_limiter = LogLimiter()
+        # The latest ``now`` any event brought (the log limiter's clock).
+        self._clock = 0.0
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -236,39 +272,80 @@ class CoordinatorProtocol:
 
     def connection_made(self, conn: ConnId, observed: Endpoint, local: Endpoint, now: float) -> list[Action]:
         """A TCP connection was accepted from ``observed`` on the server address ``local``."""
+        self._clock = max(self._clock, now)
         if conn in self._conns:
             raise ValueError(f"connection {conn} already exists")
+        source = source_key(observed.ip)
+        limit = self.config.max_unauthenticated_per_source
+        if self._hello_count.get(source, 0) >= limit:
+            # Not tracked: the driver closes it; its later events are ignored.
+            self._count_error(ErrorCode.SERVER_BUSY)
+            self._warn("coordinator.source_limit", source=source, limit=limit)
+            why = f"too many unauthenticated connections from your address (limit {limit})"
+            return [Send(conn, encode_message(Error(ErrorCode.SERVER_BUSY, why))), Close(conn)]
         self._conns[conn] = _Conn(
             id=conn,
             observed=observed,
             local=local,
             decoder=FrameDecoder(expect_preamble=True, max_frame_size=self.config.max_frame_size),
             handshake_deadline=now + self.config.handshake_timeout,
+            source=source,
         )
         self._timers.schedule((_Timer.HANDSHAKE, conn), now + self.config.handshake_timeout)
+        self._hello_count[source] = self._hello_count.get(source, 0) + 1
+        self.endpoint_seen(observed, now)
         return []
+
+    def endpoint_seen(self, endpoint: Endpoint, now: float) -> None:
+        """The server saw traffic from ``endpoint`` (a connection, a STUN binding): OBSERVED may name it."""
+        ports = self._seen.setdefault(endpoint.ip, {})
+        ports[endpoint.port] = now
+        if len(ports) > 64:  # bounded: forget the oldest
+            for port in sorted(ports, key=ports.__getitem__)[: len(ports) - 64]:
+                del ports[port]
+        if len(self._seen) > 65_536:
+            self._seen.pop(next(iter(self._seen)))
+
+    def _set_state(self, c: _Conn, state: ConnState) -> None:
+        """Every state change goes through here: it keeps the per-source count of unauthenticated ones."""
+        if c.state is ConnState.HELLO and state is not ConnState.HELLO:
+            left = self._hello_count.get(c.source, 0) - 1
+            if left > 0:
+                self._hello_count[c.source] = left
+            else:
+                self._hello_count.pop(c.source, None)
+        c.state = state
+
+    def _warn(self, event: str, **fields: object) -> None:
+        """A warning that an attacker could repeat: rate-limited per event (``suppressed=N`` when more)."""
+        extra = self.log_limiter.check(event, self._clock)
+        if extra is not None:
+            log.warning(event, **fields, **extra)
+
+    def _count_error(self, code: str) -> None:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
 
     def connection_forget(self, conn: ConnId) -> None:
         """The driver handed ``conn`` to another protocol (STUN on the same port): drop it silently."""
         c = self._conns.get(conn)
         if c is not None and c.state is not ConnState.HELLO:
             raise ValueError(f"connection {conn} is past its hello, cannot be forgotten")
+        if c is not None:
+            self._set_state(c, ConnState.CLOSED)
         self._conns.pop(conn, None)
         self._timers.cancel((_Timer.HANDSHAKE, conn))
 
     def data_received(self, conn: ConnId, data: bytes, now: float) -> list[Action]:
+        self._clock = max(self._clock, now)
         c = self._conns.get(conn)
         if c is None or c.state in (ConnState.CLOSED, ConnState.HANDED_OFF, ConnState.VISITOR_WAIT):
             return []
         if c.state is ConnState.RELAY_WAIT:
             c.raw += data
             return self._check_relay_overflow(c, now)
-        if c.state is ConnState.PEER:
-            record = self.registry.by_conn(conn)
-            if record is not None:
-                record.last_heard = now
         c.decoder.feed(data)
         actions: list[Action] = []
+        completed = False
         while c.state in (ConnState.HELLO, ConnState.PEER):
             try:
                 frame = c.decoder.next_frame()
@@ -278,11 +355,25 @@ class CoordinatorProtocol:
             except ProtocolError as exc:
                 actions += self._fail(c, exc.code, exc.message)
                 break
+            completed = True
             actions += self._dispatch(c, message, now)
+        if c.state is ConnState.PEER and c.decoder.buffered:
+            if completed or c.frame_deadline is None:
+                self._set_frame_deadline(c, now + self.config.frame_timeout)
+        else:
+            self._set_frame_deadline(c, None)
         return actions
+
+    def _set_frame_deadline(self, c: _Conn, when: float | None) -> None:
+        c.frame_deadline = when
+        if when is None:
+            self._timers.cancel((_Timer.FRAME, c.id))
+        else:
+            self._timers.schedule((_Timer.FRAME, c.id), when)
 
     def connection_lost(self, conn: ConnId, now: float) -> list[Action]:
         """The TCP connection ended (EOF, reset, or our own close). Idempotent."""
+        self._clock = max(self._clock, now)
         c = self._conns.pop(conn, None)
         if c is None:
             return []
@@ -294,6 +385,7 @@ class CoordinatorProtocol:
         Handles at most ``config.max_timers_per_tick`` timers; when more are due, :meth:`next_deadline`
         stays <= ``now`` and the driver calls again.
         """
+        self._clock = max(self._clock, now)
         actions: list[Action] = []
         for kind, key in self._timers.pop_due(now, self.config.max_timers_per_tick):
             if kind is _Timer.PEER:
@@ -308,6 +400,13 @@ class CoordinatorProtocol:
                 if visitor is not None:
                     log.info("coordinator.visitor_not_joined", visitor=visitor.visitor_id, peer=visitor.peer_id)
                     actions += self._drop_visitor(visitor.conn)
+            elif kind is _Timer.FRAME:
+                assert isinstance(key, int)
+                c = self._conns.get(key)
+                if c is not None and c.frame_deadline is not None and now >= c.frame_deadline:
+                    actions += self._fail(
+                        c, ErrorCode.TIMEOUT, f"a frame was not complete within {self.config.frame_timeout:g}s"
+                    )
             else:
                 assert isinstance(key, int)
                 c = self._conns.get(key)
@@ -376,7 +475,9 @@ class CoordinatorProtocol:
         if isinstance(message, Pong):
             sent = record.pings_in_flight.pop(message.seq, None)
             if sent is not None:
+                # Only an answer to our PING proves the peer alive (not any byte it sends).
                 record.rtt.add(now - sent)
+                record.last_heard = now
             return []
         if isinstance(message, ListPeers):
             return self._list(c, record, message)
@@ -385,7 +486,7 @@ class CoordinatorProtocol:
         if isinstance(message, Result):
             return self._result(record, message)
         if isinstance(message, Observed):
-            return self._observed(record, message)
+            return self._observed(record, message, now)
         if isinstance(message, Expose):
             return self._expose(c, record, message)
         return self._fail(c, ErrorCode.UNEXPECTED_MESSAGE, f"{message.TYPE} is not expected from a peer")
@@ -394,7 +495,11 @@ class CoordinatorProtocol:
 
     def _register(self, c: _Conn, msg: Register, now: float) -> list[Action]:
         cfg = self.config
+        throttled = self._throttled(c, now)
+        if throttled:
+            return throttled
         if not self.tokens.check(msg.id, msg.token):
+            self._auth_failed(c, now, "coordinator.bad_token", peer=msg.id)
             return self._fail(c, ErrorCode.BAD_TOKEN, f"wrong token for id {msg.id!r}")
         actions: list[Action] = []
         existing = self.registry.get(msg.id)
@@ -422,7 +527,8 @@ class CoordinatorProtocol:
             next_ping_at=now,
         )
         self.registry.add(record)
-        c.state, c.peer_id = ConnState.PEER, msg.id
+        self._set_state(c, ConnState.PEER)
+        c.peer_id = msg.id
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         self.stats.registrations += 1
         log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
@@ -443,24 +549,30 @@ class CoordinatorProtocol:
         return [Send(record.conn, encode_message(Ping(seq)))]
 
     def _list(self, c: _Conn, record: PeerRecord, msg: ListPeers) -> list[Action]:
+        """PEERS, bounded by count and by bytes: entries that do not fit are left out, ``truncated``."""
         others = [p for p in self.registry.in_swarm(msg.swarm) if p.id != record.id]
-        infos = tuple(
-            PeerInfo(
+        budget = self.config.max_frame_size - len(encode_message(Peers(msg.request_id, (), truncated=True)))
+        infos: list[PeerInfo] = []
+        for p in others[:MAX_PEERS_LISTED]:
+            info = PeerInfo(
                 id=p.id,
                 swarm=p.swarm,
                 nat={} if p.nat is None else p.nat.tcp.to_json(),
-                verdict="" if p.nat is None else p.nat.verdict[:200],
+                verdict="" if p.nat is None else safe_text(p.nat.verdict, self.config.max_verdict_listed),
             )
-            for p in others[:MAX_PEERS_LISTED]
-        )
-        reply = Peers(msg.request_id, infos, truncated=len(others) > MAX_PEERS_LISTED)
+            size = len(encode_message(Peers("", (info,)))) - len(encode_message(Peers("", ()))) + 1
+            if size > budget:
+                break
+            budget -= size
+            infos.append(info)
+        reply = Peers(msg.request_id, tuple(infos), truncated=len(infos) < len(others))
         return [Send(c.id, encode_message(reply))]
 
     # ------------------------------------------------------------------------------------ sessions
 
     def _request_error(self, c: _Conn, request_id: str, code: ErrorCode, message: str) -> list[Action]:
-        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-        error = Error(code, message, fatal=False, request_id=request_id)
+        self._count_error(code)
+        error = Error(code, safe_text(message, self.config.max_error_text), fatal=False, request_id=request_id)
         return [Send(c.id, encode_message(error))]
 
     def _connect(self, c: _Conn, me: PeerRecord, msg: Connect, now: float) -> list[Action]:
@@ -473,6 +585,12 @@ class CoordinatorProtocol:
         if max(len(me.sessions), len(target.sessions)) >= cfg.max_sessions_per_peer:
             return self._request_error(
                 c, msg.request_id, ErrorCode.BUSY, f"too many open sessions (limit {cfg.max_sessions_per_peer})"
+            )
+        pair = sum(1 for s in target.sessions if s in self.sessions and self.sessions[s].initiator == me.id)
+        if pair >= cfg.max_sessions_per_pair:
+            return self._request_error(
+                c, msg.request_id, ErrorCode.BUSY,
+                f"you have {pair} open sessions with {target.id!r} (limit {cfg.max_sessions_per_pair})",
             )
         session_id = self._random(16).hex()
         key = self._random(SESSION_KEY_SIZE)
@@ -522,17 +640,38 @@ class CoordinatorProtocol:
                 request_id=request_id,
                 advice_reason=advice_reason,
             )
-            actions.append(Send(this.conn, encode_message(order)))
+            actions.append(Send(this.conn, self._encode_punch(order)))
         return actions
 
-    def _observed(self, record: PeerRecord, msg: Observed) -> list[Action]:
+    def _encode_punch(self, order: Punch) -> bytes:
+        """PUNCH bytes within the frame limit: the other peer's report and private endpoints are left out
+        (and the reason says so) when they would not fit. Input validation keeps this from happening."""
+        data = encode_message(order)
+        if len(data) - 4 <= self.config.max_frame_size:
+            return data
+        why = f"{order.advice_reason} (the peer's NAT report was left out: too large)"
+        return encode_message(dataclasses.replace(order, peer_nat=None, peer_private=(), advice_reason=why))
+
+    def _observed(self, record: PeerRecord, msg: Observed, now: float) -> list[Action]:
         """A fresher public port for the next punch. Same address only: a peer must not be able to aim
         other peers' SYNs at an address that is not its own."""
-        if msg.observed.ip != record.observed.ip:
-            log.info("coordinator.observed_refused", peer=record.id, claimed=str(msg.observed))
+        if msg.observed.ip != record.observed.ip or not self._plausible_port(record, msg.observed, now):
+            self._warn("coordinator.observed_refused", peer=record.id, claimed=str(msg.observed))
             return []
         record.observed = msg.observed
         return []
+
+    def _plausible_port(self, record: PeerRecord, claimed: Endpoint, now: float) -> bool:
+        """A port this server saw from the peer's address lately, or one its sequential NAT could have
+        given it since (within port_delta * observed_window_steps of the port it has now)."""
+        cfg = self.config
+        seen = self._seen.get(claimed.ip, {}).get(claimed.port)
+        if seen is not None and now - seen <= cfg.observed_seen_ttl:
+            return True
+        delta = None if record.nat is None else record.nat.tcp.port_delta
+        if not delta:
+            return False
+        return abs(claimed.port - record.observed.port) <= abs(delta) * cfg.observed_window_steps
 
     def _result(self, record: PeerRecord, msg: Result) -> list[Action]:
         session = self.sessions.get(msg.session_id)
@@ -544,7 +683,7 @@ class CoordinatorProtocol:
         if msg.outcome is Outcome.ABANDONED:
             why = f"peer {record.id!r} gave up"
             if isinstance(msg.details.get("reason"), str):
-                why += f": {msg.details['reason'][:200]}"
+                why = safe_text(f"{why}: {msg.details['reason']}")
             actions: list[Action] = []
             other = self.registry.get(session.other(record.id))
             if other is not None:
@@ -576,13 +715,16 @@ class CoordinatorProtocol:
     def _relay(self, c: _Conn, msg: Relay, now: float) -> list[Action]:
         cfg = self.config
         c.raw += c.decoder.take_rest()
+        throttled = self._throttled(c, now)
+        if throttled:
+            return throttled
         if msg.session_id in self.expose.pending:
             return self._join_visitor(c, msg)
         session = self.sessions.get(msg.session_id)
         if session is None:
             return self._fail(c, ErrorCode.UNKNOWN_SESSION, "no such session (unknown, expired or used)")
         if not hmac.compare_digest(relay_proof(session.key, session.id, msg.role), msg.proof):
-            log.warning("coordinator.relay_bad_proof", session=session.id, observed=str(c.observed))
+            self._auth_failed(c, now, "coordinator.relay_bad_proof", session=session.id)
             return self._fail(c, ErrorCode.BAD_PROOF, "relay proof does not match the session key")
         if msg.role in session.relay_waiting:
             return self._fail(c, ErrorCode.RELAY_ROLE_TAKEN, f"the {msg.role.value} is already connected")
@@ -599,7 +741,8 @@ class CoordinatorProtocol:
                     actions.append(Send(record.conn, encode_message(Cancel(session.id, f"relay-limit: {why}"))))
             return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
         session.relay_waiting[msg.role] = c.id
-        c.state, c.session_id, c.role = ConnState.RELAY_WAIT, session.id, msg.role
+        self._set_state(c, ConnState.RELAY_WAIT)
+        c.session_id, c.role = session.id, msg.role
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         actions = self._check_relay_overflow(c, now)
         if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
@@ -641,7 +784,7 @@ class CoordinatorProtocol:
         )
         for c in (ini, resp):
             c.raw.clear()
-            c.state = ConnState.HANDED_OFF
+            self._set_state(c, ConnState.HANDED_OFF)
             self._conns.pop(c.id, None)
         log.info("coordinator.relay_paired", session=session.id, peers=session.peer_ids())
         return actions
@@ -654,15 +797,32 @@ class CoordinatorProtocol:
             return []
         if c.state is ConnState.VISITOR_WAIT:  # a visitor speaks its own protocol: no ERROR frame
             return self._drop_visitor(c.id)
-        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-        log.info("coordinator.error", conn=c.id, code=code, message=message, peer=c.peer_id)
+        self._count_error(code)
+        message = safe_text(message, self.config.max_error_text)
+        extra = self.log_limiter.check(f"coordinator.error:{code}", self._clock)
+        if extra is not None:
+            log.info("coordinator.error", conn=c.id, code=code, message=message, peer=c.peer_id, **extra)
         actions: list[Action] = [Send(c.id, encode_message(Error(code, message))), Close(c.id, linger=True)]
         self._conns.pop(c.id, None)
         actions += self._cleanup(c, reason=code)
         return actions
 
+    def _throttled(self, c: _Conn, now: float) -> list[Action]:
+        """Refuse authentication from a source that failed too often lately ([] when it may try)."""
+        if self._auth_failures.allowed(c.source, now):
+            return []
+        wait = self._auth_failures.retry_after(c.source, now)
+        self._warn("coordinator.auth_throttled", source=c.source)
+        return self._fail(c, ErrorCode.THROTTLED, f"too many failed attempts from your address; retry in {wait:.0f}s")
+
+    def _auth_failed(self, c: _Conn, now: float, event: str, **fields: object) -> None:
+        self._auth_failures.take(c.source, now)
+        self._warn(event, source=c.source, observed=str(c.observed), **fields)
+
     def _cleanup(self, c: _Conn, *, reason: str) -> list[Action]:
-        state, c.state = c.state, ConnState.CLOSED
+        state = c.state
+        self._set_state(c, ConnState.CLOSED)
+        self._set_frame_deadline(c, None)
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         if state is ConnState.PEER and c.peer_id is not None:
             record = self.registry.get(c.peer_id)
@@ -753,7 +913,7 @@ class CoordinatorProtocol:
         waiting = self.expose.pending[msg.session_id]
         expected = relay_proof(waiting.key, waiting.visitor_id, Role.RESPONDER)
         if msg.role is not Role.RESPONDER or not hmac.compare_digest(expected, msg.proof):
-            log.warning("coordinator.visitor_bad_proof", visitor=waiting.visitor_id, observed=str(c.observed))
+            self._auth_failed(c, self._clock, "coordinator.visitor_bad_proof", visitor=waiting.visitor_id)
             return self._fail(c, ErrorCode.BAD_PROOF, "join proof does not match the visitor key")
         if len(c.raw) > self.config.relay_pending_limit:
             return self._fail(c, ErrorCode.RELAY_OVERFLOW, "too many bytes sent before RELAY-OK")
@@ -761,7 +921,8 @@ class CoordinatorProtocol:
         self._timers.cancel((_Timer.VISITOR, waiting.visitor_id))
         visitor = self._conns.pop(waiting.conn)
         self._conns.pop(c.id, None)
-        visitor.state = c.state = ConnState.HANDED_OFF
+        self._set_state(visitor, ConnState.HANDED_OFF)
+        self._set_state(c, ConnState.HANDED_OFF)
         assert self.expose.config is not None
         pending, c.raw = bytes(c.raw), bytearray()
         return [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from tcppunch.nat.report import NatReport
+from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, SynResponse
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import ProtocolError, encode_frame
 
@@ -68,6 +69,8 @@ class ErrorCode(StrEnum):
         except ValueError:
             return code
     SERVER_BUSY = "server-busy"
+    # too many recent failures (wrong tokens, bad relay proofs) from this source address: fatal
+    THROTTLED = "throttled"
 
 
 class Role(StrEnum):
@@ -108,6 +111,18 @@ MAX_PEERS_LISTED = 100
 SESSION_KEY_SIZE = 32
 # Encoded size limit of a NAT report inside REGISTER (PUNCH forwards it to the other peer).
 MAX_NAT_REPORT = 16 * 1024
+# Shape limits of a NAT report's parts, so that no report can expand when it is re-encoded into a PUNCH.
+MAX_VERDICT = 2048
+MAX_UNTESTED = 16
+MAX_NAT_LABEL = 64
+# Text fields never carry control characters or lone surrogates (the latter cannot even be encoded).
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def safe_text(text: str, limit: int = MAX_STRING) -> str:
+    """``text`` cut to ``limit`` characters with control characters and lone surrogates replaced by
+    '?': for server-made strings that quote client input (they must always encode and decode)."""
+    return _FORBIDDEN_CHARS.sub("?", text[:limit])
 
 
 def relay_proof(key: bytes, session_id: str, role: Role) -> bytes:
@@ -123,11 +138,16 @@ def _bad(name: str, why: str) -> ProtocolError:
 
 
 def _str(obj: dict[str, Any], name: str, *, max_len: int = MAX_STRING) -> str:
-    value = obj.get(name)
+    return _text(name, obj.get(name), max_len)
+
+
+def _text(name: str, value: Any, max_len: int = MAX_STRING) -> str:
     if not isinstance(value, str):
         raise _bad(name, "must be a string")
     if len(value) > max_len:
         raise _bad(name, f"is longer than {max_len} characters")
+    if _FORBIDDEN_CHARS.search(value):
+        raise _bad(name, "contains control characters")
     return value
 
 
@@ -193,7 +213,15 @@ def _endpoint_value(name: str, value: Any) -> Endpoint:
         raise _bad(name, "needs a string 'ip'")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise _bad(name, "needs an integer 'port' in 0..65535")
-    return Endpoint(ip, port)
+    return Endpoint(_ip_literal(name, ip), port)
+
+
+def _ip_literal(name: str, value: Any) -> str:
+    """An IP address in canonical text: never a host name, which the receiver would have to resolve."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _bad(name, f"needs an IP address, not {str(value)[:64]!r}") from None
 
 
 def _endpoint(obj: dict[str, Any], name: str) -> Endpoint:
@@ -216,12 +244,65 @@ def _nat(obj: dict[str, Any], name: str) -> NatReport | None:
     if not isinstance(value, dict):
         raise _bad(name, "must be a NAT report object")
     # Bounded so that a PUNCH carrying it (plus everything else) always fits in one frame.
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_NAT_REPORT:
+    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NAT_REPORT:
         raise _bad(name, f"is larger than {MAX_NAT_REPORT} bytes")
+    _check_nat_shape(name, value)
     try:
         return NatReport.from_json(value)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise _bad(name, f"is not a valid NAT report: {exc}") from None
+
+
+def _check_nat_shape(name: str, value: dict[str, Any]) -> None:
+    """Types, counts, lengths and characters of every part :meth:`NatReport.from_json` reads: a string
+    where a list belongs would otherwise expand into one list entry per character."""
+    udp = _sub_object(name, value, "udp")
+    _nullable_str(f"{name}.udp", udp, "nat_type", MAX_NAT_LABEL)
+    tcp = _sub_object(name, value, "tcp")
+    for key, kind in (("mapping", MappingBehaviour), ("filtering", FilteringBehaviour),
+                      ("unsolicited_syn", SynResponse)):
+        if tcp.get(key) is not None:
+            _enum(tcp, key, kind)
+    for key in ("port_preservation", "hairpin"):
+        if tcp.get(key) is not None:
+            _bool(tcp, key)
+    if tcp.get("port_delta") is not None:
+        _int(tcp, "port_delta", low=-65535, high=65535)
+    if value.get("public") is not None:
+        _endpoint(value, "public")
+    for ip in _list(name, value, "local", MAX_ENDPOINTS):
+        _ip_literal(f"{name}.local", ip)
+    if value.get("behind_nat") is not None:
+        _bool(value, "behind_nat")
+    _nullable_str(name, value, "verdict", MAX_VERDICT)
+    for item in _list(name, value, "untested", MAX_UNTESTED):
+        _text(f"{name}.untested", item)
+
+
+def _sub_object(name: str, value: dict[str, Any], key: str) -> dict[str, Any]:
+    part = value.get(key)
+    if part is None:
+        return {}
+    if not isinstance(part, dict):
+        raise _bad(f"{name}.{key}", "must be an object")
+    return part
+
+
+def _nullable_str(name: str, value: dict[str, Any], key: str, max_len: int) -> None:
+    if value.get(key) is not None:
+        _text(f"{name}.{key}", value[key], max_len)
+
+
+def _list(name: str, value: dict[str, Any], key: str, max_items: int) -> list[Any]:
+    items = value.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise _bad(f"{name}.{key}", "must be a list")
+    if len(items) > max_items:
+        raise _bad(f"{name}.{key}", f"has more than {max_items} entries")
+    return items
 
 
 def _object(obj: dict[str, Any], name: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ decodes what the protocol sends back, per connection.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +112,10 @@ class Harness:
             else:
                 self.relays.append(action)
 
-    def open(self, port: int = 40000) -> int:
+    def open(self, port: int = 40000, ip: str = "203.0.113.5") -> int:
         conn = next(self._ids)
         self.wires[conn] = Wire()
-        observed = Endpoint("203.0.113.5", port + conn)
+        observed = Endpoint(ip, port + conn)
         self.apply(self.proto.connection_made(conn, observed, SERVER, self.now))
         return conn
 
@@ -133,8 +132,8 @@ class Harness:
     def lose(self, conn: int) -> None:
         self.apply(self.proto.connection_lost(conn, self.now))
 
-    def register(self, peer_id: str, token: str = "tok", **kw: Any) -> int:
-        conn = self.open()
+    def register(self, peer_id: str, token: str = "tok", *, ip: str = "203.0.113.5", **kw: Any) -> int:
+        conn = self.open(ip=ip)
         self.send(conn, Register(peer_id, token, **kw), preamble=True)
         return conn
 
@@ -254,14 +253,29 @@ def test_registration_replaces_a_stale_owner() -> None:
     assert h.proto.sessions == {}
 
 
-def test_any_frame_keeps_a_peer_alive() -> None:
+def test_an_answered_ping_keeps_a_peer_alive() -> None:
     h = Harness()
     first = h.register("alice")
+    pings = [m for m in h.take(first) if isinstance(m, Ping)]
     h.now += 7.0
-    h.send(first, Ping(1))
+    h.send(first, Pong(pings[0].seq))
     h.now += 1.0
     second = h.register("alice")
     assert_fatal(h, second, "id-taken")
+
+
+def test_frames_other_than_pong_do_not_keep_a_peer_alive() -> None:
+    """Issue 9 finding 5: only answering the server's PING counts as alive (a client's own frames, or a
+    trickle of bytes, do not)."""
+    h = Harness()
+    first = h.register("alice")
+    h.take(first)
+    h.now += 7.0
+    h.send(first, Ping(1), ListPeers("l"))
+    h.now += 1.0
+    second = h.register("alice")
+    assert isinstance(h.take(second)[0], Registered)
+    assert_fatal(h, first, "replaced")
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -720,11 +734,15 @@ def test_stun_connection_can_be_forgotten_before_hello() -> None:
 
 
 def test_the_largest_registration_still_fits_in_a_punch_frame() -> None:
-    from tcppunch.wire.coord import MAX_ENDPOINTS, MAX_NAT_REPORT
+    from tcppunch.wire.coord import MAX_ENDPOINTS, MAX_STRING, MAX_UNTESTED, MAX_VERDICT
 
-    base = len(json.dumps(SYM_RANDOM.replace(verdict="").to_json(), separators=(",", ":")))
-    big_nat = SYM_RANDOM.replace(verdict="v" * (MAX_NAT_REPORT - base))
-    private = tuple(Endpoint("f" * 60 + f":{i:03d}", 65535) for i in range(MAX_ENDPOINTS))
+    widest_ip = "1111:2222:3333:4444:5555:6666:7777:{:x}"
+    big_nat = SYM_RANDOM.replace(
+        verdict="\u00e9" * MAX_VERDICT,  # 2 bytes each in UTF-8
+        untested=tuple("\u00e9" * MAX_STRING for _ in range(MAX_UNTESTED)),
+        local=tuple(widest_ip.format(0x1000 + i) for i in range(MAX_ENDPOINTS)),
+    )
+    private = tuple(Endpoint(widest_ip.format(0x1000 + i), 65535) for i in range(MAX_ENDPOINTS))
     h = Harness()
     alice = h.register("a" * 64, nat=big_nat, private=private, swarm="s" * 256)
     bob = h.register("b" * 64, nat=big_nat, private=private, swarm="s" * 256)
