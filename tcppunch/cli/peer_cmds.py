@@ -3,6 +3,9 @@
 Without ``--forward`` / ``--local`` they behave like netcat: stdin goes to the peer, the peer's bytes go
 to stdout, and the end of stdin is passed on as a half-close. Progress goes to stderr, one line per
 stage, so that stdout carries nothing but the peer's data.
+
+Both run on the pair's one session (docs/sessions.md): netcat mode is one stream, and ``--local``
+carries each local TCP client as one more stream of that session, so a second client costs no punch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from tcppunch.cli.pipes import join_streams, pipe_stdio
 from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
+from tcppunch.peer.sessions import PeerSession
+from tcppunch.session.driver import MuxStream
 from tcppunch.wire.endpoint import Endpoint
 
 EXIT_FAILED = 1
@@ -84,10 +89,11 @@ def _peer(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int
                 on_stage=_progress(quiet))
 
 
-def _write_report(path: str | None, peer: Peer, conn: Connection) -> None:
+def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) -> None:
+    """The --report JSON; for a session ``method`` is where it runs now and ``history`` how it got there."""
     if not path:
         return
-    report = conn.info.to_json()
+    report = conn.to_json() if isinstance(conn, PeerSession) else conn.info.to_json()
     report["timings"] = {**{k: round(v, 6) for k, v in peer.timings.items()}, **report["timings"]}
     report["self"] = {"id": peer.peer_id, "observed": str(peer.observed), "local": str(peer.local),
                       "nat": None if peer.nat is None else peer.nat.to_json()}
@@ -149,33 +155,62 @@ def connect_command(peer_name: str, coordinator: Endpoint, peer_id: str, token: 
     async def main() -> None:
         async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet) as peer:
             if local_listen is None:
-                conn = await peer.connect(peer_name, timeout=timeout)
-                _write_report(report_path, peer, conn)
-                await pipe_stdio(conn.reader, conn.writer)
+                stream = await _open_stream(peer, peer_name, timeout)
+                _session_report(report_path, peer, peer_name)
+                try:
+                    await pipe_stdio(stream, stream)
+                finally:
+                    _session_report(report_path, peer, peer_name)
                 return
-            await _until_signal(asyncio.ensure_future(_serve_local(peer, peer_name, local_listen, timeout,
-                                                                   report_path, quiet)))
+            try:
+                await _until_signal(asyncio.ensure_future(_serve_local(peer, peer_name, local_listen, timeout,
+                                                                       report_path, quiet)))
+            finally:
+                _session_report(report_path, peer, peer_name)
 
     _run(main)
 
 
+async def _open_stream(peer: Peer, peer_name: str, timeout: float) -> MuxStream:
+    try:
+        return await asyncio.wait_for(peer.open_stream(peer_name), timeout)
+    except TimeoutError:
+        raise ConnectFailed(f"no session with {peer_name} within {timeout:g} s", peer=peer_name) from None
+
+
+def _session_report(path: str | None, peer: Peer, peer_name: str) -> None:
+    entry = next((s for s in peer.sessions() if s.peer == peer_name), None)
+    if entry is not None:
+        _write_report(path, peer, entry)
+
+
 async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: float, report_path: str | None,
                        quiet: bool) -> None:
+    """Each local client becomes one stream of the session with ``peer_name``."""
+    clients: set[asyncio.Task[Any]] = set()
+
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        clients.add(asyncio.current_task())  # type: ignore[arg-type]
         try:
-            conn = await peer.connect(peer_name, timeout=timeout)
-        except ConnectFailed as exc:
+            stream = await _open_stream(peer, peer_name, timeout)
+        except (ConnectFailed, ConnectionError) as exc:
             click.echo(f"tcppunch: local client dropped: {exc}", err=True)
             writer.close()
             return
-        _write_report(report_path, peer, conn)
-        await join_streams((reader, writer), (conn.reader, conn.writer))
+        finally:
+            clients.discard(asyncio.current_task())
+        _session_report(report_path, peer, peer_name)
+        await join_streams((reader, writer), (stream, stream))
 
     server = await asyncio.start_server(client, where.ip, where.port)
     if not quiet:
         click.echo(f"tcppunch: accepting local clients on {where} for {peer_name}", err=True)
     async with server:
-        await server.serve_forever()
+        try:
+            await server.serve_forever()
+        finally:
+            for task in list(clients):  # clients still waiting for the session: end them here, not at exit
+                task.cancel()
 
 
 @click.command("listen")
@@ -199,9 +234,53 @@ def listen_command(coordinator: Endpoint, peer_id: str, token: str, relay: str, 
             if not quiet:
                 click.echo(f"tcppunch: listening as {peer_id} (public {peer.observed}, local {peer.local})",
                            err=True)
-            await _until_signal(asyncio.ensure_future(_accept_loop(peer, forward, once, report_path)))
+            await _until_signal(asyncio.ensure_future(_accept_all(peer, forward, once, report_path)))
 
     _run(main)
+
+
+async def _accept_all(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
+    """Serve streams of sessions and dedicated connections alike, until ``once`` is satisfied."""
+    loops = [asyncio.ensure_future(_accept_streams(peer, forward, once, report_path)),
+             asyncio.ensure_future(_accept_loop(peer, forward, once, report_path))]
+    try:
+        await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in loops:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
+
+
+async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        try:
+            stream = await peer.accept_stream()
+        except ConnectionError:
+            break
+        _session_report(report_path, peer, stream.peer)
+        if forward is None:
+            await pipe_stdio(stream, stream)  # stdin/stdout is one stream: one after the other
+        else:
+            task = asyncio.ensure_future(_forward_stream(stream, forward))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if once:
+                await task
+        if once:
+            return
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _forward_stream(stream: MuxStream, target: Endpoint) -> None:
+    try:
+        local = await asyncio.wait_for(asyncio.open_connection(target.ip, target.port), 10)
+    except (OSError, TimeoutError) as exc:
+        click.echo(f"tcppunch: cannot reach {target} for {stream.peer}: {exc}", err=True)
+        stream.reset()
+        return
+    await join_streams((stream, stream), local)
 
 
 async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:

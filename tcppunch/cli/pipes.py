@@ -11,12 +11,29 @@ import contextlib
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 CHUNK = 64 * 1024
 
 
-async def _pump(next_chunk: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWriter) -> int:
+class ByteReader(Protocol):
+    """What the pipes read from: an asyncio StreamReader or a session stream."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    """What the pipes write to: an asyncio StreamWriter or a session stream."""
+
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+    async def wait_closed(self) -> None: ...
+
+
+async def _pump(next_chunk: Callable[[], Awaitable[bytes]], writer: ByteWriter) -> int:
     """Write chunks until an empty one (EOF), honouring back-pressure, then half-close ``writer``;
     return the byte count. A broken connection closes ``writer``."""
     total = 0
@@ -32,14 +49,14 @@ async def _pump(next_chunk: Callable[[], Awaitable[bytes]], writer: asyncio.Stre
     return total
 
 
-async def copy_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+async def copy_stream(reader: ByteReader, writer: ByteWriter) -> int:
     """Copy until EOF, honouring back-pressure, then half-close ``writer``; return the byte count."""
     return await _pump(lambda: reader.read(CHUNK), writer)
 
 
 async def join_streams(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    a: tuple[ByteReader, ByteWriter],
+    b: tuple[ByteReader, ByteWriter],
 ) -> tuple[int, int]:
     """Pipe a <-> b until both directions ended; close both; return (bytes a->b, bytes b->a)."""
     try:
@@ -74,14 +91,14 @@ def _start_reader_thread(source: BinaryIO, queue: asyncio.Queue[bytes], loop: as
     threading.Thread(target=run, name="stdin-reader", daemon=True).start()
 
 
-async def _stdin_to(writer: asyncio.StreamWriter, source: BinaryIO) -> int:
+async def _stdin_to(writer: ByteWriter, source: BinaryIO) -> int:
     """Copy a blocking binary file (stdin) into ``writer``, then half-close."""
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
     _start_reader_thread(source, queue, asyncio.get_running_loop())
     return await _pump(queue.get, writer)
 
 
-async def _to_stdout(reader: asyncio.StreamReader, sink: BinaryIO) -> int:
+async def _to_stdout(reader: ByteReader, sink: BinaryIO) -> int:
     total = 0
     while chunk := await reader.read(CHUNK):
         sink.write(chunk)
@@ -91,8 +108,8 @@ async def _to_stdout(reader: asyncio.StreamReader, sink: BinaryIO) -> int:
 
 
 async def pipe_stdio(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: ByteReader,
+    writer: ByteWriter,
     source: BinaryIO | None = None,
     sink: BinaryIO | None = None,
 ) -> tuple[int, int]:

@@ -29,10 +29,19 @@ from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.report import MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
+from tcppunch.peer.sessions import (
+    PREFACE_DEDICATED,
+    PREFACE_SESSION,
+    PREFACE_SIZE,
+    PREFACE_TIMEOUT,
+    PeerSession,
+    SessionPool,
+)
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
+from tcppunch.session.driver import MuxStream
 from tcppunch.wire.coord import Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
 
@@ -99,6 +108,7 @@ class Peer:
         # predict those ports) and refreshes of our public port take turns.
         self._nat_turn = asyncio.Lock()
         self._log = log.bind(peer=peer_id)
+        self._sessions = SessionPool(self._connect_session, self._session_started)
 
     # ------------------------------------------------------------------ life cycle
     async def __aenter__(self) -> Peer:
@@ -180,6 +190,7 @@ class Peer:
             await self._channel.close()
         if self._dispatcher is not None:
             await self._dispatcher.close()
+        await self._sessions.close()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
             task.cancel()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
@@ -225,6 +236,30 @@ class Peer:
                                 code=FailureCode.TIMEOUT) from None
         return await _wrap(sock, info)
 
+    async def open_stream(self, peer_id: str, data: bytes = b"") -> MuxStream:
+        """A new stream to ``peer_id`` on the pair's one session (``data`` rides in its opening frame).
+
+        The first stream sets the session up (one punch, or the relay); later ones cost no round trip to
+        the coordinator and no punch. Raises :class:`ConnectFailed` if no session can be made, and
+        ``SessionClosedError`` (a ConnectionError) on a stream whose session died.
+        """
+        return await self._sessions.open_stream(peer_id, data)
+
+    async def accept_stream(self, timeout: float | None = None) -> MuxStream:
+        """The next stream another peer opened to us (``stream.peer`` names it)."""
+        return await self._sessions.accept_stream(timeout)
+
+    def sessions(self) -> list[PeerSession]:
+        """Our sessions, one per peer: method now and history (``relay → direct at 1.2 s``)."""
+        return self._sessions.sessions()
+
+    async def _connect_session(self, peer_id: str) -> Connection:
+        sock, info = await self.connect_raw(peer_id, None, preface=PREFACE_SESSION)
+        return await _wrap(sock, info)
+
+    def _session_started(self, entry: PeerSession) -> None:
+        self._stage("session", entry.to_json())
+
     async def _abandon(self, order: PunchOrder) -> None:
         """Tell the coordinator we gave up, so that the other peer stops at once (shielded: runs while
         the caller is being cancelled)."""
@@ -250,17 +285,28 @@ class Peer:
                 return
 
     # ------------------------------------------------------------------ internals
-    async def connect_raw(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
+    async def connect_raw(self, peer_id: str, relay: RelayMode | None, *, preface: bytes = PREFACE_DEDICATED
+                          ) -> tuple[socket.socket, ConnectionInfo]:
+        """A connected socket to ``peer_id`` on which ``preface`` was sent (it tells the other side what
+        the connection is for: a session or a dedicated connection)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         if not self.sequential_nat:
-            return await self._request_and_establish(peer_id, started, relay)
-        async with self._nat_turn:
-            await self._refresh_observed()
-            try:
-                return await self._request_and_establish(peer_id, started, relay)
-            finally:
-                await self._refresh_observed()  # the punch moved our NAT's counter: tell whoever is next
+            sock, info = await self._request_and_establish(peer_id, started, relay)
+        else:
+            async with self._nat_turn:
+                await self._refresh_observed()
+                try:
+                    sock, info = await self._request_and_establish(peer_id, started, relay)
+                finally:
+                    await self._refresh_observed()  # the punch moved our NAT's counter: tell whoever is next
+        try:
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, preface)
+        except OSError as exc:
+            sock.close()
+            raise ConnectFailed(f"connection to {peer_id} broke at once: {exc}", peer=peer_id) from exc
+        return sock, info
 
     async def _request_and_establish(self, peer_id: str, started: float, relay: RelayMode | None
                                      ) -> tuple[socket.socket, ConnectionInfo]:
@@ -330,7 +376,20 @@ class Peer:
             self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id, "code": exc.code,
                                             "error": str(exc).splitlines()[0]})
             return
-        await self._incoming.put(established)
+        sock, info = established
+        try:
+            sock.setblocking(False)
+            preface = await asyncio.wait_for(_recv_exactly(sock, PREFACE_SIZE), PREFACE_TIMEOUT)
+        except (OSError, TimeoutError, EOFError) as exc:
+            preface = f"nothing ({exc!r})".encode()
+        if preface == PREFACE_SESSION:
+            self._sessions.add(await _wrap(sock, info))
+        elif preface == PREFACE_DEDICATED:
+            await self._incoming.put(established)
+        else:
+            sock.close()
+            self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id, "code": "preface",
+                                            "error": f"not a tcppunch peer connection: it began with {preface!r}"})
 
     async def _establish(self, order: PunchOrder, started: float, mode: RelayMode
                          ) -> tuple[socket.socket, ConnectionInfo]:
@@ -469,6 +528,17 @@ async def _unless_cancelled(order: PunchOrder, work: Coroutine[Any, Any, T]) -> 
 async def _wrap(sock: socket.socket, info: ConnectionInfo) -> Connection:
     reader, writer = await asyncio.open_connection(sock=sock)
     return Connection(reader, writer, info)
+
+
+async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
 
 
 def _free_port(bind: str) -> int:

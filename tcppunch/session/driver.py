@@ -38,6 +38,7 @@ READ_SIZE = 256 * 1024
 WRITE_BATCH = 256 * 1024  # stream data taken from the multiplexer per transport write
 DRAIN_HIGH_WATER = 256 * 1024  # a stream's drain() waits while more than this is queued in the multiplexer
 SWITCH_TIMEOUT = 15.0  # the peer's SWITCH came but our new path did not (or the reverse): give up
+CLOSE_LINGER = 10.0  # close() lets queued stream data leave for this long before GO_AWAY
 CLOSE_FLUSH_TIMEOUT = 2.0  # a closing session's last frames (GO_AWAY) get this long to leave, then abort
 
 
@@ -64,7 +65,8 @@ class MuxStream:
 
     Reading consumes the receive window and grants it back; ``write`` queues without limit and
     ``drain`` waits until the stream's queue is below :data:`DRAIN_HIGH_WATER`; ``write_eof``/``close``
-    half-close (the peer may keep sending); ``reset`` aborts both directions.
+    half-close (the peer may keep sending); ``close`` is done with the stream (half-close, and what still
+    arrives is dropped); ``reset`` aborts both directions.
     """
 
     def __init__(self, session: Session, stream_id: int) -> None:
@@ -73,6 +75,7 @@ class MuxStream:
         self._buffer = bytearray()
         self._eof = False
         self._eof_sent = False
+        self._discard = False
         self._error: BaseException | None = None
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
@@ -108,6 +111,11 @@ class MuxStream:
             parts += chunk
         return bytes(parts)
 
+    @property
+    def peer(self) -> str:
+        """The other side's id (the session's label)."""
+        return self._session.peer
+
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
 
@@ -139,11 +147,15 @@ class MuxStream:
         self._check_done()
 
     def close(self) -> None:
-        """Half-close (as ``write_eof``); the stream is done once the peer ended too (``wait_closed``)."""
+        """Done with the stream: half-close, and drop (while granting window for) whatever still arrives."""
         self.write_eof()
+        self._discard = True
+        self._session._consumed(self.stream_id, len(self._buffer))
+        self._buffer.clear()
+        self._done.set()
 
     async def wait_closed(self) -> None:
-        """Wait until both directions ended or the stream was reset."""
+        """Wait until both directions ended, the stream was reset, or :meth:`close` was called."""
         await self._done.wait()
 
     def reset(self, code: MuxErrorCode = MuxErrorCode.CANCEL) -> None:
@@ -158,6 +170,9 @@ class MuxStream:
 
     # --------------------------------------------------------------------------- driven by Session
     def _feed(self, data: bytes) -> None:
+        if self._discard:
+            self._session._consumed(self.stream_id, len(data))
+            return
         self._buffer += data
         self._readable.set()
 
@@ -190,8 +205,10 @@ class Session:
         role: Role,
         *,
         path: str = "direct",
+        peer: str = "",
         mux: Multiplexer | None = None,
     ) -> None:
+        self.peer = peer  # a label for logs and streams: the other side's id
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._mux = mux or Multiplexer(role, self._loop.time())
@@ -200,6 +217,8 @@ class Session:
         self._streams: dict[int, MuxStream] = {}
         self._incoming: asyncio.Queue[MuxStream | None] = asyncio.Queue()
         self._wake_writer = asyncio.Event()
+        self._flushed = asyncio.Event()  # set when the writer wrote something or bytes arrived: progress
+        self._writing = False
         self._pings: list[asyncio.Future[float]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -211,7 +230,7 @@ class Session:
         self._closed = asyncio.Event()
         self.error: SessionClosedError | None = None
         self.history = [PathChange(path, 0.0)]
-        self._log = log.bind(role=role.value)
+        self._log = log.bind(role=role.value, remote_peer=peer) if peer else log.bind(role=role.value)
         self._tasks = [
             asyncio.ensure_future(self._read_loop()),
             asyncio.ensure_future(self._write_loop()),
@@ -282,8 +301,16 @@ class Session:
         await self._switch_sent.wait()
         self._check_alive()
 
-    async def close(self, code: MuxErrorCode = MuxErrorCode.NO_ERROR) -> None:
-        """End the session: GO_AWAY to the peer, every open stream fails, the transport closes."""
+    async def close(self, code: MuxErrorCode = MuxErrorCode.NO_ERROR, *, linger: float = CLOSE_LINGER) -> None:
+        """End the session: what streams queued leaves first (up to ``linger`` seconds), then GO_AWAY;
+        every stream still open fails and the transport closes."""
+        if not self.closed and code is MuxErrorCode.NO_ERROR:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(linger):
+                    while not self.closed and (self._mux.has_pending_output or self._writing):
+                        self._flushed.clear()
+                        self._kick()
+                        await self._flushed.wait()
         if not self.closed:
             self._mux.close(code, "closed by this side")
             self._handle_events()
@@ -374,12 +401,20 @@ class Session:
                     writer.close()
 
     async def _flush(self) -> None:
-        while data := self._mux.data_to_send(WRITE_BATCH):
-            self._writer.write(data)
-            await self._writer.drain()
-            for stream in list(self._streams.values()):
-                if self._mux.send_buffered(stream.stream_id) <= DRAIN_HIGH_WATER:
-                    stream._writable.set()
+        self._writing = True
+        wrote = False
+        try:
+            while data := self._mux.data_to_send(WRITE_BATCH):
+                wrote = True
+                self._writer.write(data)
+                await self._writer.drain()
+                for stream in list(self._streams.values()):
+                    if self._mux.send_buffered(stream.stream_id) <= DRAIN_HIGH_WATER:
+                        stream._writable.set()
+        finally:
+            self._writing = False
+            if wrote:
+                self._flushed.set()
 
     async def _send_switch(self) -> None:
         assert self._new_path is not None
@@ -392,6 +427,7 @@ class Session:
         self._wake_writer.set()  # stream data still queued now leaves on the new path
 
     def _handle_events(self) -> None:
+        self._flushed.set()
         for event in self._mux.events():
             self._dispatch(event)
         self._kick()
@@ -438,6 +474,7 @@ class Session:
             if not waiter.done():
                 waiter.set_exception(self.error)
         self._switch_sent.set()
+        self._flushed.set()
         self._closed.set()
         self._wake_writer.set()  # flush the GO_AWAY, then close the transport
         if self._timer:

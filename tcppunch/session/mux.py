@@ -210,6 +210,13 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         return stream.send_window if stream else 0
 
+    @property
+    def has_pending_output(self) -> bool:
+        """Whether any frame or stream byte is still queued (data waiting for window included)."""
+        if self._control:
+            return True
+        return any(s.pending or s.syn_pending or (s.fin_pending and not s.fin_sent) for s in self._streams.values())
+
     def send_buffered(self, stream_id: int) -> int:
         """Bytes queued on ``stream_id`` that have not left through :meth:`data_to_send` yet."""
         stream = self._streams.get(stream_id)
