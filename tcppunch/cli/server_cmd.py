@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import ipaddress
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -22,7 +24,7 @@ from tcppunch.cli.params import EndpointType
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
 from tcppunch.coordinator.protocol import CoordinatorConfig
-from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.coordinator.server import CoordinatorServer, StunHandler
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.wire.endpoint import Endpoint
 
@@ -37,11 +39,16 @@ def _ip(value: str) -> str:
 @click.command("server")
 @click.option(
     "--listen",
+    "listens",
     type=EndpointType(default_port=None, resolve=False),
     required=True,
-    help="Primary address and port (TCP and UDP), e.g. 198.51.100.10:3478.",
+    multiple=True,
+    help="Address and port (TCP and UDP), e.g. 198.51.100.10:3478. Give it twice, once per address family, "
+    "to serve IPv4 and IPv6 (e.g. --listen [2001:db8::10]:3478; the first is the primary); [::]:PORT alone "
+    "listens on both families.",
 )
-@click.option("--alt-address", help="A second address of this host (RFC 5780 tests need two).")
+@click.option("--alt-address", "alt_addresses", multiple=True,
+              help="A second address of this host (RFC 5780 tests need two); one per --listen family.")
 @click.option("--alt-port", type=click.IntRange(1, 65535), help="Second port. Default: the listen port + 1.")
 @click.option("--token", help="Shared secret peers present to the coordinator.")
 @click.option("--tokens-file", type=click.Path(dir_okay=False), help="JSON object of peer id -> secret.")
@@ -62,8 +69,8 @@ def _ip(value: str) -> str:
     help="How long the TCP filtering test waits for a connect-back to open.",
 )
 def server_command(
-    listen: Endpoint,
-    alt_address: str | None,
+    listens: tuple[Endpoint, ...],
+    alt_addresses: tuple[str, ...],
     alt_port: int | None,
     token: str | None,
     tokens_file: str | None,
@@ -84,26 +91,11 @@ def server_command(
         raise click.UsageError("give --token or --tokens-file (peers authenticate with it)")
     if token == "":
         raise click.UsageError("--token must not be empty")
-    alternate = None if alt_address is None else _ip(alt_address)
-    if alternate is not None and ipaddress.ip_address(listen.ip).is_unspecified:
-        raise click.UsageError("with --alt-address, --listen must be a specific address, not a wildcard")
-    if alternate is not None and alternate == listen.ip:
-        raise click.UsageError("--alt-address must differ from the --listen address")
-    port2 = listen.port + 1 if alt_port is None else alt_port
-    if port2 == listen.port or port2 > 65535:
-        raise click.UsageError("the second port must differ from the listen port (and be at most 65535)")
+    configs = stun_configs(listens, alt_addresses, alt_port, connect_back_timeout)
     try:
         tokens = Tokens.from_file(tokens_file, shared=token) if tokens_file else Tokens(shared=token)
     except (OSError, TokensFileError, ValueError) as exc:
         raise click.UsageError(f"tokens: {exc}") from exc
-    config = StunServiceConfig(
-        primary_address=listen.ip,
-        primary_port=listen.port,
-        alternate_address=alternate,
-        alternate_port=port2,
-        connect_back_timeout=connect_back_timeout,
-        external_tcp=frozenset({Endpoint(listen.ip, listen.port)}),
-    )
     budget = None if relay_max_mb is None else int(relay_max_mb * 1_000_000)
     expose = None
     if expose_ports is not None:
@@ -114,27 +106,80 @@ def server_command(
         expose = ExposeConfig(ports, max_ports_per_id=expose_max_ports, max_connections_per_id=expose_max_connections,
                               max_bytes_per_id=None if expose_max_mb is None else int(expose_max_mb * 1_000_000))
     try:
-        asyncio.run(serve(config, tokens, budget, CoordinatorConfig(expose=expose)))
+        asyncio.run(serve(configs, tokens, budget, CoordinatorConfig(expose=expose)))
     except OSError as exc:
         click.echo(f"tcppunch server: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-async def serve(config: StunServiceConfig, tokens: Tokens, relay_bytes_per_peer: int | None = None,
+def _family(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
+
+
+def stun_configs(listens: Sequence[Endpoint], alt_addresses: Sequence[str], alt_port: int | None,
+                 connect_back_timeout: float = 0.4) -> list[StunServiceConfig]:
+    """One STUN service configuration per listen address (at most one per address family; ``[::]``
+    alone means both families), each with the --alt-address of its family; UsageError when they do not fit."""
+    if len(listens) == 1 and listens[0].ip == "::":
+        listens = [Endpoint("0.0.0.0", listens[0].port), listens[0]]
+    if len({_family(e.ip) for e in listens}) != len(listens):
+        raise click.UsageError("give at most one --listen per address family (one IPv4, one IPv6)")
+    alternates = [_ip(a) for a in alt_addresses]
+    if len({_family(a) for a in alternates}) != len(alternates):
+        raise click.UsageError("give at most one --alt-address per address family")
+    families = {_family(e.ip) for e in listens}
+    if any(_family(a) not in families for a in alternates):
+        raise click.UsageError("each --alt-address needs a --listen address of the same family")
+    configs = []
+    for listen in listens:
+        alternate = next((a for a in alternates if _family(a) == _family(listen.ip)), None)
+        if alternate is not None and ipaddress.ip_address(listen.ip).is_unspecified:
+            raise click.UsageError("with --alt-address, --listen must be a specific address, not a wildcard")
+        if alternate is not None and alternate == listen.ip:
+            raise click.UsageError("--alt-address must differ from the --listen address")
+        port2 = listen.port + 1 if alt_port is None else alt_port
+        if port2 == listen.port or port2 > 65535:
+            raise click.UsageError("the second port must differ from the listen port (and be at most 65535)")
+        configs.append(StunServiceConfig(
+            primary_address=listen.ip,
+            primary_port=listen.port,
+            alternate_address=alternate,
+            alternate_port=port2,
+            connect_back_timeout=connect_back_timeout,
+            external_tcp=frozenset({Endpoint(listen.ip, listen.port)}),
+        ))
+    return configs
+
+
+def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
+    """One STUN-over-TCP handler for the coordinator's listeners: the service of the connection's family."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: bytes) -> None:
+        family = 6 if writer.get_extra_info("socket").family == socket.AF_INET6 else 4
+        await handlers[family](reader, writer, prefix)
+
+    return handle
+
+
+async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
                 coordinator_config: CoordinatorConfig | None = None) -> None:
-    """Run until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        stun = await stack.enter_async_context(StunService(config))
+        stuns = [await stack.enter_async_context(StunService(config)) for config in configs]
+        first = configs[0]
         coordinator = await stack.enter_async_context(
-            CoordinatorServer(config.primary_address, config.primary_port, tokens,
-                              stun_handler=stun.serve_tcp_connection, relay_bytes_per_peer=relay_bytes_per_peer,
-                              config=coordinator_config)
+            CoordinatorServer(first.primary_address, first.primary_port, tokens,
+                              stun_handler=_by_family({_family(c.primary_address): s.serve_tcp_connection
+                                                       for c, s in zip(configs, stuns, strict=True)}),
+                              relay_bytes_per_peer=relay_bytes_per_peer, config=coordinator_config,
+                              also=[Endpoint(c.primary_address, c.primary_port) for c in configs[1:]])
         )
-        endpoints = ", ".join(str(e) for e in [coordinator.address, *stun.tcp_endpoints])
-        print(f"listening on {endpoints} (coordinator on {coordinator.address}; STUN over TCP and UDP)",
+        endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
+        coordinators = ", ".join(str(e) for e in coordinator.addresses)
+        print(f"listening on {endpoints} (coordinator on {coordinators}; STUN over TCP and UDP)",
               file=sys.stderr, flush=True)
         await stop.wait()

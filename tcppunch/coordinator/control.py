@@ -111,6 +111,7 @@ class PunchOrder:
     received_at: float
     request_id: str | None = None
     advice_reason: str = ""
+    peer_ipv6: tuple[Endpoint, ...] = ()
     cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     cancel_reason: str | None = None
 
@@ -131,6 +132,7 @@ class PunchOrder:
             received_at=received_at,
             request_id=msg.request_id,
             advice_reason=msg.advice_reason,
+            peer_ipv6=msg.peer_ipv6,
         )
 
 
@@ -142,12 +144,17 @@ class PeerList(list[PeerInfo]):
         self.truncated = truncated
 
 
-def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str) -> PunchPlan:
-    """The punch engine's plan for ``order``: fire from ``local`` at the peer's candidates (its private
-    endpoints when we share its public address, its observed endpoint, or predicted ports for a
-    sequential NAT), retrying as fast as our own NAT allows."""
+def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str,
+               local6: Endpoint | None = None) -> PunchPlan:
+    """The punch engine's plan for ``order``: fire from ``local`` at the peer's candidates (its IPv6
+    endpoints first when we have ``local6`` to send from, its private endpoints when we share its public
+    address, its observed endpoint, or predicted ports for a sequential NAT), retrying as fast as our own
+    NAT allows. A control connection over IPv6 makes ``local`` itself the IPv6 endpoint."""
+    if local6 is None and family_of(local.ip) == socket.AF_INET6:
+        local6 = local
     return PunchPlan(
         local=local,
+        local6=local6,
         role=order.role,
         session_id=order.session_id,
         key=order.key,
@@ -157,6 +164,7 @@ def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None,
             own_nat=own_nat,
             peer_private=order.peer_private,
             own_public_ip=own_public_ip,
+            peer_ipv6=order.peer_ipv6 if local6 is not None else (),
         ),
         fire_at=order.fire_at,
         deadline=order.deadline,
@@ -196,6 +204,7 @@ class ControlChannel:
         nat: NatReport | None = None,
         private: Sequence[Endpoint] = (),
         swarm: str | None = None,
+        ipv6: Sequence[str] = (),
         connect_timeout: float = 5.0,
         request_timeout: float = 10.0,
     ) -> None:
@@ -207,6 +216,7 @@ class ControlChannel:
         self.nat = nat
         self.private = tuple(private)
         self.swarm = swarm
+        self.ipv6 = tuple(ipv6)  # our global IPv6 addresses, announced with the bound port
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.registration: Registration | None = None
@@ -264,7 +274,8 @@ class ControlChannel:
         local = endpoint_of(sock.getsockname())
         self._registered = loop.create_future()
         self._read_task = loop.create_task(self._read_loop())
-        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm)
+        ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
+        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6)
         self._writer.write(PREAMBLE + encode_message(hello))
         try:
             reply = await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)

@@ -28,6 +28,7 @@ import structlog
 
 from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.wire.coord import (
+    MAX_ENDPOINTS,
     MAX_PEERS_LISTED,
     SESSION_KEY_SIZE,
     Cancel,
@@ -58,7 +59,7 @@ from tcppunch.wire.coord import (
     relay_proof,
     safe_text,
 )
-from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 
 from .auth import Tokens
@@ -525,6 +526,7 @@ class CoordinatorProtocol:
             registered_at=now,
             last_heard=now,
             next_ping_at=now,
+            ipv6=_ipv6_of(c.observed, msg.ipv6),
         )
         self.registry.add(record)
         self._set_state(c, ConnState.PEER)
@@ -608,7 +610,7 @@ class CoordinatorProtocol:
         me.sessions.add(session_id)
         target.sessions.add(session_id)
         self.stats.sessions += 1
-        advice, advice_reason = relay_advice(me.nat, target.nat)
+        advice, advice_reason = relay_advice(me.nat, target.nat, ipv6=bool(me.ipv6 and target.ipv6))
         if msg.relay_only:
             advice, advice_reason = RelayAdvice.RELAY_NOW, f"{me.id} asked for the relay"
         log.info(
@@ -639,6 +641,7 @@ class CoordinatorProtocol:
                 relay_advice=advice,
                 request_id=request_id,
                 advice_reason=advice_reason,
+                peer_ipv6=other.ipv6,
             )
             actions.append(Send(this.conn, self._encode_punch(order)))
         return actions
@@ -946,3 +949,10 @@ class CoordinatorProtocol:
             return []
         self._cleanup(c, reason="dropped")
         return [Close(conn)]
+
+def _ipv6_of(observed: Endpoint, claimed: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    """A peer's IPv6 endpoints: the control connection's source first when it came over IPv6 (seen, not
+    claimed), then what REGISTER claimed (already checked to be routable IPv6 unicast), at most
+    MAX_ENDPOINTS."""
+    seen = (observed,) if routable_ipv6(observed.ip) else ()
+    return tuple(dict.fromkeys(seen + claimed))[:MAX_ENDPOINTS]

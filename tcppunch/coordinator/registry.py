@@ -50,6 +50,8 @@ class PeerRecord:
     registered_at: float
     last_heard: float
     next_ping_at: float
+    # IPv6 endpoints: what REGISTER claimed, plus the control connection's own source if it came over IPv6.
+    ipv6: tuple[Endpoint, ...] = ()
     rtt: RttEstimator = field(default_factory=RttEstimator)
     # seq -> send time of pings not yet answered (bounded: old ones are dropped).
     pings_in_flight: dict[int, float] = field(default_factory=dict)

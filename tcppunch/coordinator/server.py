@@ -15,7 +15,7 @@ import contextlib
 import functools
 import itertools
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,8 @@ class _Link:
 
 
 class CoordinatorServer:
-    """``tcppunch server``'s coordinator on one TCP address (shared with STUN when ``stun_handler`` is set).
+    """``tcppunch server``'s coordinator on one TCP address (shared with STUN when ``stun_handler`` is set),
+    and on the ``also`` addresses (e.g. an IPv6 one beside the IPv4 one): one registry behind all of them.
 
     ``relay_bytes_per_peer``: byte budget of each peer id over the server's life, shared by all relays it
     takes part in (``None``: unlimited). Concurrency limits live in ``config.max_relays_per_peer``.
@@ -88,8 +89,10 @@ class CoordinatorServer:
         relay_bytes_per_peer: int | None = None,
         max_connections: int = 4096,
         reuse_port: bool | None = None,
+        also: Sequence[Endpoint] = (),
     ) -> None:
         self.host, self.port = host, port
+        self.also = tuple(also)
         self.protocol = CoordinatorProtocol(tokens, config)
         self.stun_handler = stun_handler
         self.max_connections = max_connections
@@ -102,6 +105,7 @@ class CoordinatorServer:
         # exposed port -> its listener (visitors are accepted there and handed to the protocol)
         self._exposed: dict[int, asyncio.Server] = {}
         self._server: asyncio.Server | None = None
+        self._more: list[asyncio.Server] = []  # the ``also`` listeners
         self._links: dict[int, _Link] = {}
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
@@ -120,11 +124,27 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         """Bind and listen (raises OSError when the address cannot be bound)."""
-        self._server = await asyncio.start_server(
-            self._accepted, self.host, self.port, reuse_address=True, reuse_port=self.reuse_port, backlog=256
-        )
-        self._log = self._log.bind(listen=str(self.address))
+        self._server = await self._listen(self.host, self.port)
+        try:
+            for extra in self.also:
+                self._more.append(await self._listen(extra.ip, extra.port))
+        except BaseException:
+            for server in [self._server, *self._more]:
+                server.close()
+            self._server, self._more = None, []
+            raise
+        self._log = self._log.bind(listen=", ".join(str(a) for a in self.addresses))
         self._log.info("coordinator.listening")
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(
+            self._accepted, host, port, reuse_address=True, reuse_port=self.reuse_port, backlog=256
+        )
+
+    @property
+    def addresses(self) -> list[Endpoint]:
+        """Every bound address: the primary one first, then the ``also`` ones."""
+        return [self.address] + [endpoint_of(s.sockets[0].getsockname()) for s in self._more if s.sockets]
 
     @property
     def address(self) -> Endpoint:
@@ -141,8 +161,8 @@ class CoordinatorServer:
 
     async def stop(self) -> None:
         """Stop accepting, tell every client (ERROR shutting-down), end relays, wait for handlers."""
-        if self._server is not None:
-            self._server.close()
+        for server in [*([self._server] if self._server is not None else []), *self._more]:
+            server.close()
         for port in list(self._exposed):
             self._close_port(ClosePort(port))
         loop = asyncio.get_running_loop()
@@ -161,10 +181,10 @@ class CoordinatorServer:
         for link in list(self._links.values()):
             link.writer.transport.abort()
         self._links.clear()
-        if self._server is not None:
+        for server in [*([self._server] if self._server is not None else []), *self._more]:
             with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+                await server.wait_closed()
+        self._server, self._more = None, []
 
     # --------------------------------------------------------------------------------- connections
 

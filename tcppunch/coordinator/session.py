@@ -34,14 +34,16 @@ def schedule_fire(owd_a: float | None, owd_b: float | None, *, margin: float = 0
     return latest - owd_a + margin, latest - owd_b + margin
 
 
-def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None) -> tuple[RelayAdvice, str]:
-    """``relay-now`` only when the two reports together rule a direct connection out, and why.
+def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None, *, ipv6: bool = False
+                 ) -> tuple[RelayAdvice, str]:
+    """``relay-now`` only when the two reports together rule a direct connection out, and why
+    (``ipv6``: both peers have IPv6 endpoints, which no NAT stands in front of).
 
     The rule is the punch engine's own (:func:`tcppunch.punch.prediction.direct_possible`), so the
     coordinator never advises against a punch the engine would attempt: direct fails when both NATs map
     randomly, or one does and the other filters by address and port. Unknown properties count as "try".
     """
-    verdict = direct_possible(nat_a, nat_b)
+    verdict = direct_possible(nat_a, nat_b, ipv6=ipv6)
     return (RelayAdvice.PUNCH if verdict.possible else RelayAdvice.RELAY_NOW), verdict.reason
 
 

@@ -147,15 +147,21 @@ def build_candidates(
         out.extend(Candidate(e, CandidateKind.PRIVATE) for e in peer_private if e != peer_observed)
     peer_class = classify(peer_nat)
     if peer_class is not MappingClass.SEQUENTIAL:
-        out.append(Candidate(peer_observed, CandidateKind.OBSERVED))
+        _add_observed(out, peer_observed)
         return tuple(out)
     assert peer_nat is not None and peer_nat.tcp.port_delta is not None
     own_dependent = classify(own_nat) in (MappingClass.SEQUENTIAL, MappingClass.RANDOM)
     if _filtering(peer_nat) is FilteringBehaviour.ENDPOINT_INDEPENDENT and not own_dependent:
-        out.append(Candidate(peer_observed, CandidateKind.OBSERVED))
+        _add_observed(out, peer_observed)
     for i, port in enumerate(predicted_ports(peer_observed.port, peer_nat.tcp.port_delta, window), start=1):
         out.append(Candidate(Endpoint(peer_observed.ip, port), CandidateKind.PREDICTED, i))
     return tuple(out)
+
+
+def _add_observed(out: list[Candidate], observed: Endpoint) -> None:
+    """The observed endpoint, unless an IPv6 candidate already names it (a control connection over IPv6)."""
+    if all(c.endpoint != observed for c in out):
+        out.append(Candidate(observed, CandidateKind.OBSERVED))
 
 
 def retry_policy_for(own_nat: NatReport | None) -> RetryPolicy:

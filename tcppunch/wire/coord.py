@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, SynResponse
-from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import ProtocolError, encode_frame
 
 
@@ -237,6 +237,16 @@ def _endpoints(obj: dict[str, Any], name: str) -> tuple[Endpoint, ...]:
     return tuple(_endpoint_value(name, item) for item in value)
 
 
+def _ipv6_endpoints(obj: dict[str, Any], name: str) -> tuple[Endpoint, ...]:
+    """Optional list (absent = empty) of routable IPv6 endpoints with a real port, in canonical form."""
+    out = []
+    for e in _endpoints(obj, name):
+        if not routable_ipv6(e.ip) or e.port == 0:
+            raise _bad(name, "entries must be routable IPv6 unicast addresses with a port 1..65535")
+        out.append(Endpoint(str(ipaddress.ip_address(e.ip)), e.port))
+    return tuple(dict.fromkeys(out))
+
+
 def _nat(obj: dict[str, Any], name: str) -> NatReport | None:
     value = obj.get(name)
     if value is None:
@@ -325,6 +335,8 @@ class Register:
     nat: NatReport | None = None
     private: tuple[Endpoint, ...] = ()
     swarm: str | None = None
+    # The peer's own global IPv6 endpoints (no NAT66: also its public ones); optional on the wire.
+    ipv6: tuple[Endpoint, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -333,6 +345,7 @@ class Register:
             "nat": None if self.nat is None else self.nat.to_json(),
             "private": [e.to_json() for e in self.private],
             "swarm": self.swarm,
+            "ipv6": [e.to_json() for e in self.ipv6],
         }
 
     @classmethod
@@ -343,6 +356,7 @@ class Register:
             nat=_nat(obj, "nat"),
             private=_endpoints(obj, "private"),
             swarm=_opt_str(obj, "swarm"),
+            ipv6=_ipv6_endpoints(obj, "ipv6"),
         )
 
 
@@ -537,6 +551,7 @@ class Punch:
     relay_advice: RelayAdvice
     request_id: str | None = None
     advice_reason: str = ""
+    peer_ipv6: tuple[Endpoint, ...] = ()  # the other peer's IPv6 endpoints (REGISTER's ipv6)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -553,6 +568,7 @@ class Punch:
             "relay_advice": self.relay_advice.value,
             "request_id": self.request_id,
             "advice_reason": self.advice_reason,
+            "peer_ipv6": [e.to_json() for e in self.peer_ipv6],
         }
 
     @classmethod
@@ -571,6 +587,7 @@ class Punch:
             relay_advice=_enum(obj, "relay_advice", RelayAdvice),
             request_id=_opt_str(obj, "request_id", max_len=64),
             advice_reason=_opt_str(obj, "advice_reason", max_len=1024) or "",
+            peer_ipv6=_ipv6_endpoints(obj, "peer_ipv6"),
         )
 
 

@@ -49,6 +49,23 @@ class Endpoint:
         return cls(_resolve(host, port), port)
 
 
+_ULA = ipaddress.ip_network("fc00::/7")
+
+
+def routable_ipv6(ip: str) -> bool:
+    """Whether ``ip`` is an IPv6 unicast address another host across the internet could reach: not
+    loopback, link-local, site-local, unique-local (fc00::/7), multicast, unspecified or IPv4-mapped.
+    (The documentation prefix 2001:db8::/32 counts as routable: the lab uses it.)"""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return False
+    return not (addr.is_loopback or addr.is_link_local or addr.is_site_local or addr.is_multicast
+                or addr.is_unspecified or addr.ipv4_mapped is not None or addr in _ULA)
+
+
 def _split(text: str) -> tuple[str, str]:
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")

@@ -494,6 +494,34 @@ def test_connect_advises_relay_when_both_reports_rule_direct_out() -> None:
     assert "randomly" in punch.advice_reason
 
 
+def test_ipv6_endpoints_reach_the_other_side_and_make_random_pairs_punch() -> None:
+    h = Harness()
+    a6, b6 = Endpoint("2001:db8:1::2", 5000), Endpoint("2001:db8:2::2", 6000)
+    alice = h.register("alice", nat=SYM_RANDOM, ipv6=(a6,))
+    bob = h.register("bob", nat=SYM_RANDOM, ipv6=(b6,))
+    h.take(bob)
+    h.send(alice, Connect("r", "bob"))
+    (to_bob,) = [m for m in h.take(bob) if isinstance(m, Punch)]
+    (to_alice,) = [m for m in h.take(alice) if isinstance(m, Punch)]
+    assert (to_bob.peer_ipv6, to_alice.peer_ipv6) == ((a6,), (b6,))
+    assert to_bob.relay_advice is to_alice.relay_advice is RelayAdvice.PUNCH
+    assert "IPv6" in to_bob.advice_reason
+
+
+def test_an_ipv6_control_connection_is_an_ipv6_endpoint_seen_by_the_server() -> None:
+    h = Harness()
+    conn = next(h._ids)
+    h.wires[conn] = Wire()
+    seen = Endpoint("2001:db8:3::2", 7000)
+    h.apply(h.proto.connection_made(conn, seen, SERVER, h.now))
+    h.send(conn, Register("carol", "tok"), preamble=True)
+    bob = h.register("bob", ipv6=(Endpoint("2001:db8:2::2", 6000),))
+    h.take(bob)
+    h.send(conn, Connect("r", "bob"))
+    (to_bob,) = [m for m in h.take(bob) if isinstance(m, Punch)]
+    assert to_bob.peer_ipv6 == (seen,)
+
+
 def test_configured_relay_endpoint_is_advertised() -> None:
     relay = Endpoint("198.51.100.11", 443)
     h = Harness(CoordinatorConfig(relay_endpoint=relay))

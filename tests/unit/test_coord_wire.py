@@ -56,6 +56,7 @@ EP = Endpoint("198.51.100.7", 40000)
 ALL_MESSAGES: list[Message] = [
     Register("alice", "s3cret", NAT, (Endpoint("10.0.1.2", 5000),), "room"),
     Register("bob", "t", None, (), None),
+    Register("carol", "t", None, (), None, (Endpoint("2001:db8:1::2", 5000), Endpoint("2001:db8::159", 5000))),
     Registered("alice", EP, 5.0, 15.0),
     Ping(0),
     Pong(2**40),
@@ -76,6 +77,7 @@ ALL_MESSAGES: list[Message] = [
         relay=Endpoint("198.51.100.10", 3478),
         relay_advice=RelayAdvice.PUNCH,
         request_id="r3",
+        peer_ipv6=(Endpoint("2001:db8:2::2", 6000),),
     ),
     Result("ab" * 16, Outcome.DIRECT, {"attempts": 3}),
     Cancel("ab" * 16, "peer left"),
@@ -295,3 +297,18 @@ def test_relay_proof_binds_key_session_and_role() -> None:
     assert proof != relay_proof(key, "s1", Role.RESPONDER)
     assert proof != relay_proof(key, "s2", Role.INITIATOR)
     assert proof != relay_proof(b"\x01" * 32, "s1", Role.INITIATOR)
+
+
+@pytest.mark.parametrize("ip", ["fe80::1", "::1", "fd00::2", "::ffff:198.51.100.7", "ff02::1", "::", "10.0.1.2"])
+def test_ipv6_candidates_must_be_routable_ipv6(ip: str) -> None:
+    frame = message_to_json(Register("carol", "t", ipv6=(Endpoint(ip, 5000),)))
+    with pytest.raises(ProtocolError, match="ipv6"):
+        decode_message(frame)
+
+
+def test_ipv6_candidates_are_optional_and_canonical() -> None:
+    frame = message_to_json(Register("carol", "t"))
+    del frame["ipv6"]
+    assert decode_message(frame) == Register("carol", "t")
+    frame["ipv6"] = [{"ip": "2001:DB8:0:0::2", "port": 1}]
+    assert decode_message(frame) == Register("carol", "t", ipv6=(Endpoint("2001:db8::2", 1),))

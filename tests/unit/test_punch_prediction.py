@@ -150,3 +150,8 @@ def test_ipv6_candidates_come_first_and_random_pairs_become_possible() -> None:
     assert [(c.endpoint, c.kind) for c in cands] == [(V6, CandidateKind.IPV6), (PEER, CandidateKind.OBSERVED)]
     assert not direct_possible(RANDOM, RANDOM)
     assert direct_possible(RANDOM, RANDOM, ipv6=True)
+
+
+def test_an_observed_ipv6_endpoint_is_raced_once_as_ipv6() -> None:
+    cands = build_candidates(peer_observed=V6, peer_nat=None, peer_ipv6=[V6])
+    assert [(c.endpoint, c.kind) for c in cands] == [(V6, CandidateKind.IPV6)]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -39,34 +40,24 @@ def _wait_ready(proc: subprocess.Popen[str]) -> str:
     raise AssertionError(f"server never became ready: {seen}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_server_process_serves_and_stops_on_signal(signum: int) -> None:
+def start_server(args: Callable[[int], list[str]], ports: range = range(30000, 40000, 2)
+                 ) -> tuple[subprocess.Popen[str], int, str]:
+    """``tcppunch server ARGS(port)`` on a random free port of ``ports``: (process, port, ready line)."""
     for _ in range(10):
-        port = random.randrange(30000, 40000, 2)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tcppunch",
-                "server",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--alt-address",
-                "127.0.0.2",
-                "--token",
-                "s3cret",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        port = random.choice(ports)
+        proc = subprocess.Popen([sys.executable, "-m", "tcppunch", "server", *args(port)],
+                                stderr=subprocess.PIPE, text=True)
         try:
-            line = _wait_ready(proc)
+            return proc, port, _wait_ready(proc)
         except AssertionError:
             proc.wait(5)
-            continue
-        break
-    else:
-        pytest.fail("could not start the server on any port")
+    pytest.fail("could not start the server on any port")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_process_serves_and_stops_on_signal(signum: int) -> None:
+    proc, port, line = start_server(
+        lambda port: ["--listen", f"127.0.0.1:{port}", "--alt-address", "127.0.0.2", "--token", "s3cret"])
     try:
         assert f"127.0.0.2:{port + 1}" in line
         with socket.create_connection(("127.0.0.2", port + 1), 5) as sock:
@@ -95,6 +86,9 @@ def test_server_process_serves_and_stops_on_signal(signum: int) -> None:
         ["server", "--listen", "0.0.0.0:3478", "--alt-address", "127.0.0.2", "--token", "t"],
         ["server", "--listen", "127.0.0.1:3478", "--alt-address", "not-an-ip", "--token", "t"],
         ["server", "--listen", "127.0.0.1:3478", "--alt-port", "3478", "--token", "t"],
+        ["server", "--listen", "127.0.0.1:3478", "--listen", "127.0.0.2:3478", "--token", "t"],  # two IPv4
+        ["server", "--listen", "127.0.0.1:3478", "--alt-address", "::2", "--token", "t"],  # no IPv6 listen
+        ["server", "--listen", "[::]:3478", "--alt-address", "::2", "--token", "t"],  # wildcard with alt
     ],
 )
 def test_server_usage_errors(args: list[str]) -> None:
