@@ -3,6 +3,7 @@
 * bench_connect.py: time to connect vs RTT_coord + RTT_peer (20 ms one-way delay per WAN link).
 * bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
+* bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
 
 Figures and the exact commands are kept in docs/benchmarks.md.
 """
@@ -19,6 +20,7 @@ RUNS = [
     ["bench_detect.py", "--runs", "3"],
     ["bench_relay.py", "--lab", "--reps", "3", "--bytes", str(256 * 1024 * 1024),
      "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
+    ["bench_expose.py", "--bytes", str(256 * 1024 * 1024), "--reps", "3"],
 ]
 
 
