@@ -11,33 +11,18 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tests.lab.lines import wait_for_line
 
 TOKEN = "cli-lab-token"
 COORD = "198.51.100.10:3478"
 PY = [sys.executable, "-m", "tcppunch"]
-
-
-def _wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str]) -> bool:
-    """Read lines (in a helper thread, bounded by ``timeout``) until one contains ``needle``."""
-    found = threading.Event()
-
-    def reader() -> None:
-        for line in stream:
-            seen.append(line)
-            if needle in line:
-                found.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    return found.wait(timeout)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +36,7 @@ def lab() -> Iterator[Lab]:
                                        "--token", TOKEN], stderr=subprocess.PIPE, text=True)
         seen: list[str] = []
         assert server.stderr is not None
-        assert _wait_for_line(server.stderr, "listening on", 20, seen), seen
+        assert wait_for_line(server.stderr, "listening on", 20, seen), seen
         yield the_lab
         server.terminate()
         server.wait(10)
@@ -64,7 +49,7 @@ def _listen(host: LabHost, peer_id: str, stdin: Path, stdout: Path, report: Path
                       stdin=stdin.open("rb"), stdout=stdout.open("wb"), stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     assert proc.stderr is not None
-    assert _wait_for_line(proc.stderr, "listening as", 30, seen), seen
+    assert wait_for_line(proc.stderr, "listening as", 30, seen), seen
     return proc
 
 
@@ -112,10 +97,10 @@ def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
         exposer = b.popen([*PY, "listen", "--coordinator", COORD, "--id", "web", "--token", TOKEN,
                            "--forward", "127.0.0.1:8080"], stderr=subprocess.PIPE, text=True)
         seen: list[str] = []
-        assert exposer.stderr is not None and _wait_for_line(exposer.stderr, "listening as", 30, seen), seen
+        assert exposer.stderr is not None and wait_for_line(exposer.stderr, "listening as", 30, seen), seen
         forwarder = a.popen([*PY, "connect", "web", "--coordinator", COORD, "--id", "browser", "--token", TOKEN,
                              "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True)
-        assert forwarder.stderr is not None and _wait_for_line(forwarder.stderr, "accepting local", 30, seen), seen
+        assert forwarder.stderr is not None and wait_for_line(forwarder.stderr, "accepting local", 30, seen), seen
         fetch = ("import sys,urllib.request;"
                  "sys.stdout.buffer.write(urllib.request.urlopen('http://127.0.0.1:9000/page.bin',timeout=30).read())")
         for _ in range(2):  # two requests: each local client gets its own punched connection

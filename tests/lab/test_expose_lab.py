@@ -8,14 +8,13 @@ import hashlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
+from tests.lab.lines import wait_for_line
 
 TOKEN = "expose-lab-token"
 COORD = "198.51.100.10:3478"
@@ -25,21 +24,6 @@ ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
 SIZE = 5_000_000
 FETCHES = 32
 CURL_REFUSED = 7  # curl's exit code for "failed to connect"
-
-
-def _wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str]) -> bool:
-    """Read lines (in a helper thread, bounded by ``timeout``) until one contains ``needle``."""
-    found = threading.Event()
-
-    def reader() -> None:
-        for line in stream:
-            seen.append(line)
-            if needle in line:
-                found.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    return found.wait(timeout)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -62,7 +46,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                       stderr=subprocess.PIPE, text=True)
         seen: list[str] = []
         assert server.stderr is not None
-        assert _wait_for_line(server.stderr, "listening on", 20, seen), seen
+        assert wait_for_line(server.stderr, "listening on", 20, seen), seen
         try:
             yield the_lab
         finally:
@@ -89,7 +73,7 @@ def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(
     try:
         seen: list[str] = []
         assert exposer.stderr is not None
-        assert _wait_for_line(exposer.stderr, "exposed 127.0.0.1:8000 at 198.51.100.10:8080", 30, seen), seen
+        assert wait_for_line(exposer.stderr, "exposed 127.0.0.1:8000 at 198.51.100.10:8080", 30, seen), seen
         want = hashlib.sha256((site / "page.bin").read_bytes()).hexdigest()
         outs = [tmp_path / f"fetch{i}.bin" for i in range(FETCHES)]
         curls = [lab.host("pub").popen(["curl", "-sS", "--max-time", "120", "-o", str(out), URL],
