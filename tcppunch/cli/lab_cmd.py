@@ -25,8 +25,9 @@ def lab() -> None:
 
 
 @lab.command("up")
-@click.option("--router", "routers", multiple=True, metavar="NAME=TYPE[:drop|rst][xHOSTS]",
+@click.option("--router", "routers", multiple=True, metavar="NAME=TYPE[+upnp][:drop|rst][xHOSTS]",
               help=f"A NAT router and its hosts, e.g. a=port-restricted:rst or b=cgnat x2. Types: {_TYPES}. "
+                   "+upnp: the router runs miniupnpd (UPnP-IGD, NAT-PMP, PCP), e.g. c=symmetric-random+upnp. "
                    "Repeat for more. Default: one router of each type.")
 @click.option("--delay-ms", type=float, default=0.0, show_default=True, help="One-way delay on every WAN link.")
 @click.option("--jitter-ms", type=float, default=0.0, show_default=True, help="± jitter on every WAN link.")

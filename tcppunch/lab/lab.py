@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 import structlog
 
 from tcppunch.lab import netns as ns
+from tcppunch.lab import portmap
 from tcppunch.lab.daemon import start_daemon
 from tcppunch.lab.firewall6 import firewall6_ruleset
 from tcppunch.lab.nat_types import NatType, SynPolicy, router_ruleset
@@ -50,11 +52,14 @@ from tcppunch.lab.topology import (
     lan_gateway,
     lan_gateway6,
     lan_prefix6,
+    lan_subnet,
     public_host_address,
     public_host_address6,
     wan_address,
     wan_address6,
 )
+from tcppunch.portmap import natpmp
+from tcppunch.wire.stun import StunParseError, binding_request, encode_message, parse_message
 
 T = TypeVar("T")
 log = structlog.get_logger("tcppunch.lab")
@@ -62,6 +67,7 @@ log = structlog.get_logger("tcppunch.lab")
 STATE_DIR = Path(os.environ.get("TCPPUNCH_LAB_STATE", "/run/tcppunch-lab"))
 PREFIX_RE = re.compile(r"^tp[0-9a-f]{6}$")
 _SHAPER_READY_S = 10.0
+_DAEMON_READY_S = 15.0
 
 
 class NetnsLoop:
@@ -263,8 +269,14 @@ class Lab:
             self._write_state()
             self._build_internet()
             self._build_server()
+            if any(r.port_mapping for r in self.spec.routers):
+                self._start_stun_server()
             for router in self.routers.values():
                 self._build_router(router)
+            # all at once: behind cgnat each one spends ~9 s on STUN answers that never come
+            mapping = [(r, self._start_miniupnpd(r)) for r in self.routers.values() if r.spec.port_mapping]
+            for router, proc in mapping:
+                self._wait_miniupnpd(router, proc)
             self._write_state()
         except BaseException:
             self.down()
@@ -376,12 +388,14 @@ class Lab:
             return
         assert router.netns is not None
         home = router.netns
+        stun = (*SERVER_ADDRESSES, portmap.STUN_PORT) if spec.port_mapping else None
         self._new_ns(home, router=True)
         ns.sysctl(home, "net.ipv4.ip_forward", "1")
         if router.outer_netns is None:
             self._attach_to_internet(home, "wan", f"r{k}", spec.link)
             ns.ip("addr", "add", f"{router.wan_address}/{INTERNET_PREFIXLEN}", "dev", "wan", netns=home)
-            ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address))
+            ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address,
+                                             stun_server=stun))
         else:
             carrier = router.outer_netns
             self._new_ns(carrier, router=True)
@@ -396,7 +410,7 @@ class Lab:
             ns.ip("route", "add", "default", "via", carrier_address(k, home=False), netns=home)
             ns.nft_load(carrier, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan", wan_ip=router.wan_address))
             ns.nft_load(home, router_ruleset(spec.nat, spec.syn_policy, wan_if="wan",
-                                             wan_ip=carrier_address(k, home=True)))
+                                             wan_ip=carrier_address(k, home=True), stun_server=stun))
         ns.ip("link", "add", "lan", "type", "bridge", netns=home)
         ns.ip("addr", "add", f"{lan_gateway(k)}/24", "dev", "lan", netns=home)
         ns.ip("link", "set", "lan", "up", netns=home)
@@ -413,6 +427,40 @@ class Lab:
             if host.address6 is not None:
                 self._add6(host.netns, host.address6, "eth0")
                 ns.ip("-6", "route", "add", "default", "via", lan_gateway6(k), netns=host.netns)
+
+    def _start_stun_server(self) -> None:
+        """coturn on both server addresses: the RFC 5780 STUN server miniupnpd checks its WAN with."""
+        state = self.log_dir / "coturn"
+        state.mkdir(parents=True, exist_ok=True)
+        proc = start_daemon(self.server.netns, portmap.coturn_argv(SERVER_ADDRESSES, state),
+                            log_path=self.log_dir / "coturn.log")
+        self._shapers.append(proc)
+        if not _answers_within(self.server.netns, proc, _stun_answers, SERVER_ADDRESSES[1], portmap.STUN_PORT + 1):
+            raise ns.LabError(f"coturn did not answer STUN (log: {self.log_dir / 'coturn.log'})")
+
+    def _start_miniupnpd(self, router: LabRouter) -> subprocess.Popen[str]:
+        """miniupnpd on the (home) router: its nftables chains, its config, and the wait until it listens."""
+        assert router.netns is not None
+        ns.nft_load(router.netns, portmap.UPNP_RULESET)
+        config = self.log_dir / f"miniupnpd-{router.name}.conf"
+        config.write_text(portmap.miniupnpd_config(wan_if="wan", lan_if="lan", lan_subnet=lan_subnet(router.index),
+                                                   stun_host=SERVER_ADDRESSES[0]))
+        log_path = self.log_dir / f"miniupnpd-{router.name}.log"
+        proc = start_daemon(router.netns, portmap.miniupnpd_argv(config, self.log_dir / f"miniupnpd-{router.name}.pid"),
+                            log_path=log_path)
+        self._shapers.append(proc)
+        return proc
+
+    def _wait_miniupnpd(self, router: LabRouter, proc: subprocess.Popen[str]) -> None:
+        assert router.netns is not None
+        log_path = self.log_dir / f"miniupnpd-{router.name}.log"
+        # miniupnpd answers NAT-PMP only after its STUN check (a few ms here, up to 3 s per missing answer)
+        if not _answers_within(router.netns, proc, _natpmp_answers, lan_gateway(router.index)):
+            raise ns.LabError(f"miniupnpd on router {router.name} did not start (log: {log_path})")
+
+    def miniupnpd_log(self, router: str) -> str:
+        """What miniupnpd on ``router`` has logged so far ('' if it runs none)."""
+        return _read_text(self.log_dir / f"miniupnpd-{router}.log")
 
     def _build_router6(self, router: LabRouter) -> None:
         """IPv6 on a router: WAN and LAN addresses, routes, and the RFC 6092 firewall on the home router
@@ -444,6 +492,7 @@ class Lab:
             "routers": [
                 {"name": r.name, "nat": r.spec.nat.value, "syn_policy": r.spec.syn_policy.value,
                  "hosts": r.spec.hosts, "wan": r.wan_address, "wan6": r.wan_address6,
+                 "port_mapping": r.spec.port_mapping,
                  "netns": r.netns, "outer_netns": r.outer_netns,
                  "delay_ms": r.spec.link.delay_ms, "jitter_ms": r.spec.link.jitter_ms, "loss": r.spec.link.loss}
                 for r in self.routers.values()
@@ -471,10 +520,58 @@ class Lab:
             raise ns.LabError(f"no running lab {prefix!r} (no {path})") from None
         routers = [
             RouterSpec(r["name"], NatType(r["nat"]), SynPolicy(r["syn_policy"]), int(r["hosts"]),
-                       LinkShape(float(r["delay_ms"]), float(r["jitter_ms"]), float(r["loss"])))
+                       LinkShape(float(r["delay_ms"]), float(r["jitter_ms"]), float(r["loss"])),
+                       port_mapping=bool(r.get("port_mapping", False)))
             for r in data["routers"]
         ]
         return cls(LabSpec(routers, ipv6=bool(data.get("ipv6", False))), prefix=prefix)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _answers_within(netns: str, proc: subprocess.Popen[Any], question: Callable[..., bool], *args: Any) -> bool:
+    """Ask ``question(*args)`` (a bounded UDP exchange) from ``netns`` until it says yes, the daemon died, or
+    _DAEMON_READY_S passed."""
+    deadline = time.monotonic() + _DAEMON_READY_S
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pool.submit(ns.call_in_netns, netns, lambda: question(*args)).result(_DAEMON_READY_S):
+                return True
+    return False
+
+
+def _udp_answer(address: str, port: int, request: bytes, timeout: float = 0.2) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(request, (address, port))
+        try:
+            return sock.recv(2048)
+        except OSError:
+            return None
+
+
+def _stun_answers(address: str, port: int) -> bool:
+    """Whether a STUN Binding request to ``address:port`` (UDP) gets its answer within 0.2 s."""
+    request = binding_request(secrets.token_bytes(12))
+    data = _udp_answer(address, port, encode_message(request))
+    try:
+        return data is not None and parse_message(data).transaction_id == request.transaction_id
+    except StunParseError:
+        return False
+
+
+def _natpmp_answers(gateway: str) -> bool:
+    """Whether the gateway answers a NAT-PMP external-address request within 0.2 s."""
+    data = _udp_answer(gateway, natpmp.SERVER_PORT, natpmp.external_address_request())
+    try:
+        return data is not None and isinstance(natpmp.parse_response(data), natpmp.AddressResponse)
+    except natpmp.NatPmpParseError:
+        return False
 
 
 def running_labs() -> list[str]:

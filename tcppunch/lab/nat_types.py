@@ -114,9 +114,11 @@ _TRUTH: dict[NatType, NatTruth] = {
 }
 
 
-def router_ruleset(nat: NatType, policy: SynPolicy, *, wan_if: str, wan_ip: str) -> str:
+def router_ruleset(nat: NatType, policy: SynPolicy, *, wan_if: str, wan_ip: str,
+                   stun_server: tuple[str, str, int] | None = None) -> str:
     """The complete nftables rule set of one NAT router (for cgnat: of each of its two layers,
-    which are port-restricted)."""
+    which are port-restricted). ``stun_server`` (first address, last address, first port): UDP answers
+    from there (that port and the next) reach the router itself, which miniupnpd's STUN check needs."""
     if nat is NatType.NONE:
         raise ValueError("a 'none' host has no router")
     kind = NatType.PORT_RESTRICTED if nat is NatType.CGNAT else nat
@@ -128,7 +130,7 @@ def router_ruleset(nat: NatType, policy: SynPolicy, *, wan_if: str, wan_ip: str)
             *_prerouting(kind, wan_if),
             *_postrouting(kind, wan_if, wan_ip),
             *_recorder(kind, wan_if),
-            *_unsolicited(policy, wan_if),
+            *_unsolicited(policy, wan_if, stun_server),
             "}",
             "",
         ]
@@ -202,14 +204,19 @@ def _recorder(kind: NatType, wan_if: str) -> list[str]:
     return lines
 
 
-def _unsolicited(policy: SynPolicy, wan_if: str) -> list[str]:
+def _unsolicited(policy: SynPolicy, wan_if: str, stun_server: tuple[str, str, int] | None = None) -> list[str]:
     """Inbound connections nobody asked for: to the router itself (input) or routed inward (forward)."""
     if policy is SynPolicy.DROP:
         tcp_verdict, udp_verdict = "drop", "drop"
     else:
         tcp_verdict, udp_verdict = "reject with tcp reset", "reject"
+    trusted = []
+    if stun_server is not None:
+        first, last, port = stun_server
+        trusted.append(f'    iifname "{wan_if}" ip saddr {first}-{last} udp sport {port}-{port + 1} accept')
     return [
         "  chain input { type filter hook input priority filter; policy accept;",
+        *trusted,
         f'    iifname "{wan_if}" ct state new meta l4proto tcp {tcp_verdict}',
         f'    iifname "{wan_if}" ct state new meta l4proto udp {udp_verdict}',
         "  }",

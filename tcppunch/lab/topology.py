@@ -62,8 +62,12 @@ class RouterSpec:
     syn_policy: SynPolicy = SynPolicy.DROP
     hosts: int = 1
     link: LinkShape = field(default_factory=LinkShape)
+    # The router runs miniupnpd: UPnP-IGD, NAT-PMP and PCP on its LAN (a cgnat's home router only).
+    port_mapping: bool = False
 
     def __post_init__(self) -> None:
+        if self.port_mapping and self.nat is NatType.NONE:
+            raise ValueError(f"router {self.name}: a 'none' host has no router to map ports on")
         if not _NAME.match(self.name):
             raise ValueError(f"router name {self.name!r}: 1-8 characters, a-z then a-z/0-9")
         if not 1 <= self.hosts <= MAX_HOSTS_PER_ROUTER:
@@ -71,11 +75,14 @@ class RouterSpec:
 
     @classmethod
     def parse(cls, text: str, link: LinkShape | None = None) -> RouterSpec:
-        """Parse ``NAME=TYPE[:POLICY][xHOSTS]``, e.g. ``a=symmetric-seq:rst`` or ``b=cgnat x2``."""
+        """Parse ``NAME=TYPE[+upnp][:POLICY][xHOSTS]``, e.g. ``a=symmetric-seq:rst``, ``b=cgnat x2`` or
+        ``c=symmetric-random+upnp`` (the router runs miniupnpd: UPnP-IGD, NAT-PMP and PCP)."""
         name, sep, rest = text.partition("=")
         if not sep:
-            raise ValueError(f"{text!r}: expected NAME=TYPE[:drop|rst][xHOSTS]")
+            raise ValueError(f"{text!r}: expected NAME=TYPE[+upnp][:drop|rst][xHOSTS]")
         rest = rest.replace(" ", "")
+        port_mapping = "+upnp" in rest
+        rest = rest.replace("+upnp", "")
         hosts = 1
         if "x" in rest.rsplit(":", 1)[-1] and re.search(r"x\d+$", rest):
             rest, count = rest.rsplit("x", 1)
@@ -87,6 +94,7 @@ class RouterSpec:
             syn_policy=SynPolicy(policy or SynPolicy.DROP.value),
             hosts=hosts,
             link=link or LinkShape(),
+            port_mapping=port_mapping,
         )
 
 
@@ -140,6 +148,10 @@ def lan_address(index: int, host: int) -> str:
 
 def lan_gateway(index: int) -> str:
     return f"10.0.{index + 1}.1"
+
+
+def lan_subnet(index: int) -> str:
+    return f"10.0.{index + 1}.0/24"
 
 
 def carrier_address(index: int, home: bool) -> str:

@@ -13,6 +13,23 @@ def test_router_spec_parses_type_policy_and_hosts() -> None:
     r = RouterSpec.parse("a=symmetric-seq:rst x3")
     assert (r.name, r.nat, r.syn_policy, r.hosts) == ("a", NatType.SYMMETRIC_SEQ, SynPolicy.RST, 3)
     assert RouterSpec.parse("b=cgnat").syn_policy is SynPolicy.DROP
+    assert not RouterSpec.parse("b=cgnat").port_mapping
+
+
+def test_router_spec_parses_port_mapping() -> None:
+    r = RouterSpec.parse("c=symmetric-random+upnp:rst x2")
+    assert (r.nat, r.syn_policy, r.hosts, r.port_mapping) == (NatType.SYMMETRIC_RANDOM, SynPolicy.RST, 2, True)
+    with pytest.raises(ValueError, match="no router"):
+        RouterSpec.parse("p=none+upnp")
+
+
+def test_port_mapping_router_admits_stun_answers_only_when_asked() -> None:
+    plain = router_ruleset(NatType.SYMMETRIC_RANDOM, SynPolicy.DROP, wan_if="wan", wan_ip="198.51.100.101")
+    mapped = router_ruleset(NatType.SYMMETRIC_RANDOM, SynPolicy.DROP, wan_if="wan", wan_ip="198.51.100.101",
+                            stun_server=("198.51.100.10", "198.51.100.11", 3490))
+    rule = 'iifname "wan" ip saddr 198.51.100.10-198.51.100.11 udp sport 3490-3491 accept'
+    assert rule not in plain and rule in mapped
+    assert mapped.index(rule) < mapped.index("ct state new meta l4proto udp drop")
 
 
 @pytest.mark.parametrize("text", ["noequals", "a=wormhole", "a=full-cone:maybe", "Bad=none", "a=none x9"])
