@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, SynResponse
+from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, PortMappingProtocol, SynResponse
 from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import ProtocolError, encode_frame
 
@@ -288,6 +288,19 @@ def _check_nat_shape(name: str, value: dict[str, Any]) -> None:
     _nullable_str(name, value, "verdict", MAX_VERDICT)
     for item in _list(name, value, "untested", MAX_UNTESTED):
         _text(f"{name}.untested", item)
+    _check_port_mapping_shape(f"{name}.port_mapping", _sub_object(name, value, "port_mapping"))
+
+
+def _check_port_mapping_shape(name: str, value: dict[str, Any]) -> None:
+    for item in _list(name, value, "protocols", len(PortMappingProtocol)):
+        _enum({"protocols": item}, "protocols", PortMappingProtocol)
+    mapping = _sub_object(name, value, "mapping")
+    if mapping:
+        _enum(mapping, "protocol", PortMappingProtocol)
+        _endpoint(mapping, "external")
+        _int(mapping, "internal_port", low=1, high=65535)
+        _int(mapping, "lifetime", high=2**32 - 1)
+    _nullable_str(name, value, "error", MAX_VERDICT)
 
 
 def _sub_object(name: str, value: dict[str, Any], key: str) -> dict[str, Any]:
