@@ -4,6 +4,7 @@
 * bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
 * bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
+* bench_coordinator.py: one coordinator's rendezvous rate at 50,000 registered peers vs at 200 (loopback).
 
 Figures and the exact commands are kept in docs/benchmarks.md.
 """
@@ -21,6 +22,7 @@ RUNS = [
     ["bench_relay.py", "--lab", "--reps", "3", "--bytes", str(256 * 1024 * 1024),
      "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
     ["bench_expose.py", "--bytes", str(256 * 1024 * 1024), "--reps", "3"],
+    ["bench_coordinator.py"],
 ]
 
 

@@ -81,6 +81,11 @@ class CoordinatorConfig:
     stale_after: float = 7.5
     # A peer silent this long is removed and its sessions cancelled.
     keepalive_timeout: float = 15.0
+    # Keepalive budget: pings per second the server sends at most on average. A peer registering when more
+    # than keepalive_interval x this many peers are registered gets all three keepalive times above scaled
+    # up in proportion (announced in its REGISTERED), so keepalive work stays bounded however many peers
+    # register: at 50,000 peers, 50 s / 75 s / 150 s.
+    max_pings_per_second: float = 1000.0
     # Preamble + first frame (REGISTER or RELAY) must arrive within this after the TCP accept.
     handshake_timeout: float = 5.0
     # Punch deadline = fire time + punch_window (what each peer gets as deadline_ms).
@@ -421,12 +426,11 @@ class CoordinatorProtocol:
         record = self.registry.get(peer_id)
         if record is None:
             return []
-        if now - record.last_heard >= cfg.keepalive_timeout:
+        timeout = cfg.keepalive_timeout * record.keepalive_scale
+        if now - record.last_heard >= timeout:
             peer_conn = self._conns.get(record.conn)
             if peer_conn is not None:
-                return self._fail(
-                    peer_conn, ErrorCode.KEEPALIVE_TIMEOUT, f"nothing heard for {cfg.keepalive_timeout:g}s"
-                )
+                return self._fail(peer_conn, ErrorCode.KEEPALIVE_TIMEOUT, f"nothing heard for {timeout:g}s")
             return self._remove_peer(record, reason="keepalive timeout")  # defensive: no connection
         if now >= record.next_ping_at:
             return self._ping(record, now)
@@ -435,7 +439,7 @@ class CoordinatorProtocol:
 
     def _arm_peer(self, record: PeerRecord) -> None:
         """The peer's one timer: its next ping, or its keepalive timeout if that comes first."""
-        when = min(record.next_ping_at, record.last_heard + self.config.keepalive_timeout)
+        when = min(record.next_ping_at, record.last_heard + self.config.keepalive_timeout * record.keepalive_scale)
         self._timers.schedule((_Timer.PEER, record.id), when)
 
     def relay_finished(self, session_id: str) -> None:
@@ -506,7 +510,7 @@ class CoordinatorProtocol:
         existing = self.registry.get(msg.id)
         if existing is not None:
             silent = now - existing.last_heard
-            if silent < cfg.stale_after:
+            if silent < cfg.stale_after * existing.keepalive_scale:
                 return self._fail(
                     c, ErrorCode.ID_TAKEN, f"id {msg.id!r} is registered by a live connection"
                 )
@@ -516,6 +520,8 @@ class CoordinatorProtocol:
                 actions += self._fail(old, ErrorCode.REPLACED, "a new registration replaced this one")
             else:  # defensive: a record without a connection
                 actions += self._remove_peer(existing, reason="replaced")
+        # Keepalive budget (see CoordinatorConfig.max_pings_per_second).
+        scale = max(1.0, len(self.registry) / (cfg.keepalive_interval * cfg.max_pings_per_second))
         record = PeerRecord(
             id=msg.id,
             conn=c.id,
@@ -527,6 +533,7 @@ class CoordinatorProtocol:
             last_heard=now,
             next_ping_at=now,
             ipv6=_ipv6_of(c.observed, msg.ipv6),
+            keepalive_scale=scale,
         )
         self.registry.add(record)
         self._set_state(c, ConnState.PEER)
@@ -534,7 +541,7 @@ class CoordinatorProtocol:
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         self.stats.registrations += 1
         log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
-        reply = Registered(msg.id, c.observed, cfg.keepalive_interval, cfg.keepalive_timeout)
+        reply = Registered(msg.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale)
         actions.append(Send(c.id, encode_message(reply)))
         # The first ping right away: an RTT estimate exists one round trip after registering.
         actions += self._ping(record, now)
@@ -546,7 +553,7 @@ class CoordinatorProtocol:
         record.pings_in_flight[seq] = now
         while len(record.pings_in_flight) > self.config.max_pings_in_flight:
             record.pings_in_flight.pop(next(iter(record.pings_in_flight)))
-        record.next_ping_at = now + self.config.keepalive_interval
+        record.next_ping_at = now + self.config.keepalive_interval * record.keepalive_scale
         self._arm_peer(record)
         return [Send(record.conn, encode_message(Ping(seq)))]
 

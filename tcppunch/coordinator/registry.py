@@ -52,6 +52,8 @@ class PeerRecord:
     next_ping_at: float
     # IPv6 endpoints: what REGISTER claimed, plus the control connection's own source if it came over IPv6.
     ipv6: tuple[Endpoint, ...] = ()
+    # Multiplier of the configured keepalive times for this peer (> 1 when many peers are registered).
+    keepalive_scale: float = 1.0
     rtt: RttEstimator = field(default_factory=RttEstimator)
     # seq -> send time of pings not yet answered (bounded: old ones are dropped).
     pings_in_flight: dict[int, float] = field(default_factory=dict)

@@ -6,7 +6,7 @@ import random
 
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.timers import TimerHeap
-from tcppunch.wire.coord import Connect, Ping, Pong
+from tcppunch.wire.coord import Connect, Ping, Pong, Registered
 
 from .test_coord_protocol import Harness, assert_fatal
 
@@ -111,3 +111,20 @@ def test_an_unregistered_peer_leaves_no_live_timer() -> None:
     alice = h.register("alice")
     h.lose(alice)
     assert h.proto.next_deadline() is None
+
+
+def test_keepalive_times_scale_with_the_number_of_peers() -> None:
+    """Past interval x max_pings_per_second peers, a newcomer's keepalive times grow in proportion."""
+    config = CoordinatorConfig(keepalive_interval=5.0, keepalive_timeout=15.0, max_pings_per_second=1.0)
+    h = Harness(config)
+    conns = [h.register(f"p{i}") for i in range(11)]
+    first, last = (next(m for m in h.take(c) if isinstance(m, Registered)) for c in (conns[0], conns[-1]))
+    assert (first.keepalive_interval, first.keepalive_timeout) == (5.0, 15.0)
+    assert (last.keepalive_interval, last.keepalive_timeout) == (10.0, 30.0)  # 10 peers / (5 s x 1/s)
+    h.tick(115.0)
+    assert_fatal(h, conns[0], "keepalive-timeout")
+    assert not h.wires[conns[-1]].closed
+    record = h.proto.registry.get("p10")
+    assert record is not None and record.next_ping_at == 125.0  # pinged at 100 and (late) at 115: every 10 s
+    h.tick(130.0)
+    assert_fatal(h, conns[-1], "keepalive-timeout")
