@@ -26,6 +26,7 @@ from tcppunch.lab.topology import SERVER_ADDRESSES
 from tcppunch.nat.detect import detect
 from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, ConnectionInfo, Method, Peer, RelayMode
+from tcppunch.punch.plan import CandidateKind
 from tcppunch.wire.endpoint import Endpoint
 
 TOKEN = "lab-token"
@@ -45,6 +46,7 @@ class PairResult:
     error: str | None = None
     attempts: list[str] = field(default_factory=list)
     relay_reason: str | None = None
+    candidate: CandidateKind | None = None  # the kind of candidate a direct connection won through
 
 
 class LabRunner:
@@ -123,7 +125,8 @@ class LabRunner:
             return PairResult(a.name, b.name, info.method, False, error=f"listener: {exc}")
         ok = got_up == hashlib.sha256(down).digest() and got_down == hashlib.sha256(up).digest()
         return PairResult(a.name, b.name, info.method, ok, info.timings.get("total"),
-                          attempts=[str(x) for x in info.attempts], relay_reason=info.relay_reason)
+                          attempts=[str(x) for x in info.attempts], relay_reason=info.relay_reason,
+                          candidate=info.candidate)
 
 
 async def _wait(future: asyncio.Future[None]) -> None:

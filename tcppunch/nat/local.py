@@ -12,6 +12,8 @@ from typing import Any
 
 import netifaces
 
+from tcppunch.wire.endpoint import routable_ipv6
+
 
 @dataclass(frozen=True)
 class LocalInterface:
@@ -41,6 +43,11 @@ class LocalNetwork:
                     continue
                 out.append(address)
         return tuple(out)
+
+    def global_ipv6(self) -> tuple[str, ...]:
+        """This host's IPv6 addresses that others across the internet can reach (see
+        :func:`~tcppunch.wire.endpoint.routable_ipv6`), in interface order: its IPv6 candidates."""
+        return tuple(a for a in self.addresses() if routable_ipv6(a))
 
     def owns(self, address: str) -> bool:
         """Whether ``address`` is one of this host's own addresses."""

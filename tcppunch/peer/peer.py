@@ -26,8 +26,9 @@ from tcppunch.coordinator.control import (
     punch_plan,
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
+from tcppunch.nat.local import local_network
 from tcppunch.nat.report import MappingBehaviour, NatReport
-from tcppunch.nat.sockets import endpoint_of, route_source_ip
+from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.peer.sessions import (
     PREFACE_DEDICATED,
@@ -40,7 +41,8 @@ from tcppunch.peer.sessions import (
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
-from tcppunch.punch.plan import PunchAttempt, PunchFailed, PunchPlan
+from tcppunch.punch.plan import CandidateKind, PunchAttempt, PunchFailed, PunchPlan, PunchResult
+from tcppunch.punch.sockets import reuse_listener
 from tcppunch.session.driver import MuxStream
 from tcppunch.wire.coord import Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
@@ -62,7 +64,8 @@ class Peer:
     ``on_stage(name, data)``: progress callbacks (detect, registered, schedule, punch, direct, relay,
     relayed, refused, incoming_failed, ...). ``accept_filter(peer_id, peer_nat)``: asked for each incoming
     session before any punching; False refuses it (the caller's ``connect()`` fails with code
-    ``cancelled`` and a reason that says ``refused``).
+    ``cancelled`` and a reason that says ``refused``). ``ipv6``: announce this host's global IPv6 address
+    (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Peer:
         on_stage: Callable[[str, dict[str, Any]], None] | None = None,
         accept_filter: Callable[[str, NatReport | None], bool] | None = None,
         reconnect: bool = True,
+        ipv6: bool = True,
     ) -> None:
         self.coordinator = Endpoint.parse(coordinator, DEFAULT_PORT) if isinstance(coordinator, str) else coordinator
         self.peer_id = peer_id
@@ -95,6 +99,8 @@ class Peer:
         self._on_stage = on_stage
         self._accept_filter = accept_filter
         self._reconnect = reconnect
+        self._ipv6 = ipv6
+        self._local6: Endpoint | None = None  # our IPv6 punch endpoint (global address, punch port)
         self._channel: ControlChannel | None = None
         self._dispatcher: PortDispatcher | None = None
         # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
@@ -132,10 +138,14 @@ class Peer:
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
         port = self._port or _free_port(self._bind)
+        # Over an IPv6 control connection our punch endpoint is IPv6 already; with a coordinator on loopback
+        # every peer is on this host and IPv6 adds nothing.
+        v4_coordinator = family_of(self.coordinator.ip) == socket.AF_INET and not self.coordinator.ip.startswith("127.")
+        self._local6 = _ipv6_endpoint(port) if self._ipv6 and v4_coordinator else None
         registration = await self._register(Endpoint(self._bind, port))
         if not self.sequential_nat:
             # Many punches share our one punch port: one listener routes incoming connections by session.
-            self._dispatcher = PortDispatcher(registration.local)
+            self._dispatcher = PortDispatcher(registration.local, also=[self._local6] if self._local6 else [])
             self._dispatcher.start()
         self._serving = loop.create_task(self._serve())
 
@@ -143,7 +153,8 @@ class Peer:
         loop = asyncio.get_running_loop()
         private = [Endpoint(route_source_ip(self.coordinator.ip), local.port)]
         channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
-                                 private=private, swarm=self.swarm)
+                                 private=private, swarm=self.swarm,
+                                 ipv6=[self._local6.ip] if self._local6 is not None else [])
         registered_at = loop.time()
         registration = await channel.register()
         self._channel = channel
@@ -437,7 +448,7 @@ class Peer:
         timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
-                              order.role, result.attempts, timings)
+                              order.role, result.attempts, timings, candidate=_winning_kind(result))
         self._stage("direct", info.to_json())
         await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
         return result.sock, info
@@ -478,7 +489,7 @@ class Peer:
         # takes the NAT's next port), and reusing the control port would repeat last session's 5-tuple,
         # whose NAT entry may still be alive with last session's public port: use a fresh local port.
         local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
-        return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip)
+        return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip, local6=self._local6)
 
     async def _report(self, order: PunchOrder, outcome: Outcome, details: dict[str, Any]) -> None:
         with contextlib.suppress(CoordinatorError, ConnectionError, OSError):
@@ -539,6 +550,27 @@ async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
             raise EOFError(f"connection closed after {len(data)} of {size} bytes")
         data += chunk
     return data
+
+
+def _ipv6_endpoint(port: int) -> Endpoint | None:
+    """Our IPv6 punch endpoint: the first global IPv6 address of this host where ``port`` is free too
+    (no NAT66: it is also our public IPv6 endpoint), or None."""
+    for address in local_network().global_ipv6():
+        candidate = Endpoint(address, port)
+        try:
+            reuse_listener(candidate).close()
+        except OSError:
+            continue
+        return candidate
+    return None
+
+
+def _winning_kind(result: PunchResult) -> CandidateKind | None:
+    """The kind of candidate a punch won through; an incoming IPv6 connection counts as IPv6 even when
+    it came from an endpoint we had not targeted (no NAT66: it is the peer's own address)."""
+    if result.candidate is not None:
+        return result.candidate.kind
+    return CandidateKind.IPV6 if family_of(result.remote.ip) == socket.AF_INET6 else None
 
 
 def _free_port(bind: str) -> int:

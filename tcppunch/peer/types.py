@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from tcppunch.punch.plan import PunchAttempt
+from tcppunch.punch.plan import CandidateKind, PunchAttempt
 from tcppunch.wire.coord import ErrorCode, Role
 from tcppunch.wire.endpoint import Endpoint
 
@@ -72,6 +72,9 @@ class ConnectionInfo:
     # relay (joining the relay), total (connect() call or PUNCH receipt -> usable connection).
     timings: dict[str, float] = field(default_factory=dict)
     relay_reason: str | None = None
+    # Which kind of candidate the direct connection won through (ipv6, observed, predicted, ...);
+    # None for a relay, or an incoming IPv4 connection from an endpoint we had not targeted.
+    candidate: CandidateKind | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +87,7 @@ class ConnectionInfo:
             "attempts": [str(a) for a in self.attempts],
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "relay_reason": self.relay_reason,
+            "candidate": None if self.candidate is None else self.candidate.value,
         }
 
 

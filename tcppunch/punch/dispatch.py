@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Sequence
 
 import structlog
 
@@ -29,19 +30,29 @@ MAX_UNIDENTIFIED = 64
 
 
 class PortDispatcher:
-    """Accepts on ``local`` and routes each connection to the punch whose session its HELLO names."""
+    """Accepts on ``local`` (and on the ``also`` endpoints, e.g. our IPv6 address with the same port) and
+    routes each connection to the punch whose session its HELLO names."""
 
-    def __init__(self, local: Endpoint, *, backlog: int = 64) -> None:
+    def __init__(self, local: Endpoint, *, backlog: int = 64, also: Sequence[Endpoint] = ()) -> None:
         self.listener = reuse_listener(local, backlog)
-        self.listener.setblocking(False)
+        self.listeners = [self.listener]
+        try:
+            self.listeners += [reuse_listener(extra, backlog) for extra in also]
+        except BaseException:
+            for listener in self.listeners:
+                listener.close()
+            raise
+        for listener in self.listeners:
+            listener.setblocking(False)
         self.local = endpoint_of(self.listener.getsockname())
         self._routes: dict[bytes, asyncio.Queue[socket.socket]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._identifying: set[asyncio.Task[None]] = set()
         self.rejected = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._accept_loop(listener)) for listener in self.listeners]
 
     def register(self, session_id: str) -> asyncio.Queue[socket.socket]:
         """The queue on which connections for ``session_id`` arrive (pass it to ``punch(inbound=...)``)."""
@@ -55,21 +66,22 @@ class PortDispatcher:
             close_quietly(queue.get_nowait())
 
     async def close(self) -> None:
-        for task in [*([self._task] if self._task else []), *self._identifying]:
+        for task in [*self._tasks, *self._identifying]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         for session_tag_ in list(self._routes):
             queue = self._routes.pop(session_tag_)
             while not queue.empty():
                 close_quietly(queue.get_nowait())
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.listener)
+                conn, _ = await loop.sock_accept(listener)
             except OSError as exc:  # EMFILE and the like: note it, keep serving
                 _log.warning("dispatch.accept_error", error=str(exc))
                 await asyncio.sleep(0.05)

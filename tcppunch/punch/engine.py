@@ -12,7 +12,7 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
    sockets are bound to ``plan.local6``, and an own listener listens there too. With ``low_ttl`` those
    first SYNs carry a low TTL (restored right after ``connect()``: the kernel's SYN retransmission and the SYN-ACK of a
    simultaneous open carry the normal one).
-3. A candidate whose SYN meets a RST is retried (``plan.retry``) until the deadline. A SYN without any
+3. A candidate whose SYN meets a RST is retried (``plan.retry_for``) until the deadline. A SYN without any
    answer after ``plan.resyn_after`` is sent again from a fresh socket on the same 4-tuple (instead of
    waiting for the kernel's 1 s retransmission) — but only while the socket is still in ``SYN_SENT``,
    where closing sends nothing; a socket further into a simultaneous open is never abandoned.
@@ -327,6 +327,7 @@ class _Punch:
     async def _candidate(self, cand: Candidate, sock: socket.socket | None, err: int) -> None:
         """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
         plan = self.plan
+        retry = plan.retry_for(cand)
         tries = 1
         while True:
             outcome, detail = await self._await_connect(sock, err)
@@ -347,9 +348,9 @@ class _Punch:
                 self.pending.pop(cand, None)
                 if sock is not None:
                     close_quietly(sock)
-            if outcome is AttemptOutcome.TIMEOUT or tries >= plan.retry.max_tries:
+            if outcome is AttemptOutcome.TIMEOUT or tries >= retry.max_tries:
                 return
-            delay = plan.retry.delay(self._t(), self.rng.random())
+            delay = retry.delay(self._t(), self.rng.random())
             if self.loop.time() + delay >= plan.deadline:
                 return
             await asyncio.sleep(delay)

@@ -106,6 +106,8 @@ class PunchPlan:
     trips to the peer; None = leave it to the kernel's retransmission, 1 s, 3 s, ...).
     ``local6``: the IPv6 endpoint (our own global address, same port as ``local`` by convention) that
     IPv6 candidates' sockets are bound to; required when there are IPv6 candidates.
+    ``retry6``: the retry policy of IPv6 candidates (no NAT66: a retry costs no mapping, so the fast
+    default even when ``retry`` is slow for our IPv4 NAT).
     ``attempt_delay``: the Happy-Eyeballs stagger (RFC 8305): IPv6 candidates fire at ``fire_at``, the
     others this much later unless a connection came up by then (see :func:`waves`). Both peers apply the
     same stagger, so their IPv4 SYNs still leave at the same moment.
@@ -125,6 +127,7 @@ class PunchPlan:
     backlog: int = 16
     local6: Endpoint | None = None
     attempt_delay: float = HAPPY_EYEBALLS_DELAY
+    retry6: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         if not self.session_id or len(self.session_id) > SESSION_ID_MAX:
@@ -147,6 +150,11 @@ class PunchPlan:
             raise ValueError("IPv6 candidates need local6 (the IPv6 endpoint to send from)")
         if self.attempt_delay < MIN_ATTEMPT_DELAY:
             raise ValueError(f"attempt_delay must be at least {MIN_ATTEMPT_DELAY} s (RFC 8305)")
+
+
+    def retry_for(self, cand: Candidate) -> RetryPolicy:
+        """The retry policy of ``cand``'s address family."""
+        return self.retry6 if cand.is_ipv6 else self.retry
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,10 @@ def test_waves_race_ipv6_first_then_the_rest_after_the_attempt_delay() -> None:
 def test_ipv6_plan_validation(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         plan(**changes)
+
+
+def test_ipv6_candidates_retry_by_their_own_policy() -> None:
+    slow = RetryPolicy(base=0.2, fast_window=0.0)
+    p = plan(candidates=(C1, V6), local6=LOCAL6, retry=slow)
+    assert p.retry_for(C1) is slow
+    assert p.retry_for(V6) == RetryPolicy()  # no NAT66: a retry costs no mapping
