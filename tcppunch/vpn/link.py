@@ -1,0 +1,107 @@
+"""Carry IP packets between a TUN interface and a byte stream (a session stream, or any TCP stream).
+
+TUN -> stream: packets the kernel routes into the interface go into a :class:`DropQueue`; one sender
+task writes whatever is queued as length-prefixed frames and waits for the stream to drain. While it
+waits, new packets queue up to the bound and are dropped beyond it, so the outer TCP never builds a deep
+queue (TCP over TCP). Stream -> TUN: frames are decoded and written to the interface at once.
+
+The link ends when the stream ends (EOF, error, bad framing): :func:`carry` returns why, and leaves the
+TUN device open for the next stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from tcppunch.vpn.packets import DropQueue, FramingError, PacketDecoder, encode_packet
+from tcppunch.vpn.tun import Tun
+
+READ_SIZE = 256 * 1024
+
+
+class PacketReader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class PacketWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
+@dataclass
+class LinkStats:
+    """Counts of one link's life."""
+
+    sent: int = 0
+    received: int = 0
+    dropped: int = 0
+    rejected: int = 0  # packets from the stream the kernel would not take
+
+
+def set_nodelay(writer: PacketWriter) -> None:
+    """TCP_NODELAY on the TCP socket under ``writer``, when there is one: a packet must not wait for the
+    previous one's ACK (Nagle) when the inner protocol is latency-sensitive (ping, ssh, TCP's own ACKs)."""
+    sock = writer.get_extra_info("socket")
+    if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def carry(tun: Tun, reader: PacketReader, writer: PacketWriter, *, queue: DropQueue | None = None,
+                stats: LinkStats | None = None) -> str:
+    """Move packets both ways between ``tun`` and the stream until the stream ends; return why."""
+    queue = queue or DropQueue()
+    stats = stats or LinkStats()
+    wake = asyncio.Event()
+    dropped_before = queue.stats.dropped
+
+    def from_tun(packets: list[bytes]) -> None:
+        for packet in packets:
+            queue.offer(packet)
+        wake.set()
+
+    async def send() -> str:
+        while True:
+            await wake.wait()
+            wake.clear()
+            packets = queue.take_all()
+            if packets:
+                writer.write(b"".join(encode_packet(p) for p in packets))
+                stats.sent += len(packets)
+                await writer.drain()
+            stats.dropped = queue.stats.dropped - dropped_before
+
+    async def receive() -> str:
+        decoder = PacketDecoder()
+        while data := await reader.read(READ_SIZE):
+            for packet in decoder.feed(data):
+                stats.received += 1
+                if not tun.write(packet):
+                    stats.rejected += 1
+        return "the other side closed the stream"
+
+    queue.take_all()  # packets of an earlier link are stale
+    tun.attach(from_tun)
+    tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(send())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = done.pop()
+        try:
+            return first.result()
+        except FramingError as exc:
+            return f"bad packet framing from the other side: {exc}"
+        except (ConnectionError, OSError) as exc:
+            return str(exc) or exc.__class__.__name__
+    finally:
+        tun.detach()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stats.dropped = queue.stats.dropped - dropped_before
