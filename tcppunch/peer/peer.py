@@ -30,11 +30,13 @@ from tcppunch.nat.local import local_network
 from tcppunch.nat.report import MappingBehaviour, NatReport
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
+from tcppunch.peer.race import RELAY_AFTER, ConnectionRace, Established
 from tcppunch.peer.sessions import (
     PREFACE_DEDICATED,
     PREFACE_SESSION,
     PREFACE_SIZE,
     PREFACE_TIMEOUT,
+    PREFACE_UPGRADE,
     PeerSession,
     SessionPool,
 )
@@ -265,8 +267,41 @@ class Peer:
         return self._sessions.sessions()
 
     async def _connect_session(self, peer_id: str) -> Connection:
-        sock, info = await self.connect_raw(peer_id, None, preface=PREFACE_SESSION)
-        return await _wrap(sock, info)
+        (sock, info), race = await self._connect_race(peer_id, None, PREFACE_SESSION)
+        conn = await _wrap(sock, info)
+        if info.method is Method.RELAY and race.running:
+            self._spawn(self._upgrade_later(race, info.session_id))  # the punch goes on: move when it wins
+        else:
+            await race.cancel()
+        return conn
+
+    async def _upgrade_later(self, race: ConnectionRace, session_id: str) -> None:
+        """Initiator: the punch that kept running won after the session started on the relay: tell the
+        other side (UPGRADE preface on the direct connection) and move the session there."""
+        try:
+            while (later := await race.next()) is not None:
+                sock, info = later
+                entry = self._sessions.by_connection(session_id)
+                if info.method is not Method.DIRECT or entry is None or entry.session.closed:
+                    sock.close()
+                    continue
+                await asyncio.get_running_loop().sock_sendall(sock, PREFACE_UPGRADE)
+                await self._migrate(entry, await _wrap(sock, info))
+                return
+        except (ConnectFailed, ConnectionError, OSError) as exc:
+            self._log.info("peer.upgrade_failed", session=session_id, error=str(exc))
+        finally:
+            await race.cancel()
+
+    async def _migrate(self, entry: PeerSession, conn: Connection) -> None:
+        await entry.session.migrate(conn.reader, conn.writer, conn.info.method.value)
+        self._stage("upgraded", {"peer": entry.peer, "history": entry.session.describe_history(),
+                                 "remote": str(conn.remote)})
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _session_started(self, entry: PeerSession) -> None:
         self._stage("session", entry.to_json())
@@ -296,19 +331,25 @@ class Peer:
                 return
 
     # ------------------------------------------------------------------ internals
-    async def connect_raw(self, peer_id: str, relay: RelayMode | None, *, preface: bytes = PREFACE_DEDICATED
-                          ) -> tuple[socket.socket, ConnectionInfo]:
-        """A connected socket to ``peer_id`` on which ``preface`` was sent (it tells the other side what
-        the connection is for: a session or a dedicated connection)."""
+    async def connect_raw(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
+        """A dedicated connection to ``peer_id`` as a connected socket."""
+        first, race = await self._connect_race(peer_id, relay, PREFACE_DEDICATED)
+        await race.cancel()
+        return first
+
+    async def _connect_race(self, peer_id: str, relay: RelayMode | None, preface: bytes
+                            ) -> tuple[Established, ConnectionRace]:
+        """The first connection to ``peer_id``, on which ``preface`` was sent (it tells the other side what
+        the connection is for), and the race that may still yield a direct one."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         if not self.sequential_nat:
-            sock, info = await self._request_and_establish(peer_id, started, relay)
+            (sock, info), race = await self._request_and_establish(peer_id, started, relay, preface)
         else:
             async with self._nat_turn:
                 await self._refresh_observed()
                 try:
-                    sock, info = await self._request_and_establish(peer_id, started, relay)
+                    (sock, info), race = await self._request_and_establish(peer_id, started, relay, preface)
                 finally:
                     await self._refresh_observed()  # the punch moved our NAT's counter: tell whoever is next
         try:
@@ -316,11 +357,12 @@ class Peer:
             await loop.sock_sendall(sock, preface)
         except OSError as exc:
             sock.close()
+            await race.cancel()
             raise ConnectFailed(f"connection to {peer_id} broke at once: {exc}", peer=peer_id) from exc
-        return sock, info
+        return (sock, info), race
 
-    async def _request_and_establish(self, peer_id: str, started: float, relay: RelayMode | None
-                                     ) -> tuple[socket.socket, ConnectionInfo]:
+    async def _request_and_establish(self, peer_id: str, started: float, relay: RelayMode | None, preface: bytes
+                                     ) -> tuple[Established, ConnectionRace]:
         mode = relay or self.relay_mode
         self._stage("schedule", {"peer": peer_id})
         try:
@@ -329,7 +371,7 @@ class Peer:
             raise ConnectFailed(f"the coordinator refused: {exc.message} ({exc.code})", peer=peer_id,
                                 code=exc.code) from exc
         try:
-            return await self._establish(order, started, mode)
+            return await self._establish(order, started, mode, relay_early=preface == PREFACE_SESSION)
         except asyncio.CancelledError:  # connect() timed out or the caller cancelled it
             await self._abandon(order)
             raise
@@ -378,46 +420,99 @@ class Peer:
             if self.sequential_nat:
                 async with self._nat_turn:
                     try:
-                        established = await self._establish(order, order.received_at, self.relay_mode)
+                        first, race = await self._establish(order, order.received_at, self.relay_mode)
                     finally:
                         await self._refresh_observed()  # ready for whoever connects next
             else:
-                established = await self._establish(order, order.received_at, self.relay_mode)
+                first, race = await self._establish(order, order.received_at, self.relay_mode)
         except ConnectFailed as exc:
             self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id, "code": exc.code,
                                             "error": str(exc).splitlines()[0]})
             return
-        sock, info = established
         try:
-            sock.setblocking(False)
-            preface = await asyncio.wait_for(_recv_exactly(sock, PREFACE_SIZE), PREFACE_TIMEOUT)
-        except (OSError, TimeoutError, EOFError) as exc:
-            preface = f"nothing ({exc!r})".encode()
-        if preface == PREFACE_SESSION:
-            self._sessions.add(await _wrap(sock, info))
-        elif preface == PREFACE_DEDICATED:
-            await self._incoming.put(established)
-        else:
-            sock.close()
-            self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id, "code": "preface",
-                                            "error": f"not a tcppunch peer connection: it began with {preface!r}"})
+            await self._route_incoming(order, first, race)
+        finally:
+            await race.cancel()
 
-    async def _establish(self, order: PunchOrder, started: float, mode: RelayMode
-                         ) -> tuple[socket.socket, ConnectionInfo]:
-        """Punch (and/or relay) as ``order`` says; return a raw connected socket and what we know."""
+    async def _route_incoming(self, order: PunchOrder, first: Established, race: ConnectionRace) -> None:
+        """Each connection of an incoming punch session says what it is for (its preface): a session, a
+        dedicated connection, or the direct path a session that started on the relay moves to."""
+        entry: PeerSession | None = None
+        current: Established | None = first
+        while current is not None:
+            sock, info = current
+            try:
+                sock.setblocking(False)
+                preface = await asyncio.wait_for(_recv_exactly(sock, PREFACE_SIZE), PREFACE_TIMEOUT)
+            except (OSError, TimeoutError, EOFError) as exc:
+                preface = f"nothing ({exc!r})".encode()
+            if preface == PREFACE_SESSION and entry is None:
+                entry = self._sessions.add(await _wrap(sock, info))
+                if info.method is Method.DIRECT:
+                    return
+            elif preface == PREFACE_DEDICATED and entry is None:
+                await self._incoming.put(current)
+                return
+            elif preface == PREFACE_UPGRADE and entry is not None and not entry.session.closed:
+                await self._migrate(entry, await _wrap(sock, info))
+                return
+            else:
+                sock.close()
+                if not preface.startswith(b"nothing"):
+                    self._stage("incoming_failed", {"peer": order.peer_id, "session": order.session_id,
+                                                    "code": "preface",
+                                                    "error": f"not a tcppunch peer connection: began {preface!r}"})
+            try:
+                current = await race.next()
+            except ConnectFailed:
+                return
+
+    async def _establish(self, order: PunchOrder, started: float, mode: RelayMode, *, relay_early: bool = True
+                         ) -> tuple[Established, ConnectionRace]:
+        """Punch (and/or relay) as ``order`` says; the first connection (a raw connected socket and what
+        we know) and the race, which may still yield a direct connection after a relayed one.
+
+        ``relay_early``: join the relay :data:`RELAY_AFTER` s after firing if the punch has not won by
+        then, and punch on. A session's initiator does so (the session moves to the direct path later);
+        a dedicated connection's initiator joins only once the punch failed. The other side always joins
+        early: the relay splices only when both joined, so it follows whatever the initiator does.
+        """
         progress = _Progress(order, {"schedule": order.received_at - started} if order.role is Role.INITIATOR else {})
+        race = ConnectionRace()
         if mode is RelayMode.ALWAYS:
-            reason = "relay requested (--relay always)"
+            race.start(self._relay(progress, started, "relay requested (--relay always)"))
         elif order.relay_advice is RelayAdvice.RELAY_NOW:
             reason = f"direct cannot work: {order.advice_reason or 'both NATs map unpredictably'}"
             if mode is RelayMode.NEVER:
                 raise await self._give_up(progress, f"{reason}; relay not allowed (--relay never)",
                                           FailureCode.DIRECT_IMPOSSIBLE, reason)
+            race.start(self._relay(progress, started, reason))
         else:
-            direct = await self._punch(progress, started, mode)
-            if not isinstance(direct, str):
-                return direct
-            reason = direct
+            punched = race.start(self._punch(progress, started, mode))
+            if mode is RelayMode.AUTO:
+                race.start(self._relay_unless_direct(progress, started, punched, relay_early))
+        try:
+            first = await race.next()
+        except BaseException:
+            await race.cancel()
+            raise
+        if first is None:
+            raise progress.failed("no connection", FailureCode.FAILED)
+        return first, race
+
+    async def _relay_unless_direct(self, progress: _Progress, started: float, punched: asyncio.Task[Any],
+                                   early: bool) -> Established | None:
+        """Join the relay when the punch failed, or (``early``) when it is still running
+        :data:`RELAY_AFTER` seconds after the fire time; the punch goes on beside it."""
+        loop = asyncio.get_running_loop()
+        bound = max(0.0, progress.order.fire_at + RELAY_AFTER - loop.time()) if early else None
+        await asyncio.wait({punched}, timeout=bound)
+        if not punched.done():
+            reason = f"no direct connection {RELAY_AFTER:g} s after firing: relay first, punching on"
+        elif punched.cancelled() or punched.exception() is not None or not isinstance(punched.result(), str):
+            return None  # direct won, or the punch's own error stands
+        else:
+            reason = punched.result()
         return await self._relay(progress, started, reason)
 
     async def _punch(self, progress: _Progress, started: float, mode: RelayMode

@@ -6,7 +6,9 @@ streams with a clear error and is set up again by the next ``open_stream``.
 
 Which connections carry a session: the initiator of every peer-to-peer connection sends an 8-byte
 preface first (:data:`PREFACE_SESSION` or :data:`PREFACE_DEDICATED`), so that the accepting side knows
-whether to run a session on it or to hand it out from ``accept()`` as a dedicated connection.
+whether to run a session on it or to hand it out from ``accept()`` as a dedicated connection. A session
+that started on the relay while the punch went on moves to the punched connection when it wins: the
+initiator sends :data:`PREFACE_UPGRADE` on it and both sides migrate (docs/sessions.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from tcppunch.nat.sockets import endpoint_of
 from tcppunch.peer.types import Connection, ConnectionInfo
 from tcppunch.session.driver import MuxStream, Session
 from tcppunch.session.mux import SessionClosedError
@@ -28,6 +31,7 @@ log = structlog.get_logger("tcppunch.peer")
 PREFACE_SIZE = 8
 PREFACE_SESSION = b"TPCONN1S"  # a multiplexed session follows
 PREFACE_DEDICATED = b"TPCONN1D"  # the application's own byte stream follows
+PREFACE_UPGRADE = b"TPCONN1U"  # the direct path for the session that started on this punch session's relay
 PREFACE_TIMEOUT = 10.0
 
 
@@ -43,6 +47,10 @@ class PeerSession:
         """For reports: the connection's facts, plus where the session runs now and its history."""
         report = self.info.to_json()
         report["method"] = self.session.path
+        for key, name in (("local", "sockname"), ("remote", "peername")):  # the current path's ends
+            address = self.session.get_extra_info(name)
+            if isinstance(address, tuple):
+                report[key] = str(endpoint_of(address))
         report["history"] = self.session.describe_history()
         report["closed"] = self.session.closed
         if self.session.rtt is not None:
@@ -70,6 +78,10 @@ class SessionPool:
 
     def get(self, peer_id: str) -> PeerSession | None:
         return self._sessions.get(peer_id)
+
+    def by_connection(self, session_id: str) -> PeerSession | None:
+        """The session running on the connection of punch session ``session_id``."""
+        return next((e for e in self._all if e.info.session_id == session_id), None)
 
     async def open_stream(self, peer_id: str, data: bytes = b"") -> MuxStream:
         """A new stream to ``peer_id`` on its live session, setting one up first if there is none."""

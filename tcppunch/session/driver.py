@@ -253,7 +253,7 @@ class Session:
         return self._mux.rtt
 
     def describe_history(self) -> str:
-        """For reports: ``relay``, or ``relay → direct at 1.2 s``."""
+        """For reports: ``relay``, or ``relay → direct at 1.2 s`` (seconds since the session started)."""
         parts = [self.history[0].path]
         parts += [f"{change.path} at {change.at:.1f} s" for change in self.history[1:]]
         return " → ".join(parts)
