@@ -20,3 +20,31 @@ def wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str])
 
     threading.Thread(target=reader, daemon=True).start()
     return found.wait(timeout)
+
+
+class Tail:
+    """Every line of a process's text stream, read by a thread; wait (bounded) for one to appear."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: any(needle in line for line in self.lines), timeout)
+
+    def count(self, needle: str) -> int:
+        with self._changed:
+            return sum(needle in line for line in self.lines)
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)

@@ -9,15 +9,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.netns import in_netns, run
+from tests.lab.lines import Tail
 
 TOKEN = "sessions-lab-token"
 COORD = "198.51.100.10:3478"
@@ -56,34 +56,6 @@ while chunk := s.recv(1 << 20):
         sys.stdin.readline()
 print(total, digest.hexdigest(), flush=True)
 """
-
-
-class Tail:
-    """Every line of a process's text stream, read by a thread; wait (bounded) for one to appear."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, needle: str, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: any(needle in line for line in self.lines), timeout)
-
-    def count(self, needle: str) -> int:
-        with self._changed:
-            return sum(needle in line for line in self.lines)
-
-    @property
-    def text(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
 
 
 @pytest.fixture(scope="module")
