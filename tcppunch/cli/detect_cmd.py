@@ -34,8 +34,12 @@ EXIT_UNREACHABLE = 3
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the NatReport) instead of a table.")
 @click.option("--no-udp", is_flag=True, help="Skip the classic UDP label (pystun3).")
+@click.option("--ipv6-server", type=EndpointType(),
+              help="The server's IPv6 endpoint, e.g. [2001:db8::10]:3478: check that TCP over IPv6 works and is "
+                   "not translated (reported as 'ipv6'). Default: the --server itself when it is an IPv6 one.")
 def detect_command(
-    server: Endpoint | None, stun: tuple[Endpoint, ...], timeout: float, as_json: bool, no_udp: bool
+    server: Endpoint | None, stun: tuple[Endpoint, ...], timeout: float, as_json: bool, no_udp: bool,
+    ipv6_server: Endpoint | None,
 ) -> None:
     """Measure the NAT in front of this host over TCP and say what it means for direct connections.
 
@@ -47,7 +51,7 @@ def detect_command(
     from tcppunch.nat.detect import ServerUnreachable, detect  # here: other commands start faster
 
     try:
-        report = asyncio.run(detect(server, stun, timeout=timeout, udp=not no_udp))
+        report = asyncio.run(detect(server, stun, timeout=timeout, udp=not no_udp, ipv6_server=ipv6_server))
     except ServerUnreachable as exc:
         click.echo(f"tcppunch detect: server unreachable: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
@@ -67,6 +71,14 @@ def _text(value: object) -> str:
     return str(value)
 
 
+def _ipv6_text(report: NatReport) -> str:
+    six = report.ipv6
+    if six is None:
+        return "not measured"
+    works = {True: "works", False: "does not work", None: "not tested"}[six.works]
+    return f"{works} ({six.address or 'no global address'}): {six.detail}"
+
+
 def render_table(report: NatReport, server: Endpoint) -> str:
     """The human output: a short table, what was not measured, and the verdict."""
     tcp = report.tcp
@@ -82,6 +94,7 @@ def render_table(report: NatReport, server: Endpoint) -> str:
         ("behind NAT", _text(report.behind_nat)),
         ("local addresses", ", ".join(report.local) or "none"),
         ("UDP (classic)", _text(report.udp_nat_type)),
+        ("IPv6", _ipv6_text(report)),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"NAT behaviour measured against {server}"]

@@ -26,9 +26,10 @@ from typing import Any
 
 import structlog
 
+from tcppunch.nat.ipv6 import probe_ipv6
 from tcppunch.nat.local import LocalNetwork, local_network
 from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
-from tcppunch.nat.sockets import reuse_port_socket, route_source_ip
+from tcppunch.nat.sockets import family_of, reuse_port_socket, route_source_ip
 from tcppunch.nat.tcp_tests import (
     FilteringProbe,
     MappingObservation,
@@ -82,8 +83,12 @@ async def detect(
     udp: bool = True,
     udp_test_timeout: float = 0.2,
     timings: DetectTimings | None = None,
+    ipv6_server: Endpoint | None = None,
 ) -> NatReport:
     """Measure this host's NAT against ``server`` (ours) and/or ``stun`` servers; return the report.
+
+    Whether IPv6 works is checked at the same time against ``ipv6_server`` (the server's IPv6 endpoint;
+    the primary server itself when that is an IPv6 one): see :func:`tcppunch.nat.ipv6.probe_ipv6`.
 
     ``timeout`` bounds each network step (connect, one STUN exchange, a connect-back); the UDP label
     gets ``udp_test_timeout`` per pystun3 test and ``timeout`` overall. Raises ServerUnreachable when
@@ -100,14 +105,18 @@ async def detect(
     run = _Run(primary, local_ip, timeout)
     network = local_network()
     bound = log.bind(server=str(primary))
+    if ipv6_server is None and family_of(primary.ip) == socket.AF_INET6:
+        ipv6_server = primary
+    ipv6_task = asyncio.ensure_future(probe_ipv6(network, ipv6_server, timeout))
 
     # 1. Mapping, alone and in a fixed order, from one local port.
     try:
         first = await TcpStunConnection.open(Endpoint(local_ip, 0), primary, timeout)
     except StunTcpError as exc:
+        ipv6_task.cancel()
         raise ServerUnreachable(str(exc)) from exc
     connections = [first]
-    tasks: list[asyncio.Future[Any]] = []
+    tasks: list[asyncio.Future[Any]] = [ipv6_task]
     try:
         try:
             first_response = await first.request((), timeout)
@@ -166,6 +175,7 @@ async def detect(
         stranger = await stranger_task if stranger_task is not None else None
         other_port = await other_port_task if other_port_task is not None else None
         udp_result = await udp_task if udp_task is not None else None
+        ipv6 = await ipv6_task
     finally:
         for task in tasks:
             task.cancel()  # no-op for finished ones; on error or cancellation nothing is left running
@@ -193,6 +203,7 @@ async def detect(
         behind_nat=behind_nat,
         verdict=verdict(tcp, behind_nat, untested),
         untested=untested,
+        ipv6=ipv6,
     )
     finished = time.monotonic()
     if timings is not None:

@@ -96,6 +96,25 @@ class PortMappingSupport:
 
 
 @dataclass(frozen=True)
+class Ipv6Support:
+    """Whether IPv6 is usable for direct connections: ``works`` is True when a TCP exchange with the server
+    over IPv6 succeeded and the server saw ``address`` itself (no NAT66), False when this host has no
+    global IPv6 address or that exchange failed or was translated, None when it was not tested."""
+
+    address: str | None
+    works: bool | None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "works": self.works, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ipv6Support:
+        address, works = data.get("address"), data.get("works")
+        return cls(None if address is None else str(address), _opt_bool(works), str(data.get("detail") or ""))
+
+
+@dataclass(frozen=True)
 class TcpBehaviour:
     """What matters for TCP hole punching, measured over TCP. ``None`` means "not measured"."""
 
@@ -143,6 +162,8 @@ class NatReport:
     untested: tuple[str, ...] = ()
     # None: not probed (``detect --no-port-mapping``, or an older peer).
     port_mapping: PortMappingSupport | None = None
+    # None: not probed (an older peer).
+    ipv6: Ipv6Support | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +175,7 @@ class NatReport:
             "verdict": self.verdict,
             "untested": list(self.untested),
             "port_mapping": None if self.port_mapping is None else self.port_mapping.to_json(),
+            "ipv6": None if self.ipv6 is None else self.ipv6.to_json(),
         }
 
     @classmethod
@@ -170,6 +192,7 @@ class NatReport:
             untested=tuple(str(u) for u in data.get("untested") or ()),
             port_mapping=None if data.get("port_mapping") is None
             else PortMappingSupport.from_json(data["port_mapping"]),
+            ipv6=None if data.get("ipv6") is None else Ipv6Support.from_json(data["ipv6"]),
         )
 
     def replace(self, **changes: Any) -> NatReport:

@@ -289,6 +289,12 @@ def _check_nat_shape(name: str, value: dict[str, Any]) -> None:
     for item in _list(name, value, "untested", MAX_UNTESTED):
         _text(f"{name}.untested", item)
     _check_port_mapping_shape(f"{name}.port_mapping", _sub_object(name, value, "port_mapping"))
+    ipv6 = _sub_object(name, value, "ipv6")
+    if ipv6.get("address") is not None:
+        _ip_literal(f"{name}.ipv6.address", ipv6["address"])
+    if ipv6.get("works") is not None:
+        _bool(ipv6, "works")
+    _nullable_str(f"{name}.ipv6", ipv6, "detail", MAX_VERDICT)
 
 
 def _check_port_mapping_shape(name: str, value: dict[str, Any]) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.topology import SERVER_ADDRESSES6
+from tests.lab.lines import wait_for_line
 
 ECHO_PORT = 7100
 _IO = 3.0
@@ -154,3 +158,42 @@ def test_simultaneous_open_through_two_firewalls(lab: Lab) -> None:
         fa = pool.submit(a.call, _simultaneous_open, a.address6, 7300, b.address6, start, 10.0)
         fb = pool.submit(b.call, _simultaneous_open, b.address6, 7300, a.address6, start, 10.0)
         assert (fa.result(20), fb.result(20)) == (b.address6, a.address6)
+
+
+PY = [sys.executable, "-m", "tcppunch"]
+
+
+@pytest.fixture(scope="module")
+def dual_stack_server(lab: Lab) -> Iterator[None]:
+    """``tcppunch server`` with --listen given twice (IPv4 and IPv6), as a process on the lab server."""
+    server = lab.server.popen([*PY, "server", "--listen", "198.51.100.10:3478", "--listen", "[2001:db8::10]:3478",
+                               "--alt-address", "198.51.100.11", "--alt-address", "2001:db8::11",
+                               "--token", "t"], stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    assert server.stderr is not None
+    assert wait_for_line(server.stderr, "listening on", 20, seen), seen
+    yield
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.mark.parametrize(("port", "works"), [(3478, True), (3999, False)], ids=["served", "nothing-there"])
+def test_detect_reports_whether_ipv6_works(lab: Lab, dual_stack_server: None, port: int, works: bool) -> None:
+    host = lab.hosts["rd1"]
+    done = host.run([*PY, "detect", "--server", "198.51.100.10:3478", "--ipv6-server", f"[2001:db8::10]:{port}",
+                     "--json", "--no-udp"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ipv6"]["address"] == host.address6
+    assert report["ipv6"]["works"] is works, report["ipv6"]
+    assert report["tcp"]["mapping"] == "address-and-port-dependent"  # the IPv4 measurement is unchanged
+    assert report["public"]["ip"] == host.public_address
+
+
+def test_detect_against_an_ipv6_server_measures_over_ipv6(lab: Lab, dual_stack_server: None) -> None:
+    host = lab.hosts["cg1"]
+    done = host.run([*PY, "detect", "--server", "[2001:db8::10]:3478", "--json", "--no-udp"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["public"]["ip"] == host.address6 and report["behind_nat"] is False  # no NAT66
+    assert report["ipv6"]["works"] is True

@@ -312,3 +312,11 @@ def test_ipv6_candidates_are_optional_and_canonical() -> None:
     assert decode_message(frame) == Register("carol", "t")
     frame["ipv6"] = [{"ip": "2001:DB8:0:0::2", "port": 1}]
     assert decode_message(frame) == Register("carol", "t", ipv6=(Endpoint("2001:db8::2", 1),))
+
+
+@pytest.mark.parametrize("ipv6", [{"address": "example.com"}, {"works": "yes"}, {"detail": 5}, "on"])
+def test_nat_report_ipv6_part_is_checked(ipv6: object) -> None:
+    frame = message_to_json(Register("carol", "t", NAT))
+    frame["nat"]["ipv6"] = ipv6
+    with pytest.raises(ProtocolError, match=r"ipv6|works"):
+        decode_message(frame)

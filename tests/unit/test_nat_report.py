@@ -6,6 +6,7 @@ import pytest
 
 from tcppunch.nat.report import (
     FilteringBehaviour,
+    Ipv6Support,
     MappingBehaviour,
     NatReport,
     SynResponse,
@@ -30,6 +31,7 @@ def test_round_trip_through_json_text() -> None:
         behind_nat=True,
         verdict="direct needs port prediction",
         untested=("hairpin",),
+        ipv6=Ipv6Support("2001:db8:1::2", True, "no NAT66"),
     )
     text = json.dumps(report.to_json())
     assert NatReport.from_json(json.loads(text)) == report
@@ -44,3 +46,9 @@ def test_unknown_mapping_value_is_an_error() -> None:
 def test_endpoint_formats_ipv6_with_brackets() -> None:
     assert str(Endpoint("::1", 80)) == "[::1]:80"
     assert str(Endpoint("127.0.0.1", 80)) == "127.0.0.1:80"
+
+
+def test_a_report_without_ipv6_reads_as_not_probed() -> None:
+    data = NatReport().to_json()
+    del data["ipv6"]  # an older peer's report
+    assert NatReport.from_json(data).ipv6 is None
