@@ -186,19 +186,25 @@ def _session_report(path: str | None, peer: Peer, peer_name: str) -> None:
 
 async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: float, report_path: str | None,
                        quiet: bool) -> None:
-    """Each local client becomes one stream of the session with ``peer_name``."""
+    """Each local client becomes one stream of the session with ``peer_name``.
+
+    Every client's task is held here until it ends, and ended here on exit: asyncio keeps only a weak
+    reference to a task, and a pending task that nothing else refers to is garbage-collected mid-await,
+    which is what prints ``RuntimeError: coroutine ignored GeneratorExit``.
+    """
     clients: set[asyncio.Task[Any]] = set()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        clients.add(asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        clients.add(task)
+        task.add_done_callback(clients.discard)
         try:
             stream = await _open_stream(peer, peer_name, timeout)
         except (ConnectFailed, ConnectionError) as exc:
             click.echo(f"tcppunch: local client dropped: {exc}", err=True)
             writer.close()
             return
-        finally:
-            clients.discard(asyncio.current_task())
         _session_report(report_path, peer, peer_name)
         await join_streams((reader, writer), (stream, stream))
 
@@ -209,8 +215,9 @@ async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: flo
         try:
             await server.serve_forever()
         finally:
-            for task in list(clients):  # clients still waiting for the session: end them here, not at exit
+            for task in list(clients):  # end every client here, before the peer and the loop go away
                 task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
 
 
 @click.command("listen")
