@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.report import NatReport
+from tcppunch.nat.retry import ConnectBudget, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.plan import PunchPlan
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
@@ -87,6 +88,7 @@ class Registration:
     observed: Endpoint  # our public endpoint as the coordinator sees it
     keepalive_interval: float
     keepalive_timeout: float
+    connect_attempts: int = 1  # TCP connects it took (lost SYNs are retried, nat/retry.py)
 
 
 @dataclass(eq=False)
@@ -205,7 +207,7 @@ class ControlChannel:
         private: Sequence[Endpoint] = (),
         swarm: str | None = None,
         ipv6: Sequence[str] = (),
-        connect_timeout: float = 5.0,
+        retry: ConnectBudget | None = None,
         request_timeout: float = 10.0,
     ) -> None:
         self.coordinator = coordinator
@@ -217,7 +219,8 @@ class ControlChannel:
         self.private = tuple(private)
         self.swarm = swarm
         self.ipv6 = tuple(ipv6)  # our global IPv6 addresses, announced with the bound port
-        self.connect_timeout = connect_timeout
+        # Connect attempts within a budget: a lost SYN must not cost the registration (nat/retry.py).
+        self.retry = retry or ConnectBudget()
         self.request_timeout = request_timeout
         self.registration: Registration | None = None
         self.error: CoordinatorError | None = None
@@ -262,11 +265,10 @@ class ControlChannel:
         if self._writer is not None:
             raise RuntimeError("register() was already called")
         loop = asyncio.get_running_loop()
-        sock = control_socket(self._local)
+        sock, attempts = await connect_retrying(
+            lambda: control_socket(self._local), self.coordinator, self.retry, what="register"
+        )
         try:
-            await asyncio.wait_for(
-                loop.sock_connect(sock, (self.coordinator.ip, self.coordinator.port)), self.connect_timeout
-            )
             self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME_SIZE * 2)
         except BaseException:
             sock.close()
@@ -288,9 +290,10 @@ class ControlChannel:
             observed=reply.observed,
             keepalive_interval=reply.keepalive_interval,
             keepalive_timeout=reply.keepalive_timeout,
+            connect_attempts=len(attempts),
         )
         self._log = self._log.bind(local=str(local), observed=str(reply.observed))
-        self._log.info("control.registered")
+        self._log.info("control.registered", connect_attempts=len(attempts))
         return self.registration
 
     async def close(self) -> None:
@@ -533,11 +536,19 @@ async def join_relay(
     after it, so every later byte on the socket is the other peer's.
     """
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in relay.ip else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
+
+    def new_socket() -> socket.socket:
+        sock = socket.socket(family_of(relay.ip), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        return sock
+
+    # Lost SYNs are retried within min(10 s, timeout); the rest of ``timeout`` is for the partner to join.
+    deadline = loop.time() + timeout
+    async with asyncio.timeout_at(deadline):
+        sock, _ = await connect_retrying(new_socket, relay, ConnectBudget(budget=min(10.0, timeout)),
+                                         what="relay-join")
     try:
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (relay.ip, relay.port))
+        async with asyncio.timeout_at(deadline):
             proof = relay_proof(key, session_id, role)
             await loop.sock_sendall(sock, PREAMBLE + encode_message(Relay(session_id, role, proof)))
             reply = await _read_one_message(loop, sock)

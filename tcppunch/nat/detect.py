@@ -111,7 +111,7 @@ async def detect(
 
     # 1. Mapping, alone and in a fixed order, from one local port.
     try:
-        first = await TcpStunConnection.open(Endpoint(local_ip, 0), primary, timeout)
+        first = await TcpStunConnection.open(Endpoint(local_ip, 0), primary)
     except StunTcpError as exc:
         ipv6_task.cancel()
         raise ServerUnreachable(str(exc)) from exc

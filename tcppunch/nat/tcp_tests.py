@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse
+from tcppunch.nat.retry import ConnectBudget, ConnectRetryError, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, reuse_port_socket, smoothed_rtt
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
@@ -67,24 +68,20 @@ class TcpStunConnection:
         self._decoder = StunStreamDecoder()
 
     @classmethod
-    async def open(cls, local: Endpoint, destination: Endpoint, timeout: float) -> TcpStunConnection:
-        """Connect from ``local`` (port 0: a fresh port) to ``destination``."""
-        loop = asyncio.get_running_loop()
+    async def open(
+        cls, local: Endpoint, destination: Endpoint, retry: ConnectBudget | None = None
+    ) -> TcpStunConnection:
+        """Connect from ``local`` (port 0: a fresh port) to ``destination``, retrying lost SYNs per ``retry``."""
         try:
-            sock = reuse_port_socket(socket.SOCK_STREAM, local)
-        except OSError as exc:
-            raise StunTcpError(f"cannot bind {local}: {exc.strerror or exc}") from exc
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (destination.ip, destination.port)), timeout)
-        except TimeoutError:
-            sock.close()
-            raise StunTcpError(f"no TCP answer from {destination} within {timeout:.1f} s") from None
+            sock, _ = await connect_retrying(
+                lambda: reuse_port_socket(socket.SOCK_STREAM, local), destination, retry, what="stun-tcp"
+            )
+        except ConnectRetryError as exc:
+            raise StunTcpError(str(exc)) from None
         except ConnectionRefusedError:
-            sock.close()
             raise StunTcpError(f"cannot connect to {destination}: connection refused") from None
         except OSError as exc:
-            sock.close()
-            raise StunTcpError(f"cannot connect to {destination}: {exc.strerror or exc}") from exc
+            raise StunTcpError(f"cannot connect to {destination} from {local}: {exc.strerror or exc}") from exc
         return cls(sock, destination)
 
     async def request(self, attributes: Sequence[Attribute] = (), timeout: float = 2.0) -> StunMessage:
@@ -263,7 +260,7 @@ async def filtering_probe(local_ip: str, server: Endpoint, change: ChangeRequest
     connection: TcpStunConnection | None = None
     listener: socket.socket | None = None
     try:
-        connection = await TcpStunConnection.open(Endpoint(local_ip, 0), server, timeout)
+        connection = await TcpStunConnection.open(Endpoint(local_ip, 0), server)
         listener = reuse_port_socket(socket.SOCK_STREAM, connection.local)
         listener.listen(4)
         response = await connection.request([change], timeout)

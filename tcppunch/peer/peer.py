@@ -28,6 +28,7 @@ from tcppunch.coordinator.control import (
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
 from tcppunch.nat.report import MappingBehaviour, NatReport
+from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.peer.race import RELAY_AFTER, ConnectionRace, Established
@@ -391,7 +392,7 @@ class Peer:
         # NAT's entry for the first with its old port). The server answers STUN on its port + 1 too.
         stun = Endpoint(self.coordinator.ip, self.coordinator.port + 1)
         try:
-            conn = await TcpStunConnection.open(Endpoint(self.local.ip, 0), stun, timeout=2.0)
+            conn = await TcpStunConnection.open(Endpoint(self.local.ip, 0), stun, ConnectBudget(budget=4.0))
             try:
                 mapped = mapped_endpoint(await conn.request(timeout=2.0))
             finally:
