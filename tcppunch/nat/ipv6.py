@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tcppunch.nat.local import LocalNetwork
 from tcppunch.nat.report import Ipv6Support
+from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.wire.endpoint import Endpoint
 
@@ -23,7 +24,9 @@ async def probe_ipv6(network: LocalNetwork, server: Endpoint | None, timeout: fl
     if server is None:
         return Ipv6Support(address, None, "not tested: no IPv6 server endpoint (give --ipv6-server)")
     try:
-        connection = await TcpStunConnection.open(Endpoint(address, 0), server, timeout)
+        # An optional side probe: its lost SYNs are retried only within ``timeout``, not the full budget.
+        budget = ConnectBudget(budget=timeout, first_timeout=min(1.0, timeout))
+        connection = await TcpStunConnection.open(Endpoint(address, 0), server, budget)
         try:
             mapped = mapped_endpoint(await connection.request((), timeout))
         finally:
