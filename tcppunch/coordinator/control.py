@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import random
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import structlog
 from tcppunch.nat.report import NatReport
 from tcppunch.nat.retry import ConnectBudget, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
+from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan, birthday_candidates, birthday_side
 from tcppunch.punch.plan import PunchPlan
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
 from tcppunch.wire.coord import (
@@ -147,30 +149,35 @@ class PeerList(list[PeerInfo]):
 
 
 def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str,
-               local6: Endpoint | None = None) -> PunchPlan:
+               local6: Endpoint | None = None, birthday: BirthdayLimits | None = DEFAULT_LIMITS) -> PunchPlan:
     """The punch engine's plan for ``order``: fire from ``local`` at the peer's candidates (its IPv6
     endpoints first when we have ``local6`` to send from, its private endpoints when we share its public
     address, its observed endpoint, or predicted ports for a sequential NAT), retrying as fast as our own
-    NAT allows. A control connection over IPv6 makes ``local`` itself the IPv6 endpoint."""
+    NAT allows. A control connection over IPv6 makes ``local`` itself the IPv6 endpoint. When the
+    coordinator advises ``birthday`` (and ``birthday`` limits are given: None is the opt-out), a birthday
+    punch instead."""
     if local6 is None and family_of(local.ip) == socket.AF_INET6:
         local6 = local
+    side = birthday_side(own_nat, order.peer_nat) if order.relay_advice is RelayAdvice.BIRTHDAY else None
+    spray = None if side is None or birthday is None else BirthdayPlan(side, birthday)
+    if spray is not None:
+        candidates = birthday_candidates(spray, peer_observed=order.peer_observed, rng=random.SystemRandom(),
+                                         peer_private=order.peer_private, own_public_ip=own_public_ip)
+    else:
+        candidates = build_candidates(peer_observed=order.peer_observed, peer_nat=order.peer_nat, own_nat=own_nat,
+                                      peer_private=order.peer_private, own_public_ip=own_public_ip,
+                                      peer_ipv6=order.peer_ipv6 if local6 is not None else ())
     return PunchPlan(
         local=local,
         local6=local6,
         role=order.role,
         session_id=order.session_id,
         key=order.key,
-        candidates=build_candidates(
-            peer_observed=order.peer_observed,
-            peer_nat=order.peer_nat,
-            own_nat=own_nat,
-            peer_private=order.peer_private,
-            own_public_ip=own_public_ip,
-            peer_ipv6=order.peer_ipv6 if local6 is not None else (),
-        ),
+        candidates=candidates,
         fire_at=order.fire_at,
         deadline=order.deadline,
         retry=retry_policy_for(own_nat),
+        birthday=spray,
     )
 
 
@@ -208,6 +215,7 @@ class ControlChannel:
         swarm: str | None = None,
         ipv6: Sequence[str] = (),
         retry: ConnectBudget | None = None,
+        birthday: bool = True,
         request_timeout: float = 10.0,
     ) -> None:
         self.coordinator = coordinator
@@ -221,6 +229,7 @@ class ControlChannel:
         self.ipv6 = tuple(ipv6)  # our global IPv6 addresses, announced with the bound port
         # Connect attempts within a budget: a lost SYN must not cost the registration (nat/retry.py).
         self.retry = retry or ConnectBudget()
+        self.birthday = birthday
         self.request_timeout = request_timeout
         self.registration: Registration | None = None
         self.error: CoordinatorError | None = None
@@ -277,7 +286,7 @@ class ControlChannel:
         self._registered = loop.create_future()
         self._read_task = loop.create_task(self._read_loop())
         ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
-        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6)
+        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6, self.birthday)
         self._writer.write(PREAMBLE + encode_message(hello))
         try:
             reply = await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)

@@ -534,6 +534,7 @@ class CoordinatorProtocol:
             next_ping_at=now,
             ipv6=_ipv6_of(c.observed, msg.ipv6),
             keepalive_scale=scale,
+            birthday=msg.birthday,
         )
         self.registry.add(record)
         self._set_state(c, ConnState.PEER)
@@ -617,7 +618,8 @@ class CoordinatorProtocol:
         me.sessions.add(session_id)
         target.sessions.add(session_id)
         self.stats.sessions += 1
-        advice, advice_reason = relay_advice(me.nat, target.nat, ipv6=bool(me.ipv6 and target.ipv6))
+        advice, advice_reason = relay_advice(me.nat, target.nat, ipv6=bool(me.ipv6 and target.ipv6),
+                                             birthday=me.birthday and target.birthday)
         if msg.relay_only:
             advice, advice_reason = RelayAdvice.RELAY_NOW, f"{me.id} asked for the relay"
         log.info(

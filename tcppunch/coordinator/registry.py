@@ -59,6 +59,7 @@ class PeerRecord:
     pings_in_flight: dict[int, float] = field(default_factory=dict)
     next_seq: int = 0
     sessions: set[str] = field(default_factory=set)
+    birthday: bool = True  # takes part in birthday punching (REGISTER)
 
     def one_way_delay(self) -> float | None:
         """Estimated server -> peer delay: half the smoothed RTT, ``None`` before the first sample."""

@@ -34,17 +34,22 @@ def schedule_fire(owd_a: float | None, owd_b: float | None, *, margin: float = 0
     return latest - owd_a + margin, latest - owd_b + margin
 
 
-def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None, *, ipv6: bool = False
+def relay_advice(nat_a: NatReport | None, nat_b: NatReport | None, *, ipv6: bool = False, birthday: bool = True
                  ) -> tuple[RelayAdvice, str]:
-    """``relay-now`` only when the two reports together rule a direct connection out, and why
-    (``ipv6``: both peers have IPv6 endpoints, which no NAT stands in front of).
+    """``relay-now`` only when the two reports together rule a direct connection out, ``birthday`` when
+    only a birthday punch can make one, and why (``ipv6``: both peers have IPv6 endpoints, which no NAT
+    stands in front of).
 
     The rule is the punch engine's own (:func:`tcppunch.punch.prediction.direct_possible`), so the
     coordinator never advises against a punch the engine would attempt: direct fails when both NATs map
-    randomly, or one does and the other filters by address and port. Unknown properties count as "try".
+    randomly, or one does and the other filters by address and port and maps unpredictably too; one
+    random and one endpoint-independent port-filtering NAT need a birthday punch (unless a peer opted out:
+    ``birthday=False``). Unknown properties count as "try".
     """
-    verdict = direct_possible(nat_a, nat_b, ipv6=ipv6)
-    return (RelayAdvice.PUNCH if verdict.possible else RelayAdvice.RELAY_NOW), verdict.reason
+    verdict = direct_possible(nat_a, nat_b, ipv6=ipv6, birthday=birthday)
+    if not verdict.possible:
+        return RelayAdvice.RELAY_NOW, verdict.reason
+    return (RelayAdvice.BIRTHDAY if verdict.birthday else RelayAdvice.PUNCH), verdict.reason
 
 
 @dataclass

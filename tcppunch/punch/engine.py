@@ -19,6 +19,11 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
 4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
    SELECT on the first verified one; the responder's winner is where SELECT arrives.
 5. Everything else is closed quietly (no SO_LINGER 0, see :func:`close_quietly`); our own listener too.
+
+A birthday punch (``plan.birthday``, see :mod:`tcppunch.punch.birthday`) sends its many candidates'
+SYNs after the others, paced by a :class:`~tcppunch.punch.birthday.SynPacer` (budget and rate); they are
+never re-sent after silence (the kernel retransmits, on the same NAT entry), retried after a RST only
+from the budget, and on the hard side every socket has a local port of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +42,12 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.sockets import endpoint_of
+from tcppunch.punch.birthday import RETRY_AFTER, BirthdaySide, BirthdayStats, SynPacer
 from tcppunch.punch.handshake import Handshake, PeerVerified, Rejected, SelectReceived
 from tcppunch.punch.plan import (
     AttemptOutcome,
     Candidate,
+    CandidateKind,
     PunchAttempt,
     PunchFailed,
     PunchPlan,
@@ -57,6 +65,8 @@ from tcppunch.punch.sockets import (
     TIMEOUT_ERRNOS,
     UNREACHABLE_ERRNOS,
     close_quietly,
+    own_port_socket,
+    raise_fd_limit,
     reuse_listener,
     reuse_socket,
     start_connect,
@@ -119,6 +129,13 @@ def _classify(err: int) -> AttemptOutcome:
     return AttemptOutcome.LOST
 
 
+# Outcomes of a birthday candidate that are counted (BirthdayStats), not logged one by one: a spray has
+# hundreds of them.
+_QUIET = frozenset({AttemptOutcome.REFUSED, AttemptOutcome.TIMEOUT, AttemptOutcome.SILENT})
+# Open files a birthday punch may need beyond its SYN budget (the program's own, the listener, ...).
+_FD_HEADROOM = 1024
+
+
 @dataclass
 class _Winner:
     sock: socket.socket
@@ -167,6 +184,12 @@ class _Punch:
         self.awaiting_select = 0
         self.rng = random.Random(os.urandom(16))
         self.by_endpoint = {c.endpoint: c for c in plan.candidates}
+        self.bstats: BirthdayStats | None = None
+        self.pacer: SynPacer | None = None
+        if plan.birthday is not None:
+            self.bstats = BirthdayStats(plan.birthday.side)
+            self.pacer = SynPacer(plan.birthday.limits, plan.fire_at)
+            raise_fd_limit(plan.birthday.limits.max_syns + _FD_HEADROOM)
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
@@ -176,6 +199,11 @@ class _Punch:
     def _record(
         self, remote: Endpoint, cand: Candidate | None, attempt: int, outcome: AttemptOutcome, detail: str = ""
     ) -> None:
+        if self.bstats is not None and cand is not None and cand.kind is CandidateKind.BIRTHDAY:
+            if outcome is AttemptOutcome.REFUSED:
+                self.bstats.refused += 1
+            if outcome in _QUIET:
+                return
         entry = PunchAttempt(remote, cand, attempt, outcome, round(self._t(), 6), detail)
         self.attempts.append(entry)
         self.log.debug(
@@ -225,9 +253,10 @@ class _Punch:
             why = "no verified connection before the deadline"
             if plan.role is Role.RESPONDER and self.awaiting_select:
                 why = "verified connection(s) but the initiator selected none in time"
-            explanation = explain_failure(plan, tuple(self.attempts), why)
-            self.log.warning("punch.failed", reason=why, attempts=len(self.attempts))
-            raise PunchFailed(explanation, tuple(self.attempts))
+            explanation = explain_failure(plan, tuple(self.attempts), why, self.bstats)
+            self.log.warning("punch.failed", reason=why, attempts=len(self.attempts),
+                             birthday=None if self.bstats is None else self.bstats.to_json())
+            raise PunchFailed(explanation, tuple(self.attempts), self.bstats)
         return await self._result(self.winner.result(), streams)
 
     async def _result(self, w: _Winner, streams: bool) -> PunchResult:
@@ -258,6 +287,7 @@ class _Punch:
             via=w.via,
             attempts=tuple(self.attempts),
             timings=timings,
+            birthday=self.bstats,
         )
         self.log.info(
             "punch.won",
@@ -266,6 +296,7 @@ class _Punch:
             candidate=str(w.candidate) if w.candidate else None,
             verified=timings.verified,
             selected=timings.selected,
+            birthday=None if self.bstats is None else self.bstats.to_json(),
         )
         return result
 
@@ -275,6 +306,8 @@ class _Punch:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         winner = self.winner.result().sock if self.winner.done() else None
+        if self.bstats is not None:
+            self.bstats.unanswered += sum(1 for c in self.pending if c.kind is CandidateKind.BIRTHDAY)
         if winner is not None and not keep_winner:
             close_quietly(winner)
         for sock in list(self.pending.values()) + list(self.conns):
@@ -290,9 +323,14 @@ class _Punch:
     # ---- outbound ----------------------------------------------------------------------------------
 
     def _syn(self, cand: Candidate, ttl: int | None) -> tuple[socket.socket | None, int]:
-        """A new socket on the punch port and its SYN towards ``cand``; (None, errno) if that failed."""
+        """A new socket on the punch port and its SYN towards ``cand``; (None, errno) if that failed. A hard
+        side's birthday ticket gets a port of its own instead (a new NAT entry, a new random public port)."""
+        hard = self.plan.birthday is not None and self.plan.birthday.side is BirthdaySide.HARD
         try:
-            sock = reuse_socket(self.local6 if cand.is_ipv6 and self.local6 is not None else self.local)
+            if hard and cand.kind is CandidateKind.BIRTHDAY:
+                sock = own_port_socket(self.local.ip)
+            else:
+                sock = reuse_socket(self.local6 if cand.is_ipv6 and self.local6 is not None else self.local)
         except OSError as exc:  # e.g. out of file descriptors: this try fails, the punch goes on
             return None, exc.errno or errno.EIO
         try:
@@ -311,9 +349,12 @@ class _Punch:
                 self.log.debug("punch.wave_skipped", offset=wave.offset, candidates=len(wave.candidates))
                 return
             self.log.debug("punch.fire", wave=n, low_ttl=plan.low_ttl, late=round(self._t() - wave.offset, 6))
-            first = [(cand, *self._syn(cand, plan.low_ttl)) for cand in wave.candidates]  # SYNs leave in order
+            ordinary = [c for c in wave.candidates if c.kind is not CandidateKind.BIRTHDAY]
+            first = [(cand, *self._syn(cand, plan.low_ttl)) for cand in ordinary]  # SYNs leave in order
             for cand, sock, err in first:
                 self._spawn(self._candidate(cand, sock, err))
+            if plan.birthday is not None:
+                await self._spray([c for c in wave.candidates if c.kind is CandidateKind.BIRTHDAY])
 
     async def _next_wave_needed(self, when: float) -> bool:
         """Wait until ``when``; False if a connection won by then. One still being verified gets one more
@@ -323,6 +364,63 @@ class _Punch:
         if not self.winner.done() and self.conns:
             await asyncio.wait({self.winner}, timeout=self.plan.attempt_delay)
         return not self.winner.done()
+
+    # ---- birthday ----------------------------------------------------------------------------------
+
+    async def _spray(self, cands: list[Candidate]) -> None:
+        """The birthday candidates' first SYNs, in order, as fast as the pacer allows."""
+        assert self.pacer is not None and self.bstats is not None
+        queue = deque(cands)
+        while queue:
+            for _ in range(self.pacer.grant(len(queue), self.loop.time())):
+                cand = queue.popleft()
+                sock, err = self._syn(cand, None)
+                self.bstats.syns += 1
+                self._spawn(self._birthday_candidate(cand, sock, err))
+            if queue and not await self._pace():
+                return
+
+    async def _pace(self) -> bool:
+        """Wait until the pacer has a token; False when the budget is spent or the deadline too close."""
+        assert self.pacer is not None and self.bstats is not None
+        wait = self.pacer.wait(self.loop.time())
+        if wait is None:
+            self.bstats.budget_spent = True
+            return False
+        if self.loop.time() + wait >= self.plan.deadline:
+            return False
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return True
+
+    async def _birthday_candidate(self, cand: Candidate, sock: socket.socket | None, err: int) -> None:
+        """One ticket / guess: wait for its SYN's fate, verify a match, retry after a RST from the budget."""
+        assert self.pacer is not None and self.bstats is not None
+        tries = 1
+        while True:
+            outcome, detail = await self._await_connect(sock, err, resyn=False)
+            self.pending.pop(cand, None)
+            if outcome is AttemptOutcome.CONNECTED and sock is not None:
+                self.bstats.connected += 1
+                self._record(cand.endpoint, cand, tries, outcome)
+                if await self._verify(sock, cand.endpoint, cand, "connect", tries):
+                    return
+            else:
+                self._record(cand.endpoint, cand, tries, outcome, detail)
+                if sock is not None:
+                    close_quietly(sock)
+                if outcome is AttemptOutcome.TIMEOUT:
+                    return
+            delay = RETRY_AFTER * (1.0 + 0.5 * self.rng.random())
+            if self.loop.time() + delay >= self.plan.deadline:
+                return
+            await asyncio.sleep(delay)
+            while self.pacer.grant(1, self.loop.time()) < 1:
+                if not await self._pace():
+                    return
+            tries += 1
+            sock, err = self._syn(cand, None)
+            self.bstats.syns += 1
 
     async def _candidate(self, cand: Candidate, sock: socket.socket | None, err: int) -> None:
         """Connect to one candidate until it opens (then verify) or the deadline; retry after RSTs."""
@@ -357,13 +455,15 @@ class _Punch:
             tries += 1
             sock, err = self._syn(cand, None)
 
-    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[AttemptOutcome, str]:
+    async def _await_connect(
+        self, sock: socket.socket | None, err: int, *, resyn: bool = True
+    ) -> tuple[AttemptOutcome, str]:
         if sock is None or err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
         plan = self.plan
         while True:
             limit = plan.deadline
-            if plan.resyn_after is not None:
+            if resyn and plan.resyn_after is not None:
                 limit = min(limit, self.loop.time() + plan.resyn_after)
             try:
                 async with asyncio.timeout_at(limit):

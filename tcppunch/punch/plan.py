@@ -13,11 +13,15 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 # Roles come from the session, never from who called connect(): after a simultaneous open both ends are
 # "clients". The punch speaks the coordinator's own role vocabulary.
 from tcppunch.wire.coord import Role as Role
 from tcppunch.wire.endpoint import Endpoint
+
+if TYPE_CHECKING:  # birthday.py builds on this module
+    from tcppunch.punch.birthday import BirthdayPlan, BirthdayStats
 
 SESSION_ID_MAX = 64
 KEY_MIN = 16
@@ -31,6 +35,7 @@ class CandidateKind(StrEnum):
     OBSERVED = "observed"  # the public endpoint the coordinator saw
     PREDICTED = "predicted"  # the peer's NAT's next mapping(s), from its port delta
     IPV6 = "ipv6"  # the peer's own global IPv6 address: no NAT66, a stateful firewall at most
+    BIRTHDAY = "birthday"  # a birthday punch: one of many tickets / guessed ports (tcppunch.punch.birthday)
 
 
 # RFC 8305 section 5: the "Connection Attempt Delay" between starting one address family's attempts and
@@ -41,14 +46,15 @@ MIN_ATTEMPT_DELAY = 0.01
 
 @dataclass(frozen=True)
 class Candidate:
-    """One endpoint to send SYNs to. ``index`` is i for the i-th predicted mapping (1-based), else 0."""
+    """One endpoint to send SYNs to. ``index`` is i for the i-th predicted mapping or birthday ticket /
+    guess (1-based), else 0."""
 
     endpoint: Endpoint
     kind: CandidateKind
     index: int = 0
 
     def __str__(self) -> str:
-        suffix = f" #{self.index}" if self.kind is CandidateKind.PREDICTED else ""
+        suffix = f" #{self.index}" if self.kind in (CandidateKind.PREDICTED, CandidateKind.BIRTHDAY) else ""
         return f"{self.endpoint} ({self.kind.value}{suffix})"
 
     @property
@@ -102,6 +108,9 @@ class PunchPlan:
     outermost NAT, plus one) so that it opens our NAT but dies before the peer's; the socket then goes
     on with the normal TTL (the kernel retransmits the SYN after its 1 s initial RTO). None = off, the
     default: it did not help in the lab (docs/punching.md).
+    ``birthday``: set for a birthday punch (its candidates are ``CandidateKind.BIRTHDAY``): they leave
+    paced and within the SYN budget, are never re-sent after silence, and on the hard side each gets its
+    own local port.
     ``resyn_after``: send a SYN that got no answer at all again after this long (set it to a few round
     trips to the peer; None = leave it to the kernel's retransmission, 1 s, 3 s, ...).
     ``local6``: the IPv6 endpoint (our own global address, same port as ``local`` by convention) that
@@ -128,6 +137,7 @@ class PunchPlan:
     local6: Endpoint | None = None
     attempt_delay: float = HAPPY_EYEBALLS_DELAY
     retry6: RetryPolicy = field(default_factory=RetryPolicy)
+    birthday: BirthdayPlan | None = None
 
     def __post_init__(self) -> None:
         if not self.session_id or len(self.session_id) > SESSION_ID_MAX:
@@ -144,6 +154,8 @@ class PunchPlan:
             raise ValueError("resyn_after must be positive or None")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
+        if self.birthday is None and any(c.kind is CandidateKind.BIRTHDAY for c in self.candidates):
+            raise ValueError("birthday candidates need a birthday plan")
         if self.local6 is not None and ipaddress.ip_address(self.local6.ip).version != 6:
             raise ValueError("local6 must be an IPv6 endpoint")
         if self.local6 is None and any(c.is_ipv6 for c in self.candidates):
@@ -240,16 +252,20 @@ class PunchResult:
     via: str  # "connect" | "accept"
     attempts: tuple[PunchAttempt, ...]
     timings: PunchTimings
+    birthday: BirthdayStats | None = None
 
 
 class PunchFailed(Exception):
     """No verified connection by the deadline. ``explanation`` says what each candidate got and what to
     do; ``attempts`` is the full log."""
 
-    def __init__(self, explanation: str, attempts: tuple[PunchAttempt, ...]) -> None:
+    def __init__(
+        self, explanation: str, attempts: tuple[PunchAttempt, ...], birthday: BirthdayStats | None = None
+    ) -> None:
         super().__init__(explanation)
         self.explanation = explanation
         self.attempts = attempts
+        self.birthday = birthday
 
 
 _ADVICE = {
@@ -267,15 +283,22 @@ _ADVICE = {
 }
 
 
-def explain_failure(plan: PunchPlan, attempts: tuple[PunchAttempt, ...], why: str) -> str:
-    """A human explanation of a failed punch: per candidate what it got, and what the user can do."""
+def explain_failure(
+    plan: PunchPlan, attempts: tuple[PunchAttempt, ...], why: str, birthday: BirthdayStats | None = None
+) -> str:
+    """A human explanation of a failed punch: per candidate what it got, and what the user can do. The
+    many candidates of a birthday punch are one line (``birthday``'s counts)."""
     lines = [f"punch {plan.session_id} ({plan.role.value}) failed: {why}."]
     by_candidate: dict[Candidate | None, Counter[AttemptOutcome]] = {}
     for a in attempts:
         by_candidate.setdefault(a.candidate, Counter())[a.outcome] += 1
     if not plan.candidates:
         lines.append("  no candidates: we only listened on our port.")
+    if birthday is not None:
+        lines.append(f"  {birthday.summary()}")
     for cand in plan.candidates:
+        if cand.kind is CandidateKind.BIRTHDAY:
+            continue
         got = by_candidate.get(cand)
         if not got:
             lines.append(f"  {cand}: no try finished (timed out)")
@@ -289,7 +312,7 @@ def explain_failure(plan: PunchPlan, attempts: tuple[PunchAttempt, ...], why: st
         lines.append("  incoming (listener): " + ", ".join(f"{o.value} x{n}" for o, n in incoming.most_common()))
     lines.append(
         "  what to do: check both sides with `tcppunch detect` (a symmetric-random NAT facing a "
-        "port-restricted one cannot go direct), make sure both peers fire at the same time, "
+        "port-restricted one goes direct only by birthday punching), make sure both peers fire at the same time, "
         "or use the relay (--relay auto)."
     )
     return "\n".join(lines)

@@ -70,17 +70,23 @@ class DirectVerdict:
 
     possible: bool
     reason: str
+    # Possible only by birthday punching (tcppunch.punch.birthday): one NAT maps randomly, the other keeps
+    # one public endpoint but filters by port.
+    birthday: bool = False
 
     def __bool__(self) -> bool:
         return self.possible
 
 
-def direct_possible(a: NatReport | None, b: NatReport | None, *, ipv6: bool = False) -> DirectVerdict:
+def direct_possible(
+    a: NatReport | None, b: NatReport | None, *, ipv6: bool = False, birthday: bool = True
+) -> DirectVerdict:
     """Whether punching between hosts behind NATs ``a`` and ``b`` can succeed (symmetric in a, b);
     ``ipv6``: both peers announced IPv6 candidates.
 
     Unknown behaviour counts as "try": a failed punch costs one deadline, a skipped one that would have
-    worked costs a relay forever.
+    worked costs a relay forever. ``birthday=False`` (a peer opted out of birthday punching) rules out the
+    pairs that only a birthday punch can connect.
     """
     if ipv6:
         return DirectVerdict(True, "both peers have IPv6: no NAT on that path, a simultaneous open passes "
@@ -99,6 +105,13 @@ def direct_possible(a: NatReport | None, b: NatReport | None, *, ipv6: bool = Fa
     if filtering is None:
         return DirectVerdict(True, "one NAT maps randomly and the other's filtering is unknown: trying")
     if filtering is FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT:
+        if birthday and classify(other) is MappingClass.INDEPENDENT:
+            return DirectVerdict(
+                True,
+                "one NAT maps randomly and the other filters by address and port but keeps one public "
+                "endpoint: birthday punching (many random-side connections meet many guessed ports)",
+                birthday=True,
+            )
         return DirectVerdict(
             False,
             "one NAT maps randomly and the other filters by address and port: the filter can only be "

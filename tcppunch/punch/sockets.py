@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import socket
 import struct
 
-from tcppunch.nat.sockets import reuse_port_socket
+from tcppunch.nat.sockets import family_of, reuse_port_socket
 from tcppunch.wire.endpoint import Endpoint
 
 # Linux TCP states as reported by TCP_INFO (include/net/tcp_states.h).
@@ -42,6 +43,30 @@ def reuse_socket(local: Endpoint) -> socket.socket:
     Port 0 picks a free port; read it back with ``getsockname()`` and bind the others to it.
     """
     return reuse_port_socket(socket.SOCK_STREAM, local)
+
+
+def own_port_socket(ip: str) -> socket.socket:
+    """A non-blocking TCP socket on a free port of its own (no port sharing): one birthday ticket."""
+    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def raise_fd_limit(minimum: int) -> int:
+    """Raise the soft limit on open files to at least ``minimum`` (never above the hard limit); return the
+    soft limit now in force. A birthday punch holds a socket per ticket or guess (up to thousands)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < minimum:
+        target = minimum if hard == resource.RLIM_INFINITY else min(minimum, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
 
 
 def reuse_listener(local: Endpoint, backlog: int = 16) -> socket.socket:

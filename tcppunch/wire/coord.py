@@ -85,10 +85,12 @@ class Role(StrEnum):
 
 
 class RelayAdvice(StrEnum):
-    """``relay-now`` when both NAT reports together say a direct connection cannot be made."""
+    """``relay-now`` when both NAT reports together say a direct connection cannot be made; ``birthday``
+    when only a birthday punch can make it (one NAT maps randomly, the other filters by port)."""
 
     PUNCH = "punch"
     RELAY_NOW = "relay-now"
+    BIRTHDAY = "birthday"
 
 
 class Outcome(StrEnum):
@@ -153,6 +155,13 @@ def _text(name: str, value: Any, max_len: int = MAX_STRING) -> str:
 
 def _opt_str(obj: dict[str, Any], name: str, *, max_len: int = MAX_STRING) -> str | None:
     return None if obj.get(name) is None else _str(obj, name, max_len=max_len)
+
+
+def _opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
+    value = obj.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad(name, "must be true or false")
+    return value
 
 
 def _peer_id(obj: dict[str, Any], name: str) -> str:
@@ -356,6 +365,9 @@ class Register:
     swarm: str | None = None
     # The peer's own global IPv6 endpoints (no NAT66: also its public ones); optional on the wire.
     ipv6: tuple[Endpoint, ...] = ()
+    # False: this peer opted out of birthday punching (its sessions that need one go to the relay).
+    # Optional on the wire (absent = true).
+    birthday: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -365,6 +377,7 @@ class Register:
             "private": [e.to_json() for e in self.private],
             "swarm": self.swarm,
             "ipv6": [e.to_json() for e in self.ipv6],
+            "birthday": self.birthday,
         }
 
     @classmethod
@@ -376,6 +389,7 @@ class Register:
             private=_endpoints(obj, "private"),
             swarm=_opt_str(obj, "swarm"),
             ipv6=_ipv6_endpoints(obj, "ipv6"),
+            birthday=_opt_bool(obj, "birthday", default=True),
         )
 
 
@@ -542,10 +556,8 @@ class Connect:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Connect:
-        relay_only = obj.get("relay_only", False)
-        if not isinstance(relay_only, bool):
-            raise _bad("relay_only", "must be true or false")
-        return cls(request_id=_str(obj, "request_id", max_len=64), peer=_peer_id(obj, "peer"), relay_only=relay_only)
+        return cls(request_id=_str(obj, "request_id", max_len=64), peer=_peer_id(obj, "peer"),
+                   relay_only=_opt_bool(obj, "relay_only", default=False))
 
 
 @dataclass(frozen=True)

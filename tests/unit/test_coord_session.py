@@ -82,8 +82,8 @@ def test_both_fire_at_the_same_instant_and_nobody_waits_needlessly(a: float, b: 
     ("a", "b", "advice"),
     [
         (SYM_RANDOM, SYM_RANDOM, RelayAdvice.RELAY_NOW),
-        (SYM_RANDOM, PORT_RESTRICTED, RelayAdvice.RELAY_NOW),
-        (PORT_RESTRICTED, SYM_RANDOM, RelayAdvice.RELAY_NOW),
+        (SYM_RANDOM, PORT_RESTRICTED, RelayAdvice.BIRTHDAY),  # fixed endpoint, filters by port: birthday
+        (PORT_RESTRICTED, SYM_RANDOM, RelayAdvice.BIRTHDAY),
         (SYM_RANDOM, SYM_SEQ, RelayAdvice.RELAY_NOW),  # seq-symmetric still filters by port
         (SYM_RANDOM, RESTRICTED, RelayAdvice.PUNCH),  # admits the SYN from any port of A's address
         (SYM_RANDOM, FULL_CONE, RelayAdvice.PUNCH),
@@ -98,6 +98,13 @@ def test_relay_advice(a: NatReport, b: NatReport, advice: RelayAdvice) -> None:
     got, reason = relay_advice(a, b)
     assert got is advice
     assert reason
+
+
+def test_birthday_opt_out_means_relay_now() -> None:
+    got, reason = relay_advice(SYM_RANDOM, PORT_RESTRICTED, birthday=False)
+    assert got is RelayAdvice.RELAY_NOW
+    assert "filters by address and port" in reason
+    assert relay_advice(PORT_RESTRICTED, PORT_RESTRICTED, birthday=False)[0] is RelayAdvice.PUNCH
 
 
 def test_relay_advice_without_reports_is_punch() -> None:

@@ -57,6 +57,7 @@ ALL_MESSAGES: list[Message] = [
     Register("alice", "s3cret", NAT, (Endpoint("10.0.1.2", 5000),), "room"),
     Register("bob", "t", None, (), None),
     Register("carol", "t", None, (), None, (Endpoint("2001:db8:1::2", 5000), Endpoint("2001:db8::159", 5000))),
+    Register("carol", "t", None, (), None, birthday=False),
     Registered("alice", EP, 5.0, 15.0),
     Ping(0),
     Pong(2**40),
@@ -236,6 +237,8 @@ def test_unknown_type() -> None:
         {"type": "register", "id": "a", "token": "t", "nat": {"tcp": {"mapping": "sideways"}}},
         {"type": "register", "id": "a", "token": "t", "nat": []},
         {"type": "register", "id": "a", "token": "t", "nat": {"verdict": "v" * 20000}},
+        {"type": "register", "id": "a", "token": "t", "birthday": "no"},
+        {"type": "connect", "request_id": "r", "peer": "b", "relay_only": 1},
         {"type": "ping", "seq": True},
         {"type": "ping", "seq": -1},
         {"type": "ping", "seq": 1.5},
@@ -320,3 +323,8 @@ def test_nat_report_ipv6_part_is_checked(ipv6: object) -> None:
     frame["nat"]["ipv6"] = ipv6
     with pytest.raises(ProtocolError, match=r"ipv6|works"):
         decode_message(frame)
+
+
+def test_register_without_birthday_field_takes_part_in_birthday_punching() -> None:
+    message = decode_message({"type": "register", "id": "a", "token": "t"})
+    assert isinstance(message, Register) and message.birthday is True

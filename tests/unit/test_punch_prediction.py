@@ -45,12 +45,15 @@ TYPES = {
     "symmetric-random": RANDOM,
     "cgnat": CGNAT,
 }
-# The pair table of docs/punching.md: the pairs that can NOT go direct.
+# The pair table of docs/punching.md: the pairs that can NOT go direct, and those only a birthday punch
+# connects (impossible when a peer opts out of it).
+BIRTHDAY = {
+    frozenset({"symmetric-random", "port-restricted"}),
+    frozenset({"symmetric-random", "cgnat"}),
+}
 IMPOSSIBLE = {
     frozenset({"symmetric-random"}),
-    frozenset({"symmetric-random", "port-restricted"}),
     frozenset({"symmetric-random", "symmetric-seq"}),
-    frozenset({"symmetric-random", "cgnat"}),
 }
 
 
@@ -69,14 +72,19 @@ def test_classify() -> None:
 def test_pair_table(a: str, b: str) -> None:
     verdict = direct_possible(TYPES[a], TYPES[b])
     assert bool(verdict) is (frozenset({a, b}) not in IMPOSSIBLE), verdict.reason
+    assert verdict.birthday is (frozenset({a, b}) in BIRTHDAY)
     assert verdict.reason
-    assert bool(direct_possible(TYPES[b], TYPES[a])) is bool(verdict)  # symmetric
+    assert direct_possible(TYPES[b], TYPES[a]) == verdict  # symmetric
+    opted_out = direct_possible(TYPES[a], TYPES[b], birthday=False)
+    assert bool(opted_out) is (frozenset({a, b}) not in IMPOSSIBLE | BIRTHDAY)
+    assert not opted_out.birthday
 
 
 def test_random_needs_a_permissive_filter() -> None:
     assert direct_possible(RANDOM, FULL_CONE)
     assert direct_possible(RANDOM, RESTRICTED)
-    assert "address and port" in direct_possible(RANDOM, PORT_RESTRICTED).reason
+    assert "address and port" in direct_possible(RANDOM, PORT_RESTRICTED, birthday=False).reason
+    assert "birthday" in direct_possible(RANDOM, PORT_RESTRICTED).reason
     assert direct_possible(RANDOM, nat(EIM, None, 0)).possible  # unknown filtering: try
     assert direct_possible(RANDOM, None).possible
     assert not direct_possible(RANDOM, RANDOM)

@@ -1,0 +1,77 @@
+"""The engine's birthday mode on loopback (no NAT: the lab test and scripts/bench_birthday.py cover NATs).
+
+A hard side's tickets each get their own local port; many of them open at once, one wins, the others are
+closed without hurting it (bytes checked by SHA-256). An easy side's spray stays inside its SYN budget and
+rate, retries refused guesses only from that budget, and explains its failure in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+from tcppunch.punch.birthday import BirthdayLimits, BirthdayPlan, BirthdaySide, birthday_candidates
+from tcppunch.punch.engine import punch
+from tcppunch.punch.plan import AttemptOutcome, PunchFailed, PunchPlan, PunchResult, Role
+from tcppunch.wire.endpoint import Endpoint
+from tests.integration.test_punch_loopback import KEY, exchange, listener, port_of, run
+
+
+def test_hard_side_tickets_connect_and_one_wins_without_hurting_it() -> None:
+    tickets = 24
+
+    async def main() -> tuple[PunchResult, PunchResult, tuple[str, str, str, str]]:
+        lb = listener("127.0.0.2")
+        try:
+            b_ep = Endpoint("127.0.0.2", port_of(lb))
+            loop = asyncio.get_running_loop()
+            fire = loop.time() + 0.05
+            spray = BirthdayPlan(BirthdaySide.HARD, BirthdayLimits(sockets=tickets))
+            hard = PunchPlan(local=Endpoint("127.0.0.1", 0), role=Role.INITIATOR, session_id="bd", key=KEY,
+                             candidates=birthday_candidates(spray, peer_observed=b_ep, rng=random.Random(1)),
+                             fire_at=fire, deadline=fire + 5, birthday=spray)
+            easy = PunchPlan(local=b_ep, role=Role.RESPONDER, session_id="bd", key=KEY, candidates=(),
+                             fire_at=fire, deadline=fire + 5)
+            ra, rb = await asyncio.gather(punch(hard), punch(easy, listener=lb))
+        finally:
+            lb.close()
+        return ra, rb, await exchange(ra, rb, 1_000_000)
+
+    ra, rb, (sent_a, got_b, sent_b, got_a) = run(main())
+    assert sent_a == got_b and sent_b == got_a  # the losers' closing did not touch the winner
+    assert ra.local == rb.remote and rb.local == ra.remote
+    assert ra.candidate is not None and ra.candidate.kind.value == "birthday"
+    assert ra.birthday is not None and ra.birthday.syns == tickets and ra.birthday.connected >= 1
+    assert {a.remote for a in ra.attempts} == {rb.local}  # every ticket towards the same endpoint ...
+    accepted = [a for a in rb.attempts if a.outcome is AttemptOutcome.ACCEPTED]
+    assert len({a.remote.port for a in accepted}) == len(accepted) >= 1  # ... from a port of its own
+    for r in (ra, rb):
+        assert [a.outcome for a in r.attempts].count(AttemptOutcome.SELECTED) == 1
+
+
+def test_easy_side_spray_stays_in_its_budget_and_explains_in_one_line() -> None:
+    limits = BirthdayLimits(probes=40, max_syns=100, rate=2000, burst=10)
+
+    async def main() -> PunchFailed:
+        loop = asyncio.get_running_loop()
+        fire = loop.time() + 0.02
+        spray = BirthdayPlan(BirthdaySide.EASY, limits)
+        # nothing listens on 127.0.0.3: every guess is refused (RST) and retried from the budget
+        cands = birthday_candidates(spray, peer_observed=Endpoint("127.0.0.3", 1), rng=random.Random(os.getpid()))
+        plan = PunchPlan(local=Endpoint("127.0.0.1", 0), role=Role.INITIATOR, session_id="spray", key=KEY,
+                         candidates=cands, fire_at=fire, deadline=fire + 1.5, birthday=spray)
+        try:
+            await punch(plan)
+        except PunchFailed as exc:
+            return exc
+        raise AssertionError("a spray at closed ports cannot win")
+
+    failed = run(main())
+    stats = failed.birthday
+    assert stats is not None and stats.side is BirthdaySide.EASY
+    assert stats.syns == limits.max_syns and stats.budget_spent
+    assert stats.refused == stats.syns and stats.connected == 0
+    assert "birthday (easy side): 100 SYNs, 0 connected, 100 refused" in failed.explanation
+    assert len(failed.explanation.splitlines()) < 10
+    assert not failed.attempts  # refusals are counted, not logged one by one
