@@ -50,9 +50,6 @@ MAX_SOCKETS = 1024
 MAX_PROBES = 4096
 MAX_SYNS = 8192
 MAX_RATE = 50_000.0
-# A candidate answered with a RST tries again this long after (plus up to half of it in jitter), from the
-# budget: on the hard side a new socket means a new random port (a new ticket).
-RETRY_AFTER = 0.1
 
 
 class BirthdaySide(StrEnum):
@@ -60,6 +57,13 @@ class BirthdaySide(StrEnum):
 
     HARD = "hard"  # our NAT maps randomly: M sockets towards the peer's fixed endpoint
     EASY = "easy"  # the peer's NAT maps randomly: N SYNs from our fixed port to guessed ports
+
+
+# A candidate answered with a RST tries again this long after (plus up to half of it in jitter), from the
+# budget. On the hard side at once: the RST destroyed the ticket's NAT entry, and a new socket is a new
+# random port (a new ticket), so that tickets keep being alive while the easy side's guesses fly (against
+# NATs that answer unsolicited SYNs with a RST, a guess and a ticket must cross within the one-way delay).
+RETRY_AFTER = {BirthdaySide.HARD: 0.001, BirthdaySide.EASY: 0.1}
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,9 @@ class _Punch:
         self.log.info(
             "punch.start",
             local=str(self.local),
-            candidates=[str(c) for c in plan.candidates],
+            candidates=[str(c) for c in plan.candidates if c.kind is not CandidateKind.BIRTHDAY],
+            birthday=None if plan.birthday is None else plan.birthday.side.value,
+            birthday_syns=sum(1 for c in plan.candidates if c.kind is CandidateKind.BIRTHDAY) or None,
             fire_in=round(plan.fire_at - self.loop.time(), 4),
         )
         handed_over = False
@@ -411,7 +413,7 @@ class _Punch:
                     close_quietly(sock)
                 if outcome is AttemptOutcome.TIMEOUT:
                     return
-            delay = RETRY_AFTER * (1.0 + 0.5 * self.rng.random())
+            delay = RETRY_AFTER[self.bstats.side] * (1.0 + 0.5 * self.rng.random())
             if self.loop.time() + delay >= self.plan.deadline:
                 return
             await asyncio.sleep(delay)
