@@ -42,6 +42,7 @@ from tcppunch.peer.sessions import (
     SessionPool,
 )
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
+from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import CandidateKind, PunchAttempt, PunchFailed, PunchPlan, PunchResult
@@ -68,7 +69,9 @@ class Peer:
     relayed, refused, incoming_failed, ...). ``accept_filter(peer_id, peer_nat)``: asked for each incoming
     session before any punching; False refuses it (the caller's ``connect()`` fails with code
     ``cancelled`` and a reason that says ``refused``). ``ipv6``: announce this host's global IPv6 address
-    (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4.
+    (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4. ``birthday``:
+    the limits of birthday punching (docs/punching.md), used when one NAT maps randomly and the other
+    filters by port; None opts out (the coordinator then sends those sessions to the relay).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class Peer:
         on_stage: Callable[[str, dict[str, Any]], None] | None = None,
         accept_filter: Callable[[str, NatReport | None], bool] | None = None,
         reconnect: bool = True,
+        birthday: BirthdayLimits | None = DEFAULT_LIMITS,
         ipv6: bool = True,
     ) -> None:
         self.coordinator = Endpoint.parse(coordinator, DEFAULT_PORT) if isinstance(coordinator, str) else coordinator
@@ -102,6 +106,7 @@ class Peer:
         self._on_stage = on_stage
         self._accept_filter = accept_filter
         self._reconnect = reconnect
+        self._birthday = birthday
         self._ipv6 = ipv6
         self._local6: Endpoint | None = None  # our IPv6 punch endpoint (global address, punch port)
         self._channel: ControlChannel | None = None
@@ -156,7 +161,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         private = [Endpoint(route_source_ip(self.coordinator.ip), local.port)]
         channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
-                                 private=private, swarm=self.swarm,
+                                 private=private, swarm=self.swarm, birthday=self._birthday is not None,
                                  ipv6=[self._local6.ip] if self._local6 is not None else [])
         registered_at = loop.time()
         registration = await channel.register()
@@ -585,7 +590,8 @@ class Peer:
         # takes the NAT's next port), and reusing the control port would repeat last session's 5-tuple,
         # whose NAT entry may still be alive with last session's public port: use a fresh local port.
         local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
-        return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip, local6=self._local6)
+        return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip, local6=self._local6,
+                          birthday=self._birthday)
 
     async def _report(self, order: PunchOrder, outcome: Outcome, details: dict[str, Any]) -> None:
         with contextlib.suppress(CoordinatorError, ConnectionError, OSError):
