@@ -24,7 +24,7 @@ from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.lab import Lab, LabHost, NetnsLoop
 from tcppunch.lab.topology import SERVER_ADDRESSES
 from tcppunch.nat.detect import detect
-from tcppunch.nat.report import NatReport
+from tcppunch.nat.report import NatReport, PortMappingProtocol
 from tcppunch.peer import ConnectFailed, Connection, ConnectionInfo, Method, Peer, RelayMode
 from tcppunch.punch.plan import CandidateKind
 from tcppunch.wire.endpoint import Endpoint
@@ -99,8 +99,9 @@ class LabRunner:
         return self.nat[host.name]
 
     def pair(self, a: LabHost, b: LabHost, *, size: int = 10_000_000, relay: RelayMode = RelayMode.AUTO,
-             timeout: float = 60.0) -> PairResult:
-        """Fresh peers on ``a`` (connects) and ``b`` (listens); move ``size`` random bytes each way."""
+             timeout: float = 60.0, port_mapping: bool | tuple[PortMappingProtocol, ...] = False) -> PairResult:
+        """Fresh peers on ``a`` (connects) and ``b`` (listens); move ``size`` random bytes each way.
+        ``port_mapping``: both peers ask their router for a mapping of their punch port first."""
         nat_a, nat_b = self.detect(a), self.detect(b)
         # Every peer of the run shares this one process: a garbage collection of the last pair's
         # buffers in the middle of this pair's fire time would make one side fire late (seen: 70 ms,
@@ -110,9 +111,10 @@ class LabRunner:
         id_a, id_b = f"{a.name}-{n}-c", f"{b.name}-{n}-l"  # distinct even when a is b
         up, down = os.urandom(size), os.urandom(size)
         registered: concurrent.futures.Future[None] = concurrent.futures.Future()
-        listener = self.loop(b).submit(_listen_once(id_b, nat_b, down, timeout, registered))
+        listener = self.loop(b).submit(_listen_once(id_b, nat_b, down, timeout, registered, port_mapping))
         try:
-            outcome = self.loop(a).run(_connect_once(id_a, id_b, nat_a, up, relay, timeout, registered),
+            outcome = self.loop(a).run(_connect_once(id_a, id_b, nat_a, up, relay, timeout, registered,
+                                                     port_mapping),
                                        timeout=timeout + 10)
         except ConnectFailed as exc:
             listener.cancel()
@@ -134,9 +136,10 @@ async def _wait(future: asyncio.Future[None]) -> None:
 
 
 async def _listen_once(peer_id: str, nat: NatReport, payload: bytes, timeout: float,
-                       registered: concurrent.futures.Future[None]) -> bytes:
+                       registered: concurrent.futures.Future[None],
+                       port_mapping: bool | tuple[PortMappingProtocol, ...] = False) -> bytes:
     try:
-        async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
+        async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat, port_mapping=port_mapping) as peer:
             registered.set_result(None)
             conn = await peer.accept(timeout=timeout)
             received, _ = await asyncio.gather(_read_digest(conn), _send(conn, payload))
@@ -150,10 +153,10 @@ async def _listen_once(peer_id: str, nat: NatReport, payload: bytes, timeout: fl
 
 
 async def _connect_once(peer_id: str, target: str, nat: NatReport, payload: bytes, relay: RelayMode,
-                        timeout: float, target_registered: concurrent.futures.Future[None]
-                        ) -> tuple[bytes, ConnectionInfo]:
+                        timeout: float, target_registered: concurrent.futures.Future[None],
+                        port_mapping: bool | tuple[PortMappingProtocol, ...] = False) -> tuple[bytes, ConnectionInfo]:
     await asyncio.wait_for(asyncio.wrap_future(target_registered), timeout)
-    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat, relay=relay) as peer:
+    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat, relay=relay, port_mapping=port_mapping) as peer:
         conn = await peer.connect(target, timeout=timeout)
         received, _ = await asyncio.gather(_read_digest(conn), _send(conn, payload))
         conn.close()

@@ -27,7 +27,7 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import MappingBehaviour, NatReport
+from tcppunch.nat.report import MappingBehaviour, NatReport, PortMapping, PortMappingProtocol, PortMappingSupport
 from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
@@ -42,6 +42,7 @@ from tcppunch.peer.sessions import (
     SessionPool,
 )
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
+from tcppunch.portmap.client import PortMapper
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
@@ -72,6 +73,10 @@ class Peer:
     (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4. ``birthday``:
     the limits of birthday punching (docs/punching.md), used when one NAT maps randomly and the other
     filters by port; None opts out (the coordinator then sends those sessions to the relay).
+    ``port_mapping``: before registering, ask the default gateway to map the punch port (True: PCP,
+    NAT-PMP and UPnP-IGD; or the protocols to try); a granted mapping is renewed while the peer runs,
+    deleted by :meth:`close`, and peers connect to it first. Off by default: it opens an inbound port on
+    the router, which should be the user's choice.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class Peer:
         reconnect: bool = True,
         birthday: BirthdayLimits | None = DEFAULT_LIMITS,
         ipv6: bool = True,
+        port_mapping: bool | tuple[PortMappingProtocol, ...] = False,
     ) -> None:
         self.coordinator = Endpoint.parse(coordinator, DEFAULT_PORT) if isinstance(coordinator, str) else coordinator
         self.peer_id = peer_id
@@ -109,6 +115,9 @@ class Peer:
         self._birthday = birthday
         self._ipv6 = ipv6
         self._local6: Endpoint | None = None  # our IPv6 punch endpoint (global address, punch port)
+        self._mapping_protocols: tuple[PortMappingProtocol, ...] = (
+            tuple(PortMappingProtocol) if port_mapping is True else tuple(port_mapping or ()))
+        self._mapper: PortMapper | None = None
         self._channel: ControlChannel | None = None
         self._dispatcher: PortDispatcher | None = None
         # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
@@ -146,6 +155,8 @@ class Peer:
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
         port = self._port or _free_port(self._bind)
+        if self._mapping_protocols:
+            await self._map_port(port)
         # Over an IPv6 control connection our punch endpoint is IPv6 already; with a coordinator on loopback
         # every peer is on this host and IPv6 adds nothing.
         v4_coordinator = family_of(self.coordinator.ip) == socket.AF_INET and not self.coordinator.ip.startswith("127.")
@@ -156,6 +167,33 @@ class Peer:
             self._dispatcher = PortDispatcher(registration.local, also=[self._local6] if self._local6 else [])
             self._dispatcher.start()
         self._serving = loop.create_task(self._serve())
+
+    async def _map_port(self, port: int) -> None:
+        """Ask our router for an inbound mapping of the punch port (PCP, NAT-PMP, UPnP-IGD); the NAT report
+        we register with carries the outcome, and a granted mapping becomes our peers' first candidate."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        mapper = PortMapper(port, protocols=self._mapping_protocols)
+        mapping = await mapper.start()
+        error = None if mapper.error is None else str(mapper.error)
+        public = None if self.nat is None or self.nat.public is None else self.nat.public.ip
+        if mapping is not None and public is not None and mapping.external.ip != public:
+            error = (f"the router mapped {mapping.external}, but our public address is {public}: another NAT "
+                     "beyond the router (a carrier's) does not forward it")
+            await mapper.close()
+            mapping = None
+        protocols = () if mapper.probed is None else mapper.probed.protocols
+        self.nat = (self.nat or NatReport()).replace(port_mapping=PortMappingSupport(protocols, mapping, error))
+        self._mapper = mapper if mapping is not None else None
+        self.timings["port_mapping"] = loop.time() - started
+        self._stage("port_mapping", {"mapping": None if mapping is None else str(mapping.external),
+                                     "protocol": None if mapping is None else mapping.protocol.value,
+                                     "error": error, "seconds": round(self.timings["port_mapping"], 4)})
+
+    @property
+    def port_mapping(self) -> PortMapping | None:
+        """The inbound mapping our router granted for the punch port (``port_mapping=True``), if any."""
+        return None if self._mapper is None else self._mapper.mapping
 
     async def _register(self, local: Endpoint) -> Registration:
         loop = asyncio.get_running_loop()
@@ -210,6 +248,8 @@ class Peer:
         if self._dispatcher is not None:
             await self._dispatcher.close()
         await self._sessions.close()
+        if self._mapper is not None:
+            await self._mapper.close()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
             task.cancel()
         for task in [*self._tasks, *([self._serving] if self._serving else [])]:
@@ -384,9 +424,11 @@ class Peer:
 
     @property
     def sequential_nat(self) -> bool:
-        """Whether our NAT gives each new connection the next port (so peers must predict ours)."""
+        """Whether our NAT gives each new connection the next port (so peers must predict ours); not when
+        our router maps the punch port for us (peers then come in through the mapping)."""
         tcp = None if self.nat is None else self.nat.tcp
-        return (tcp is not None and tcp.mapping not in (None, MappingBehaviour.ENDPOINT_INDEPENDENT)
+        return (self._mapper is None and tcp is not None
+                and tcp.mapping not in (None, MappingBehaviour.ENDPOINT_INDEPENDENT)
                 and tcp.port_delta not in (None, 0))
 
     async def _refresh_observed(self) -> None:
@@ -549,7 +591,8 @@ class Peer:
         timings["verify"] = result.timings.selected - (result.timings.first_connection or 0.0)
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
-                              order.role, result.attempts, timings, candidate=_winning_kind(result))
+                              order.role, result.attempts, timings,
+                              candidate=_winning_kind(result, mapped=self.port_mapping is not None))
         self._stage("direct", info.to_json())
         await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
         return result.sock, info
@@ -667,12 +710,15 @@ def _ipv6_endpoint(port: int) -> Endpoint | None:
     return None
 
 
-def _winning_kind(result: PunchResult) -> CandidateKind | None:
+def _winning_kind(result: PunchResult, *, mapped: bool) -> CandidateKind | None:
     """The kind of candidate a punch won through; an incoming IPv6 connection counts as IPv6 even when
-    it came from an endpoint we had not targeted (no NAT66: it is the peer's own address)."""
+    it came from an endpoint we had not targeted (no NAT66: it is the peer's own address), and an incoming
+    IPv4 one while we hold a port mapping came through the mapping (only it lets such SYNs in)."""
     if result.candidate is not None:
         return result.candidate.kind
-    return CandidateKind.IPV6 if family_of(result.remote.ip) == socket.AF_INET6 else None
+    if family_of(result.remote.ip) == socket.AF_INET6:
+        return CandidateKind.IPV6
+    return CandidateKind.MAPPED if mapped else None
 
 
 def _free_port(bind: str) -> int:

@@ -72,13 +72,14 @@ class ConnectionInfo:
     # relay (joining the relay), total (connect() call or PUNCH receipt -> usable connection).
     timings: dict[str, float] = field(default_factory=dict)
     relay_reason: str | None = None
-    # Which kind of candidate the direct connection won through (ipv6, observed, predicted, ...);
-    # None for a relay, or an incoming IPv4 connection from an endpoint we had not targeted.
+    # Which kind of candidate the direct connection won through (port mapping, ipv6, observed, predicted,
+    # ...); None for a relay, or an incoming IPv4 connection from an endpoint we had not targeted.
     candidate: CandidateKind | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method.value,
+            "candidate": None if self.candidate is None else self.candidate.value,
             "peer": self.peer,
             "local": str(self.local),
             "remote": str(self.remote),
@@ -87,7 +88,6 @@ class ConnectionInfo:
             "attempts": [str(a) for a in self.attempts],
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "relay_reason": self.relay_reason,
-            "candidate": None if self.candidate is None else self.candidate.value,
         }
 
 

@@ -36,6 +36,7 @@ class CandidateKind(StrEnum):
     PREDICTED = "predicted"  # the peer's NAT's next mapping(s), from its port delta
     IPV6 = "ipv6"  # the peer's own global IPv6 address: no NAT66, a stateful firewall at most
     BIRTHDAY = "birthday"  # a birthday punch: one of many tickets / guessed ports (tcppunch.punch.birthday)
+    MAPPED = "port-mapping"  # the inbound mapping the peer got from its router (PCP, NAT-PMP, UPnP-IGD)
 
 
 # RFC 8305 section 5: the "Connection Attempt Delay" between starting one address family's attempts and

@@ -88,6 +88,8 @@ def direct_possible(
     worked costs a relay forever. ``birthday=False`` (a peer opted out of birthday punching) rules out the
     pairs that only a birthday punch can connect.
     """
+    if mapped_endpoint(a) is not None or mapped_endpoint(b) is not None:
+        return DirectVerdict(True, "port mapping: a router forwards the mapped port, the other side connects to it")
     if ipv6:
         return DirectVerdict(True, "both peers have IPv6: no NAT on that path, a simultaneous open passes "
                                    "stateful firewalls (RFC 6092 REC-31)")
@@ -131,6 +133,13 @@ def predicted_ports(observed_port: int, delta: int, window: int) -> list[int]:
     return [p for p in ports if 1 <= p <= 65535]
 
 
+def mapped_endpoint(report: NatReport | None) -> Endpoint | None:
+    """The public endpoint of the inbound mapping a peer holds on its router (port mapping), if any."""
+    if report is None or report.port_mapping is None or report.port_mapping.mapping is None:
+        return None
+    return report.port_mapping.mapping.external
+
+
 def build_candidates(
     *,
     peer_observed: Endpoint,
@@ -147,6 +156,11 @@ def build_candidates(
       staggers the IPv4 ones after them (Happy Eyeballs);
     * private endpoints only when both peers share a public address (same NAT): otherwise the SYN
       would cross our NAT and, on a sequential NAT, consume the port the peer predicted for us;
+    * the peer's port mapping, when its router granted one: its router forwards that port to the peer's
+      listener, whatever either NAT does; the other candidates follow in case the mapping went stale;
+    * nothing more when only we hold a mapping: the peer connects to it, and our own SYN to the peer's
+      endpoint would make a NAT entry whose reply tuple equals the DNAT-ed inbound connection's, and the
+      router's conntrack drops the second of the two (seen in the lab behind symmetric-random);
     * the observed endpoint unless the peer's mapping is sequential (then its observed port belongs to
       the coordinator connection only) — except when the peer's filtering is endpoint-independent;
     * predicted ports ``observed + k*i`` in index order, when the peer's NAT is sequential. When our own
@@ -158,6 +172,11 @@ def build_candidates(
     out = [c for c in (Candidate(e, CandidateKind.IPV6) for e in dict.fromkeys(peer_ipv6)) if c.is_ipv6]
     if own_public_ip is not None and own_public_ip == peer_observed.ip:
         out.extend(Candidate(e, CandidateKind.PRIVATE) for e in peer_private if e != peer_observed)
+    peer_mapped = mapped_endpoint(peer_nat)
+    if peer_mapped is not None:
+        out.append(Candidate(peer_mapped, CandidateKind.MAPPED))
+    elif mapped_endpoint(own_nat) is not None:
+        return tuple(out)
     peer_class = classify(peer_nat)
     if peer_class is not MappingClass.SEQUENTIAL:
         _add_observed(out, peer_observed)
@@ -166,13 +185,16 @@ def build_candidates(
     own_dependent = classify(own_nat) in (MappingClass.SEQUENTIAL, MappingClass.RANDOM)
     if _filtering(peer_nat) is FilteringBehaviour.ENDPOINT_INDEPENDENT and not own_dependent:
         _add_observed(out, peer_observed)
+    taken = {c.endpoint for c in out}
     for i, port in enumerate(predicted_ports(peer_observed.port, peer_nat.tcp.port_delta, window), start=1):
-        out.append(Candidate(Endpoint(peer_observed.ip, port), CandidateKind.PREDICTED, i))
+        if Endpoint(peer_observed.ip, port) not in taken:
+            out.append(Candidate(Endpoint(peer_observed.ip, port), CandidateKind.PREDICTED, i))
     return tuple(out)
 
 
 def _add_observed(out: list[Candidate], observed: Endpoint) -> None:
-    """The observed endpoint, unless an IPv6 candidate already names it (a control connection over IPv6)."""
+    """The observed endpoint, unless a candidate already names it (a control connection over IPv6, or a
+    mapping that is the peer's observed endpoint too)."""
     if all(c.endpoint != observed for c in out):
         out.append(Candidate(observed, CandidateKind.OBSERVED))
 

@@ -16,8 +16,11 @@ import pytest
 from tcppunch.lab import Lab, LabHost, LabSpec, RouterSpec
 from tcppunch.lab import netns as ns
 from tcppunch.lab.topology import lan_gateway
+from tcppunch.labrun import LabRunner
 from tcppunch.nat.report import Endpoint, PortMapping, PortMappingProtocol
+from tcppunch.peer import Method
 from tcppunch.portmap import Gateway, PortMapErrorCode, PortMapper, ProbeResult, probe
+from tcppunch.punch.plan import CandidateKind
 
 PAYLOAD = os.urandom(200_000)
 
@@ -147,3 +150,26 @@ def test_cgnat_home_router_refuses(lab: Lab) -> None:
         assert loop.run(mapper.start()) is None
         assert mapper.probed is not None and mapper.probed.protocols
         assert mapper.error is not None and mapper.error.code is PortMapErrorCode.REFUSED, mapper.error
+
+
+# ------------------------------------------------------------------ through the peer API
+@pytest.fixture(scope="module")
+def runner(lab: Lab) -> Iterator[LabRunner]:
+    with LabRunner(lab) as running:
+        yield running
+
+
+@pytest.mark.parametrize("protocol", list(PortMappingProtocol))
+def test_peer_behind_port_restricted_connects_direct_through_the_mapping(
+        lab: Lab, runner: LabRunner, protocol: PortMappingProtocol) -> None:
+    """symmetric-random vs port-restricted is relay-only without a mapping; with one it is direct, the
+    winning candidate is the mapping, and the mapping is gone once the peers closed."""
+    result = runner.pair(lab.host("pr"), lab.host("rnd"), size=1_000_000, port_mapping=(protocol,))
+    assert result.ok, result
+    assert result.method is Method.DIRECT and result.candidate is CandidateKind.MAPPED, result
+    assert lab.host("rnd").address not in _miniupnpd_rules(lab, "rnd"), "mapping left behind"
+
+
+def test_mapped_side_connecting_is_direct_too(lab: Lab, runner: LabRunner) -> None:
+    result = runner.pair(lab.host("rnd"), lab.host("pr"), size=1_000_000, port_mapping=True)
+    assert result.ok and result.method is Method.DIRECT and result.candidate is CandidateKind.MAPPED, result

@@ -7,7 +7,18 @@ from typing import Any
 
 import pytest
 
-from tcppunch.nat.report import Endpoint, NatReport, PortMapping, PortMappingProtocol, PortMappingSupport
+from tcppunch.nat.report import (
+    Endpoint,
+    FilteringBehaviour,
+    MappingBehaviour,
+    NatReport,
+    PortMapping,
+    PortMappingProtocol,
+    PortMappingSupport,
+    TcpBehaviour,
+)
+from tcppunch.punch.plan import Candidate, CandidateKind
+from tcppunch.punch.prediction import build_candidates, direct_possible
 from tcppunch.wire.coord import ProtocolError, Register
 
 SUPPORT = PortMappingSupport(
@@ -37,3 +48,35 @@ def test_malformed_port_mapping_is_refused(bad: dict[str, Any]) -> None:
     nat = {**NatReport().to_json(), "port_mapping": bad}
     with pytest.raises(ProtocolError):
         Register.from_json({"id": "bob", "token": "tok", "nat": nat})
+
+
+# ------------------------------------------------------------------ candidates from a port mapping
+RANDOM = NatReport(tcp=TcpBehaviour(MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT,
+                                    FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT, False, None), behind_nat=True)
+PORT_RESTRICTED = NatReport(tcp=TcpBehaviour(MappingBehaviour.ENDPOINT_INDEPENDENT,
+                                             FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT, True, 0), behind_nat=True)
+MAPPED_RANDOM = RANDOM.replace(port_mapping=SUPPORT)
+OBSERVED = Endpoint("198.51.100.101", 50000)
+
+
+def test_mapping_makes_random_pairs_direct_without_birthday_spray() -> None:
+    assert not direct_possible(RANDOM, RANDOM)
+    assert direct_possible(MAPPED_RANDOM, RANDOM) and direct_possible(RANDOM, MAPPED_RANDOM)
+    verdict = direct_possible(MAPPED_RANDOM, PORT_RESTRICTED)
+    assert verdict and not verdict.birthday and "port mapping" in verdict.reason
+
+
+def test_the_peer_targets_the_mapping_first() -> None:
+    cands = build_candidates(peer_observed=OBSERVED, peer_nat=MAPPED_RANDOM, own_nat=PORT_RESTRICTED)
+    assert cands[0] == Candidate(Endpoint("198.51.100.101", 40123), CandidateKind.MAPPED)
+    assert [c.kind for c in cands] == [CandidateKind.MAPPED, CandidateKind.OBSERVED]
+
+
+def test_the_mapped_side_only_listens() -> None:
+    assert build_candidates(peer_observed=Endpoint("198.51.100.102", 4000), peer_nat=PORT_RESTRICTED,
+                            own_nat=MAPPED_RANDOM) == ()
+
+
+def test_both_mapped_target_each_other() -> None:
+    cands = build_candidates(peer_observed=OBSERVED, peer_nat=MAPPED_RANDOM, own_nat=MAPPED_RANDOM)
+    assert cands[0].kind is CandidateKind.MAPPED
