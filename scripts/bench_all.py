@@ -5,6 +5,7 @@
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
 * bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
 * bench_coordinator.py: one coordinator's rendezvous rate at 50,000 registered peers vs at 200 (loopback).
+* bench_session.py: streams on a live session vs RTT_peer and vs a raw connection; fairness of 100 streams.
 
 Figures and the exact commands are kept in docs/benchmarks.md.
 """
@@ -23,6 +24,7 @@ RUNS = [
      "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
     ["bench_expose.py", "--bytes", str(256 * 1024 * 1024), "--reps", "3"],
     ["bench_coordinator.py"],
+    ["bench_session.py"],
 ]
 
 

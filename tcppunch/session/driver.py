@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass
 
 import structlog
@@ -211,15 +212,16 @@ class Session:
         self.peer = peer  # a label for logs and streams: the other side's id
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
-        self._mux = mux or Multiplexer(role, self._loop.time())
+        self._mux = mux or Multiplexer(role, self._loop.time(), measure_rtt=True)
         self._reader = reader
         self._writer = writer
+        _no_nagle(writer)
         self._streams: dict[int, MuxStream] = {}
         self._incoming: asyncio.Queue[MuxStream | None] = asyncio.Queue()
         self._wake_writer = asyncio.Event()
         self._flushed = asyncio.Event()  # set when the writer wrote something or bytes arrived: progress
         self._writing = False
-        self._pings: list[asyncio.Future[float]] = []
+        self._pings: dict[int, asyncio.Future[float]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._new_path: tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | None = None
@@ -282,8 +284,7 @@ class Session:
         """The round-trip time of one PING over the current path."""
         self._check_alive()
         waiter: asyncio.Future[float] = self._loop.create_future()
-        self._pings.append(waiter)
-        self._mux.send_ping(self._loop.time())
+        self._pings[self._mux.send_ping(self._loop.time())] = waiter
         self._kick()
         return await waiter
 
@@ -295,6 +296,7 @@ class Session:
         self._check_alive()
         if self._new_path is not None:
             raise RuntimeError("a path migration is already under way")
+        _no_nagle(writer)
         self._new_path = (reader, writer, path)
         self._new_path_ready.set()
         self._kick()
@@ -325,7 +327,7 @@ class Session:
     # ----------------------------------------------------------------------------- used by streams
     def _consumed(self, stream_id: int, size: int) -> None:
         if not self.closed:
-            self._mux.acknowledge_received_data(stream_id, size)
+            self._mux.acknowledge_received_data(stream_id, size, self._loop.time())
             self._kick()
 
     def _send(self, stream_id: int, data: bytes, *, end: bool) -> None:
@@ -444,10 +446,9 @@ class Session:
         elif isinstance(event, StreamReset) and stream:
             stream._fail(StreamResetError(event.stream_id, event.code, event.remote))
         elif isinstance(event, PingAcknowledged):
-            for waiter in self._pings:
-                if not waiter.done():
-                    waiter.set_result(event.rtt)
-            self._pings.clear()
+            waiter = self._pings.pop(event.ping_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event.rtt)
         elif isinstance(event, GoAwayReceived):
             self._goaway_received = True
             self._log.info("session.go_away", code=event.code.name, last_stream_id=event.last_stream_id)
@@ -470,7 +471,7 @@ class Session:
         for stream in list(self._streams.values()):
             stream._fail(self.error)
         self._incoming.put_nowait(None)
-        for waiter in self._pings:
+        for waiter in self._pings.values():
             if not waiter.done():
                 waiter.set_exception(self.error)
         self._switch_sent.set()
@@ -506,3 +507,11 @@ class Session:
         self._mux.handle_timer(self._loop.time())
         self._handle_events()
 
+
+def _no_nagle(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY under a session: its writer already batches, and a small frame (a stream's opening
+    frame, a window update, an echo) must not wait for the previous one's delayed ACK."""
+    sock = writer.get_extra_info("socket")  # asyncio's TransportSocket, also under TLS
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -38,6 +38,8 @@ from tcppunch.wire.coord import Role
 
 INITIAL_WINDOW = 256 * 1024  # protocol constant: what a sender may send on a new stream before any update
 DEFAULT_WINDOW = 1 << 20  # our receive window per stream; 1 MiB keeps ~50 MB/s flowing at 20 ms RTT
+MAX_STREAM_WINDOW = 16 << 20  # a busy stream's receive window grows up to this (see acknowledge_received_data)
+GROWTH_BUDGET = 64 << 20  # all streams' growth beyond ``window`` together stays under this
 DEFAULT_MAX_STREAMS = 256  # concurrently open streams the peer may open towards us
 DEFAULT_FRAME_SIZE = 64 * 1024  # the largest DATA payload we send; also the round-robin quantum
 DEFAULT_KEEPALIVE_INTERVAL = 15.0  # seconds of silence before we ping
@@ -87,9 +89,10 @@ class StreamReset:
 
 @dataclass(frozen=True, slots=True)
 class PingAcknowledged:
-    """A ping came back after ``rtt`` seconds."""
+    """Ping ``ping_id`` (what :meth:`Multiplexer.send_ping` returned) came back after ``rtt`` seconds."""
 
     rtt: float
+    ping_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,8 @@ class _Stream:
     stream_id: int
     send_window: int
     recv_window: int
+    window: int = 0  # our receive window for this stream (grows while the stream is window-limited)
+    last_grant: float | None = None
     pending: bytearray = field(default_factory=bytearray)
     recv_unacked: int = 0
     syn_pending: bool = False
@@ -163,6 +168,7 @@ class Multiplexer:
         max_payload: int = MAX_PAYLOAD,
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        measure_rtt: bool = False,
     ) -> None:
         if not INITIAL_WINDOW <= window <= MAX_WINDOW or not 0 < frame_size <= max_payload:
             raise ValueError(f"need {INITIAL_WINDOW} <= window <= {MAX_WINDOW} and 0 < frame_size <= max_payload")
@@ -189,6 +195,8 @@ class Multiplexer:
         self.closed = False
         self.close_reason: SessionTerminated | None = None
         self.rtt: float | None = None
+        if measure_rtt:  # a first PING at once: window growth needs the round-trip time
+            self.send_ping(now)
 
     # ----------------------------------------------------------------------------------- inspection
     def events(self) -> list[Event]:
@@ -241,7 +249,8 @@ class Multiplexer:
             raise SessionClosedError("stream ids exhausted: open a new session")
         stream_id = self._next_id
         self._next_id += 2
-        stream = _Stream(stream_id, send_window=INITIAL_WINDOW, recv_window=self.window, syn_pending=True)
+        stream = _Stream(stream_id, send_window=INITIAL_WINDOW, recv_window=self.window, window=self.window,
+                         syn_pending=True)
         self._streams[stream_id] = stream
         stream.pending += data
         stream.fin_pending = end_stream
@@ -268,24 +277,31 @@ class Multiplexer:
             return
         self._control.append(encode_frame(Frame(FrameType.RESET, Flag.NONE, stream_id, _U32.pack(code))))
 
-    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
-        """The application consumed ``size`` bytes of the stream: grant them back to the peer."""
+    def acknowledge_received_data(self, stream_id: int, size: int, now: float | None = None) -> None:
+        """The application consumed ``size`` bytes of the stream: grant them back to the peer.
+
+        With ``now`` (and a measured RTT), a stream whose grants follow each other within two round
+        trips is limited by its window, not by its reader: its window doubles, up to
+        :data:`MAX_STREAM_WINDOW` and within :data:`GROWTH_BUDGET` for the whole session.
+        """
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_received or self.closed:
             return
         stream.recv_unacked += size
-        if stream.recv_unacked >= self.window // 2:
+        if stream.recv_unacked >= stream.window // 2:
             increment, stream.recv_unacked = stream.recv_unacked, 0
+            increment += self._grow(stream, now)
             stream.recv_window += increment
             payload = _U32.pack(increment)
             self._control.append(encode_frame(Frame(FrameType.WINDOW_UPDATE, Flag.NONE, stream_id, payload)))
 
-    def send_ping(self, now: float) -> None:
-        """Ask for a PingAcknowledged event carrying the round-trip time."""
+    def send_ping(self, now: float) -> int:
+        """Ask for a PingAcknowledged event carrying the round-trip time; returns the ping's id."""
         self._check_open()
         self._ping_counter += 1
         self._pings[self._ping_counter] = now
         self._control.append(encode_frame(Frame(FrameType.PING, Flag.NONE, 0, _PING.pack(self._ping_counter))))
+        return self._ping_counter
 
     def close(self, code: MuxErrorCode = MuxErrorCode.NO_ERROR, message: str = "closed") -> None:
         """Send GO_AWAY and end the session; flush :meth:`data_to_send` before closing the transport."""
@@ -429,12 +445,23 @@ class Multiplexer:
                 encode_frame(Frame(FrameType.RESET, Flag.NONE, stream_id, _U32.pack(MuxErrorCode.REFUSED_STREAM)))
             )
             return None
-        stream = _Stream(stream_id, send_window=INITIAL_WINDOW, recv_window=self.window)
+        stream = _Stream(stream_id, send_window=INITIAL_WINDOW, recv_window=self.window, window=self.window)
         self._streams[stream_id] = stream
         self._events.append(StreamOpened(stream_id))
         if grant := self._initial_grant(stream_id):
             self._control.append(grant)
         return stream
+
+    def _grow(self, stream: _Stream, now: float | None) -> int:
+        """How much to add to ``stream``'s window now (0 unless it is window-limited and may grow)."""
+        last, stream.last_grant = stream.last_grant, now
+        if now is None or last is None or self.rtt is None or now - last >= 2 * self.rtt:
+            return 0
+        extra = min(stream.window, MAX_STREAM_WINDOW - stream.window)
+        grown = sum(s.window - self.window for s in self._streams.values())
+        extra = max(0, min(extra, GROWTH_BUDGET - grown))
+        stream.window += extra
+        return extra
 
     def _initial_grant(self, stream_id: int) -> bytes:
         """A WINDOW_UPDATE raising the peer's view of our window from INITIAL_WINDOW to ours."""
@@ -472,10 +499,11 @@ class Multiplexer:
         if not frame.flags & Flag.ACK:
             self._control.append(encode_frame(Frame(FrameType.PING, Flag.ACK, 0, frame.payload)))
             return
-        sent = self._pings.pop(_PING.unpack(frame.payload)[0], None)
+        (ping_id,) = _PING.unpack(frame.payload)
+        sent = self._pings.pop(ping_id, None)
         if sent is not None:
             self.rtt = now - sent
-            self._events.append(PingAcknowledged(self.rtt))
+            self._events.append(PingAcknowledged(self.rtt, ping_id))
 
     def _on_goaway(self, frame: Frame) -> None:
         last, raw = _GO_AWAY.unpack(frame.payload)

@@ -11,6 +11,7 @@ import pytest
 from tcppunch.session.frames import Flag, Frame, FrameType, MuxErrorCode, encode_frame
 from tcppunch.session.mux import (
     INITIAL_WINDOW,
+    MAX_STREAM_WINDOW,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -190,7 +191,7 @@ def test_keepalive_ping_measures_rtt_and_silence_ends_the_session() -> None:
     pong = pair.b.data_to_send()
     pair.now = 15.5
     pair.a.receive_data(pong, pair.now)
-    assert pair.a.events() == [PingAcknowledged(0.5)]
+    assert pair.a.events() == [PingAcknowledged(0.5, 1)]
     assert pair.a.rtt == 0.5
     # now b falls silent: a pings after the interval, then gives up after the timeout
     pair.now = 30.5
@@ -280,3 +281,30 @@ def test_bytes_after_switch_on_the_old_path_are_an_error() -> None:
     pair.b.receive_data(wire, 0.0)
     event = pair.b.events()[-1]
     assert isinstance(event, SessionTerminated) and "bytes after SWITCH" in event.message
+
+
+def _largest_grant(per_frame: float) -> int:
+    """a fills its window each round; b's reader takes ``per_frame`` seconds per 64 KiB frame (b's RTT
+    is 0.1 s); the largest send window a was given."""
+    a = Multiplexer(Role.INITIATOR, 0.0)
+    b = Multiplexer(Role.RESPONDER, 0.0, measure_rtt=True)
+    a.receive_data(b.data_to_send(), 0.05)
+    b.receive_data(a.data_to_send(), 0.1)  # the PING's answer
+    assert b.rtt == 0.1
+    sid = a.open_stream()
+    now, largest = 0.1, 0
+    for _ in range(10):
+        a.send_data(sid, b"x" * a.send_window(sid))
+        b.receive_data(a.data_to_send(), now)
+        for ev in b.events():
+            if isinstance(ev, DataReceived):
+                now += per_frame
+                b.acknowledge_received_data(sid, len(ev.data), now)
+        a.receive_data(b.data_to_send(), now)
+        largest = max(largest, a.send_window(sid))
+    return largest
+
+
+def test_window_grows_only_for_a_stream_limited_by_its_window() -> None:
+    assert _largest_grant(0.001) == MAX_STREAM_WINDOW  # a fast reader: the window doubles up to the cap
+    assert _largest_grant(0.05) <= 1 << 20  # 8 frames (half a window) take 0.4 s = 4 RTT: stays
