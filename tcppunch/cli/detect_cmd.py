@@ -37,9 +37,13 @@ EXIT_UNREACHABLE = 3
 @click.option("--ipv6-server", type=EndpointType(),
               help="The server's IPv6 endpoint, e.g. [2001:db8::10]:3478: check that TCP over IPv6 works and is "
                    "not translated (reported as 'ipv6'). Default: the --server itself when it is an IPv6 one.")
+@click.option("--port-mapping", is_flag=True,
+              help="Also ask the default gateway whether it maps ports (PCP, NAT-PMP, UPnP-IGD, 250 ms) and "
+                   "request a test mapping of a free port, deleted again (reported as 'port_mapping'). Off by "
+                   "default: it talks to the router and briefly opens a port on it.")
 def detect_command(
     server: Endpoint | None, stun: tuple[Endpoint, ...], timeout: float, as_json: bool, no_udp: bool,
-    ipv6_server: Endpoint | None,
+    ipv6_server: Endpoint | None, port_mapping: bool,
 ) -> None:
     """Measure the NAT in front of this host over TCP and say what it means for direct connections.
 
@@ -55,6 +59,11 @@ def detect_command(
     except ServerUnreachable as exc:
         click.echo(f"tcppunch detect: server unreachable: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
+    if port_mapping:
+        from tcppunch.portmap.client import check_gateway
+
+        public = None if report.public is None else report.public.ip
+        report = report.replace(port_mapping=asyncio.run(check_gateway(public)))
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:
@@ -79,6 +88,17 @@ def _ipv6_text(report: NatReport) -> str:
     return f"{works} ({six.address or 'no global address'}): {six.detail}"
 
 
+def _port_mapping_text(report: NatReport) -> str:
+    support = report.port_mapping
+    if support is None:
+        return "not measured (--port-mapping)"
+    heard = ", ".join(p.value for p in support.protocols) or "no protocol"
+    if support.mapping is not None:
+        m = support.mapping
+        return f"{heard} answered; {m.protocol.value} mapped {m.external} -> port {m.internal_port} (deleted again)"
+    return f"{heard} answered; no mapping: {support.error}" if support.protocols else f"none: {support.error}"
+
+
 def render_table(report: NatReport, server: Endpoint) -> str:
     """The human output: a short table, what was not measured, and the verdict."""
     tcp = report.tcp
@@ -95,6 +115,7 @@ def render_table(report: NatReport, server: Endpoint) -> str:
         ("local addresses", ", ".join(report.local) or "none"),
         ("UDP (classic)", _text(report.udp_nat_type)),
         ("IPv6", _ipv6_text(report)),
+        ("port mapping", _port_mapping_text(report)),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"NAT behaviour measured against {server}"]

@@ -53,6 +53,9 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "predict ports, and the relay is used only after a failed punch)."),
         click.option("--no-birthday", is_flag=True, help="Never spray SYNs for birthday punching (random-"
                      "port NAT facing a port-filtering one): such connections use the relay instead."),
+        click.option("--port-mapping", is_flag=True, help="Ask the router to map the punch port (PCP, NAT-PMP, "
+                     "UPnP-IGD) so peers can connect in whatever the NATs do; renewed while running, deleted on "
+                     "exit. Off by default: it opens a port on the router."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False),
                      help="Write a JSON report (method, addresses, attempts, timings) to this file."),
         click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
@@ -81,7 +84,7 @@ def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
 
 
 def _peer(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
-          no_detect: bool, quiet: bool, no_birthday: bool) -> Peer:
+          no_detect: bool, quiet: bool, no_birthday: bool, port_mapping: bool = False) -> Peer:
     nat = None
     if nat_report:
         try:
@@ -89,7 +92,8 @@ def _peer(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise click.BadParameter(f"cannot read NAT report {nat_report}: {exc}") from exc
     return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect, relay=RelayMode(relay),
-                on_stage=_progress(quiet), birthday=None if no_birthday else DEFAULT_LIMITS)
+                on_stage=_progress(quiet), birthday=None if no_birthday else DEFAULT_LIMITS,
+                port_mapping=port_mapping)
 
 
 def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) -> None:
@@ -146,8 +150,8 @@ async def _until_signal(work: asyncio.Future[Any]) -> None:
 @click.option("--timeout", type=click.FloatRange(1, 600), default=60, show_default=True,
               help="Give up connecting after this many seconds.")
 def connect_command(peer_name: str, coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int,
-                    nat_report: str | None, no_detect: bool, no_birthday: bool, report_path: str | None,
-                    quiet: bool, local_listen: Endpoint | None, timeout: float) -> None:
+                    nat_report: str | None, no_detect: bool, no_birthday: bool, port_mapping: bool,
+                    report_path: str | None, quiet: bool, local_listen: Endpoint | None, timeout: float) -> None:
     """Connect to PEER through the coordinator: directly if a hole can be punched, else relayed.
 
     \b
@@ -156,7 +160,8 @@ def connect_command(peer_name: str, coordinator: Endpoint, peer_id: str, token: 
     """
 
     async def main() -> None:
-        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday) as peer:
+        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday,
+                         port_mapping) as peer:
             if local_listen is None:
                 stream = await _open_stream(peer, peer_name, timeout)
                 _session_report(report_path, peer, peer_name)
@@ -230,7 +235,7 @@ async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: flo
                    "stdin/stdout: expose a service behind NAT to peers.")
 @click.option("--once", is_flag=True, help="Exit after the first connection ends.")
 def listen_command(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
-                   no_detect: bool, no_birthday: bool, report_path: str | None, quiet: bool,
+                   no_detect: bool, no_birthday: bool, port_mapping: bool, report_path: str | None, quiet: bool,
                    forward: Endpoint | None, once: bool) -> None:
     """Register as --id and take connections from peers: pipe them to stdin/stdout, or --forward them.
 
@@ -240,7 +245,8 @@ def listen_command(coordinator: Endpoint, peer_id: str, token: str, relay: str, 
     """
 
     async def main() -> None:
-        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday) as peer:
+        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday,
+                         port_mapping) as peer:
             if not quiet:
                 click.echo(f"tcppunch: listening as {peer_id} (public {peer.observed}, local {peer.local})",
                            err=True)

@@ -27,7 +27,7 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import MappingBehaviour, NatReport, PortMapping, PortMappingProtocol, PortMappingSupport
+from tcppunch.nat.report import MappingBehaviour, NatReport, PortMapping, PortMappingProtocol
 from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
@@ -42,7 +42,7 @@ from tcppunch.peer.sessions import (
     SessionPool,
 )
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
-from tcppunch.portmap.client import PortMapper
+from tcppunch.portmap.client import PortMapper, start_checked
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits
 from tcppunch.punch.dispatch import PortDispatcher
 from tcppunch.punch.engine import punch
@@ -174,16 +174,10 @@ class Peer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         mapper = PortMapper(port, protocols=self._mapping_protocols)
-        mapping = await mapper.start()
-        error = None if mapper.error is None else str(mapper.error)
         public = None if self.nat is None or self.nat.public is None else self.nat.public.ip
-        if mapping is not None and public is not None and mapping.external.ip != public:
-            error = (f"the router mapped {mapping.external}, but our public address is {public}: another NAT "
-                     "beyond the router (a carrier's) does not forward it")
-            await mapper.close()
-            mapping = None
-        protocols = () if mapper.probed is None else mapper.probed.protocols
-        self.nat = (self.nat or NatReport()).replace(port_mapping=PortMappingSupport(protocols, mapping, error))
+        support = await start_checked(mapper, public)
+        mapping, error = support.mapping, support.error
+        self.nat = (self.nat or NatReport()).replace(port_mapping=support)
         self._mapper = mapper if mapping is not None else None
         self.timings["port_mapping"] = loop.time() - started
         self._stage("port_mapping", {"mapping": None if mapping is None else str(mapping.external),

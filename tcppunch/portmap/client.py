@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import Endpoint, PortMapping, PortMappingProtocol
+from tcppunch.nat.report import Endpoint, PortMapping, PortMappingProtocol, PortMappingSupport
 from tcppunch.portmap import natpmp, pcp, upnp
 
 log = structlog.get_logger("tcppunch.portmap")
@@ -38,6 +38,7 @@ PROBE_BUDGET = 0.25  # seconds to wait for the gateway's first answers
 MAP_TIMEOUT = 2.0  # seconds for one mapping request (with retransmissions), per protocol
 DEFAULT_LIFETIME = 7200  # seconds asked for; the gateway may grant less (PCP, NAT-PMP) or more
 DESCRIPTION = "tcppunch"
+TEST_LIFETIME = 60  # seconds: detect's test mapping, in case its delete is lost
 _RETRANSMIT = 0.25  # first retransmission after 250 ms, then doubling (RFC 6886 section 3.1)
 _PREFERENCE = (PortMappingProtocol.PCP, PortMappingProtocol.NAT_PMP, PortMappingProtocol.UPNP_IGD)
 
@@ -428,3 +429,40 @@ class PortMapper:
         _, why = await self._request(held.mapping.protocol, suggested, lifetime=0, held=held)
         log.info("portmap.deleted", protocol=held.mapping.protocol.value, external=str(held.mapping.external),
                  result=why)
+
+
+async def start_checked(mapper: PortMapper, public_ip: str | None) -> PortMappingSupport:
+    """Start ``mapper`` and describe the outcome for a NAT report. A mapping whose external address is not
+    our public address (``public_ip``, when known) is useless, since another NAT (a carrier's) lies beyond the
+    router: it is deleted again and the report says why."""
+    mapping = await mapper.start()
+    error = None if mapper.error is None else str(mapper.error)
+    if mapping is not None and public_ip is not None and mapping.external.ip != public_ip:
+        error = (f"the router mapped {mapping.external}, but our public address is {public_ip}: another NAT "
+                 "beyond the router (a carrier's) does not forward it")
+        await mapper.close()
+        mapping = None
+    protocols = () if mapper.probed is None else mapper.probed.protocols
+    return PortMappingSupport(protocols, mapping, error)
+
+
+async def check_gateway(public_ip: str | None, *, budget: float = PROBE_BUDGET) -> PortMappingSupport:
+    """What ``tcppunch detect --port-mapping`` reports: which protocols the gateway answers (all three
+    asked, ``budget`` seconds), and whether it grants a test mapping of a free local port (deleted again)."""
+    gateway = await asyncio.to_thread(Gateway.default)
+    if gateway is None:
+        return PortMappingSupport(error=str(PortMapError(PortMapErrorCode.NO_GATEWAY, "no default IPv4 gateway")))
+    heard = await probe(gateway, budget)
+    if not heard.protocols:
+        return PortMappingSupport(error=str(PortMapError(
+            PortMapErrorCode.NO_ANSWER, f"no PCP, NAT-PMP or UPnP-IGD answer from {gateway.ip} "
+                                        f"within {budget * 1000:.0f} ms")))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((gateway.local_ip, 0))  # holds the port while it is mapped, so nobody else gets it
+        mapper = PortMapper(sock.getsockname()[1], gateway=gateway, budget=budget, lifetime=TEST_LIFETIME,
+                            protocols=tuple(heard.preferred()))
+        try:
+            support = await start_checked(mapper, public_ip)
+        finally:
+            await mapper.close()
+    return PortMappingSupport(heard.protocols, support.mapping, support.error)

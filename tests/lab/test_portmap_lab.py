@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -173,3 +176,25 @@ def test_peer_behind_port_restricted_connects_direct_through_the_mapping(
 def test_mapped_side_connecting_is_direct_too(lab: Lab, runner: LabRunner) -> None:
     result = runner.pair(lab.host("rnd"), lab.host("pr"), size=1_000_000, port_mapping=True)
     assert result.ok and result.method is Method.DIRECT and result.candidate is CandidateKind.MAPPED, result
+
+
+# ------------------------------------------------------------------ tcppunch detect --port-mapping
+def _detect_json(lab: Lab, host: str) -> dict[str, Any]:
+    done = lab.host(host).run([sys.executable, "-m", "tcppunch", "detect", "--server", "198.51.100.10:3478",
+                               "--json", "--no-udp", "--port-mapping"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_detect_reports_port_mapping(lab: Lab, runner: LabRunner) -> None:
+    report = _detect_json(lab, "rnd")
+    assert {"udp", "tcp", "public", "local", "behind_nat", "verdict", "untested"} <= set(report)  # still there
+    support = report["port_mapping"]
+    assert set(support["protocols"]) == {"pcp", "nat-pmp", "upnp-igd"}
+    assert support["mapping"]["external"]["ip"] == lab.routers["rnd"].wan_address and support["error"] is None
+    assert lab.host("rnd").address not in _miniupnpd_rules(lab, "rnd"), "test mapping left behind"
+    cgnat = _detect_json(lab, "cgn")["port_mapping"]
+    assert cgnat["protocols"] and cgnat["mapping"] is None and "refused" in cgnat["error"]
+    none = _detect_json(lab, "pr")["port_mapping"]
+    assert none["protocols"] == [] and "no-answer" in none["error"]

@@ -80,3 +80,14 @@ def test_the_mapped_side_only_listens() -> None:
 def test_both_mapped_target_each_other() -> None:
     cands = build_candidates(peer_observed=OBSERVED, peer_nat=MAPPED_RANDOM, own_nat=MAPPED_RANDOM)
     assert cands[0].kind is CandidateKind.MAPPED
+
+
+def test_detect_table_says_what_the_router_does() -> None:
+    from tcppunch.cli.detect_cmd import render_table
+
+    server = Endpoint("198.51.100.10", 3478)
+    assert "not measured (--port-mapping)" in render_table(NatReport(), server)
+    assert "pcp mapped 198.51.100.101:40123 -> port 40000" in render_table(NatReport(port_mapping=SUPPORT), server)
+    refused = PortMappingSupport((PortMappingProtocol.PCP,), None, "refused: PCP: NO_RESOURCES")
+    assert "pcp answered; no mapping: refused: PCP: NO_RESOURCES" in render_table(
+        NatReport(port_mapping=refused), server)
