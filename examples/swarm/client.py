@@ -44,7 +44,8 @@ from examples.swarm.wire import (
     pack_bits,
     unpack_bits,
 )
-from tcppunch.peer import ConnectFailed, Connection, CoordinatorError, Peer, RelayMode
+from tcppunch.peer import ConnectFailed, ConnectionInfo, CoordinatorError, Method, Peer, RelayMode
+from tcppunch.session.driver import MuxStream
 
 log = structlog.get_logger("examples.swarm")
 
@@ -97,11 +98,44 @@ class PairStats:
 
 
 @dataclass
+class StreamConn:
+    """A link's byte stream: one stream of the pair's session (see README: why sessions)."""
+
+    stream: MuxStream
+    info: ConnectionInfo
+    session_path: str
+
+    @property
+    def reader(self) -> MuxStream:
+        return self.stream
+
+    @property
+    def writer(self) -> MuxStream:
+        return self.stream
+
+    @property
+    def peer(self) -> str:
+        return self.stream.peer
+
+    @property
+    def method(self) -> Method:
+        return Method(self.session_path)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    @classmethod
+    def of(cls, peer: Peer, stream: MuxStream) -> StreamConn:
+        entry = next(e for e in peer.sessions() if e.peer == stream.peer)
+        return cls(stream, entry.info, entry.session.path)
+
+
+@dataclass
 class Link:
-    """One live connection."""
+    """One live connection (a stream of the pair's session)."""
 
     remote: str
-    conn: Connection
+    conn: StreamConn
     dialed: bool
     inflight: set[int] = field(default_factory=set)
     control: deque[bytes] = field(default_factory=deque)
@@ -219,8 +253,12 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ finding and opening connections
     async def _accept_loop(self, peer: Peer) -> None:
-        async for conn in peer.incoming():
-            self._spawn(self._serve(conn, dialed=False))
+        while True:
+            try:
+                stream = await peer.accept_stream()
+            except ConnectionError:
+                return
+            self._spawn(self._serve(StreamConn.of(peer, stream), dialed=False))
 
     async def _discover_loop(self, peer: Peer) -> None:
         cfg = self.config
@@ -255,7 +293,8 @@ class SwarmClient:
     async def _dial(self, peer: Peer, remote: str, failures: dict[str, int], retry_at: dict[str, float]) -> None:
         pair = self._pair(remote)
         try:
-            conn = await peer.connect(remote, timeout=self.config.connect_timeout)
+            stream = await asyncio.wait_for(peer.open_stream(remote), self.config.connect_timeout)
+            conn = StreamConn.of(peer, stream)
         except (ConnectFailed, TimeoutError, OSError) as exc:
             n = failures[remote] = failures.get(remote, 0) + 1
             retry_at[remote] = time.monotonic() + min(30.0, 2.0 ** n)
@@ -267,7 +306,7 @@ class SwarmClient:
         self._spawn(self._serve(conn, dialed=True))
 
     # ------------------------------------------------------------------ one connection
-    async def _serve(self, conn: Connection, *, dialed: bool) -> None:
+    async def _serve(self, conn: StreamConn, *, dialed: bool) -> None:
         remote = conn.peer
         reason = "closed"
         link: Link | None = None
@@ -303,7 +342,7 @@ class SwarmClient:
                 self._log.info("swarm.rejected", remote=remote, reason=reason)
                 self.emit({"event": "rejected", "remote": remote, "reason": reason})
 
-    async def _read_handshake(self, conn: Connection, decoder: Decoder) -> list[Message]:
+    async def _read_handshake(self, conn: StreamConn, decoder: Decoder) -> list[Message]:
         """The remote's handshake (checked) and any messages that came in the same read."""
         for _ in range(64):  # a handshake is < 128 bytes; 64 reads without one is a broken peer
             data = await conn.reader.read(READ_SIZE)
@@ -322,7 +361,7 @@ class SwarmClient:
             return rest
         raise WireError("no handshake in the first 64 reads")
 
-    def _register(self, conn: Connection, dialed: bool) -> Link:
+    def _register(self, conn: StreamConn, dialed: bool) -> Link:
         """Make the link live. No await here: the bitfield snapshot and joining the HAVE broadcast are one
         step, so no piece completed in between is missed."""
         remote = conn.peer

@@ -85,24 +85,24 @@ def test_a_peer_breaking_the_protocol_is_cut_off_and_the_seeder_keeps_serving(tm
                     if [p for p in await rogue.list_peers() if p.id == "seed"]:
                         break
                     await asyncio.sleep(0.05)
-                conn = await rogue.connect("seed", timeout=15)
-                conn.writer.write(encode(Handshake(meta.info_hash, "rogue")) + b"\x00\x00\x00\x02\x09x")
-                await conn.writer.drain()
+                conn = await asyncio.wait_for(rogue.open_stream("seed"), 15)
+                conn.write(encode(Handshake(meta.info_hash, "rogue")) + b"\x00\x00\x00\x02\x09x")
+                await conn.drain()
                 # the seeder's handshake (sent first), no bitfield, then the end: it closed on us
-                assert await asyncio.wait_for(conn.reader.read(), 10) == encode(Handshake(meta.info_hash, "seed"))
+                assert await asyncio.wait_for(conn.read(), 10) == encode(Handshake(meta.info_hash, "seed"))
                 conn.close()
                 # again, now breaking the rules once the link is live: a request for a piece that does not exist
-                conn = await rogue.connect("seed", timeout=15)
-                conn.writer.write(encode(Handshake(meta.info_hash, "rogue")))
+                conn = await asyncio.wait_for(rogue.open_stream("seed"), 15)
+                conn.write(encode(Handshake(meta.info_hash, "rogue")))
                 decoder = Decoder(1 << 20)
                 got: list[Message] = []
                 for _ in range(100):  # bounded: the handshake and the bitfield come at once
-                    got += decoder.feed(await asyncio.wait_for(conn.reader.read(4096), 10))
+                    got += decoder.feed(await asyncio.wait_for(conn.read(4096), 10))
                     if len(got) >= 2:
                         break
                 assert isinstance(got[0], Handshake) and isinstance(got[1], Bitfield)
-                conn.writer.write(encode(Request(1_000_000)))
-                assert await asyncio.wait_for(conn.reader.read(), 10) == b""
+                conn.write(encode(Request(1_000_000)))
+                assert await asyncio.wait_for(conn.read(), 10) == b""
                 conn.close()
             leecher = _client(meta, where, "leech", tmp_path / "leech", events)
             leeching = asyncio.create_task(leecher.run(stop))
