@@ -83,7 +83,8 @@ class LabRunner:
         port = COORDINATOR.port
         config = StunServiceConfig(a1, port, a2, port + 1, external_tcp=frozenset({Endpoint(a1, port)}))
         async with StunService(config) as stun, CoordinatorServer(a1, port, Tokens(shared=TOKEN),
-                                                                  stun_handler=stun.serve_tcp_connection):
+                                                                  stun_handler=stun.serve_tcp_connection) as coord:
+            stun.on_binding = coord.stun_seen  # OBSERVED may name ports STUN saw (sequential NATs)
             started.set_result(None)
             await self._stop.wait()
 

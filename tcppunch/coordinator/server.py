@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import resource
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,22 @@ MAX_WRITE_BUFFER = 256 * 1024
 # After an ERROR frame: how long the server keeps draining a client before the final close.
 LINGER_TIMEOUT = 2.0
 RELAY_FLUSH_TIMEOUT = 5.0
+# Default of --max-connections (control, relay and STUN-over-TCP connections together).
+MAX_CONNECTIONS = 4096
+# File descriptors kept free beyond max_connections: listeners, UDP sockets, connect-backs, logs.
+FD_RESERVE = 64
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards ``want`` (never above the hard limit); return the
+    soft limit in force. A server at the default 1024 would otherwise fail accept() with EMFILE, and
+    asyncio then stops accepting for a second at a time (6.5 s registrations in issue 9)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def endpoint_of(sockaddr: Any) -> Endpoint:
@@ -87,7 +104,7 @@ class CoordinatorServer:
         config: CoordinatorConfig | None = None,
         stun_handler: StunHandler | None = None,
         relay_bytes_per_peer: int | None = None,
-        max_connections: int = 4096,
+        max_connections: int = MAX_CONNECTIONS,
         reuse_port: bool | None = None,
         also: Sequence[Endpoint] = (),
     ) -> None:
@@ -111,6 +128,7 @@ class CoordinatorServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stun_active = 0
         self._log = log.bind(component="coordinator")
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -123,7 +141,16 @@ class CoordinatorServer:
         await self.stop()
 
     async def start(self) -> None:
-        """Bind and listen (raises OSError when the address cannot be bound)."""
+        """Bind and listen (raises OSError when the address cannot be bound).
+
+        ``max_connections`` is lowered to what the file descriptor limit allows (after raising the soft
+        limit as far as the hard one permits), so that accept() never runs out of descriptors."""
+        soft = raise_fd_limit(self.max_connections + FD_RESERVE)
+        if soft != resource.RLIM_INFINITY and self.max_connections > soft - FD_RESERVE:
+            allowed = max(1, soft - FD_RESERVE)
+            self._log.warning("coordinator.max_connections_lowered", wanted=self.max_connections,
+                              allowed=allowed, fd_limit=soft)
+            self.max_connections = allowed
         self._server = await self._listen(self.host, self.port)
         try:
             for extra in self.also:
@@ -145,6 +172,11 @@ class CoordinatorServer:
     def addresses(self) -> list[Endpoint]:
         """Every bound address: the primary one first, then the ``also`` ones."""
         return [self.address] + [endpoint_of(s.sockets[0].getsockname()) for s in self._more if s.sockets]
+
+    def stun_seen(self, address: Endpoint) -> None:
+        """A STUN binding came from ``address``: a peer may name its port in OBSERVED (give this to
+        :attr:`StunService.on_binding`)."""
+        self.protocol.endpoint_seen(address, asyncio.get_running_loop().time())
 
     @property
     def address(self) -> Endpoint:
@@ -190,7 +222,10 @@ class CoordinatorServer:
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        if len(self._links) >= self.max_connections:
+        if len(self._links) + self._stun_active >= self.max_connections:
+            extra = self.protocol.log_limiter.check("coordinator.server_busy", loop.time())
+            if extra is not None:
+                self._log.warning("coordinator.server_busy", limit=self.max_connections, **extra)
             writer.write(encode_message(Error(ErrorCode.SERVER_BUSY, "too many connections")))
             writer.close()
             return
@@ -205,11 +240,17 @@ class CoordinatorServer:
         self._links[conn] = link
         try:
             self._apply(self.protocol.connection_made(conn, observed, local, loop.time()))
+            if link.closing:  # refused (per-source limit)
+                return
             prefix = await self._read_prefix(link)
             if self.stun_handler is not None and looks_like_stun(prefix):
                 self.protocol.connection_forget(conn)
                 del self._links[conn]
-                await self.stun_handler(reader, writer, prefix)
+                self._stun_active += 1
+                try:
+                    await self.stun_handler(reader, writer, prefix)
+                finally:
+                    self._stun_active -= 1
                 return
             data = prefix
             while data and not link.keep(data):

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ import structlog
 
 from tcppunch.nat.sockets import reuse_port_socket as _reuse_port_socket
 from tcppunch.nat.sockets import smoothed_rtt
+from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import (
     AlternatePort,
@@ -70,8 +73,6 @@ from tcppunch.wire.stun import (
 log = structlog.get_logger(__name__)
 
 SOFTWARE = "tcppunch"
-# A TCP STUN connection that sends nothing for this long is closed (bounds idle resources).
-TCP_IDLE_TIMEOUT = 30.0
 # The connect-back waits at least this many smoothed round trips of the request's connection (TCP_INFO),
 # and never longer than MAX_CONNECT_BACK_TIMEOUT.
 CONNECT_BACK_RTTS = 3
@@ -96,6 +97,17 @@ class StunServiceConfig:
     # hands STUN connections over through StunService.serve_tcp_connection(). That listener must set
     # SO_REUSEADDR + SO_REUSEPORT so connect-backs can originate from its address and port.
     external_tcp: frozenset[Endpoint] = frozenset()
+    # TCP: a connection that sends nothing for tcp_idle_timeout is closed, and a message whose first
+    # byte arrived must be complete within tcp_message_timeout (a total deadline, not one per read).
+    tcp_idle_timeout: float = 10.0
+    tcp_message_timeout: float = 5.0
+    # UDP, per source (IPv4 address or IPv6 /64): datagrams answered, a bucket of udp_burst refilled at
+    # udp_rate per second; the rest are dropped. Answers are never larger than their request.
+    udp_rate: float = 20.0
+    udp_burst: int = 100
+    # RFC 5780 / classic RFC 3489 CHANGE-REQUEST over UDP (answer from the other address or port). Off:
+    # such requests get 420 (classic ones: silence) and answers carry no OTHER-/CHANGED-ADDRESS.
+    udp_change_request: bool = True
 
     @property
     def port2(self) -> int:
@@ -174,6 +186,29 @@ def answer_binding(
     )
 
 
+# Attributes a UDP answer can do without, the first given up first when it must shrink to the size of
+# its request (the mapped address itself is never dropped).
+_EXPENDABLE: tuple[type[Any], ...] = (Software, MappedAddress, ResponseOrigin, SourceAddress, AlternatePort,
+                                      OtherAddress, ChangedAddress, UnknownAttributes)
+
+
+def fit_response(response: StunMessage, limit: int) -> StunMessage | None:
+    """``response`` shrunk to at most ``limit`` encoded bytes by leaving out expendable attributes (and
+    FINGERPRINT), or None when even the reflexive address alone does not fit: a UDP server must not
+    amplify. A client that wants the whole answer pads its request (RFC 5780 PADDING)."""
+    if len(encode_message(response)) <= limit:
+        return response
+    message = dataclasses.replace(response, fingerprint=False)
+    essential = XorMappedAddress if message.find(XorMappedAddress) is not None else MappedAddress
+    for kind in (None, *_EXPENDABLE):
+        if kind is not None and kind is not essential:
+            message = dataclasses.replace(message, attributes=tuple(
+                a for a in message.attributes if type(a) is not kind))
+        if len(encode_message(message)) <= limit:
+            return message
+    return None
+
+
 def _error(request: StunMessage, code: int, reason: str, extra: tuple[Attribute, ...] = ()) -> StunMessage:
     return StunMessage(
         request.method & 0xFFF,
@@ -221,6 +256,12 @@ class StunService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._log = log.bind(primary=f"{config.primary_address}:{config.primary_port}")
+        self._udp_buckets = KeyedBuckets(config.udp_rate, config.udp_burst)
+        self._log_limiter = LogLimiter()
+        # Called with the requester's address for every TCP Binding answered (the coordinator lets a
+        # peer name such a port in OBSERVED).
+        self.on_binding: Callable[[Endpoint], None] | None = None
+        self.udp_dropped = 0
 
     async def __aenter__(self) -> StunService:
         await self.start()
@@ -297,11 +338,17 @@ class StunService:
         conn_log = self._log.bind(peer=str(peer), local=str(local))
         decoder = StunStreamDecoder()
         decoder.receive_data(prefix)
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        # The connection's one deadline: for the message under way, or for the next one to start.
+        deadline = loop.time() + (cfg.tcp_message_timeout if prefix else cfg.tcp_idle_timeout)
         try:
             while True:
                 try:
                     while (request := decoder.next_message()) is not None:
                         await self._answer_tcp(request, writer, peer, local)
+                        wait = cfg.tcp_message_timeout if decoder.buffered else cfg.tcp_idle_timeout
+                        deadline = loop.time() + wait
                 except StunParseError as exc:
                     conn_log.info("stun_tcp_bad_message", error=str(exc))
                     header = exc.header
@@ -312,9 +359,14 @@ class StunService:
                     if decoder.failed:
                         return
                     continue
-                chunk = await asyncio.wait_for(reader.read(4096), TCP_IDLE_TIMEOUT)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError("message deadline passed")
+                chunk = await asyncio.wait_for(reader.read(4096), remaining)
                 if not chunk:
                     return
+                if not decoder.buffered:  # a new message starts: it has tcp_message_timeout to complete
+                    deadline = loop.time() + cfg.tcp_message_timeout
                 decoder.receive_data(chunk)
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             conn_log.debug("stun_tcp_closed", reason=type(exc).__name__)
@@ -358,6 +410,8 @@ class StunService:
         if response is not None:
             writer.write(encode_message(response))
             await writer.drain()
+            if response.message_class is MessageClass.SUCCESS and self.on_binding is not None:
+                self.on_binding(peer)
 
     async def _connect_back(
         self, source: Endpoint, target: Endpoint, transaction_id: bytes, timeout: float
@@ -408,31 +462,58 @@ class StunService:
     # ------------------------------------------------------------------------------------------ UDP
 
     def handle_datagram(self, data: bytes, addr: Any, received_on: Endpoint) -> None:
-        """Answer one UDP datagram that arrived on ``received_on`` (drop it if it is not a request)."""
+        """Answer one UDP datagram that arrived on ``received_on`` (drop it if it is not a request).
+
+        Anti-amplification: at most ``udp_burst`` datagrams per source, refilled at ``udp_rate`` per
+        second, and no answer larger than its request (see :func:`fit_response`)."""
+        try:
+            observed = _endpoint(addr)
+        except (TypeError, IndexError, ValueError):
+            return
+        now = asyncio.get_running_loop().time()
+        if not self._udp_buckets.take(source_key(observed.ip), now):
+            self.udp_dropped += 1
+            extra = self._log_limiter.check("stun_udp_rate_limited", now)
+            if extra is not None:
+                self._log.warning("stun_udp_rate_limited", source=observed.ip, **extra)
+            return
         try:
             request = parse_message(data)
         except StunParseError as exc:
             self._log.debug("stun_udp_dropped", error=str(exc))
             return
         try:
-            observed = _endpoint(addr)
-            sent_from = received_on
-            change = request.find(ChangeRequest)
-            if change is not None and (change.change_ip or change.change_port):
-                changed = changed_source(self.config, received_on, change)
-                if changed is None or changed not in self._udp:
-                    if not request.classic and request.message_class is MessageClass.REQUEST:
-                        # RFC 5780 section 6.1: no alternate address -> 420 (classic clients get silence:
-                        # pystun3 loops forever on an error reply).
-                        reply = _error(request, 420, "Unknown Attribute", (UnknownAttributes((0x0003,)),))
-                        self._udp[received_on].sendto(encode_message(reply), addr)
-                    return
-                sent_from = changed
-            response = answer_binding(request, self.config, observed, received_on, sent_from)
-            if response is not None:
-                self._udp[sent_from].sendto(encode_message(response), addr)
+            self._answer_udp(request, len(data), addr, observed, received_on)
         except Exception:  # a bug must not take the service down
             self._log.exception("stun_udp_handler_failed")
+
+    def _answer_udp(self, request: StunMessage, size: int, addr: Any, observed: Endpoint,
+                    received_on: Endpoint) -> None:
+        sent_from = received_on
+        change = request.find(ChangeRequest)
+        if change is not None and (change.change_ip or change.change_port):
+            changed = changed_source(self.config, received_on, change)
+            if changed is None or changed not in self._udp or not self.config.udp_change_request:
+                if not request.classic and request.message_class is MessageClass.REQUEST:
+                    # RFC 5780 section 6.1: no alternate address -> 420 (classic clients get silence:
+                    # pystun3 loops forever on an error reply).
+                    reply = _error(request, 420, "Unknown Attribute", (UnknownAttributes((0x0003,)),))
+                    self._send_udp(reply, size, received_on, addr)
+                return
+            sent_from = changed
+        response = answer_binding(request, self.config, observed, received_on, sent_from)
+        if response is not None and not self.config.udp_change_request:
+            response = dataclasses.replace(response, attributes=tuple(
+                a for a in response.attributes if not isinstance(a, OtherAddress | ChangedAddress | AlternatePort)))
+        if response is not None:
+            self._send_udp(response, size, sent_from, addr)
+
+    def _send_udp(self, response: StunMessage, request_size: int, sent_from: Endpoint, addr: Any) -> None:
+        fitted = fit_response(response, request_size)
+        if fitted is None:
+            self.udp_dropped += 1
+            return
+        self._udp[sent_from].sendto(encode_message(fitted), addr)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -12,7 +12,9 @@ socket look-alike of ours, because the library has defects that would otherwise 
   length is not a multiple of 4 -> every accepted response is re-encoded in the classic dialect
   (MAPPED-ADDRESS, SOURCE-ADDRESS, CHANGED-ADDRESS, all 8 bytes) before pystun3 sees it;
 * the external address taken from the last (possibly failed) test -> we record the first test's mapped
-  address ourselves.
+  address ourselves;
+* its 20-byte requests -> padded (RFC 5780 PADDING) to :data:`REQUEST_SIZE`, because a server that
+  refuses to amplify (``tcppunch server``) answers no more bytes than a request carried.
 
 The library runs in a thread of its own (it is blocking), off the event loop, behind a hard deadline
 (after which the guarded socket refuses every call, so the thread ends promptly) and an exception guard.
@@ -41,6 +43,7 @@ from tcppunch.wire.stun import (
     StunMethod,
     StunParseError,
     encode_message,
+    padded,
     parse_message,
 )
 
@@ -49,6 +52,9 @@ log = structlog.get_logger(__name__)
 # pystun3's label when its Test 1 to the changed address gets no answer (the server's alternate is dead).
 _CHANGED_ADDRESS_ERROR = "Meet an error, when do Test1 on Changed IP and Port"
 MAX_SENDS = 40  # pystun3 sends at most 4 tests x 4 tries; anything beyond is a loop
+# Requests are padded to this size (RFC 5780 PADDING): servers that refuse to amplify (ours) answer a
+# request with at most as many bytes as it carried, and a full answer with IPv6 addresses is ~140 bytes.
+REQUEST_SIZE = 160
 
 
 class UdpTestAborted(Exception):
@@ -102,7 +108,8 @@ class GuardedUdpSocket:
             self._test_ends = min(time.monotonic() + self._per_test, self._deadline)
         elif time.monotonic() >= self._test_ends:
             return len(data)  # a retransmission after the test's budget: pointless, skip it
-        return self._sock.sendto(data, address)
+        self._sock.sendto(padded(bytes(data), REQUEST_SIZE), address)
+        return len(data)
 
     def recvfrom(self, bufsize: int) -> tuple[bytes, Any]:
         while True:

@@ -78,6 +78,9 @@ class AttributeType(IntEnum):
     ERROR_CODE = 0x0009
     UNKNOWN_ATTRIBUTES = 0x000A
     XOR_MAPPED_ADDRESS = 0x0020
+    # RFC 5780 section 7.6: fills a request so that the server may answer it without amplifying (a UDP
+    # server of ours answers no more bytes than the request carried).
+    PADDING = 0x0026
     SOFTWARE = 0x8022
     FINGERPRINT = 0x8028
     RESPONSE_ORIGIN = 0x802B
@@ -305,6 +308,17 @@ def binding_request(
 ) -> StunMessage:
     """A Binding request with the given transaction id (12 bytes: RFC 5389, 16 bytes: classic)."""
     return StunMessage(StunMethod.BINDING, MessageClass.REQUEST, transaction_id, tuple(attributes), fingerprint)
+
+
+def padded(data: bytes, total: int) -> bytes:
+    """``data`` (one encoded STUN message without FINGERPRINT) grown to ``total`` bytes by a PADDING
+    attribute, its header length updated. Unchanged when it is already that long (or nearly)."""
+    room = total - len(data) - 4
+    if room < 0:
+        return data
+    room -= room % 4
+    grown = data + struct.pack("!HH", AttributeType.PADDING, room) + bytes(room)
+    return grown[:2] + struct.pack("!H", len(grown) - HEADER_LENGTH) + grown[4:]
 
 
 def looks_like_stun(first8: bytes) -> bool:
