@@ -105,3 +105,21 @@ def test_dead_session_fails_its_streams_and_is_set_up_again() -> None:
             again.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_both_peers_opening_at_once_each_get_their_streams_through() -> None:
+    async def scenario() -> None:
+        async with loopback_coordinator(TOKEN) as where, Peer(where, "bob", TOKEN) as bob, \
+                Peer(where, "alice", TOKEN) as alice:
+            to_bob, to_alice = await asyncio.gather(alice.open_stream("bob", b"hi bob"),
+                                                    bob.open_stream("alice", b"hi alice"))
+            at_bob, at_alice = await asyncio.gather(bob.accept_stream(timeout=15), alice.accept_stream(timeout=15))
+            assert await at_bob.readexactly(6) == b"hi bob" and at_bob.peer == "alice"
+            assert await at_alice.readexactly(8) == b"hi alice" and at_alice.peer == "bob"
+            # later streams go on the session each side holds; both sides serve both sessions
+            again = await alice.open_stream("bob", b"again")
+            assert await (await bob.accept_stream(timeout=15)).readexactly(5) == b"again"
+            for stream in (to_bob, to_alice, again):
+                stream.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

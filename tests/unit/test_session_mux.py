@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tcppunch.session.frames import Flag, Frame, FrameType, MuxErrorCode, encode_frame
 from tcppunch.session.mux import (
@@ -308,3 +310,28 @@ def _largest_grant(per_frame: float) -> int:
 def test_window_grows_only_for_a_stream_limited_by_its_window() -> None:
     assert _largest_grant(0.001) == MAX_STREAM_WINDOW  # a fast reader: the window doubles up to the cap
     assert _largest_grant(0.05) <= 1 << 20  # 8 frames (half a window) take 0.4 s = 4 RTT: stays
+
+_any_frame = st.builds(
+    Frame,
+    st.sampled_from(list(FrameType)),
+    st.sampled_from([Flag.NONE, Flag.SYN, Flag.FIN, Flag.ACK, Flag.SYN | Flag.FIN]),
+    st.integers(min_value=0, max_value=12),
+    st.binary(max_size=16),
+)
+
+
+@given(st.lists(_any_frame | st.binary(max_size=20), max_size=12), st.integers(min_value=1, max_value=40))
+def test_fuzz_any_input_ends_in_events_never_in_an_exception(inputs: list[Frame | bytes], chunk: int) -> None:
+    """Whatever arrives (well-formed frames in any order, broken ones, raw bytes), the multiplexer turns
+    it into events; at worst one SessionTerminated with a reason, after which it takes nothing more."""
+    mux = Multiplexer(Role.RESPONDER, 0.0, window=INITIAL_WINDOW)
+    mux.open_stream(b"ours")
+    wire = b"".join(encode_frame(x) if isinstance(x, Frame) else x for x in inputs)
+    for i in range(0, len(wire), chunk):
+        mux.receive_data(wire[i : i + chunk], 0.0)
+        mux.data_to_send()
+    events = mux.events()
+    ended = [ev for ev in events if isinstance(ev, SessionTerminated)]
+    assert len(ended) <= 1 and all(ev.message for ev in ended)
+    if ended:
+        assert events[-1] is ended[0] and mux.closed
