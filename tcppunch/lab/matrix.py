@@ -6,6 +6,9 @@ compare the engine with an independent statement.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import StrEnum
+
 from tcppunch.lab.nat_types import NatType, SynPolicy
 from tcppunch.lab.topology import SHORT_NAMES, LabSpec, LinkShape, RouterSpec
 from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour
@@ -17,12 +20,38 @@ from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour
 RST_MATRIX_DELAY_MS = 5.0
 
 
-def matrix_spec(policy: SynPolicy, delay_ms: float | None = None) -> LabSpec:
-    """Routers ``<short>a`` and ``<short>b`` for every NAT type (e.g. ``pra``, ``prb``)."""
+class MappingSides(StrEnum):
+    """Which routers of a matrix run miniupnpd (the matrix's port-mapping columns)."""
+
+    NONE = "none"
+    ONE = "one"  # the listening side's router (side b) only
+    BOTH = "both"
+
+    def sides(self) -> str:
+        return {MappingSides.NONE: "", MappingSides.ONE: "b", MappingSides.BOTH: "ab"}[self]
+
+
+def matrix_spec(policy: SynPolicy, delay_ms: float | None = None, *, mapping: MappingSides = MappingSides.NONE,
+                types: Iterable[NatType] = tuple(NatType)) -> LabSpec:
+    """Routers ``<short>a`` and ``<short>b`` for every NAT type (e.g. ``pra``, ``prb``), those of
+    ``mapping``'s sides with port mapping (miniupnpd; a 'none' host has no router to run it on)."""
     if delay_ms is None:
         delay_ms = RST_MATRIX_DELAY_MS if policy is SynPolicy.RST else 0.0
     link = LinkShape(delay_ms=delay_ms)
-    return LabSpec([RouterSpec(f"{SHORT_NAMES[t]}{side}", t, policy, link=link) for t in NatType for side in "ab"])
+    return LabSpec([RouterSpec(f"{SHORT_NAMES[t]}{side}", t, policy, link=link,
+                               port_mapping=side in mapping.sides() and t is not NatType.NONE)
+                    for t in types for side in "ab"])
+
+
+def can_map(t: NatType) -> bool:
+    """Whether a host behind ``t`` can get a mapping from its router: not behind cgnat, whose carrier layer
+    (which nobody asks) filters; a 'none' host needs none."""
+    return t not in (NatType.NONE, NatType.CGNAT)
+
+
+def mapping_wins(a: NatType, b: NatType, mapping: MappingSides) -> bool:
+    """Whether the pair has a port mapping to connect through (so the winning candidate is the mapping)."""
+    return (mapping is MappingSides.BOTH and can_map(a)) or (mapping is not MappingSides.NONE and can_map(b))
 
 
 def host_names(initiator: NatType, responder: NatType) -> tuple[str, str]:
@@ -30,8 +59,12 @@ def host_names(initiator: NatType, responder: NatType) -> tuple[str, str]:
     return f"{SHORT_NAMES[initiator]}a", f"{SHORT_NAMES[responder]}b"
 
 
-def direct_expected(a: NatType, b: NatType) -> bool:
-    """Can two hosts behind ``a`` and ``b`` reach each other directly?
+def direct_expected(a: NatType, b: NatType, mapping: MappingSides = MappingSides.NONE) -> bool:
+    """Can two hosts behind ``a`` and ``b`` reach each other directly (with port mapping on ``mapping``'s
+    sides)?
+
+    A mapping makes any pair direct: the other side connects to the mapped port, whatever the NATs do.
+    Without one (or behind cgnat, where none can be had) the NAT types decide:
 
     A side whose NAT maps each connection to an unguessable port (random) is reached directly when the
     other side's filter opens towards an address, not a port (full cone, restricted, no NAT), or, by
@@ -51,6 +84,8 @@ def direct_expected(a: NatType, b: NatType) -> bool:
         return (t.filtering is FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT
                 and t.mapping is not MappingBehaviour.ENDPOINT_INDEPENDENT)
 
+    if mapping_wins(a, b, mapping):
+        return True
     if random_mapping(a) and closed_to_random(b):
         return False
     return not (random_mapping(b) and closed_to_random(a))

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tcppunch.lab import Lab, NatType, SynPolicy
-from tcppunch.lab.matrix import direct_expected, host_names, matrix_spec
+from tcppunch.lab.matrix import MappingSides, direct_expected, host_names, mapping_wins, matrix_spec
 from tcppunch.labrun import LabRunner
 from tcppunch.peer import Method
+from tcppunch.punch.plan import CandidateKind
 
 SIZE = 10_000_000
 PAIRS = [(a, b) for a in NatType for b in NatType]
@@ -68,3 +69,37 @@ def test_expected_relay_pairs_are_exactly_random_facing_a_changing_port_filterin
     rnd = NatType.SYMMETRIC_RANDOM
     no_fixed_port = {NatType.SYMMETRIC_SEQ, rnd}  # port-restricted and cgnat: birthday punching
     assert relayed == {(rnd, t) for t in no_fixed_port} | {(t, rnd) for t in no_fixed_port}
+
+
+# ------------------------------------------------------------------ port mapping columns (a subset here;
+# the full tables: python scripts/matrix.py --port-mapping one --port-mapping both, docs/connectivity.md)
+MAPPED_TYPES = (NatType.SYMMETRIC_RANDOM, NatType.SYMMETRIC_SEQ, NatType.CGNAT)
+MAPPED_PAIRS = [(NatType.SYMMETRIC_RANDOM, NatType.SYMMETRIC_RANDOM), (NatType.SYMMETRIC_SEQ, NatType.SYMMETRIC_RANDOM),
+                (NatType.SYMMETRIC_RANDOM, NatType.CGNAT), (NatType.CGNAT, NatType.CGNAT)]
+
+
+@pytest.fixture(scope="module")
+def mapped_lab() -> Iterator[tuple[Lab, LabRunner]]:
+    spec = matrix_spec(SynPolicy.DROP, mapping=MappingSides.BOTH, types=MAPPED_TYPES)
+    with Lab(spec) as lab, LabRunner(lab) as runner:
+        yield lab, runner
+
+
+@pytest.mark.parametrize(("a", "b"), MAPPED_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in MAPPED_PAIRS])
+def test_port_mapping_on_both_routers(mapped_lab: tuple[Lab, LabRunner], a: NatType, b: NatType) -> None:
+    """Pairs that needed the relay (or a birthday spray) go direct through a mapping; behind cgnat none
+    can be had (the carrier layer), so cgnat with cgnat punches as before."""
+    lab, runner = mapped_lab
+    ra, rb = host_names(a, b)
+    result = runner.pair(lab.host(ra), lab.host(rb), size=1_000_000, port_mapping=True)
+    assert result.error is None and result.ok, result
+    assert result.method is Method.DIRECT and direct_expected(a, b, MappingSides.BOTH)
+    wins = mapping_wins(a, b, MappingSides.BOTH)
+    assert (result.candidate is CandidateKind.MAPPED) == wins, (result.candidate, result.attempts[-5:])
+
+
+def test_with_port_mapping_every_pair_is_direct() -> None:
+    for mapping in (MappingSides.ONE, MappingSides.BOTH):
+        assert all(direct_expected(a, b, mapping) for a, b in PAIRS)
+    assert not mapping_wins(NatType.CGNAT, NatType.CGNAT, MappingSides.BOTH)
+    assert not mapping_wins(NatType.SYMMETRIC_RANDOM, NatType.CGNAT, MappingSides.ONE)
