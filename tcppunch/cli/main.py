@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("tcppunch.cli.lab_cmd", "lab"),
     "listen": ("tcppunch.cli.peer_cmds", "listen_command"),
     "server": ("tcppunch.cli.server_cmd", "server_command"),
+    "vpn": ("tcppunch.cli.vpn_cmd", "vpn_command"),
 }
 
 

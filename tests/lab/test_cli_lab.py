@@ -17,29 +17,17 @@ from typing import Any
 
 import pytest
 
-from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab import Lab, LabHost
 from tests.lab.lines import wait_for_line
+from tests.lab.processes import COORD, PY, four_nats, lab_server
 
 TOKEN = "cli-lab-token"
-COORD = "198.51.100.10:3478"
-PY = [sys.executable, "-m", "tcppunch"]
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP),
-                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP),
-                    RouterSpec("rnda", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
-                    RouterSpec("rndb", NatType.SYMMETRIC_RANDOM, SynPolicy.RST)])
-    with Lab(spec) as the_lab:
-        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                                       "--token", TOKEN], stderr=subprocess.PIPE, text=True)
-        seen: list[str] = []
-        assert server.stderr is not None
-        assert wait_for_line(server.stderr, "listening on", 20, seen), seen
+    with Lab(four_nats()) as the_lab, lab_server(the_lab, TOKEN):
         yield the_lab
-        server.terminate()
-        server.wait(10)
 
 
 def _listen(host: LabHost, peer_id: str, stdin: Path, stdout: Path, report: Path, *extra: str

@@ -21,6 +21,7 @@ import pytest
 import stun as pystun
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tests.lab.processes import stop
 
 SERVER = "198.51.100.10"
 ALT = "198.51.100.11"
@@ -142,12 +143,7 @@ def detect_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
             yield DetectLab(lab, {})
         finally:
             for proc in (ours, coturn):
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                stop(proc)
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         stream.close()

@@ -15,42 +15,22 @@ import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
 from tests.lab.lines import wait_for_line
+from tests.lab.processes import COORD, PY, lab_server, stop
 
 TOKEN = "expose-lab-token"
-COORD = "198.51.100.10:3478"
 URL = "http://198.51.100.10:8080/page.bin"
-PY = [sys.executable, "-m", "tcppunch"]
 ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
 SIZE = 5_000_000
 FETCHES = 32
 CURL_REFUSED = 7  # curl's exit code for "failed to connect"
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     spec = LabSpec([RouterSpec("rnd", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
                     RouterSpec("pub", NatType.NONE)])
-    with Lab(spec) as the_lab:
-        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                                       "--token", TOKEN, "--expose-ports", "8000-9000"],
-                                      stderr=subprocess.PIPE, text=True)
-        seen: list[str] = []
-        assert server.stderr is not None
-        assert wait_for_line(server.stderr, "listening on", 20, seen), seen
-        try:
-            yield the_lab
-        finally:
-            _stop(server)
+    with Lab(spec) as the_lab, lab_server(the_lab, TOKEN, "--expose-ports", "8000-9000"):
+        yield the_lab
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +63,8 @@ def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(
             assert curl.returncode == 0, err
         assert [hashlib.sha256(out.read_bytes()).hexdigest() for out in outs] == [want] * FETCHES
     finally:
-        _stop(exposer)
-        _stop(web)
+        stop(exposer)
+        stop(web)
     # The exposing peer is gone: the server closes its port (bounded wait for the server to see the EOF).
     for _ in range(50):
         gone = lab.host("pub").run(["curl", "-sS", "--max-time", "5", "-o", "/dev/null", URL], timeout=10)

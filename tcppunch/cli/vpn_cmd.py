@@ -1,0 +1,95 @@
+"""``tcppunch vpn``: a TUN interface whose packets go to one other peer over the pair's session.
+
+Progress on stderr: "vpn up: ..." when the interface carries packets, "vpn down: <why>" when the session
+died (the interface is down until it comes back). Needs root (TUN device, addresses, routes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+import click
+
+from tcppunch.cli.peer_cmds import _common, _peer, _run, _until_signal, _write_report
+from tcppunch.vpn.iface import InterfaceError
+from tcppunch.vpn.tun import Tun, TunError
+from tcppunch.vpn.tunnel import Address, Network, Tunnel, TunnelState
+
+
+def _interface(value: str) -> Address:
+    try:
+        address = ipaddress.ip_interface(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an address with a prefix, like 10.99.0.1/24") from None
+    if address.network.prefixlen == address.max_prefixlen:
+        raise click.BadParameter(f"{value}: give the VPN subnet's prefix (e.g. /24), so the other side is on-link")
+    return address
+
+
+def _network(value: str) -> Network:
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise click.BadParameter(f"--route {value}: {exc}") from None
+
+
+@click.command("vpn")
+@_common
+@click.option("--peer", "other", required=True, help="The other peer's id (it runs `tcppunch vpn --peer <our id>`).")
+@click.option("--address", required=True, help="Our address on the VPN with its prefix, e.g. 10.99.0.1/24.")
+@click.option("--route", "routes", multiple=True, metavar="CIDR",
+              help="A network behind the other peer to route through the VPN (repeatable), e.g. 192.168.1.0/24.")
+@click.option("--interface", "name", default="tcppunch0", show_default=True, help="Name of the TUN interface.")
+@click.option("--mtu", type=click.IntRange(576, 9000), default=1400, show_default=True,
+              help="MTU of the interface (room for the outer TCP/IP and framing below 1500).")
+def vpn_command(coordinator: Any, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
+                no_detect: bool, report_path: str | None, quiet: bool, other: str, address: str,
+                routes: tuple[str, ...], name: str, mtu: int) -> None:
+    """Join a two-peer VPN: any program reaches the other side at its VPN address (ping, ssh, a database
+    client), direct when a hole can be punched, relayed otherwise, encrypted as the session is.
+
+    \b
+    tcppunch vpn --coordinator 198.51.100.10:3478 --id alice --peer bob --address 10.99.0.1/24
+    tcppunch vpn --coordinator 198.51.100.10:3478 --id bob --peer alice --address 10.99.0.2/24
+    (token in TCPPUNCH_TOKEN; root needed for the TUN interface)
+    """
+    ours = _interface(address)
+    networks = [_network(r) for r in routes]
+    if other == peer_id:
+        raise click.BadParameter("--peer must be another id than --id")
+
+    def show(state: TunnelState) -> None:
+        if quiet:
+            return
+        if state.up:
+            click.echo(f"tcppunch: vpn up: {name} {ours} <-> {other} ({state.path or 'session'})", err=True)
+        else:
+            click.echo(f"tcppunch: vpn down: {name}: {state.last_reason}", err=True)
+
+    async def main() -> None:
+        try:
+            tun = Tun(name)
+        except TunError as exc:
+            raise click.ClickException(str(exc)) from None
+        with tun:
+            async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet) as peer:
+                def changed(state: TunnelState) -> None:
+                    show(state)
+                    if state.up and report_path:
+                        entry = next((s for s in peer.sessions() if s.peer == other), None)
+                        if entry is not None:
+                            _write_report(report_path, peer, entry)
+
+                tunnel = Tunnel(peer, other, tun, ours, routes=networks, mtu=mtu, on_change=changed)
+                if not quiet:
+                    click.echo(f"tcppunch: vpn {name} {ours}: waiting for {other} "
+                               f"({'opening' if tunnel.opener else 'accepting'} the stream)", err=True)
+                try:
+                    await _until_signal(asyncio.ensure_future(tunnel.run()))
+                except InterfaceError as exc:
+                    raise click.ClickException(f"cannot set up {name}: {exc}") from None
+
+    _run(main)
+

@@ -1,0 +1,114 @@
+"""``tcppunch vpn`` across the lab, as processes with TUN interfaces inside the lab hosts' namespaces:
+port-restricted <-> symmetric-seq (direct) and symmetric-random <-> symmetric-random (relayed) pairs ping
+each other at their VPN addresses; 100 MB of ordinary TCP (socat) crosses the VPN intact; when one side
+quits, the other's interface goes down with a clear line, and comes back up when it returns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tcppunch.lab import Lab, LabHost
+from tests.lab.lines import wait_for_line
+from tests.lab.processes import COORD, PY, four_nats, lab_server, stop
+
+TOKEN = "vpn-lab-token"
+ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
+UP_WITHIN = 60.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(four_nats()) as the_lab, lab_server(the_lab, TOKEN):
+        yield the_lab
+
+
+class Vpn:
+    """One `tcppunch vpn` process and the lines it printed."""
+
+    def __init__(self, host: LabHost, me: str, other: str, address: str, report: Path) -> None:
+        self.host, self.report, self.seen = host, report, []
+        self.proc: subprocess.Popen[str] = host.popen(
+            [*PY, "vpn", "--coordinator", COORD, "--id", me, "--peer", other, "--address", address,
+             "--report", str(report)], stderr=subprocess.PIPE, text=True, env=ENV)
+
+    def wait(self, needle: str, timeout: float = UP_WITHIN) -> None:
+        assert self.proc.stderr is not None
+        assert wait_for_line(self.proc.stderr, needle, timeout, self.seen), self.seen
+
+    def link_flags(self) -> str:
+        out = self.host.run(["ip", "-o", "link", "show", "dev", "tcppunch0"]).stdout
+        return out.split("<", 1)[1].split(">", 1)[0]
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+@pytest.fixture
+def pair(request: pytest.FixtureRequest, lab: Lab, tmp_path: Path) -> Iterator[tuple[Vpn, Vpn]]:
+    a_name, b_name = request.param
+    a = Vpn(lab.host(a_name), f"{a_name}-v", f"{b_name}-v", "10.99.0.1/24", tmp_path / "a.json")
+    b = Vpn(lab.host(b_name), f"{b_name}-v", f"{a_name}-v", "10.99.0.2/24", tmp_path / "b.json")
+    try:
+        a.wait("vpn up")
+        b.wait("vpn up")
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+    for side in (a, b):  # the TUN device left with its process
+        assert "tcppunch0" not in side.host.run(["ip", "-o", "link"]).stdout
+
+
+def _ping(host: LabHost, address: str) -> None:
+    done = host.run(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", address], timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("pair", "method"), [(("pr", "seq"), "direct"), (("rnda", "rndb"), "relay")],
+                         indirect=["pair"])
+def test_peers_ping_each_other_at_their_vpn_addresses(pair: tuple[Vpn, Vpn], method: str) -> None:
+    a, b = pair
+    _ping(a.host, "10.99.0.2")
+    _ping(b.host, "10.99.0.1")
+    assert json.loads(a.report.read_text())["method"] == method
+
+
+@pytest.mark.parametrize("pair", [("pr", "seq")], indirect=True)
+def test_100_mb_of_tcp_crosses_the_vpn_intact(pair: tuple[Vpn, Vpn], tmp_path: Path) -> None:
+    a, b = pair
+    payload, received = tmp_path / "payload.bin", tmp_path / "received.bin"
+    payload.write_bytes(os.urandom(100_000_000))
+    sink = b.host.popen(["socat", "-u", "TCP-LISTEN:5001,bind=10.99.0.2,reuseaddr", f"CREATE:{received}"])
+    try:
+        sent = a.host.run(["socat", "-u", f"FILE:{payload}", "TCP:10.99.0.2:5001,retry=50,interval=0.1"],
+                          timeout=240)
+        assert sent.returncode == 0, sent.stderr
+        assert sink.wait(60) == 0
+    finally:
+        stop(sink)
+    assert hashlib.sha256(received.read_bytes()).digest() == hashlib.sha256(payload.read_bytes()).digest()
+
+
+@pytest.mark.parametrize("pair", [("pr", "seq")], indirect=True)
+def test_the_interface_goes_down_when_the_session_dies_and_up_when_it_returns(
+        pair: tuple[Vpn, Vpn], lab: Lab, tmp_path: Path) -> None:
+    a, b = pair
+    assert "UP" in a.link_flags().split(",")
+    b.stop()
+    a.wait("vpn down: tcppunch0:")
+    assert "UP" not in a.link_flags().split(",")
+    assert a.host.run(["ping", "-n", "-c", "1", "-W", "1", "10.99.0.2"], timeout=10).returncode != 0
+    back = Vpn(b.host, "seq-v", "pr-v", "10.99.0.2/24", tmp_path / "b2.json")
+    try:
+        back.wait("vpn up")
+        a.wait("vpn up")
+        _ping(a.host, "10.99.0.2")
+    finally:
+        back.stop()
