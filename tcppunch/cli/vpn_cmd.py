@@ -44,17 +44,20 @@ def _network(value: str) -> Network:
 @click.option("--interface", "name", default="tcppunch0", show_default=True, help="Name of the TUN interface.")
 @click.option("--mtu", type=click.IntRange(576, 9000), default=1400, show_default=True,
               help="MTU of the interface (room for the outer TCP/IP and framing below 1500).")
-def vpn_command(coordinator: Any, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
-                no_detect: bool, report_path: str | None, quiet: bool, other: str, address: str,
-                routes: tuple[str, ...], name: str, mtu: int) -> None:
+def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mtu: int, **common: Any) -> None:
     """Join a two-peer VPN: any program reaches the other side at its VPN address (ping, ssh, a database
-    client), direct when a hole can be punched, relayed otherwise, encrypted as the session is.
+    client). Packets ride one stream of the pair's session: direct when a hole can be punched, relayed
+    otherwise, and exactly as private as that session (see docs/vpn.md).
 
     \b
     tcppunch vpn --coordinator 198.51.100.10:3478 --id alice --peer bob --address 10.99.0.1/24
     tcppunch vpn --coordinator 198.51.100.10:3478 --id bob --peer alice --address 10.99.0.2/24
     (token in TCPPUNCH_TOKEN; root needed for the TUN interface)
     """
+    # The options shared with connect/listen go to the Peer as they are (see _common).
+    report_path: str | None = common.pop("report_path")
+    quiet: bool = common["quiet"]
+    peer_id: str = common["peer_id"]
     ours = _interface(address)
     networks = [_network(r) for r in routes]
     if other == peer_id:
@@ -74,7 +77,7 @@ def vpn_command(coordinator: Any, peer_id: str, token: str, relay: str, port: in
         except TunError as exc:
             raise click.ClickException(str(exc)) from None
         with tun:
-            async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet) as peer:
+            async with _peer(**common) as peer:
                 def changed(state: TunnelState) -> None:
                     show(state)
                     if state.up and report_path:

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from tcppunch.vpn.packets import DropQueue, FramingError, PacketDecoder, encode_packet
+from tcppunch.vpn.packets import DropQueue, FramingError, PacketDecoder, encode_packets
 from tcppunch.vpn.tun import Tun
 
 READ_SIZE = 256 * 1024
@@ -41,6 +41,8 @@ class LinkStats:
 
     sent: int = 0
     received: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
     dropped: int = 0
     rejected: int = 0  # packets from the stream the kernel would not take
 
@@ -73,14 +75,17 @@ async def carry(tun: Tun, reader: PacketReader, writer: PacketWriter, *, queue: 
             wake.clear()
             packets = queue.take_all()
             if packets:
-                writer.write(b"".join(encode_packet(p) for p in packets))
+                data = encode_packets(packets)
+                writer.write(data)
                 stats.sent += len(packets)
+                stats.sent_bytes += len(data)
                 await writer.drain()
             stats.dropped = queue.stats.dropped - dropped_before
 
     async def receive() -> str:
         decoder = PacketDecoder()
         while data := await reader.read(READ_SIZE):
+            stats.received_bytes += len(data)
             for packet in decoder.feed(data):
                 stats.received += 1
                 if not tun.write(packet):

@@ -1,12 +1,14 @@
 """IP packets on a byte stream, sans-I/O: length framing, and a small queue that drops rather than buffers.
 
-Framing: ``length:uint16be packet[length]``, 1 <= length <= ``max_packet``. :class:`PacketDecoder` takes
+Framing: ``length:uint32be packet[length]``, 1 <= length <= ``max_packet`` (a packet may be a 64 KiB
+TSO segment plus its vnet header, see :mod:`~tcppunch.vpn.tun`). :class:`PacketDecoder` takes
 bytes as they arrive (whole buffer, byte by byte, with trailing data) and hands out packets.
 
 :class:`DropQueue`: the VPN carries TCP inside TCP. When the outer connection slows down, a deep queue in
 front of it would hide the loss the inner TCP needs to see, and both would back off on top of each other
-(TCP-over-TCP meltdown). So packets from the TUN device wait in a queue of a few dozen packets at most,
-and a packet that does not fit is dropped — as a router would — and counted.
+(TCP-over-TCP meltdown). So packets from the TUN device wait in a queue of 256 packets or 256 KiB at most
+(a few TSO segments: milliseconds at the speeds a user-space pump reaches), and a packet that does not fit
+is dropped — as a router would — and counted.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-HEADER = struct.Struct("!H")
-MAX_PACKET = 65535
+HEADER = struct.Struct("!I")
+# An IP packet of 64 KiB and room for the 10-byte virtio_net_hdr in front of it.
+MAX_PACKET = 65535 + 16
 
 
 class FramingError(ValueError):
@@ -24,10 +27,18 @@ class FramingError(ValueError):
 
 
 def encode_packet(packet: bytes) -> bytes:
-    """One frame: 2-byte big-endian length, then the packet."""
+    """One frame: 4-byte big-endian length, then the packet."""
     if not 0 < len(packet) <= MAX_PACKET:
         raise ValueError(f"a packet of {len(packet)} bytes cannot be framed (1..{MAX_PACKET})")
     return HEADER.pack(len(packet)) + packet
+
+
+def encode_packets(packets: list[bytes]) -> bytes:
+    """Frames for several packets in one buffer (each packet copied once)."""
+    for packet in packets:
+        if not 0 < len(packet) <= MAX_PACKET:
+            raise ValueError(f"a packet of {len(packet)} bytes cannot be framed (1..{MAX_PACKET})")
+    return b"".join([part for packet in packets for part in (HEADER.pack(len(packet)), packet)])
 
 
 class PacketDecoder:
@@ -70,7 +81,7 @@ class QueueStats:
 class DropQueue:
     """FIFO of packets bounded by count and bytes; :meth:`offer` drops the packet when either is full."""
 
-    def __init__(self, max_packets: int = 64, max_bytes: int = 64 * 1500) -> None:
+    def __init__(self, max_packets: int = 256, max_bytes: int = 256 * 1024) -> None:
         if max_packets < 1 or max_bytes < 1:
             raise ValueError("a queue needs room for at least one packet")
         self.max_packets = max_packets

@@ -27,7 +27,8 @@ from tcppunch.vpn.tun import Tun
 
 log = structlog.get_logger()
 
-MAGIC = b"TPVPN1\n"
+# Version 2: vnet-header packets (offloads on, see tcppunch.vpn.tun) in uint32-length frames.
+MAGIC = b"TPVPN2\n"
 MAGIC_TIMEOUT = 10.0
 RETRY_FIRST = 0.5
 RETRY_MAX = 10.0
@@ -58,7 +59,8 @@ class Tunnel:
         *,
         routes: Sequence[Network] = (),
         mtu: int = 1400,
-        queue_packets: int = 64,
+        queue_packets: int = 256,
+        queue_bytes: int = 256 * 1024,
         on_change: Callable[[TunnelState], None] | None = None,
     ) -> None:
         if other == peer.peer_id:
@@ -71,7 +73,8 @@ class Tunnel:
         self.mtu = mtu
         self.state = TunnelState()
         self.opener = peer.peer_id < other
-        self._queue = DropQueue(max_packets=queue_packets, max_bytes=queue_packets * mtu)
+        # A few TSO segments or a few hundred small packets: milliseconds of traffic, never seconds.
+        self._queue = DropQueue(max_packets=queue_packets, max_bytes=queue_bytes)
         self._on_change = on_change
         self._up_event = asyncio.Event()
         self._log = log.bind(peer=peer.peer_id, remote_peer=other, interface=tun.name)

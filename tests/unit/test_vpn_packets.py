@@ -6,28 +6,29 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcppunch.vpn.packets import DropQueue, FramingError, PacketDecoder, encode_packet
+from tcppunch.vpn.packets import DropQueue, FramingError, PacketDecoder, encode_packet, encode_packets
 
 PACKETS = [b"\x45" + bytes(19), b"\x60" + bytes(39) + b"payload", b"x" * 1400]
 
 
 def test_frames_are_length_prefixed() -> None:
-    assert encode_packet(b"\x45abc") == b"\x00\x04\x45abc"
+    assert encode_packet(b"\x45abc") == b"\x00\x00\x00\x04\x45abc"
     with pytest.raises(ValueError):
         encode_packet(b"")
     with pytest.raises(ValueError):
-        encode_packet(bytes(65536))
+        encode_packet(bytes(65535 + 17))
 
 
 def test_whole_buffer_byte_by_byte_and_trailing_data() -> None:
     data = b"".join(encode_packet(p) for p in PACKETS)
+    assert encode_packets(PACKETS) == data
     assert PacketDecoder().feed(data) == PACKETS
     decoder, got = PacketDecoder(), []
     for i in range(len(data)):
         got += decoder.feed(data[i : i + 1])
     assert got == PACKETS and decoder.buffered == 0
     decoder = PacketDecoder()
-    assert decoder.feed(data + b"\x00\x05ab") == PACKETS and decoder.buffered == 4
+    assert decoder.feed(data + b"\x00\x00\x00\x05ab") == PACKETS and decoder.buffered == 6
     assert decoder.feed(b"cde") == [b"abcde"]
 
 
@@ -41,7 +42,7 @@ def test_any_chunking_gives_the_same_packets(packets: list[bytes], cuts: list[in
     assert got == packets
 
 
-@pytest.mark.parametrize("bad", [b"\x00\x00", b"\x05\xdd" + bytes(10)])
+@pytest.mark.parametrize("bad", [b"\x00\x00\x00\x00", b"\x00\x00\x05\xdd" + bytes(10)])
 def test_zero_or_oversize_frames_are_refused(bad: bytes) -> None:
     with pytest.raises(FramingError):
         PacketDecoder(max_packet=1500).feed(bad)
