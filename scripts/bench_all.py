@@ -4,6 +4,7 @@
 * bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
 * bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
+* bench_vpn.py: TCP over `tcppunch vpn` vs a raw stream on the same session; ping over the VPN vs the direct path.
 * bench_coordinator.py: one coordinator's rendezvous rate at 50,000 registered peers vs at 200 (loopback).
 * bench_session.py: streams on a live session vs RTT_peer and vs a raw connection; fairness of 100 streams.
 
@@ -23,6 +24,7 @@ RUNS = [
     ["bench_relay.py", "--lab", "--reps", "3", "--bytes", str(256 * 1024 * 1024),
      "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
     ["bench_expose.py", "--bytes", str(256 * 1024 * 1024), "--reps", "3"],
+    ["bench_vpn.py", "--bytes", str(200 * 1024 * 1024), "--reps", "5", "--delay-ms", "10"],
     ["bench_coordinator.py"],
     ["bench_session.py"],
 ]
