@@ -6,8 +6,11 @@ connection, and measure in the same run the round trips that bound it: RTT to th
 on the control connection) and RTT between the peers (a 1-byte ping-pong over the punched connection).
 Prints the median ratio  t_connect / (RTT_coord + RTT_peer). The floor is about RTT_coord + 1.5 RTT_peer
 (CONNECT->PUNCH, then the SYNs cross, then HELLO/SELECT), so a ratio of about 1.25 is the best possible.
+--same-peers keeps one pair of peers for all runs (--gap seconds apart): every connect after the first
+relies on what the previous session left behind (behind a sequential NAT: the refreshed port prediction).
 
     python scripts/bench_connect.py [--runs 15] [--delay-ms 20] [--types port-restricted port-restricted]
+                                    [--same-peers [--gap 0.5]]
 """
 
 from __future__ import annotations
@@ -25,36 +28,49 @@ from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
 from tcppunch.nat.report import NatReport
 from tcppunch.peer import Connection, Method, Peer
 
+Row = tuple[float, float, float, Method]
 
-async def _responder(peer_id: str, nat: NatReport, registered: concurrent.futures.Future[None]) -> float:
+
+async def _responder(peer_id: str, nat: NatReport, registered: concurrent.futures.Future[None],
+                     connections: int = 1) -> float:
     async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
         registered.set_result(None)
-        conn = await peer.accept(timeout=30)
-        for _ in range(5):  # echo the initiator's pings
-            conn.writer.write(await conn.reader.readexactly(1))
-            await conn.writer.drain()
-        conn.close()
+        for _ in range(connections):
+            conn = await peer.accept(timeout=30)
+            for _ in range(5):  # echo the initiator's pings
+                conn.writer.write(await conn.reader.readexactly(1))
+                await conn.writer.drain()
+            conn.close()
         return 0.0
 
 
-async def _initiator(peer_id: str, target: str, nat: NatReport, registered: concurrent.futures.Future[None]
-                     ) -> tuple[float, float, float, Method]:
+async def _initiator(peer_id: str, target: str, nat: NatReport, registered: concurrent.futures.Future[None],
+                     runs: int = 1, gap: float = 0.0) -> list[Row]:
     await asyncio.wait_for(asyncio.wrap_future(registered), 30)
+    rows = []
     async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
-        rtt_coord = min([await peer.ping() for _ in range(3)])
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        conn: Connection = await peer.connect(target, timeout=30)
-        t_connect = loop.time() - started
-        rtts = []
-        for _ in range(5):
-            t = loop.time()
-            conn.writer.write(b"p")
-            await conn.writer.drain()
-            await conn.reader.readexactly(1)
-            rtts.append(loop.time() - t)
-        conn.close()
-        return t_connect, rtt_coord, min(rtts), conn.method
+        for n in range(runs):
+            if n:
+                await asyncio.sleep(gap)  # the pause between two sessions of a user
+            rows.append(await _one_connect(peer, target))
+    return rows
+
+
+async def _one_connect(peer: Peer, target: str) -> Row:
+    rtt_coord = min([await peer.ping() for _ in range(3)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    conn: Connection = await peer.connect(target, timeout=30)
+    t_connect = loop.time() - started
+    rtts = []
+    for _ in range(5):
+        t = loop.time()
+        conn.writer.write(b"p")
+        await conn.writer.drain()
+        await conn.reader.readexactly(1)
+        rtts.append(loop.time() - t)
+    conn.close()
+    return t_connect, rtt_coord, min(rtts), conn.method
 
 
 def main() -> int:
@@ -64,7 +80,11 @@ def main() -> int:
     parser.add_argument("--policy", choices=[p.value for p in SynPolicy], default="drop")
     parser.add_argument("--types", nargs=2, default=["port-restricted", "port-restricted"],
                         choices=[t.value for t in NatType])
+    parser.add_argument("--same-peers", action="store_true", help="one pair of peers for all runs")
+    parser.add_argument("--gap", type=float, default=0.5, help="seconds between runs with --same-peers")
     args = parser.parse_args()
+    if not 1 <= args.runs <= 1000 or not 0 <= args.gap <= 60:
+        parser.error("--runs must be 1..1000 and --gap 0..60")
     configure_logging("error")
     link = LinkShape(delay_ms=args.delay_ms)
     spec = LabSpec([RouterSpec("a", NatType(args.types[0]), SynPolicy(args.policy), link=link),
@@ -73,14 +93,16 @@ def main() -> int:
     with Lab(spec) as lab, LabRunner(lab) as runner:
         a, b = lab.host("a"), lab.host("b")
         nat_a, nat_b = runner.detect(a), runner.detect(b)
-        for n in range(args.runs):
+        pairs = [(args.runs, 1)] if args.same_peers else [(1, n) for n in range(args.runs)]
+        for runs, n in pairs:
             registered: concurrent.futures.Future[None] = concurrent.futures.Future()
-            resp = runner.loop(b).submit(_responder(f"b{n}", nat_b, registered))
-            rows.append(runner.loop(a).run(_initiator(f"a{n}", f"b{n}", nat_a, registered), timeout=60))
+            resp = runner.loop(b).submit(_responder(f"b{n}", nat_b, registered, runs))
+            rows += runner.loop(a).run(_initiator(f"a{n}", f"b{n}", nat_a, registered, runs, args.gap),
+                                       timeout=60 * runs)
             resp.result(30)
     ratios = [t / (rc + rp) for t, rc, rp, _ in rows]
     print(f"{args.types[0]} -> {args.types[1]}, SYN policy {args.policy}, {args.delay_ms:g} ms one-way per WAN link, "
-          f"{args.runs} runs ({time.strftime('%Y-%m-%d')})")
+          f"{args.runs} runs{', one pair of peers' if args.same_peers else ''} ({time.strftime('%Y-%m-%d')})")
     print(f"{'run':>4} {'connect ms':>11} {'RTT coord':>10} {'RTT peer':>9} {'ratio':>6} method")
     for i, ((t, rc, rp, m), r) in enumerate(zip(rows, ratios, strict=True)):
         print(f"{i:>4} {t * 1000:>11.1f} {rc * 1000:>10.1f} {rp * 1000:>9.1f} {r:>6.2f} {m.value}")

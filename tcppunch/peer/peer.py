@@ -58,6 +58,10 @@ log = structlog.get_logger("tcppunch.peer")
 DEFAULT_PORT = 3478
 # Registering again after the control connection dropped: 0.1 s doubling to 5 s, about 4 minutes in all.
 REREGISTER_ATTEMPTS = 55
+# Behind a sequential NAT the peers predict our next public port from the last one the coordinator knows.
+# That prediction is refreshed after every session (in the background) and, while idle, this often: other
+# hosts behind the same NAT move its counter too. A connect() finding it older than this refreshes first.
+PREDICTION_MAX_AGE = 20.0
 
 
 class Peer:
@@ -130,6 +134,9 @@ class Peer:
         # Behind a sequential NAT every new connection takes the NAT's next port, so punches (which
         # predict those ports) and refreshes of our public port take turns.
         self._nat_turn = asyncio.Lock()
+        # When our public port (the start of the peers' prediction) was last learnt; None once a punch or
+        # relay join has moved the NAT's counter past it.
+        self._prediction_at: float | None = None
         self._log = log.bind(peer=peer_id)
         self._sessions = SessionPool(self._connect_session, self._session_started)
 
@@ -167,6 +174,8 @@ class Peer:
             self._dispatcher = PortDispatcher(registration.local, also=[self._local6] if self._local6 else [])
             self._dispatcher.start()
         self._serving = loop.create_task(self._serve())
+        if self.sequential_nat:
+            self._spawn(self._keep_prediction_fresh())
 
     async def _map_port(self, port: int) -> None:
         """Ask our router for an inbound mapping of the punch port (PCP, NAT-PMP, UPnP-IGD); the NAT report
@@ -199,6 +208,7 @@ class Peer:
         registration = await channel.register()
         self._channel = channel
         self.timings["register"] = loop.time() - registered_at
+        self._prediction_at = loop.time()  # the control connection is our NAT's latest mapping
         self._log = log.bind(peer=self.peer_id, local=str(registration.local), observed=str(registration.observed))
         self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
                                    "seconds": round(self.timings["register"], 4)})
@@ -387,11 +397,15 @@ class Peer:
             (sock, info), race = await self._request_and_establish(peer_id, started, relay, preface)
         else:
             async with self._nat_turn:
-                await self._refresh_observed()
+                if self._prediction_stale():
+                    # OBSERVED goes out on the control connection before our CONNECT: the coordinator
+                    # handles them in order, so no round trip is spent waiting for it to take effect
+                    await self._refresh_observed(confirm=False)
+                self._prediction_at = None  # the punch moves our NAT's counter
                 try:
                     (sock, info), race = await self._request_and_establish(peer_id, started, relay, preface)
                 finally:
-                    await self._refresh_observed()  # the punch moved our NAT's counter: tell whoever is next
+                    self._refresh_soon()  # off the critical path: ready for whoever connects next
         try:
             sock.setblocking(False)
             await loop.sock_sendall(sock, preface)
@@ -425,9 +439,38 @@ class Peer:
                 and tcp.mapping not in (None, MappingBehaviour.ENDPOINT_INDEPENDENT)
                 and tcp.port_delta not in (None, 0))
 
-    async def _refresh_observed(self) -> None:
+    def _prediction_stale(self) -> bool:
+        at = self._prediction_at
+        return at is None or asyncio.get_running_loop().time() - at > PREDICTION_MAX_AGE
+
+    def _refresh_soon(self) -> None:
+        """Refresh our public port in the background after a session, taking the NAT's turn (a punch that
+        starts meanwhile waits for it, and then predicts from the fresh port)."""
+        if self._closed:
+            return
+
+        async def refresh() -> None:
+            async with self._nat_turn:
+                if self._prediction_at is None:
+                    await self._refresh_observed()
+
+        self._spawn(refresh())
+
+    async def _keep_prediction_fresh(self) -> None:
+        """While idle, refresh our public port every PREDICTION_MAX_AGE / 2 (until the peer closes)."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(PREDICTION_MAX_AGE / 2)  # a period, not a synchronisation
+            async with self._nat_turn:
+                at = self._prediction_at
+                if at is None or loop.time() - at >= PREDICTION_MAX_AGE / 2:
+                    await self._refresh_observed()
+
+    async def _refresh_observed(self, *, confirm: bool = True) -> None:
         """Learn where our NAT's port counter stands (one STUN binding from the punch port) and tell the
-        coordinator, so that the next punch predicts from a fresh port, not the control connection's."""
+        coordinator, so that the next punch predicts from a fresh port, not the control connection's.
+        ``confirm``: wait until the coordinator applied it (a PING after OBSERVED) — for another peer's
+        CONNECT, which arrives on another connection; our own CONNECT after it needs no wait."""
         # A sequential NAT gives any new connection its next port, whatever the local port: use a fresh
         # one, so that no two refreshes share a 5-tuple (the second would hit our TIME_WAIT, or revive the
         # NAT's entry for the first with its old port). The server answers STUN on its port + 1 too.
@@ -441,7 +484,9 @@ class Peer:
             await self._control.update_observed(mapped)
             # The server handles a connection's frames in order: once this PING is answered, the new port
             # is in place for whoever connects to us next (their CONNECT comes on another connection).
-            await self._control.ping()
+            if confirm:
+                await self._control.ping()
+            self._prediction_at = asyncio.get_running_loop().time()
         except (StunTcpError, CoordinatorError, OSError, TimeoutError) as exc:
             self._log.info("peer.refresh_failed", error=str(exc))
             return
@@ -461,10 +506,14 @@ class Peer:
         try:
             if self.sequential_nat:
                 async with self._nat_turn:
+                    self._prediction_at = None  # the punch moves our NAT's counter
                     try:
                         first, race = await self._establish(order, order.received_at, self.relay_mode)
                     finally:
-                        await self._refresh_observed()  # ready for whoever connects next
+                        # Before the connection is handed out (not on the initiator's path): whatever the
+                        # application does next (dial back, answer the initiator, which then connects
+                        # again) finds our fresh port at the coordinator.
+                        await self._refresh_observed()
             else:
                 first, race = await self._establish(order, order.received_at, self.relay_mode)
         except ConnectFailed as exc:
