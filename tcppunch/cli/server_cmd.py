@@ -19,9 +19,11 @@ import sys
 from collections.abc import Sequence
 
 import click
+from redis.exceptions import RedisError
 
 from tcppunch.cli.params import EndpointType
 from tcppunch.coordinator.auth import Tokens, TokensFileError
+from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer, StunHandler
@@ -68,6 +70,13 @@ def _ip(value: str) -> str:
     show_default=True,
     help="How long the TCP filtering test waits for a connect-back to open.",
 )
+@click.option("--redis", "redis_url", envvar="TCPPUNCH_REDIS", metavar="redis://HOST:PORT/N",
+              help="Share one registry with the other servers using this Redis (a cluster): ids are unique across "
+                   "it and peers registered at different servers connect to each other. A password belongs in "
+                   "the TCPPUNCH_REDIS environment variable, not on the command line. Default: this process alone.")
+@click.option("--keepalive-interval", type=click.FloatRange(0.2, 300.0), default=5.0, show_default=True,
+              help="Seconds between keepalive pings; a peer silent 3x this long is removed (and in a cluster "
+                   "its id becomes free after that long when its server dies).")
 def server_command(
     listens: tuple[Endpoint, ...],
     alt_addresses: tuple[str, ...],
@@ -80,6 +89,8 @@ def server_command(
     expose_max_ports: int,
     expose_max_connections: int,
     expose_max_mb: float | None,
+    redis_url: str | None,
+    keepalive_interval: float,
 ) -> None:
     """Run the public server: the coordinator peers register with (it schedules their punches and relays
     when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
@@ -106,7 +117,12 @@ def server_command(
         expose = ExposeConfig(ports, max_ports_per_id=expose_max_ports, max_connections_per_id=expose_max_connections,
                               max_bytes_per_id=None if expose_max_mb is None else int(expose_max_mb * 1_000_000))
     try:
-        asyncio.run(serve(configs, tokens, budget, CoordinatorConfig(expose=expose)))
+        config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval,
+                                   stale_after=1.5 * keepalive_interval, keepalive_timeout=3.0 * keepalive_interval)
+        asyncio.run(serve(configs, tokens, budget, config, redis_url))
+    except RedisError as exc:
+        click.echo(f"tcppunch server: cannot use the Redis of --redis: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"tcppunch server: cannot listen: {exc.strerror or exc}", err=True)
         sys.exit(1)
@@ -162,12 +178,16 @@ def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
 
 
 async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
-                coordinator_config: CoordinatorConfig | None = None) -> None:
+                coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None) -> None:
     """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    cfg = coordinator_config or CoordinatorConfig()
+    cluster = None if redis_url is None else RedisCluster(
+        redis_url, ttl=cfg.keepalive_timeout, refresh_interval=cfg.keepalive_interval
+    )
     async with contextlib.AsyncExitStack() as stack:
         stuns = [await stack.enter_async_context(StunService(config)) for config in configs]
         first = configs[0]
@@ -176,10 +196,12 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
                               stun_handler=_by_family({_family(c.primary_address): s.serve_tcp_connection
                                                        for c, s in zip(configs, stuns, strict=True)}),
                               relay_bytes_per_peer=relay_bytes_per_peer, config=coordinator_config,
-                              also=[Endpoint(c.primary_address, c.primary_port) for c in configs[1:]])
+                              also=[Endpoint(c.primary_address, c.primary_port) for c in configs[1:]],
+                              cluster=cluster)
         )
         endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
         coordinators = ", ".join(str(e) for e in coordinator.addresses)
-        print(f"listening on {endpoints} (coordinator on {coordinators}; STUN over TCP and UDP)",
+        clustered = "" if cluster is None else f"; cluster node {cluster.node}"
+        print(f"listening on {endpoints} (coordinator on {coordinators}; STUN over TCP and UDP{clustered})",
               file=sys.stderr, flush=True)
         await stop.wait()

@@ -63,6 +63,7 @@ from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 
 from .auth import Tokens
+from .directory import Claim, ClusterAction, Forward, LookupPeer, Release, RemotePeer
 from .expose import ClosePort, ExposeConfig, ExposeTable, OpenPort, Refusal
 from .registry import ConnId, PeerRecord, Registry
 from .session import Session, relay_advice, schedule_fire
@@ -166,7 +167,7 @@ class StartRelay:
     expose_peer: str | None = None
 
 
-Action = Send | Close | StartRelay | OpenPort | ClosePort
+Action = Send | Close | StartRelay | OpenPort | ClosePort | ClusterAction
 
 
 class _Timer(Enum):
@@ -230,8 +231,14 @@ class CoordinatorProtocol:
         config: CoordinatorConfig | None = None,
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        node: str | None = None,
     ) -> None:
         self.tokens = tokens
+        # Cluster node id (server --redis): ids are claimed cluster-wide, CONNECTs to ids registered at
+        # other nodes are looked up and their PUNCH forwarded (directory.py). None: this process alone.
+        self.node = node
+        # session id -> the responder at another node (to tell it CANCEL)
+        self._remote_of: dict[str, RemotePeer] = {}
         self.config = config or CoordinatorConfig()
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
@@ -542,11 +549,15 @@ class CoordinatorProtocol:
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         self.stats.registrations += 1
         log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
-        reply = Registered(msg.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale)
-        actions.append(Send(c.id, encode_message(reply)))
+        if self.node is not None:  # REGISTERED once the cluster agreed (claim_result)
+            return [*actions, Claim(c.id, self.remote_view(record))]
+        return actions + self._registered(c, record, now)
+
+    def _registered(self, c: _Conn, record: PeerRecord, now: float) -> list[Action]:
+        cfg, scale = self.config, record.keepalive_scale
+        reply = Registered(record.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale)
         # The first ping right away: an RTT estimate exists one round trip after registering.
-        actions += self._ping(record, now)
-        return actions
+        return [Send(c.id, encode_message(reply)), *self._ping(record, now)]
 
     def _ping(self, record: PeerRecord, now: float) -> list[Action]:
         seq = record.next_seq
@@ -588,6 +599,8 @@ class CoordinatorProtocol:
     def _connect(self, c: _Conn, me: PeerRecord, msg: Connect, now: float) -> list[Action]:
         cfg = self.config
         target = self.registry.get(msg.peer)
+        if target is None and self.node is not None and msg.peer != me.id:
+            return [LookupPeer(c.id, msg)]
         if target is None:
             return self._request_error(c, msg.request_id, ErrorCode.UNKNOWN_PEER, f"no peer {msg.peer!r} is registered")
         if target.id == me.id:
@@ -602,6 +615,63 @@ class CoordinatorProtocol:
                 c, msg.request_id, ErrorCode.BUSY,
                 f"you have {pair} open sessions with {target.id!r} (limit {cfg.max_sessions_per_pair})",
             )
+        return self._open_session(c, me, target, msg, now)
+
+    def remote_found(self, conn: ConnId, request: Connect, remote: RemotePeer | None, now: float) -> list[Action]:
+        """The cluster's answer to :class:`LookupPeer`: open the session with a peer of another node."""
+        c = self._conns.get(conn)
+        me = self.registry.by_conn(conn)
+        if c is None or me is None or c.state is not ConnState.PEER:
+            return []
+        if self.registry.get(request.peer) is not None:  # it registered here meanwhile
+            return self._connect(c, me, request, now)
+        if remote is None or remote.node == self.node:
+            return self._request_error(
+                c, request.request_id, ErrorCode.UNKNOWN_PEER, f"no peer {request.peer!r} is registered"
+            )
+        if len(me.sessions) >= self.config.max_sessions_per_peer:
+            return self._request_error(
+                c, request.request_id, ErrorCode.BUSY,
+                f"too many open sessions (limit {self.config.max_sessions_per_peer})",
+            )
+        return self._open_session(c, me, remote, request, now)
+
+    def claim_result(self, conn: ConnId, ok: bool, now: float) -> list[Action]:
+        """The cluster's answer to :class:`Claim`: REGISTERED, or ``id-taken`` when another node holds
+        the id (also when a refresh finds it taken: the id then belongs to the other node)."""
+        c = self._conns.get(conn)
+        record = self.registry.by_conn(conn)
+        if c is None or record is None or c.state is not ConnState.PEER:
+            return []
+        if not ok:
+            return self._fail(c, ErrorCode.ID_TAKEN, f"id {c.peer_id!r} is registered at another coordinator")
+        return [] if record.next_seq else self._registered(c, record, now)
+
+    def deliver(self, peer_id: str, data: bytes) -> list[Action]:
+        """Frame bytes another node forwarded (:class:`Forward`) to a peer registered here."""
+        record = self.registry.get(peer_id)
+        return [] if record is None else [Send(record.conn, data)]
+
+    def remote_view(self, record: PeerRecord) -> RemotePeer:
+        """``record`` as the other nodes of the cluster see it."""
+        assert self.node is not None
+        return RemotePeer(id=record.id, node=self.node, observed=record.observed, private=record.private,
+                          nat=record.nat, ipv6=record.ipv6, owd=record.one_way_delay(), birthday=record.birthday)
+
+    def _tell(self, session: Session, peer_id: str, message: Message) -> list[Action]:
+        """``message`` to ``peer_id``, of ``session``, wherever in the cluster it is registered."""
+        record = self.registry.get(peer_id)
+        if record is not None:
+            return [Send(record.conn, encode_message(message))]
+        remote = self._remote_of.get(session.id)
+        if remote is not None and remote.id == peer_id:
+            return [Forward(remote.node, remote.id, encode_message(message))]
+        return []
+
+    def _open_session(
+        self, c: _Conn, me: PeerRecord, target: PeerRecord | RemotePeer, msg: Connect, now: float
+    ) -> list[Action]:
+        cfg = self.config
         session_id = self._random(16).hex()
         key = self._random(SESSION_KEY_SIZE)
         fire_me, fire_target = schedule_fire(me.one_way_delay(), target.one_way_delay(), margin=cfg.fire_margin)
@@ -616,7 +686,10 @@ class CoordinatorProtocol:
         self.sessions[session_id] = session
         self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)
         me.sessions.add(session_id)
-        target.sessions.add(session_id)
+        if isinstance(target, RemotePeer):
+            self._remote_of[session_id] = target
+        else:
+            target.sessions.add(session_id)
         self.stats.sessions += 1
         advice, advice_reason = relay_advice(me.nat, target.nat, ipv6=bool(me.ipv6 and target.ipv6),
                                              birthday=me.birthday and target.birthday)
@@ -635,7 +708,8 @@ class CoordinatorProtocol:
             (me, target, Role.INITIATOR, fire_me, msg.request_id),
             (target, me, Role.RESPONDER, fire_target, None),
         ):
-            this_conn = self._conns[this.conn]
+            # A peer of another node gets the initiator's relay: both join the relay of this session's node.
+            this_conn = c if isinstance(this, RemotePeer) else self._conns[this.conn]
             order = Punch(
                 session_id=session_id,
                 key=key,
@@ -652,7 +726,8 @@ class CoordinatorProtocol:
                 advice_reason=advice_reason,
                 peer_ipv6=other.ipv6,
             )
-            actions.append(Send(this.conn, self._encode_punch(order)))
+            data = self._encode_punch(order)
+            actions.append(Forward(this.node, this.id, data) if isinstance(this, RemotePeer) else Send(this.conn, data))
         return actions
 
     def _encode_punch(self, order: Punch) -> bytes:
@@ -696,10 +771,7 @@ class CoordinatorProtocol:
             why = f"peer {record.id!r} gave up"
             if isinstance(msg.details.get("reason"), str):
                 why = safe_text(f"{why}: {msg.details['reason']}")
-            actions: list[Action] = []
-            other = self.registry.get(session.other(record.id))
-            if other is not None:
-                actions.append(Send(other.conn, encode_message(Cancel(session.id, why))))
+            actions = self._tell(session, session.other(record.id), Cancel(session.id, why))
             return actions + self._end_session(session, ErrorCode.SESSION_CANCELLED, why)
         # Both connected directly: the session (and its relay option) is done, free the slots now.
         if len(session.results) == 2 and set(session.results.values()) == {Outcome.DIRECT.value}:
@@ -709,6 +781,7 @@ class CoordinatorProtocol:
     def _end_session(self, session: Session, code: ErrorCode, why: str) -> list[Action]:
         """Forget a session; relay connections still waiting for their partner get ``code`` and a close."""
         self.sessions.pop(session.id, None)
+        self._remote_of.pop(session.id, None)
         self._timers.cancel((_Timer.SESSION, session.id))
         actions: list[Action] = []
         for peer_id in session.peer_ids():
@@ -771,6 +844,7 @@ class CoordinatorProtocol:
         ini = self._conns[session.relay_waiting[Role.INITIATOR]]
         resp = self._conns[session.relay_waiting[Role.RESPONDER]]
         self.sessions.pop(session.id, None)
+        self._remote_of.pop(session.id, None)
         self._timers.cancel((_Timer.SESSION, session.id))
         session.relay_started = True
         session.relay_waiting.clear()
@@ -854,15 +928,13 @@ class CoordinatorProtocol:
         self.registry.remove(record.id)
         self._timers.cancel((_Timer.PEER, record.id))
         log.info("coordinator.unregistered", peer=record.id, reason=reason)
-        actions: list[Action] = []
+        actions: list[Action] = [] if self.node is None else [Release(record.id)]
         for session_id in sorted(record.sessions):
             session = self.sessions.get(session_id)
             if session is None:
                 continue
-            other = self.registry.get(session.other(record.id))
-            if other is not None:
-                cancel = Cancel(session_id, f"peer {record.id!r} left ({reason})")
-                actions.append(Send(other.conn, encode_message(cancel)))
+            cancel = Cancel(session_id, f"peer {record.id!r} left ({reason})")
+            actions += self._tell(session, session.other(record.id), cancel)
             actions += self._end_session(session, ErrorCode.SESSION_CANCELLED, f"peer {record.id!r} left")
         record.sessions.clear()
         ports, visitors = self.expose.release(record.id)

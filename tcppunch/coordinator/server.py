@@ -29,6 +29,8 @@ from tcppunch.wire.framing import PREAMBLE_SIZE
 from tcppunch.wire.stun import looks_like_stun
 
 from .auth import Tokens
+from .cluster import RedisCluster
+from .directory import LookupPeer, RemotePeer
 from .expose import ClosePort, OpenPort
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
 
@@ -107,10 +109,13 @@ class CoordinatorServer:
         max_connections: int = MAX_CONNECTIONS,
         reuse_port: bool | None = None,
         also: Sequence[Endpoint] = (),
+        cluster: RedisCluster | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.also = tuple(also)
-        self.protocol = CoordinatorProtocol(tokens, config)
+        # With a cluster, ids are claimed in Redis and CONNECTs reach peers of other nodes (cluster.py).
+        self.cluster = cluster
+        self.protocol = CoordinatorProtocol(tokens, config, node=None if cluster is None else cluster.node)
         self.stun_handler = stun_handler
         self.max_connections = max_connections
         # STUN connect-back tests originate from the listening port itself: that needs SO_REUSEPORT.
@@ -141,7 +146,8 @@ class CoordinatorServer:
         await self.stop()
 
     async def start(self) -> None:
-        """Bind and listen (raises OSError when the address cannot be bound).
+        """Join the cluster if any (raises when Redis does not answer), bind and listen (raises OSError
+        when the address cannot be bound).
 
         ``max_connections`` is lowered to what the file descriptor limit allows (after raising the soft
         limit as far as the hard one permits), so that accept() never runs out of descriptors."""
@@ -151,6 +157,8 @@ class CoordinatorServer:
             self._log.warning("coordinator.max_connections_lowered", wanted=self.max_connections,
                               allowed=allowed, fd_limit=soft)
             self.max_connections = allowed
+        if self.cluster is not None:
+            await self.cluster.start(self._deliver, self._claimed, self._local_peers)
         self._server = await self._listen(self.host, self.port)
         try:
             for extra in self.also:
@@ -217,6 +225,8 @@ class CoordinatorServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._server, self._more = None, []
+        if self.cluster is not None:
+            await self.cluster.close()  # after the releases of every id registered here
 
     # --------------------------------------------------------------------------------- connections
 
@@ -296,9 +306,38 @@ class CoordinatorServer:
                 self._open_port(action)
             elif isinstance(action, ClosePort):
                 self._close_port(action)
-            else:
+            elif isinstance(action, StartRelay):
                 self._start_relay(action)
+            elif isinstance(action, LookupPeer):
+                self._lookup(action)
+            elif self.cluster is not None:
+                self.cluster.submit(action)
         self._arm_timer()
+
+    # ------------------------------------------------------------------------------------- cluster
+
+    def _lookup(self, action: LookupPeer) -> None:
+        async def run() -> None:
+            assert self.cluster is not None
+            remote = await self.cluster.lookup(action.request.peer)
+            now = asyncio.get_running_loop().time()
+            self._apply(self.protocol.remote_found(action.conn, action.request, remote, now))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _deliver(self, peer_id: str, data: bytes) -> None:
+        self._apply(self.protocol.deliver(peer_id, data))
+
+    def _claimed(self, peer_id: str, conn: int | None, ok: bool) -> None:
+        """A claim's answer (``conn`` None: a refresh, which only reports an id taken elsewhere)."""
+        record = self.protocol.registry.get(peer_id)
+        if record is not None and (conn is None or record.conn == conn):
+            self._apply(self.protocol.claim_result(record.conn, ok, asyncio.get_running_loop().time()))
+
+    def _local_peers(self) -> list[RemotePeer]:
+        return [self.protocol.remote_view(record) for record in self.protocol.registry]
 
     def _send(self, action: Send) -> None:
         link = self._links.get(action.conn)

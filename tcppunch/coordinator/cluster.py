@@ -1,0 +1,223 @@
+"""Several coordinators sharing one registry in Redis (``tcppunch server --redis redis://HOST:PORT/N``).
+
+The driver-side adapter between :class:`~.server.CoordinatorServer` and Redis; the sans-I/O core only
+emits :mod:`.directory` actions and takes their answers. In Redis:
+
+* ``tcppunch:peer:<id>`` = ``<node>|<RemotePeer JSON>`` with a TTL of ``keepalive_timeout``: the node
+  holding the id's control connection. Claims and refreshes go through one Lua script that writes only
+  when the key is free or already this node's, so an id is registered at one node of the cluster at a
+  time. Every node refreshes its own keys each ``refresh_interval``; a node that dies stops refreshing
+  and its peers' ids become free within ``keepalive_timeout``.
+* channel ``tcppunch:node:<node>``: frames for peers registered at that node (``<peer id>\\n<frame>``): the
+  PUNCH of a session opened at another node, a CANCEL.
+
+Writes (claims, releases, forwards) go out in order through one queue, in pipelines of up to
+``BATCH`` commands. When Redis fails, the node keeps serving its own peers; cluster operations fail
+(logged) and the next refresh claims every local id again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from .directory import Claim, Forward, Release, RemotePeer
+
+log = structlog.get_logger()
+
+BATCH = 500
+PREFIX = "tcppunch"
+
+# KEYS[1] peer key; ARGV: node, record JSON, TTL ms. Writes if the key is free or this node's; 1 if written.
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# KEYS[1] peer key; ARGV[1] node. Deletes the key only if this node holds it.
+_RELEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+Op = Claim | Release | Forward
+# (peer id, the registration's connection or None for a refresh, granted?)
+Claimed = Callable[[str, int | None, bool], None]
+
+
+def peer_key(peer_id: str) -> str:
+    return f"{PREFIX}:peer:{peer_id}"
+
+
+def node_channel(node: str) -> str:
+    return f"{PREFIX}:node:{node}"
+
+
+class RedisCluster:
+    """One node's link to the cluster. ``ttl``: keepalive timeout (s); ``refresh_interval``: how often
+    this node re-writes its peers' keys (must be well below ``ttl``)."""
+
+    def __init__(self, url: str, *, ttl: float = 15.0, refresh_interval: float = 5.0, node: str | None = None) -> None:
+        if not 0 < refresh_interval < ttl:
+            raise ValueError("refresh_interval must be > 0 and below ttl")
+        self.url = url
+        self.node = node or os.urandom(6).hex()
+        self.ttl = ttl
+        self.refresh_interval = refresh_interval
+        self.errors = 0
+        self._redis: aioredis.Redis | None = None
+        self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._log = log.bind(component="cluster", node=self.node)
+
+    async def start(
+        self,
+        deliver: Callable[[str, bytes], None],
+        claimed: Claimed,
+        local_peers: Callable[[], Iterable[RemotePeer]],
+    ) -> None:
+        """Connect (raises OSError/RedisError if Redis does not answer), subscribe, start the workers.
+
+        ``deliver(peer_id, frame)``: a forwarded frame for a local peer. ``claimed(peer_id, conn, ok)``: the
+        answer to a registration's :class:`Claim` (``conn``), or ``conn`` None and ``ok`` False when a
+        refresh finds an id of this node taken by another. While Redis fails, claims count as granted
+        (this node keeps serving its own peers). ``local_peers()``: this node's peers, for the refresh.
+        """
+        self._redis = aioredis.from_url(self.url, socket_connect_timeout=5.0, socket_timeout=10.0)
+        await self._redis.ping()
+        self._claim = self._redis.register_script(_CLAIM)
+        self._release = self._redis.register_script(_RELEASE)
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(node_channel(self.node))
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(pubsub, deliver)),
+            loop.create_task(self._write(claimed)),
+            loop.create_task(self._refresh(local_peers, claimed)),
+        ]
+        self._log.info("cluster.joined", url=_redacted(self.url))
+
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Send what is queued (releases of this node's ids at shutdown), then disconnect."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), flush_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # ----------------------------------------------------------------------------------- operations
+
+    def submit(self, op: Op) -> None:
+        """Queue a claim, release or forward (carried out in order)."""
+        self._queue.put_nowait(op)
+
+    async def lookup(self, peer_id: str) -> RemotePeer | None:
+        """The cluster's record of ``peer_id`` (None: not registered anywhere, or Redis unavailable)."""
+        if self._redis is None:
+            return None
+        try:
+            raw = await self._redis.get(peer_key(peer_id))
+        except (RedisError, OSError) as exc:
+            self._failed("lookup", exc)
+            return None
+        if raw is None:
+            return None
+        _, _, record = (raw if isinstance(raw, bytes) else str(raw).encode()).partition(b"|")
+        try:
+            return RemotePeer.from_json(record)
+        except ValueError as exc:
+            self._log.warning("cluster.bad_record", peer=peer_id, error=str(exc))
+            return None
+
+    # -------------------------------------------------------------------------------------- workers
+
+    async def _listen(self, pubsub: Any, deliver: Callable[[str, bytes], None]) -> None:
+        while True:
+            try:
+                async for message in pubsub.listen():
+                    peer_id, _, frame = bytes(message["data"]).partition(b"\n")
+                    deliver(peer_id.decode("utf-8", "replace"), frame)
+            except (RedisError, OSError) as exc:
+                self._failed("subscribe", exc)
+                await asyncio.sleep(1.0)  # back-off before re-subscribing, not a synchronisation
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.subscribe(node_channel(self.node))
+
+    async def _write(self, claimed: Claimed) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._execute(batch, claimed)
+            except (RedisError, OSError) as exc:
+                self._failed("write", exc, ops=len(batch))
+                for op in batch:
+                    if isinstance(op, Claim) and op.conn:
+                        claimed(op.peer.id, op.conn, True)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _execute(self, batch: list[Op], claimed: Claimed) -> None:
+        assert self._redis is not None
+        ttl_ms = str(round(self.ttl * 1000))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for op in batch:
+                if isinstance(op, Claim):
+                    await self._claim(keys=[peer_key(op.peer.id)], args=[self.node, op.peer.to_json(), ttl_ms],
+                                      client=pipe)
+                elif isinstance(op, Release):
+                    await self._release(keys=[peer_key(op.peer_id)], args=[self.node], client=pipe)
+                else:
+                    pipe.publish(node_channel(op.node), op.peer_id.encode() + b"\n" + op.data)
+            results = await pipe.execute(raise_on_error=False)
+        for op, result in zip(batch, results, strict=True):
+            failed = isinstance(result, Exception)
+            if failed:
+                self._failed("write", result)
+            if not isinstance(op, Claim):
+                continue
+            ok = failed or result == 1
+            if not ok:
+                self._log.info("cluster.id_taken_elsewhere", peer=op.peer.id)
+            if op.conn:
+                claimed(op.peer.id, op.conn, ok)
+            elif not ok:
+                claimed(op.peer.id, None, False)
+
+    async def _refresh(self, local_peers: Callable[[], Iterable[RemotePeer]], claimed: Claimed) -> None:
+        """Every refresh_interval: re-claim every local id (a periodic sweep, in batches)."""
+        while True:
+            await asyncio.sleep(self.refresh_interval)  # the refresh period itself
+            peers = list(local_peers())
+            for start in range(0, len(peers), BATCH):
+                try:
+                    await self._execute([Claim(0, p) for p in peers[start : start + BATCH]], claimed)
+                except (RedisError, OSError) as exc:
+                    self._failed("refresh", exc, peers=len(peers))
+                    break
+
+    def _failed(self, what: str, exc: BaseException, **kw: Any) -> None:
+        self.errors += 1
+        self._log.warning("cluster.redis_failed", what=what, error=repr(exc), **kw)
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password (never logged)."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

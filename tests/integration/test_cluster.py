@@ -1,0 +1,141 @@
+"""Two coordinators sharing one registry in a real redis-server, on loopback.
+
+alice registers at A, bob at B: a relayed connect through the cluster carries bytes intact (SHA-256);
+ids are unique across the cluster; a node that dies (no clean shutdown) frees its ids within the
+keepalive timeout, and its peer registers at the other node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from redis.exceptions import RedisError
+
+from tcppunch.coordinator.auth import Tokens
+from tcppunch.coordinator.cluster import RedisCluster
+from tcppunch.coordinator.control import ControlChannel, CoordinatorError
+from tcppunch.coordinator.protocol import CoordinatorConfig
+from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.wire.coord import ErrorCode, RelayAdvice
+from tcppunch.wire.endpoint import Endpoint
+
+from ..redis_server import redis_server
+
+TOKEN = "cluster-test-token"
+KEEPALIVE = 0.5  # interval; timeout 1.5 s, the TTL of an id in Redis
+CONFIG = CoordinatorConfig(keepalive_interval=KEEPALIVE, stale_after=1.5 * KEEPALIVE,
+                           keepalive_timeout=3 * KEEPALIVE)
+
+
+@contextlib.asynccontextmanager
+async def node(url: str) -> AsyncIterator[CoordinatorServer]:
+    cluster = RedisCluster(url, ttl=CONFIG.keepalive_timeout, refresh_interval=CONFIG.keepalive_interval)
+    async with CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster) as server:
+        yield server
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
+    """Seconds until ``check()`` held (bounded polling: the condition lives in another process)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await check():
+        if loop.time() - start > timeout:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+def test_a_relayed_connect_between_peers_of_two_nodes() -> None:
+    async def main() -> None:
+        with redis_server() as url:
+            async with node(url) as a, node(url) as b, ControlChannel(a.address, "alice", TOKEN) as alice, \
+                        ControlChannel(b.address, "bob", TOKEN) as bob:
+                order_a = await alice.connect("bob", relay_only=True)
+                order_b = await bob.next_order(timeout=5.0)
+                assert order_b.session_id == order_a.session_id and order_b.peer_id == "alice"
+                assert order_a.relay_advice is order_b.relay_advice is RelayAdvice.RELAY_NOW
+                # Both PUNCH orders name the relay of the session's node, A.
+                assert order_a.relay == order_b.relay == a.address
+                payload = os.urandom(1 << 20)
+                (ra, wa), (rb, wb) = await asyncio.gather(alice.open_relay(order_a, timeout=10.0),
+                                                          bob.open_relay(order_b, timeout=10.0))
+                back = os.urandom(1 << 16)
+                wa.write(payload)
+                wa.write_eof()
+                wb.write(back)
+                wb.write_eof()
+                got, got_back = await asyncio.wait_for(asyncio.gather(rb.read(), ra.read()), 20.0)
+                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+                assert hashlib.sha256(got_back).digest() == hashlib.sha256(back).digest()
+                wb.close()
+                wa.close()
+
+    asyncio.run(main())
+
+
+def test_ids_are_unique_across_the_cluster() -> None:
+    async def main() -> None:
+        with redis_server() as url:
+            async with node(url) as a, node(url) as b, ControlChannel(a.address, "alice", TOKEN):
+                with pytest.raises(CoordinatorError) as caught:
+                    async with ControlChannel(b.address, "alice", TOKEN):
+                        pass
+                assert caught.value.code is ErrorCode.ID_TAKEN
+                async with ControlChannel(b.address, "bob", TOKEN) as bob:
+                    with pytest.raises(CoordinatorError) as unknown:
+                        await bob.connect("nobody")
+                    assert unknown.value.code is ErrorCode.UNKNOWN_PEER
+
+    asyncio.run(main())
+
+
+def test_a_dead_node_frees_its_ids_within_the_keepalive_timeout() -> None:
+    async def main() -> None:
+        with redis_server() as url:
+            async with node(url) as b:
+                a = CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG,
+                                      cluster=RedisCluster(url, ttl=CONFIG.keepalive_timeout,
+                                                           refresh_interval=CONFIG.keepalive_interval))
+                await a.start()
+                alice = ControlChannel(a.address, "alice", TOKEN)
+                await alice.register()
+                # A dies without a word to Redis: its refresh stops, nothing is released.
+                assert a.cluster is not None
+                for task in a.cluster._tasks:
+                    task.cancel()
+                await a.stop()
+                await alice.wait_closed()
+                died = asyncio.get_running_loop().time()
+
+                async def registered_at_b() -> bool:
+                    channel = ControlChannel(b.address, "alice", TOKEN)
+                    try:
+                        await channel.register()
+                    except CoordinatorError as exc:
+                        assert exc.code is ErrorCode.ID_TAKEN
+                        return False
+                    await channel.close()
+                    return True
+
+                await wait_until(registered_at_b, CONFIG.keepalive_timeout + 1.0)
+                assert asyncio.get_running_loop().time() - died <= CONFIG.keepalive_timeout + 1.0
+
+    asyncio.run(main())
+
+
+def test_a_node_fails_fast_when_redis_does_not_answer() -> None:
+    async def main() -> None:
+        nobody = Endpoint("127.0.0.1", 1)  # a privileged port nothing listens on: refused at once
+        cluster = RedisCluster(f"redis://{nobody}/0", ttl=3.0, refresh_interval=1.0)
+        server = CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster)
+        with pytest.raises(RedisError):
+            await server.start()
+        with pytest.raises(RuntimeError):
+            _ = server.address  # it never listened
+
+    asyncio.run(main())
