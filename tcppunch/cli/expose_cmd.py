@@ -1,7 +1,8 @@
 """``tcppunch expose``: make a local TCP service reachable by anyone at a port of the server's address.
 
 One line on stderr once the port is open ("exposed ... at HOST:PORT"; scripts wait for it), one per
-finished visitor unless ``--quiet``, and a clear error and exit code 1 when the server refuses.
+finished visitor unless ``--quiet``, and a clear error and exit code 1 when the server refuses. When the
+coordinator goes away later, a line says so and the port is asked for again with back-off.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import click
 from tcppunch.cli.params import EndpointType
 from tcppunch.cli.peer_cmds import _run, _until_signal
 from tcppunch.coordinator.control import ControlChannel
-from tcppunch.peer.expose import Exposer, VisitorDone
+from tcppunch.peer.expose import VisitorDone, keep_exposed
+from tcppunch.wire.coord import Exposed
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.proxy_protocol import ProxyVersion
 
@@ -43,7 +45,7 @@ def expose_command(coordinator: Endpoint, peer_id: str, token: str, remote_port:
 
     \b
     tcppunch server --listen 198.51.100.10:3478 --token S --expose-ports 8000-9000   # public host
-    tcppunch expose --coordinator 198.51.100.10:3478 --id web --token S \\
+    TCPPUNCH_TOKEN=S tcppunch expose --coordinator 198.51.100.10:3478 --id web \\
                     --remote-port 8080 --forward 127.0.0.1:8000                     # behind NAT
     curl http://198.51.100.10:8080/                                                 # anyone
     """
@@ -59,16 +61,19 @@ def expose_command(coordinator: Endpoint, peer_id: str, token: str, remote_port:
             what = done.error or (f"{done.stats.a_to_b} bytes in, {done.stats.b_to_a} out" if done.stats else "")
             click.echo(f"tcppunch: visitor {done.visitor}: {what}", err=True)
 
+    def exposed(where: Exposed) -> None:
+        if as_json:
+            click.echo(json.dumps({"event": "exposed", "address": str(where.address), "forward": str(forward)}))
+        click.echo(f"tcppunch: exposed {forward} at {where.address}", err=True)
+
+    def lost(reason: str, retry_in: float) -> None:
+        if as_json:
+            click.echo(json.dumps({"event": "lost", "reason": reason, "retry_in": retry_in}))
+        click.echo(f"tcppunch: lost the coordinator ({reason}); exposing again in {retry_in:g} s", err=True)
+
     async def main() -> None:
-        async with ControlChannel(coordinator, peer_id, token) as channel:
-            exposer = Exposer(channel, forward, proxy_protocol=version, on_done=report)
-            exposed = await exposer.expose(remote_port)
-            if as_json:
-                click.echo(json.dumps({"event": "exposed", "address": str(exposed.address),
-                                       "forward": str(forward)}))
-            click.echo(f"tcppunch: exposed {forward} at {exposed.address}", err=True)
-            await _until_signal(asyncio.ensure_future(exposer.serve()))
-            if channel.closed and channel.error is not None:  # the coordinator went away: say why
-                raise channel.error
+        work = keep_exposed(lambda: ControlChannel(coordinator, peer_id, token), remote_port, forward,
+                            proxy_protocol=version, on_exposed=exposed, on_lost=lost, on_done=report)
+        await _until_signal(asyncio.ensure_future(work))
 
     _run(main)

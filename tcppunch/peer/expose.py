@@ -21,11 +21,18 @@ import structlog
 
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError, join_visitor
 from tcppunch.relay import RelayEnd, RelayStats, relay
-from tcppunch.wire.coord import Exposed, Visitor
+from tcppunch.wire.coord import ErrorCode, Exposed, Visitor
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.proxy_protocol import ProxyVersion, encode
 
 log = structlog.get_logger()
+
+# Refusals that asking again will not change. Others clear by themselves: e.g. after a server restart the
+# port or the id may still be held by our previous registration until the server notices it is gone.
+PERMANENT = frozenset({ErrorCode.BAD_TOKEN, ErrorCode.EXPOSE_DISABLED, ErrorCode.EXPOSE_PORT_REFUSED,
+                       ErrorCode.EXPOSE_LIMIT, ErrorCode.UNSUPPORTED_VERSION})
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -151,3 +158,49 @@ def _describe(exc: BaseException, forward: Endpoint) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{forward}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+
+
+async def keep_exposed(
+    connect: Callable[[], ControlChannel],
+    remote_port: int,
+    forward: Endpoint,
+    *,
+    proxy_protocol: ProxyVersion | None = None,
+    on_exposed: Callable[[Exposed], None] | None = None,
+    on_lost: Callable[[str, float], None] | None = None,
+    on_done: Callable[[VisitorDone], None] | None = None,
+    retry_first: float = RETRY_FIRST,
+    retry_max: float = RETRY_MAX,
+) -> None:
+    """Expose ``remote_port`` and carry its visitors; when the control connection is lost (the server
+    restarted, the path broke), register and expose again, with back-off (``retry_first`` doubling to
+    ``retry_max``), until cancelled. ``connect`` makes a new, unregistered :class:`ControlChannel`.
+
+    The first attempt's failure is raised (nothing was ever exposed: a wrong address, token or port is
+    more likely than an outage), and so is a :data:`PERMANENT` refusal at any time.
+    """
+    delay, exposed_once = retry_first, False
+    while True:
+        try:
+            async with connect() as channel:
+                exposer = Exposer(channel, forward, proxy_protocol=proxy_protocol, on_done=on_done)
+                exposed = await exposer.expose(remote_port)
+                exposed_once, delay = True, retry_first
+                if on_exposed is not None:
+                    on_exposed(exposed)
+                await exposer.serve()
+                error = channel.error
+            reason = "the coordinator closed the connection" if error is None else f"{error.message} ({error.code})"
+        except CoordinatorError as exc:
+            if not exposed_once or exc.code in PERMANENT:
+                raise
+            reason = f"{exc.message} ({exc.code})"
+        except (OSError, TimeoutError) as exc:
+            if not exposed_once:
+                raise
+            reason = str(exc) or exc.__class__.__name__
+        log.info("expose.lost", reason=reason, retry_in=delay)
+        if on_lost is not None:
+            on_lost(reason, delay)
+        await asyncio.sleep(delay)  # back-off between attempts to reach the coordinator again
+        delay = min(delay * 2, retry_max)

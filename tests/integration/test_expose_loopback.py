@@ -18,7 +18,8 @@ from tcppunch.coordinator.control import ControlChannel, CoordinatorError
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.peer.expose import Exposer, VisitorDone
+from tcppunch.peer.expose import Exposer, VisitorDone, keep_exposed
+from tcppunch.wire.coord import Exposed
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.proxy_protocol import ProxyVersion, encode
 from tests.loopback import free_port
@@ -162,3 +163,58 @@ async def test_a_visitor_beyond_the_connection_limit_is_closed_and_the_others_go
         release.set()
         assert await asyncio.wait_for(first, PROMPT) == b"first"
 
+
+
+@_sync
+async def test_the_port_is_exposed_again_after_the_server_restarts() -> None:
+    port, coord_port = free_port(), free_port()
+    config = CoordinatorConfig(expose=ExposeConfig(PortRange(port, port)))
+    local = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    forward = Endpoint("127.0.0.1", local.sockets[0].getsockname()[1])
+    exposed: list[Exposed] = []
+    lost: list[str] = []
+    changed = asyncio.Event()
+
+    def on_exposed(where: Exposed) -> None:
+        exposed.append(where)
+        changed.set()
+
+    def connect() -> ControlChannel:
+        return ControlChannel(Endpoint("127.0.0.1", coord_port), "web", TOKEN)
+
+    async def wait_exposed(count: int) -> None:
+        async with asyncio.timeout(PROMPT):
+            while len(exposed) < count:
+                changed.clear()
+                await changed.wait()
+
+    async with local:
+        server = CoordinatorServer("127.0.0.1", coord_port, Tokens(shared=TOKEN), config=config)
+        await server.start()
+        keeping = asyncio.ensure_future(keep_exposed(connect, port, forward, on_exposed=on_exposed,
+                                                     on_lost=lambda why, _: lost.append(why), retry_first=0.05))
+        try:
+            await wait_exposed(1)
+            assert await _visit(port, b"before") == b"before"
+            await server.stop()
+            server = CoordinatorServer("127.0.0.1", coord_port, Tokens(shared=TOKEN), config=config)
+            await server.start()
+            await wait_exposed(2)
+            assert lost and await _visit(port, b"after") == b"after"
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+            await server.stop()
+
+
+@_sync
+async def test_a_permanent_refusal_is_raised_not_retried() -> None:
+    async with _setup(_echo) as (server, _exposer, port, _done):
+        outside = 22 if port != 22 else 23
+
+        def connect() -> ControlChannel:
+            return ControlChannel(server.address, "other", TOKEN)
+
+        with pytest.raises(CoordinatorError) as info:
+            await asyncio.wait_for(keep_exposed(connect, outside, Endpoint("127.0.0.1", 9)), PROMPT)
+        assert info.value.code == "expose-port-refused"
