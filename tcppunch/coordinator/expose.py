@@ -65,9 +65,11 @@ class ExposeConfig:
 
 @dataclass(frozen=True)
 class OpenPort:
-    """Driver: listen on ``port`` of the server's address, then call ``port_opened`` or ``port_failed``."""
+    """Driver: listen on ``address``:``port`` (the server address the owner's control connection reached),
+    then call ``port_opened`` or ``port_failed``."""
 
     port: int
+    address: str
 
 
 @dataclass(frozen=True)

@@ -990,7 +990,7 @@ class CoordinatorProtocol:
         if refusal is not None:
             return self._request_error(c, msg.request_id, refusal.code, refusal.message)
         self.expose.reserve(record.id, msg.remote_port, msg.request_id)
-        return [OpenPort(msg.remote_port)]
+        return [OpenPort(msg.remote_port, c.local.ip)]
 
     def _join_visitor(self, c: _Conn, msg: Relay) -> list[Action]:
         """The owner's join connection for a waiting visitor: check the proof, then carry the visitor."""

@@ -368,11 +368,12 @@ class CoordinatorServer:
     # ------------------------------------------------------------------------------- exposed ports
 
     def _open_port(self, action: OpenPort) -> None:
-        """Listen on the exposed port now (bound synchronously, so the answer is immediate)."""
+        """Listen on the exposed port now, on the address the owner reached (bound synchronously, so the
+        answer is immediate)."""
         loop = asyncio.get_running_loop()
         try:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.create_server((self.host, action.port), family=family, backlog=256)
+            family = socket.AF_INET6 if ":" in action.address else socket.AF_INET
+            sock = socket.create_server((action.address, action.port), family=family, backlog=256)
         except OSError as exc:
             self._apply(self.protocol.port_failed(action.port, exc.strerror or str(exc), loop.time()))
             return

@@ -35,11 +35,13 @@ class ExposeHarness(Harness):
         self.listening: set[int] = set()
         self.refuse_bind: dict[int, str] = {}
         self.closed_ports: list[int] = []
+        self.opened: list[OpenPort] = []
 
     def apply(self, actions: list[Action]) -> None:
         rest: list[Action] = []
         for action in actions:
             if isinstance(action, OpenPort):
+                self.opened.append(action)
                 if action.port in self.refuse_bind:
                     self.apply(self.proto.port_failed(action.port, self.refuse_bind[action.port], self.now))
                 else:
@@ -113,6 +115,7 @@ def test_an_allowed_port_is_opened_and_its_public_address_reported() -> None:
     reply = h.expose(web, 8080)
     assert reply == Exposed("e1", 8080, Endpoint(SERVER.ip, 8080))
     assert h.listening == {8080}
+    assert h.opened == [OpenPort(8080, SERVER.ip)]  # on the address the peer's control connection reached
 
 
 def test_one_owner_per_port_and_a_per_id_port_limit() -> None:
