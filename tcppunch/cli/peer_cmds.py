@@ -15,7 +15,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ EXIT_UNREACHABLE = 3
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by connect and listen."""
     options = [
-        click.option("--coordinator", type=EndpointType(resolve=False), required=True,
-                     help="The tcppunch server, HOST:PORT (port 3478 if omitted)."),
+        click.option("--coordinator", type=EndpointType(resolve=False), required=True, multiple=True,
+                     help="The tcppunch server, HOST:PORT (port 3478 if omitted). Repeat it for the servers of a "
+                          "cluster: we register at the first that answers and move to the next if it fails."),
         click.option("--id", "peer_id", required=True, help="Our name at the coordinator."),
         click.option("--token", required=True, envvar="TCPPUNCH_TOKEN",
                      help="Secret the coordinator expects for our id (or env TCPPUNCH_TOKEN)."),
@@ -83,7 +84,7 @@ def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
     return show
 
 
-def _peer(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
+def _peer(coordinator: Sequence[Endpoint], peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
           no_detect: bool, quiet: bool, no_birthday: bool, port_mapping: bool = False) -> Peer:
     nat = None
     if nat_report:
@@ -149,7 +150,7 @@ async def _until_signal(work: asyncio.Future[Any]) -> None:
                    "over its own connection (e.g. --local 127.0.0.1:8080 to reach PEER's forwarded service).")
 @click.option("--timeout", type=click.FloatRange(1, 600), default=60, show_default=True,
               help="Give up connecting after this many seconds.")
-def connect_command(peer_name: str, coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int,
+def connect_command(peer_name: str, coordinator: tuple[Endpoint, ...], peer_id: str, token: str, relay: str, port: int,
                     nat_report: str | None, no_detect: bool, no_birthday: bool, port_mapping: bool,
                     report_path: str | None, quiet: bool, local_listen: Endpoint | None, timeout: float) -> None:
     """Connect to PEER through the coordinator: directly if a hole can be punched, else relayed.
@@ -234,9 +235,9 @@ async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: flo
               help="Carry each incoming connection to this local TCP service (e.g. 127.0.0.1:80) instead of "
                    "stdin/stdout: expose a service behind NAT to peers.")
 @click.option("--once", is_flag=True, help="Exit after the first connection ends.")
-def listen_command(coordinator: Endpoint, peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
-                   no_detect: bool, no_birthday: bool, port_mapping: bool, report_path: str | None, quiet: bool,
-                   forward: Endpoint | None, once: bool) -> None:
+def listen_command(coordinator: tuple[Endpoint, ...], peer_id: str, token: str, relay: str, port: int,
+                   nat_report: str | None, no_detect: bool, no_birthday: bool, port_mapping: bool,
+                   report_path: str | None, quiet: bool, forward: Endpoint | None, once: bool) -> None:
     """Register as --id and take connections from peers: pipe them to stdin/stdout, or --forward them.
 
     \b

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -49,7 +49,7 @@ from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import CandidateKind, PunchAttempt, PunchFailed, PunchPlan, PunchResult
 from tcppunch.punch.sockets import reuse_listener
 from tcppunch.session.driver import MuxStream
-from tcppunch.wire.coord import Outcome, RelayAdvice, Role
+from tcppunch.wire.coord import ErrorCode, Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
 
 T = TypeVar("T")
@@ -85,7 +85,7 @@ class Peer:
 
     def __init__(
         self,
-        coordinator: Endpoint | str,
+        coordinator: Endpoint | str | Sequence[Endpoint | str],
         peer_id: str,
         token: str,
         *,
@@ -103,7 +103,12 @@ class Peer:
         ipv6: bool = True,
         port_mapping: bool | tuple[PortMappingProtocol, ...] = False,
     ) -> None:
-        self.coordinator = Endpoint.parse(coordinator, DEFAULT_PORT) if isinstance(coordinator, str) else coordinator
+        # Several coordinators (a cluster): register at the first that answers, fail over to the next.
+        listed = [coordinator] if isinstance(coordinator, (str, Endpoint)) else list(coordinator)
+        if not listed:
+            raise ValueError("give at least one coordinator")
+        self.coordinators = tuple(Endpoint.parse(c, DEFAULT_PORT) if isinstance(c, str) else c for c in listed)
+        self._current = 0
         self.peer_id = peer_id
         self.relay_mode = relay
         self.swarm = swarm
@@ -140,6 +145,11 @@ class Peer:
         self._log = log.bind(peer=peer_id)
         self._sessions = SessionPool(self._connect_session, self._session_started)
 
+    @property
+    def coordinator(self) -> Endpoint:
+        """The coordinator we are registered at (or will try first)."""
+        return self.coordinators[self._current]
+
     # ------------------------------------------------------------------ life cycle
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -153,14 +163,9 @@ class Peer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self._detect:
-            self._stage("detect", {"server": str(self.coordinator)})
-            try:
-                self.nat = await detect(server=self.coordinator, timeout=2.0)
-            except ServerUnreachable as exc:
-                raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
-                                    code=FailureCode.UNREACHABLE) from exc
+            nat = self.nat = await self._detect_at_any()
             self.timings["detect"] = loop.time() - started
-            self._stage("detected", {"mapping": _value(self.nat.tcp.mapping), "verdict": self.nat.verdict})
+            self._stage("detected", {"mapping": _value(nat.tcp.mapping), "verdict": nat.verdict})
         port = self._port or _free_port(self._bind)
         if self._mapping_protocols:
             await self._map_port(port)
@@ -198,7 +203,39 @@ class Peer:
         """The inbound mapping our router granted for the punch port (``port_mapping=True``), if any."""
         return None if self._mapper is None else self._mapper.mapping
 
-    async def _register(self, local: Endpoint) -> Registration:
+    async def _detect_at_any(self) -> NatReport:
+        """Measure the NAT against the first coordinator that answers (each in turn)."""
+        turn = 0
+        while True:
+            self._stage("detect", {"server": str(self.coordinator)})
+            try:
+                return await detect(server=self.coordinator, timeout=2.0)
+            except ServerUnreachable as exc:
+                if turn == len(self.coordinators) - 1:
+                    raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
+                                        code=FailureCode.UNREACHABLE) from exc
+                self._log.info("peer.coordinator_unreachable", coordinator=str(self.coordinator), error=str(exc))
+                self._current = (self._current + 1) % len(self.coordinators)
+                turn += 1
+
+    async def _register(self, local: Endpoint, *, skip_current: bool = False) -> Registration:
+        """Register at the current coordinator, else at each other one in turn (``skip_current``: begin
+        with the next, the current one just dropped us); raises the last one's error."""
+        count = len(self.coordinators)
+        start = self._current + (1 if skip_current and count > 1 else 0)
+        error: Exception | None = None
+        for turn in range(count):
+            self._current = (start + turn) % count
+            try:
+                return await self._register_here(local)
+            except (CoordinatorError, OSError, TimeoutError) as exc:
+                error = exc
+                if count > 1:
+                    self._log.info("peer.coordinator_failed", coordinator=str(self.coordinator), error=str(exc))
+        assert error is not None
+        raise error
+
+    async def _register_here(self, local: Endpoint) -> Registration:
         loop = asyncio.get_running_loop()
         private = [Endpoint(route_source_ip(self.coordinator.ip), local.port)]
         channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
@@ -211,6 +248,7 @@ class Peer:
         self._prediction_at = loop.time()  # the control connection is our NAT's latest mapping
         self._log = log.bind(peer=self.peer_id, local=str(registration.local), observed=str(registration.observed))
         self._stage("registered", {"local": str(registration.local), "observed": str(registration.observed),
+                                   "coordinator": str(self.coordinator), "attempts": registration.connect_attempts,
                                    "seconds": round(self.timings["register"], 4)})
         return registration
 
@@ -234,11 +272,14 @@ class Peer:
             self._stage("reconnecting", {"attempt": attempt, "in_seconds": round(delay, 2)})
             await asyncio.sleep(delay)  # back-off between attempts, not a synchronisation
             try:
-                await self._register(local)
+                await self._register(local, skip_current=attempt == 1)
                 return True
             except (CoordinatorError, OSError, TimeoutError) as exc:
                 self._log.info("peer.register_failed", attempt=attempt, error=str(exc))
-            delay = min(delay * 2, 5.0)
+                # Our id is still held (the dead node's claim lives until its TTL): it frees at a moment we
+                # cannot know, so ask often.
+                taken = isinstance(exc, CoordinatorError) and exc.code is ErrorCode.ID_TAKEN
+            delay = min(delay * 2, 1.0 if taken else 5.0)
         self._stage("lost", {"attempts": REREGISTER_ATTEMPTS})
         return False
 

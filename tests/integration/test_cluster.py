@@ -21,6 +21,7 @@ from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.peer import Method, Peer
 from tcppunch.wire.coord import ErrorCode, RelayAdvice
 from tcppunch.wire.endpoint import Endpoint
 
@@ -139,3 +140,49 @@ def test_a_node_fails_fast_when_redis_does_not_answer() -> None:
             _ = server.address  # it never listened
 
     asyncio.run(main())
+
+
+def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
+    """alice (given A then B) at A, bob at B: a direct connect; A dies; the punched connection carries on,
+    alice registers at B within the keepalive timeout + 1 s and connects to bob again."""
+    async def main() -> None:
+        with redis_server() as url:
+            async with node(url) as b:
+                a = CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG,
+                                      cluster=RedisCluster(url, ttl=CONFIG.keepalive_timeout,
+                                                           refresh_interval=CONFIG.keepalive_interval))
+                await a.start()
+                stages: list[tuple[str, dict[str, object]]] = []
+                registered_again = asyncio.Event()
+
+                def on_stage(stage: str, data: dict[str, object]) -> None:
+                    stages.append((stage, data))
+                    if stage == "registered" and data.get("coordinator") == str(b.address):
+                        registered_again.set()
+
+                async with Peer(b.address, "bob", TOKEN, detect_nat=False) as bob, \
+                        Peer([a.address, b.address], "alice", TOKEN, detect_nat=False, on_stage=on_stage) as alice:
+                    assert alice.coordinator == a.address
+                    first, incoming = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
+                    assert first.method is Method.DIRECT
+                    assert a.cluster is not None
+                    for task in a.cluster._tasks:  # A dies: no release, no refresh
+                        task.cancel()
+                    died = asyncio.get_running_loop().time()
+                    await a.stop()
+                    await asyncio.wait_for(registered_again.wait(), CONFIG.keepalive_timeout + 1.0)
+                    assert asyncio.get_running_loop().time() - died <= CONFIG.keepalive_timeout + 1.0
+                    assert alice.coordinator == b.address
+                    # The punched connection never depended on A.
+                    payload = os.urandom(100_000)
+                    first.writer.write(payload)
+                    await first.writer.drain()
+                    assert await asyncio.wait_for(incoming.reader.readexactly(len(payload)), 10.0) == payload
+                    second, incoming2 = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
+                    second.writer.write(b"again")
+                    second.writer.write_eof()
+                    assert await asyncio.wait_for(incoming2.reader.read(), 10.0) == b"again"
+                    for conn in (first, incoming, second, incoming2):
+                        conn.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
