@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import signal
 import socket
@@ -26,8 +27,9 @@ from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
 from tcppunch.coordinator.protocol import CoordinatorConfig
-from tcppunch.coordinator.server import CoordinatorServer, StunHandler
+from tcppunch.coordinator.server import MAX_CONNECTIONS, CoordinatorServer, StunHandler
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
+from tcppunch.relay.limits import RelayLimits
 from tcppunch.wire.endpoint import Endpoint
 
 
@@ -38,7 +40,33 @@ def _ip(value: str) -> str:
         raise click.BadParameter(f"{value!r} is not an IP address") from None
 
 
-@click.command("server")
+LIMITS_EPILOG = """\b
+Limits (docs/protocol.md, "Limits", has them all):
+  connections        --max-connections (4096; lowered to fit the fd limit, whose soft
+                     value is raised at start); 64 unauthenticated per source address
+                     (IPv4 address or IPv6 /64), 5 s to send REGISTER/RELAY
+  authentication     10 failures (wrong token, bad relay proof) per source, then
+                     1 more every 2 s; meanwhile 'throttled'
+  control frames     64 KiB, each complete within 10 s of its first byte; a peer is
+                     alive while it answers PING (15 s)
+  sessions           64 per peer, 16 per requester and target
+  answers            PEERS <= 100 entries and <= 64 KiB (truncated: true); NAT reports
+                     <= 16 KiB with bounded lists and strings
+  relay              per source address and per token per hour: --relay-source-mb (512),
+                     --relay-token-mb (4096); --relay-max-minutes (60) per relay;
+                     300 s idle; 8 relays per peer id
+  STUN over UDP      20 datagrams/s per source (burst 100); never answers more bytes
+                     than the request carried (pad it: RFC 5780 PADDING)
+  STUN over TCP      each message complete within 5 s; idle connections closed after 10 s
+"""
+
+
+def _mib(value: float) -> int | None:
+    """MiB -> bytes; 0 means unlimited."""
+    return None if value == 0 else int(value * (1 << 20))
+
+
+@click.command("server", epilog=LIMITS_EPILOG)
 @click.option(
     "--listen",
     "listens",
@@ -63,6 +91,17 @@ def _ip(value: str) -> str:
               help="Visitor connections one peer id may have at once (waiting or carried).")
 @click.option("--expose-max-mb", type=click.FloatRange(0.001),
               help="Bytes one peer id's exposed ports may carry over the server's life (MB). Default: none.")
+@click.option("--max-connections", type=click.IntRange(16), default=MAX_CONNECTIONS, show_default=True,
+              help="Connections at once (control, relay, STUN over TCP); more are refused with server-busy.")
+@click.option("--relay-source-mb", type=click.FloatRange(0), default=512, show_default=True,
+              help="Relay bytes per source address per hour (MiB, both directions; 0: unlimited).")
+@click.option("--relay-token-mb", type=click.FloatRange(0), default=4096, show_default=True,
+              help="Relay bytes per token per hour (MiB; a shared token: the whole server; 0: unlimited).")
+@click.option("--relay-max-minutes", type=click.FloatRange(0), default=60, show_default=True,
+              help="Longest a single relay runs (0: unlimited).")
+@click.option("--udp-change-request/--no-udp-change-request", default=True, show_default=True,
+              help="Answer RFC 5780 / RFC 3489 CHANGE-REQUEST over UDP from the other address or port "
+              "(the classic UDP NAT test of `detect` needs it). Answers never exceed their request.")
 @click.option(
     "--connect-back-timeout",
     type=click.FloatRange(0.05, 10.0),
@@ -91,6 +130,11 @@ def server_command(
     expose_max_mb: float | None,
     redis_url: str | None,
     keepalive_interval: float,
+    max_connections: int,
+    relay_source_mb: float,
+    relay_token_mb: float,
+    relay_max_minutes: float,
+    udp_change_request: bool,
 ) -> None:
     """Run the public server: the coordinator peers register with (it schedules their punches and relays
     when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
@@ -102,7 +146,8 @@ def server_command(
         raise click.UsageError("give --token or --tokens-file (peers authenticate with it)")
     if token == "":
         raise click.UsageError("--token must not be empty")
-    configs = stun_configs(listens, alt_addresses, alt_port, connect_back_timeout)
+    configs = [dataclasses.replace(c, udp_change_request=udp_change_request)
+               for c in stun_configs(listens, alt_addresses, alt_port, connect_back_timeout)]
     try:
         tokens = Tokens.from_file(tokens_file, shared=token) if tokens_file else Tokens(shared=token)
     except (OSError, TokensFileError, ValueError) as exc:
@@ -117,9 +162,12 @@ def server_command(
         expose = ExposeConfig(ports, max_ports_per_id=expose_max_ports, max_connections_per_id=expose_max_connections,
                               max_bytes_per_id=None if expose_max_mb is None else int(expose_max_mb * 1_000_000))
     try:
-        config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval,
+        relay_limits = RelayLimits(max_bytes_per_source=_mib(relay_source_mb),
+                                   max_bytes_per_token=_mib(relay_token_mb),
+                                   max_duration=None if relay_max_minutes == 0 else relay_max_minutes * 60)
+        config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval, relay_limits=relay_limits,
                                    stale_after=1.5 * keepalive_interval, keepalive_timeout=3.0 * keepalive_interval)
-        asyncio.run(serve(configs, tokens, budget, config, redis_url))
+        asyncio.run(serve(configs, tokens, budget, config, redis_url, max_connections=max_connections))
     except RedisError as exc:
         click.echo(f"tcppunch server: cannot use the Redis of --redis: {exc}", err=True)
         sys.exit(1)
@@ -178,7 +226,8 @@ def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
 
 
 async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
-                coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None) -> None:
+                coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None, *,
+                max_connections: int = MAX_CONNECTIONS) -> None:
     """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,9 +245,12 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
                               stun_handler=_by_family({_family(c.primary_address): s.serve_tcp_connection
                                                        for c, s in zip(configs, stuns, strict=True)}),
                               relay_bytes_per_peer=relay_bytes_per_peer, config=coordinator_config,
+                              max_connections=max_connections,
                               also=[Endpoint(c.primary_address, c.primary_port) for c in configs[1:]],
                               cluster=cluster)
         )
+        for stun in stuns:
+            stun.on_binding = coordinator.stun_seen  # OBSERVED may name ports STUN saw
         endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
         coordinators = ", ".join(str(e) for e in coordinator.addresses)
         clustered = "" if cluster is None else f"; cluster node {cluster.node}"

@@ -27,6 +27,7 @@ from enum import Enum
 import structlog
 
 from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
+from tcppunch.relay.limits import ByteBudget, RelayAccounting, RelayLimits
 from tcppunch.wire.coord import (
     MAX_ENDPOINTS,
     MAX_PEERS_LISTED,
@@ -99,6 +100,8 @@ class CoordinatorConfig:
     # Concurrent relayed sessions a peer id may take part in.
     max_relays_per_peer: int = 8
     relay_idle_timeout: float = 300.0
+    # Byte budgets per source address and per token (per window), and the longest a relay runs.
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
     relay_max_bytes: int | None = None
     # Bytes a relay client may send after RELAY before RELAY-OK (they are handed to the pump, not lost).
     relay_pending_limit: int = 64 * 1024
@@ -165,6 +168,9 @@ class StartRelay:
     max_bytes: int | None
     # Set when the initiator is a visitor of an exposed port owned by this peer id (its byte budget).
     expose_peer: str | None = None
+    # Shared budgets (per source address, per token) the pump charges; the relay's longest life.
+    budgets: tuple[ByteBudget, ...] = ()
+    max_duration: float | None = None
 
 
 Action = Send | Close | StartRelay | OpenPort | ClosePort | ClusterAction
@@ -256,6 +262,7 @@ class CoordinatorProtocol:
         self._auth_failures = KeyedBuckets(cfg.auth_failure_rate, cfg.auth_failure_burst)
         # ip -> {port: last seen}: public endpoints this server saw (connections, STUN bindings).
         self._seen: dict[str, dict[int, float]] = {}
+        self.relay_accounting = RelayAccounting(cfg.relay_limits, now=0.0)
         self.log_limiter = LogLimiter()
         # The latest ``now`` any event brought (the log limiter's clock).
         self._clock = 0.0
@@ -537,6 +544,7 @@ class CoordinatorProtocol:
             private=msg.private,
             swarm=msg.swarm,
             registered_at=now,
+            account=f"token:id:{msg.id}" if msg.id in self.tokens.per_id else "token:shared",
             last_heard=now,
             next_ping_at=now,
             ipv6=_ipv6_of(c.observed, msg.ipv6),
@@ -682,6 +690,8 @@ class CoordinatorProtocol:
             responder=target.id,
             created_at=now,
             expires_at=now + max(fire_me, fire_target) + cfg.punch_window + cfg.relay_window,
+            # relay budget accounts; a peer registered at another node is charged there
+            accounts=(me.account, *((target.account,) if isinstance(target, PeerRecord) else ())),
         )
         self.sessions[session_id] = session
         self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)
@@ -815,16 +825,10 @@ class CoordinatorProtocol:
             return self._fail(c, ErrorCode.RELAY_ROLE_TAKEN, f"the {msg.role.value} is already connected")
         busy = [p for p in session.peer_ids() if self.active_relays(p) >= cfg.max_relays_per_peer]
         if busy:
-            # The session cannot be relayed: say so to this connection, to a partner already waiting, and
-            # to both peers' control connections (CANCEL), instead of letting the partner wait for a
-            # relay that will never start.
-            why = f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running"
-            actions = self._fail(c, ErrorCode.RELAY_LIMIT, why)
-            for peer_id in session.peer_ids():
-                record = self.registry.get(peer_id)
-                if record is not None:
-                    actions.append(Send(record.conn, encode_message(Cancel(session.id, f"relay-limit: {why}"))))
-            return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
+            return self._refuse_relay(c, session, f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running")
+        spent = self.relay_accounting.exhausted((f"source:{c.source}", *session.accounts), now)
+        if spent is not None:
+            return self._refuse_relay(c, session, f"the relay budget of {spent} is used up for this window")
         session.relay_waiting[msg.role] = c.id
         self._set_state(c, ConnState.RELAY_WAIT)
         c.session_id, c.role = session.id, msg.role
@@ -833,6 +837,17 @@ class CoordinatorProtocol:
         if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
             return actions
         return actions + self._pair(session)
+
+    def _refuse_relay(self, c: _Conn, session: Session, why: str) -> list[Action]:
+        """The session cannot be relayed: say so to this connection, to a partner already waiting, and to
+        both peers' control connections (CANCEL), instead of letting the partner wait for a relay that will
+        never start."""
+        actions = self._fail(c, ErrorCode.RELAY_LIMIT, why)
+        for peer_id in session.peer_ids():
+            record = self.registry.get(peer_id)
+            if record is not None:
+                actions.append(Send(record.conn, encode_message(Cancel(session.id, safe_text(f"relay-limit: {why}")))))
+        return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
 
     def _check_relay_overflow(self, c: _Conn, now: float) -> list[Action]:
         if len(c.raw) > self.config.relay_pending_limit:
@@ -866,6 +881,9 @@ class CoordinatorProtocol:
                 responder_pending=bytes(resp.raw),
                 idle_timeout=cfg.relay_idle_timeout,
                 max_bytes=cfg.relay_max_bytes,
+                budgets=tuple(self.relay_accounting.budgets(
+                    (f"source:{ini.source}", f"source:{resp.source}", *session.accounts), self._clock)),
+                max_duration=cfg.relay_limits.max_duration,
             )
         )
         for c in (ini, resp):

@@ -59,6 +59,8 @@ class PeerRecord:
     pings_in_flight: dict[int, float] = field(default_factory=dict)
     next_seq: int = 0
     sessions: set[str] = field(default_factory=set)
+    # The relay budget account of the secret this peer registered with ("token:shared", "token:id:<id>").
+    account: str = "token:shared"
     birthday: bool = True  # takes part in birthday punching (REGISTER)
 
     def one_way_delay(self) -> float | None:

@@ -462,9 +462,10 @@ class CoordinatorServer:
             if budget is None:
                 budget = self._expose_budgets[action.expose_peer] = ByteBudget(expose.max_bytes_per_id)
             return [budget]
+        shared = list(action.budgets)  # per source address and per token
         if self._relay_bytes is None:
-            return []
-        return [self._budget(p) for p in self.protocol.relay_peers(action.session_id)]
+            return shared
+        return shared + [self._budget(p) for p in self.protocol.relay_peers(action.session_id)]
 
     async def _run_relay(self, action: StartRelay, ini: _Link | None, resp: _Link | None) -> None:
         current = asyncio.current_task()
@@ -486,13 +487,14 @@ class CoordinatorServer:
                 end = detach(lk.reader, lk.writer)
                 # in arrival order: bytes the protocol held, bytes the read loop took, the reader's buffer
                 ends.append(RelayEnd(end.sock, pending + lk.stash + end.pending))
-            stats = await relay(
+            # Cancelled at max_duration: the pump then closes both sockets (TimeoutError below).
+            stats = await asyncio.wait_for(relay(
                 ends[0],
                 ends[1],
                 idle_timeout=action.idle_timeout,
                 max_bytes=action.max_bytes,
                 budgets=self._budgets_of(action),
-            )
+            ), action.max_duration)
             self.relay_stats.append(stats)
             self._log.info("coordinator.relay_done", session=action.session_id, stats=str(stats))
         except (ConnectionError, OSError, TimeoutError, RuntimeError) as exc:

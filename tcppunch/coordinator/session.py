@@ -66,6 +66,8 @@ class Session:
     # Relay connections that proved the key and wait for their partner, by role.
     relay_waiting: dict[Role, ConnId] = field(default_factory=dict)
     relay_started: bool = False
+    # Relay budget accounts of the two peers' secrets ("token:..."), charged if the session is relayed.
+    accounts: tuple[str, ...] = ()
     results: dict[str, str] = field(default_factory=dict)
 
     def peer_ids(self) -> tuple[str, str]:

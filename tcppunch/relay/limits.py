@@ -1,29 +1,55 @@
-"""Per-token relay limits: how many relays a token may hold open at once and how many bytes it may move.
+"""Relay budgets: how many bytes the relay carries per source address and per token in each window.
 
-The coordinator owns one :class:`RelayAccounting` and asks it for a :class:`RelayLease` before it splices
-two connections together. The lease carries the token's shared :class:`ByteBudget`; the pump charges every
-byte it takes from a socket against it, so concurrent relays of one token draw on one budget and none can
-overspend it. Sans-I/O: plain counters, no clock, no sockets.
+The coordinator names the accounts a relay is charged to (``source:<address>`` for each end's source,
+``token:<holder>`` for each peer's secret) and asks :class:`RelayAccounting` for their shared
+:class:`ByteBudget` objects; the pump charges every byte it moves against all of them, so concurrent
+relays of one source draw on one budget and none can overspend it. Per-id budgets alone would not do:
+with a shared token a fresh id is free, but a fresh source address or token is not. Sans-I/O: plain
+counters, ``now`` passed in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import TracebackType
+
+MiB = 1 << 20
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)
 class RelayLimits:
-    """What one token may use of the relay. ``None`` means unlimited."""
+    """Byte budgets per window (``None``: unlimited) and the longest a relay may run.
 
-    max_concurrent_per_token: int | None = 4
-    max_bytes_per_token: int | None = None
+    Defaults (docs/protocol.md, "Limits"): the relay is a fallback that must carry real transfers
+    between authenticated peers (a few hundred MB), not a free bulk service for whoever holds a token.
+    512 MiB per source address per hour (~1.2 Mbit/s on average, bursts at full speed), 4 GiB per
+    token per hour (with one shared token that is the whole server's relay volume), and one hour per
+    relay. libp2p's relay v2 gives UNKNOWN peers 2 min and 128 KiB per circuit; ours are token holders.
+    """
+
+    max_bytes_per_source: int | None = 512 * MiB
+    max_bytes_per_token: int | None = 4 * GiB
+    window: float = 3600.0
+    max_duration: float | None = 3600.0
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_per_token is not None and self.max_concurrent_per_token < 1:
-            raise ValueError("max_concurrent_per_token must be at least 1 (or None)")
-        if self.max_bytes_per_token is not None and self.max_bytes_per_token < 0:
-            raise ValueError("max_bytes_per_token must not be negative (or None)")
+        for name in ("max_bytes_per_source", "max_bytes_per_token"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative (or None)")
+        if self.window <= 0:
+            raise ValueError("window must be positive")
+        if self.max_duration is not None and self.max_duration <= 0:
+            raise ValueError("max_duration must be positive (or None)")
+
+    def limit_of(self, account: str) -> int | None:
+        """The byte limit of an account (``source:...`` or ``token:...``)."""
+        kind = account.split(":", 1)[0]
+        if kind == "source":
+            return self.max_bytes_per_source
+        if kind == "token":
+            return self.max_bytes_per_token
+        raise ValueError(f"unknown relay account kind {kind!r}")
 
 
 class ByteBudget:
@@ -50,77 +76,34 @@ class ByteBudget:
         self.used += n
 
 
-class RelayLimitExceeded(Exception):
-    """A token asked for a relay beyond its limits; the message says which limit."""
-
-
-class RelayLease:
-    """One open relay counted against a token; release it when the relay ends (idempotent)."""
-
-    def __init__(self, accounting: RelayAccounting, token: str, budget: ByteBudget) -> None:
-        self._accounting = accounting
-        self.token = token
-        self.budget = budget
-        self._released = False
-
-    def release(self) -> None:
-        """Give the concurrency slot back; bytes charged to the budget stay charged."""
-        if not self._released:
-            self._released = True
-            self._accounting._release(self.token)
-
-    def __enter__(self) -> RelayLease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
 class RelayAccounting:
-    """Counts open relays and bytes per token against one :class:`RelayLimits`.
+    """The budgets of every account in the current window; a new window starts with fresh budgets
+    (relays still running keep charging the budgets they started with)."""
 
-    Byte budgets are for the life of this object (a coordinator run); a coordinator that wants budgets per
-    period makes a new accounting each period.
-    """
-
-    def __init__(self, limits: RelayLimits) -> None:
+    def __init__(self, limits: RelayLimits, now: float) -> None:
         self.limits = limits
-        self._active: dict[str, int] = {}
+        self._window_start = now
         self._budgets: dict[str, ByteBudget] = {}
 
-    def acquire(self, token: str) -> RelayLease:
-        """Open a relay for ``token`` or raise :class:`RelayLimitExceeded` saying which limit stops it."""
-        active = self._active.get(token, 0)
-        cap = self.limits.max_concurrent_per_token
-        if cap is not None and active >= cap:
-            raise RelayLimitExceeded(f"token already has {active} relays open (limit {cap})")
-        budget = self.budget(token)
-        if budget.remaining == 0:
-            raise RelayLimitExceeded(
-                f"token has used its relay byte budget ({self.limits.max_bytes_per_token} bytes)"
-            )
-        self._active[token] = active + 1
-        return RelayLease(self, token, budget)
+    def budgets(self, accounts: tuple[str, ...], now: float) -> list[ByteBudget]:
+        """The budgets a relay charged to ``accounts`` draws on (one per distinct limited account)."""
+        if now - self._window_start >= self.limits.window:
+            self._window_start, self._budgets = now, {}
+        out: list[ByteBudget] = []
+        for account in dict.fromkeys(accounts):
+            limit = self.limits.limit_of(account)
+            if limit is None:
+                continue
+            budget = self._budgets.get(account)
+            if budget is None:
+                budget = self._budgets[account] = ByteBudget(limit)
+            out.append(budget)
+        return out
 
-    def budget(self, token: str) -> ByteBudget:
-        """The token's shared byte budget (made on first use)."""
-        budget = self._budgets.get(token)
-        if budget is None:
-            budget = self._budgets[token] = ByteBudget(self.limits.max_bytes_per_token)
-        return budget
-
-    def active(self, token: str) -> int:
-        """How many relays ``token`` holds open now."""
-        return self._active.get(token, 0)
-
-    def _release(self, token: str) -> None:
-        left = self._active.get(token, 0) - 1
-        if left > 0:
-            self._active[token] = left
-        else:
-            self._active.pop(token, None)
+    def exhausted(self, accounts: tuple[str, ...], now: float) -> str | None:
+        """The first of ``accounts`` with nothing left in this window, or None."""
+        for account, budget in zip(dict.fromkeys(a for a in accounts if self.limits.limit_of(a) is not None),
+                                   self.budgets(accounts, now), strict=True):
+            if budget.remaining == 0:
+                return account
+        return None

@@ -21,6 +21,8 @@ import pytest
 import stun as pystun
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.nat.udp import REQUEST_SIZE
+from tcppunch.wire.stun import padded
 from tests.lab.processes import stop
 
 SERVER = "198.51.100.10"
@@ -182,13 +184,29 @@ def test_coturn_gives_the_same_mapping(detect_lab: DetectLab, nat: NatType) -> N
     assert theirs["udp"]["nat_type"] == UDP_LABEL[nat]
 
 
-def _raw_pystun3(address: str) -> tuple[str, str | None]:
-    """pystun3 itself (no guard), with a short socket timeout, against our server's UDP side."""
+class _PaddingSocket:
+    """A UDP socket whose requests carry RFC 5780 PADDING: our server answers no more bytes than a
+    request carried (issue 9 finding 6), and pystun3's own requests are 20-28 bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self._sock.sendto(padded(data, REQUEST_SIZE), address)
+        return len(data)
+
+    def recvfrom(self, size: int) -> tuple[bytes, object]:
+        return self._sock.recvfrom(size)
+
+
+def _raw_pystun3(address: str, pad: bool = True) -> tuple[str, str | None]:
+    """pystun3 itself (no guard, only padding), with a short socket timeout, against our server's UDP side."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
         sock.bind((address, 0))
         port = sock.getsockname()[1]
-        nat_type, result = pystun.get_nat_type(sock, address, port, stun_host=SERVER, stun_port=PORT)
+        client = _PaddingSocket(sock) if pad else sock
+        nat_type, result = pystun.get_nat_type(client, address, port, stun_host=SERVER, stun_port=PORT)
         return str(nat_type), result.get("ExternalIP")
 
 
@@ -197,3 +215,10 @@ def test_pystun3_reads_our_udp_answers(detect_lab: DetectLab, nat: NatType) -> N
     host = detect_lab.lab.host(router_name(nat, SynPolicy.DROP))
     label, _ = host.call(_raw_pystun3, host.address, timeout=30)
     assert label == UDP_LABEL[nat]
+
+
+def test_unpadded_udp_requests_get_no_amplified_answer(detect_lab: DetectLab) -> None:
+    """A 20-byte request cannot be answered without amplifying: pystun3 unpadded sees no server."""
+    host = detect_lab.lab.host(router_name(NatType.FULL_CONE, SynPolicy.DROP))
+    label, _ = host.call(_raw_pystun3, host.address, False, timeout=30)
+    assert label == "Blocked"

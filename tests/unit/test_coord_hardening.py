@@ -14,6 +14,7 @@ import structlog
 
 from tcppunch.coordinator.protocol import ConnState, CoordinatorConfig
 from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.relay import RelayLimits
 from tcppunch.wire.coord import (
     Connect,
     Error,
@@ -27,6 +28,8 @@ from tcppunch.wire.coord import (
     Registered,
     Relay,
     Role,
+    encode_message,
+    relay_proof,
 )
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import MAX_FRAME_SIZE, PREAMBLE
@@ -297,3 +300,52 @@ def test_unauthenticated_connections_are_limited_per_source() -> None:
     assert isinstance(h.take(idle[0])[0], Registered)
     again = h.open(ip="198.18.9.9")
     assert h.proto.conn_state(again) is ConnState.HELLO
+
+
+# ------------------------------------------------------------------------------ 7: relay budgets
+
+
+def _relayed(h: Harness, a: str, b: str, ip: str) -> tuple[int, int, Punch]:
+    """Register ``a`` and ``b`` from ``ip``, connect, and join both relay roles from ``ip``."""
+    ca, cb = h.register(a, ip=ip), h.register(b, ip=ip)
+    h.take(cb)
+    h.send(ca, Connect("r", b))
+    (punch,) = [m for m in h.take(ca) if isinstance(m, Punch)]
+    conns = []
+    for role in Role:
+        conn = h.open(ip=ip)
+        h.feed(conn, PREAMBLE + encode_message(Relay(punch.session_id, role,
+                                                     relay_proof(punch.key, punch.session_id, role))))
+        conns.append(conn)
+    return conns[0], conns[1], punch
+
+
+def test_relay_budgets_per_source_are_not_bypassed_with_fresh_ids() -> None:
+    """Per-id budgets were bypassed with fresh ids (one shared token). The budget of a source address
+    is shared by every relay from it, whatever the ids."""
+    limits = RelayLimits(max_bytes_per_source=1000, max_bytes_per_token=None)
+    h = Harness(CoordinatorConfig(relay_limits=limits))
+    _relayed(h, "a1", "b1", "198.18.1.1")
+    (start,) = h.relays
+    assert start.budgets and start.max_duration == limits.max_duration
+    for budget in start.budgets:  # what the pump does while it moves 1000 bytes
+        budget.charge(budget.allowance(1000))
+    h.proto.relay_finished(start.session_id)
+    ini, _, _ = _relayed(h, "fresh-a", "fresh-b", "198.18.1.1")
+    error = h.error(ini)
+    assert error.code == "relay-limit" and "source:198.18.1.1" in error.message
+    assert len(h.relays) == 1
+    # another source is not affected
+    _relayed(h, "c1", "d1", "198.18.1.2")
+    assert len(h.relays) == 2
+
+
+def test_relay_budgets_per_token_cover_every_id_of_the_token() -> None:
+    limits = RelayLimits(max_bytes_per_source=None, max_bytes_per_token=500)
+    h = Harness(CoordinatorConfig(relay_limits=limits))
+    _relayed(h, "a1", "b1", "198.18.2.1")
+    for budget in h.relays[0].budgets:
+        budget.charge(budget.allowance(500))
+    ini, _, _ = _relayed(h, "a2", "b2", "198.18.2.2")  # another address, same shared token
+    error = h.error(ini)
+    assert error.code == "relay-limit" and "token:shared" in error.message

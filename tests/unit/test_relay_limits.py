@@ -1,45 +1,40 @@
-"""Per-token relay limits: concurrent relays and a byte budget shared by a token's relays."""
+"""Relay budgets per source address and per token (issue 9 finding 7): shared, windowed, deduplicated."""
 
 from __future__ import annotations
 
 import pytest
 
-from tcppunch.relay import ByteBudget, RelayAccounting, RelayLimitExceeded, RelayLimits
+from tcppunch.relay import ByteBudget, RelayAccounting, RelayLimits
 
 
-def test_concurrent_relays_are_capped_per_token_and_slots_come_back() -> None:
-    accounting = RelayAccounting(RelayLimits(max_concurrent_per_token=2))
-    first = accounting.acquire("alice")
-    accounting.acquire("alice")
-    with pytest.raises(RelayLimitExceeded, match=r"2 relays open \(limit 2\)"):
-        accounting.acquire("alice")
-    accounting.acquire("bob")  # another token is not affected
-    first.release()
-    first.release()  # idempotent: does not free a second slot
-    assert accounting.active("alice") == 1
-    accounting.acquire("alice")
-    assert accounting.active("alice") == 2
+def test_relays_of_one_source_share_its_budget_whatever_their_ids() -> None:
+    accounting = RelayAccounting(RelayLimits(max_bytes_per_source=100, max_bytes_per_token=None), now=0.0)
+    first = accounting.budgets(("source:198.51.100.7", "token:shared"), now=1.0)
+    second = accounting.budgets(("source:198.51.100.7", "token:shared"), now=2.0)
+    assert len(first) == 1 and first[0] is second[0]
+    first[0].charge(100)
+    assert accounting.exhausted(("source:198.51.100.7",), now=3.0) == "source:198.51.100.7"
+    assert accounting.exhausted(("source:198.51.100.8",), now=3.0) is None
 
 
-def test_a_lease_is_a_context_manager() -> None:
-    accounting = RelayAccounting(RelayLimits(max_concurrent_per_token=1))
-    with accounting.acquire("alice"):
-        assert accounting.active("alice") == 1
-    assert accounting.active("alice") == 0
+def test_an_account_named_twice_is_charged_once() -> None:
+    accounting = RelayAccounting(RelayLimits(), now=0.0)
+    budgets = accounting.budgets(("source:127.0.0.1", "source:127.0.0.1", "token:a", "token:a"), now=0.0)
+    assert len(budgets) == 2
 
 
-def test_the_byte_budget_is_shared_by_a_tokens_relays_and_refuses_when_spent() -> None:
-    accounting = RelayAccounting(RelayLimits(max_concurrent_per_token=None, max_bytes_per_token=100))
-    one, two = accounting.acquire("alice"), accounting.acquire("alice")
-    assert one.budget is two.budget
-    one.budget.charge(60)
-    assert two.budget.allowance(100) == 40
-    two.budget.charge(40)
-    one.release()
-    two.release()
-    with pytest.raises(RelayLimitExceeded, match="byte budget"):
-        accounting.acquire("alice")
-    assert accounting.acquire("bob").budget.remaining == 100
+def test_a_new_window_brings_fresh_budgets() -> None:
+    accounting = RelayAccounting(RelayLimits(max_bytes_per_token=10, window=60.0), now=0.0)
+    (budget,) = accounting.budgets(("token:x",), now=0.0)
+    budget.charge(10)
+    assert accounting.exhausted(("token:x",), now=59.0) == "token:x"
+    assert accounting.exhausted(("token:x",), now=60.0) is None
+
+
+def test_defaults_are_limited() -> None:
+    limits = RelayLimits()
+    assert limits.max_bytes_per_source is not None and limits.max_bytes_per_source < 1 << 30
+    assert limits.max_bytes_per_token is not None and limits.max_duration is not None
 
 
 def test_unlimited_budget() -> None:
@@ -51,11 +46,8 @@ def test_unlimited_budget() -> None:
 
 @pytest.mark.parametrize(
     "limits",
-    [
-        {"max_concurrent_per_token": 0},
-        {"max_bytes_per_token": -1},
-    ],
+    [{"max_bytes_per_source": -1}, {"max_bytes_per_token": -1}, {"window": 0}, {"max_duration": 0}],
 )
 def test_nonsense_limits_are_refused(limits: dict[str, int]) -> None:
     with pytest.raises(ValueError):
-        RelayLimits(**limits)
+        RelayLimits(**limits)  # type: ignore[arg-type]
