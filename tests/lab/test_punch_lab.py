@@ -246,7 +246,7 @@ def test_pair_punches_direct(lab: dict[str, Side], x: str, y: str, policy: SynPo
 
 
 def test_impossible_pair_fails_with_an_explanation(lab: dict[str, Side]) -> None:
-    a, b = lab["rn1d"], lab["pr1d"]
+    a, b = lab["rn1d"], lab["sq2d"]  # random mapping facing a sequential one: no birthday, no prediction
     assert not direct_possible(a.report(), b.report())
     out = run_pair(a, b, session="impossible", deadline=1.0)
     for r in out.results:
