@@ -112,10 +112,10 @@ class SessionPool:
         session = Session(conn.reader, conn.writer, conn.info.role, path=conn.info.method.value, peer=conn.peer)
         entry = PeerSession(conn.peer, session, conn.info)
         self._all = [e for e in self._all if not e.session.closed] + [entry]
-        current = self._sessions.get(conn.peer)
-        if current is None or current.session.closed:
-            self._sessions[conn.peer] = entry
-        # else both sides opened a session at once: new streams go on the first, both serve the peer's
+        # The newest session takes new streams: the peer set one up because it had none it trusted (ours
+        # may be dead without our keepalive knowing yet). An older one keeps serving its streams; when
+        # both sides opened at once, both sessions serve both directions.
+        self._sessions[conn.peer] = entry
         task = asyncio.get_running_loop().create_task(self._accept_from(entry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
