@@ -1,9 +1,10 @@
 """Carry IP packets between a TUN interface and a byte stream (a session stream, or any TCP stream).
 
-TUN -> stream: packets the kernel routes into the interface go into a :class:`DropQueue`; one sender
-task writes whatever is queued as length-prefixed frames and waits for the stream to drain. While it
-waits, new packets queue up to the bound and are dropped beyond it, so the outer TCP never builds a deep
-queue (TCP over TCP). Stream -> TUN: frames are decoded and written to the interface at once.
+TUN -> stream: packets the kernel routes into the interface are written as length-prefixed frames at
+once, from the readiness callback, while the stream is not backed up. After each write a drainer task
+waits for the stream to drain; meanwhile new packets go into a :class:`DropQueue` and are dropped beyond
+its bound, so the outer TCP never builds a deep queue (TCP over TCP); the drainer writes the queue out
+when the stream has room. Stream -> TUN: frames are decoded and written to the interface at once.
 
 The link ends when the stream ends (EOF, error, bad framing): :func:`carry` returns why, and leaves the
 TUN device open for the next stream.
@@ -63,24 +64,37 @@ async def carry(tun: Tun, reader: PacketReader, writer: PacketWriter, *, queue: 
     stats = stats or LinkStats()
     wake = asyncio.Event()
     dropped_before = queue.stats.dropped
+    draining = False
+
+    def flush() -> None:
+        packets = queue.take_all()
+        if packets:
+            data = encode_packets(packets)
+            writer.write(data)
+            stats.sent += len(packets)
+            stats.sent_bytes += len(data)
+            wake.set()  # the drainer checks the stream's buffer
 
     def from_tun(packets: list[bytes]) -> None:
         for packet in packets:
             queue.offer(packet)
-        wake.set()
+        # Latency: while the stream is not backed up, packets leave from this callback, without waiting
+        # for another task's turn; while it is, they wait in the (bounded) queue for the drainer.
+        if not draining:
+            flush()
+        stats.dropped = queue.stats.dropped - dropped_before
 
     async def send() -> str:
+        nonlocal draining
         while True:
             await wake.wait()
             wake.clear()
-            packets = queue.take_all()
-            if packets:
-                data = encode_packets(packets)
-                writer.write(data)
-                stats.sent += len(packets)
-                stats.sent_bytes += len(data)
+            draining = True
+            try:
                 await writer.drain()
-            stats.dropped = queue.stats.dropped - dropped_before
+            finally:
+                draining = False
+            flush()
 
     async def receive() -> str:
         decoder = PacketDecoder()
