@@ -60,7 +60,9 @@ class Candidate:
 
     @property
     def is_ipv6(self) -> bool:
-        return ipaddress.ip_address(self.endpoint.ip).version == 6
+        # Endpoints hold IP literals, and only IPv6 ones contain a colon. Cheap on purpose: a birthday
+        # punch asks this for a thousand candidates right before firing (ipaddress parsing took 90 ms).
+        return ":" in self.endpoint.ip
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A hard side's tickets each get their own local port; many of them open at once, one wins, the others are
 closed without hurting it (bytes checked by SHA-256). An easy side's spray stays inside its SYN budget and
-rate, retries refused guesses only from that budget, and explains its failure in one line.
+rate (on descriptors above 1,024 too: asyncio polls with epoll), retries refused guesses only from that
+budget, and explains its failure in one line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import selectors
+import socket
 
 from tcppunch.punch.birthday import BirthdayLimits, BirthdayPlan, BirthdaySide, birthday_candidates
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import AttemptOutcome, PunchFailed, PunchPlan, PunchResult, Role
+from tcppunch.punch.sockets import raise_fd_limit
 from tcppunch.wire.endpoint import Endpoint
 from tests.integration.test_punch_loopback import KEY, exchange, listener, port_of, run
 
@@ -55,6 +59,13 @@ def test_easy_side_spray_stays_in_its_budget_and_explains_in_one_line() -> None:
 
     async def main() -> PunchFailed:
         loop = asyncio.get_running_loop()
+        # asyncio's default loop polls with epoll: sockets numbered above 1,024 (where select() breaks)
+        # take part like any other. Hold enough descriptors that every socket of the spray is above it.
+        assert isinstance(loop, asyncio.SelectorEventLoop)
+        assert selectors.DefaultSelector is selectors.EpollSelector
+        raise_fd_limit(2048)
+        ballast = [socket.socket() for _ in range(1030)]
+        assert max(s.fileno() for s in ballast) > 1024
         fire = loop.time() + 0.02
         spray = BirthdayPlan(BirthdaySide.EASY, limits)
         # nothing listens on 127.0.0.3: every guess is refused (RST) and retried from the budget
@@ -65,6 +76,9 @@ def test_easy_side_spray_stays_in_its_budget_and_explains_in_one_line() -> None:
             await punch(plan)
         except PunchFailed as exc:
             return exc
+        finally:
+            for sock in ballast:
+                sock.close()
         raise AssertionError("a spray at closed ports cannot win")
 
     failed = run(main())
