@@ -400,7 +400,7 @@ class _Punch:
         assert self.pacer is not None and self.bstats is not None
         tries = 1
         while True:
-            outcome, detail = await self._await_connect(sock, err, resyn=False)
+            outcome, detail = await self._birthday_connect(sock, err)
             self.pending.pop(cand, None)
             if outcome is AttemptOutcome.CONNECTED and sock is not None:
                 self.bstats.connected += 1
@@ -457,15 +457,26 @@ class _Punch:
             tries += 1
             sock, err = self._syn(cand, None)
 
-    async def _await_connect(
-        self, sock: socket.socket | None, err: int, *, resyn: bool = True
-    ) -> tuple[AttemptOutcome, str]:
+    @staticmethod
+    async def _birthday_connect(sock: socket.socket | None, err: int) -> tuple[AttemptOutcome, str]:
+        """A birthday SYN's fate, without a timer of its own (never re-sent after silence; the punch's
+        deadline cancels the wait): a thousand of these run at once."""
+        if sock is None or err not in (0, errno.EINPROGRESS):
+            return _classify(err), os.strerror(err)
+        try:
+            await wait_connected(sock)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return _classify(code), os.strerror(code)
+        return AttemptOutcome.CONNECTED, ""
+
+    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[AttemptOutcome, str]:
         if sock is None or err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
         plan = self.plan
         while True:
             limit = plan.deadline
-            if resyn and plan.resyn_after is not None:
+            if plan.resyn_after is not None:
                 limit = min(limit, self.loop.time() + plan.resyn_after)
             try:
                 async with asyncio.timeout_at(limit):
