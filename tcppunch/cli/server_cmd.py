@@ -26,6 +26,7 @@ from tcppunch.cli.params import EndpointType
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
+from tcppunch.coordinator.metrics import MetricsEndpoint
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import MAX_CONNECTIONS, CoordinatorServer, StunHandler
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
@@ -116,6 +117,9 @@ def _mib(value: float) -> int | None:
 @click.option("--keepalive-interval", type=click.FloatRange(0.2, 300.0), default=5.0, show_default=True,
               help="Seconds between keepalive pings; a peer silent 3x this long is removed (and in a cluster "
                    "its id becomes free after that long when its server dies).")
+@click.option("--metrics", "metrics_listen", type=EndpointType(default_port=None, resolve=False), metavar="ADDR:PORT",
+              help="Serve Prometheus metrics over HTTP here (registered peers, rendezvous, outcomes by NAT type "
+                   "pair, time to connect, relay bytes, refusals). Default: off.")
 def server_command(
     listens: tuple[Endpoint, ...],
     alt_addresses: tuple[str, ...],
@@ -135,6 +139,7 @@ def server_command(
     relay_token_mb: float,
     relay_max_minutes: float,
     udp_change_request: bool,
+    metrics_listen: Endpoint | None,
 ) -> None:
     """Run the public server: the coordinator peers register with (it schedules their punches and relays
     when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
@@ -167,7 +172,8 @@ def server_command(
                                    max_duration=None if relay_max_minutes == 0 else relay_max_minutes * 60)
         config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval, relay_limits=relay_limits,
                                    stale_after=1.5 * keepalive_interval, keepalive_timeout=3.0 * keepalive_interval)
-        asyncio.run(serve(configs, tokens, budget, config, redis_url, max_connections=max_connections))
+        asyncio.run(serve(configs, tokens, budget, config, redis_url, metrics_listen,
+                          max_connections=max_connections))
     except RedisError as exc:
         click.echo(f"tcppunch server: cannot use the Redis of --redis: {exc}", err=True)
         sys.exit(1)
@@ -226,8 +232,8 @@ def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
 
 
 async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
-                coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None, *,
-                max_connections: int = MAX_CONNECTIONS) -> None:
+                coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None,
+                metrics_listen: Endpoint | None = None, *, max_connections: int = MAX_CONNECTIONS) -> None:
     """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -254,6 +260,9 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
         endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
         coordinators = ", ".join(str(e) for e in coordinator.addresses)
         clustered = "" if cluster is None else f"; cluster node {cluster.node}"
+        if metrics_listen is not None:
+            metrics = await stack.enter_async_context(MetricsEndpoint(metrics_listen, coordinator))
+            clustered += f"; metrics on http://{metrics.address}/metrics"
         print(f"listening on {endpoints} (coordinator on {coordinators}; STUN over TCP and UDP{clustered})",
               file=sys.stderr, flush=True)
         await stop.wait()

@@ -17,6 +17,7 @@ in one :class:`~.timers.TimerHeap`, so an event costs the same with 200 or 50,00
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hmac
 import os
@@ -26,6 +27,7 @@ from enum import Enum
 
 import structlog
 
+from tcppunch.nat.report import NatReport
 from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.relay.limits import ByteBudget, RelayAccounting, RelayLimits
 from tcppunch.wire.coord import (
@@ -217,15 +219,48 @@ class _Conn:
     frame_deadline: float | None = None
 
 
+# Upper bounds (s) of the time-to-connect buckets; the last bucket is everything above.
+CONNECT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass
 class Stats:
-    """Counters for logs and tests."""
+    """Counters for logs, tests and the metrics endpoint (metrics.py reads them when scraped)."""
 
     registrations: int = 0
     sessions: int = 0
     relays: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     results: dict[str, int] = field(default_factory=dict)
+    # (outcome: direct | relay | failed, NAT type pair) -> sessions; one count per session.
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Time from CONNECT to the session's outcome (first direct RESULT, or relay paired), by bucket.
+    connect_seconds: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
+    connect_seconds_sum: float = 0.0
+
+    def outcome(self, session: Session, outcome: str, now: float) -> None:
+        """Count ``session``'s outcome once (and its time to connect unless it failed)."""
+        if session.counted:
+            return
+        session.counted = True
+        key = (outcome, session.nat_pair)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        if outcome != Outcome.FAILED.value:
+            seconds = max(0.0, now - session.created_at)
+            self.connect_seconds[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+            self.connect_seconds_sum += seconds
+
+
+def nat_label(report: NatReport | None) -> str:
+    """A short NAT type for metric labels: mapping-filtering (eim/adm/apdm, eif/adf/apdf), open, unknown."""
+    if report is None:
+        return "unknown"
+    if not report.behind_nat:
+        return "open"
+    short = {"endpoint-independent": "ei", "address-dependent": "ad", "address-and-port-dependent": "apd"}
+    mapping, filtering = report.tcp.mapping, report.tcp.filtering
+    return (f"{short.get(str(mapping), 'unknown') if mapping else 'unknown'}m-"
+            f"{short.get(str(filtering), 'unknown') if filtering else 'unknown'}f")
 
 
 class CoordinatorProtocol:
@@ -275,6 +310,10 @@ class CoordinatorProtocol:
 
     def active_relays(self, peer_id: str) -> int:
         return self._relay_count.get(peer_id, 0)
+
+    def running_relays(self) -> int:
+        """Relays carrying bytes now (paired, not finished)."""
+        return len(self._relays)
 
     def relay_peers(self, session_id: str) -> tuple[str, ...]:
         """The two peer ids of a running relay (empty once it finished)."""
@@ -414,6 +453,7 @@ class CoordinatorProtocol:
             elif kind is _Timer.SESSION:
                 session = self.sessions.get(str(key))
                 if session is not None and now >= session.expires_at:
+                    self.stats.outcome(session, Outcome.FAILED.value, now)
                     actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
             elif kind is _Timer.VISITOR:
                 visitor = self.expose.expire(str(key), now)
@@ -503,7 +543,7 @@ class CoordinatorProtocol:
         if isinstance(message, Connect):
             return self._connect(c, record, message, now)
         if isinstance(message, Result):
-            return self._result(record, message)
+            return self._result(record, message, now)
         if isinstance(message, Observed):
             return self._observed(record, message, now)
         if isinstance(message, Expose):
@@ -692,6 +732,7 @@ class CoordinatorProtocol:
             expires_at=now + max(fire_me, fire_target) + cfg.punch_window + cfg.relay_window,
             # relay budget accounts; a peer registered at another node is charged there
             accounts=(me.account, *((target.account,) if isinstance(target, PeerRecord) else ())),
+            nat_pair=f"{nat_label(me.nat)}/{nat_label(target.nat)}",
         )
         self.sessions[session_id] = session
         self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)
@@ -770,13 +811,15 @@ class CoordinatorProtocol:
             return False
         return abs(claimed.port - record.observed.port) <= abs(delta) * cfg.observed_window_steps
 
-    def _result(self, record: PeerRecord, msg: Result) -> list[Action]:
+    def _result(self, record: PeerRecord, msg: Result, now: float) -> list[Action]:
         session = self.sessions.get(msg.session_id)
         self.stats.results[msg.outcome.value] = self.stats.results.get(msg.outcome.value, 0) + 1
         log.info("coordinator.result", peer=record.id, session=msg.session_id, outcome=msg.outcome.value)
         if session is None or record.id not in session.peer_ids():
             return []
         session.results[record.id] = msg.outcome.value
+        if msg.outcome in (Outcome.DIRECT, Outcome.FAILED):
+            self.stats.outcome(session, msg.outcome.value, now)
         if msg.outcome is Outcome.ABANDONED:
             why = f"peer {record.id!r} gave up"
             if isinstance(msg.details.get("reason"), str):
@@ -836,7 +879,7 @@ class CoordinatorProtocol:
         actions = self._check_relay_overflow(c, now)
         if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
             return actions
-        return actions + self._pair(session)
+        return actions + self._pair(session, now)
 
     def _refuse_relay(self, c: _Conn, session: Session, why: str) -> list[Action]:
         """The session cannot be relayed: say so to this connection, to a partner already waiting, and to
@@ -854,13 +897,14 @@ class CoordinatorProtocol:
             return self._fail(c, ErrorCode.RELAY_OVERFLOW, "too many bytes sent before RELAY-OK")
         return []
 
-    def _pair(self, session: Session) -> list[Action]:
+    def _pair(self, session: Session, now: float) -> list[Action]:
         cfg = self.config
         ini = self._conns[session.relay_waiting[Role.INITIATOR]]
         resp = self._conns[session.relay_waiting[Role.RESPONDER]]
         self.sessions.pop(session.id, None)
         self._remote_of.pop(session.id, None)
         self._timers.cancel((_Timer.SESSION, session.id))
+        self.stats.outcome(session, Outcome.RELAY.value, now)
         session.relay_started = True
         session.relay_waiting.clear()
         for peer_id in session.peer_ids():

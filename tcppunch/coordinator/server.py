@@ -121,6 +121,7 @@ class CoordinatorServer:
         # STUN connect-back tests originate from the listening port itself: that needs SO_REUSEPORT.
         self.reuse_port = stun_handler is not None if reuse_port is None else reuse_port
         self.relay_stats: list[RelayStats] = []
+        self.relay_bytes_total = 0  # bytes carried by finished relays (the metrics endpoint reads it)
         self._relay_bytes = relay_bytes_per_peer
         self._budgets: dict[str, ByteBudget] = {}
         self._expose_budgets: dict[str, ByteBudget] = {}
@@ -496,6 +497,7 @@ class CoordinatorServer:
                 budgets=self._budgets_of(action),
             ), action.max_duration)
             self.relay_stats.append(stats)
+            self.relay_bytes_total += stats.a_to_b + stats.b_to_a
             self._log.info("coordinator.relay_done", session=action.session_id, stats=str(stats))
         except (ConnectionError, OSError, TimeoutError, RuntimeError) as exc:
             self._log.info("coordinator.relay_failed", session=action.session_id, error=repr(exc))

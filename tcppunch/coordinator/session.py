@@ -69,6 +69,9 @@ class Session:
     # Relay budget accounts of the two peers' secrets ("token:..."), charged if the session is relayed.
     accounts: tuple[str, ...] = ()
     results: dict[str, str] = field(default_factory=dict)
+    # The two NAT types (for the outcome counters) and whether the outcome was counted already.
+    nat_pair: str = "unknown/unknown"
+    counted: bool = False
 
     def peer_ids(self) -> tuple[str, str]:
         return self.initiator, self.responder

@@ -103,3 +103,14 @@ def test_unknown_everywhere_and_delivery_to_local_peers() -> None:
     data = encode_message(Cancel("s", "why"))
     assert proto.deliver("alice", data) == [Send(1, data)]
     assert proto.deliver("carol", data) == []
+
+
+def test_nat_labels_for_metrics() -> None:
+    from tcppunch.coordinator.protocol import nat_label
+    from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
+
+    assert nat_label(None) == "unknown"
+    assert nat_label(NatReport(behind_nat=False)) == "open"
+    report = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ENDPOINT_INDEPENDENT,
+                                        filtering=FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT), behind_nat=True)
+    assert nat_label(report) == "eim-apdf"
