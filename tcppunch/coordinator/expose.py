@@ -108,13 +108,19 @@ class PendingVisitor:
 
 @dataclass
 class ExposeTable:
-    """Every exposed port and visitor of one coordinator. ``config`` None: exposing is disabled."""
+    """Every exposed port and visitor of one coordinator. ``config`` None: exposing is disabled.
+
+    Indexed by owner as well, so that no event scans every port or visitor of the server.
+    """
 
     config: ExposeConfig | None
     ports: dict[int, ExposedPort] = field(default_factory=dict)
     pending: dict[str, PendingVisitor] = field(default_factory=dict)
     # visitor id -> owner id, for joined visitors whose bytes are being carried
     carried: dict[str, str] = field(default_factory=dict)
+    _ports_of: dict[str, set[int]] = field(default_factory=dict)
+    _waiting_of: dict[str, set[str]] = field(default_factory=dict)
+    _connections: dict[str, int] = field(default_factory=dict)  # waiting + carried, per owner
 
     # ------------------------------------------------------------------------------------ ports
 
@@ -130,7 +136,7 @@ class ExposeTable:
         if held is not None:
             who = "you" if held.peer_id == peer_id else "another peer"
             return Refusal(ErrorCode.EXPOSE_PORT_TAKEN, f"port {port} is already exposed by {who}")
-        if len(self.ports_of(peer_id)) >= cfg.max_ports_per_id:
+        if len(self._ports_of.get(peer_id, ())) >= cfg.max_ports_per_id:
             return Refusal(ErrorCode.EXPOSE_LIMIT,
                            f"{peer_id!r} already exposes {cfg.max_ports_per_id} ports (the limit per id)")
         return None
@@ -140,6 +146,7 @@ class ExposeTable:
         if self.refuse(peer_id, port) is not None:
             raise ValueError(f"port {port} cannot be reserved for {peer_id!r}")
         self.ports[port] = ExposedPort(port, peer_id, request_id)
+        self._ports_of.setdefault(peer_id, set()).add(port)
 
     def opened(self, port: int) -> ExposedPort | None:
         """The driver listens on ``port`` now; None if nobody holds it any more (its peer left)."""
@@ -151,19 +158,27 @@ class ExposeTable:
     def failed(self, port: int) -> ExposedPort | None:
         """The driver could not bind ``port``: forget it."""
         held = self.ports.get(port)
-        if held is not None and not held.listening:
-            del self.ports[port]
-            return held
-        return None
+        if held is None or held.listening:
+            return None
+        self._drop_port(held)
+        return held
 
     def ports_of(self, peer_id: str) -> list[int]:
-        return sorted(p.port for p in self.ports.values() if p.peer_id == peer_id)
+        return sorted(self._ports_of.get(peer_id, ()))
+
+    def _drop_port(self, held: ExposedPort) -> None:
+        del self.ports[held.port]
+        owned = self._ports_of.get(held.peer_id)
+        if owned is not None:
+            owned.discard(held.port)
+            if not owned:
+                del self._ports_of[held.peer_id]
 
     # --------------------------------------------------------------------------------- visitors
 
     def connections_of(self, peer_id: str) -> int:
-        waiting = sum(1 for v in self.pending.values() if v.peer_id == peer_id)
-        return waiting + sum(1 for owner in self.carried.values() if owner == peer_id)
+        """Visitors of ``peer_id`` waiting for a join or being carried."""
+        return self._connections.get(peer_id, 0)
 
     def admit(self, port: int, conn: ConnId, visitor_id: str, key: bytes, now: float) -> PendingVisitor | Refusal:
         """A visitor connected to ``port``: wait for its owner, or be turned away."""
@@ -175,29 +190,54 @@ class ExposeTable:
             return Refusal(ErrorCode.EXPOSE_LIMIT, f"{held.peer_id!r} has {limit} visitor connections")
         visitor = PendingVisitor(visitor_id, key, port, held.peer_id, conn, now + self.config.join_timeout)
         self.pending[visitor_id] = visitor
+        self._waiting_of.setdefault(held.peer_id, set()).add(visitor_id)
+        self._count(held.peer_id, +1)
         return visitor
 
     def join(self, visitor_id: str) -> PendingVisitor | None:
         """The owner joined: the visitor is carried from now on (until :meth:`carried_ended`)."""
-        visitor = self.pending.pop(visitor_id, None)
+        visitor = self._unwait(visitor_id)
         if visitor is not None:
             self.carried[visitor_id] = visitor.peer_id
+            self._count(visitor.peer_id, +1)
         return visitor
 
     def visitor_lost(self, visitor_id: str) -> None:
         """A waiting visitor's connection ended (or was closed) before the join."""
-        self.pending.pop(visitor_id, None)
+        self._unwait(visitor_id)
 
     def carried_ended(self, visitor_id: str) -> bool:
         """The pump finished a carried visitor; True if it was one of ours."""
-        return self.carried.pop(visitor_id, None) is not None
+        owner = self.carried.pop(visitor_id, None)
+        if owner is None:
+            return False
+        self._count(owner, -1)
+        return True
 
     def expire(self, visitor_id: str, now: float) -> PendingVisitor | None:
         """The visitor, removed, if its owner did not join it by its deadline."""
         visitor = self.pending.get(visitor_id)
         if visitor is None or now < visitor.deadline:
             return None
-        return self.pending.pop(visitor_id)
+        return self._unwait(visitor_id)
+
+    def _unwait(self, visitor_id: str) -> PendingVisitor | None:
+        visitor = self.pending.pop(visitor_id, None)
+        if visitor is not None:
+            waiting = self._waiting_of.get(visitor.peer_id)
+            if waiting is not None:
+                waiting.discard(visitor_id)
+                if not waiting:
+                    del self._waiting_of[visitor.peer_id]
+            self._count(visitor.peer_id, -1)
+        return visitor
+
+    def _count(self, peer_id: str, change: int) -> None:
+        left = self._connections.get(peer_id, 0) + change
+        if left > 0:
+            self._connections[peer_id] = left
+        else:
+            self._connections.pop(peer_id, None)
 
     # ------------------------------------------------------------------------------------ peers
 
@@ -205,9 +245,6 @@ class ExposeTable:
         """``peer_id`` left: its ports (to close) and its waiting visitors (to close). Carried visitors go on."""
         ports = self.ports_of(peer_id)
         for port in ports:
-            del self.ports[port]
-        visitors = [v for v in self.pending.values() if v.peer_id == peer_id]
-        for visitor in visitors:
-            del self.pending[visitor.visitor_id]
+            self._drop_port(self.ports[port])
+        visitors = [v for v in map(self._unwait, sorted(self._waiting_of.get(peer_id, ()))) if v is not None]
         return ports, visitors
-

@@ -148,8 +148,10 @@ class Exposer:
             fields.update(sent=done.stats.a_to_b, received=done.stats.b_to_a, reason=done.stats.reason.value)
         self._log.info("expose.visitor_done", error=done.error, **fields)
         if self.on_done is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.on_done(done)
+            except Exception:  # the caller's callback: log its bug, keep carrying the other visitors
+                self._log.exception("expose.on_done_failed")
 
 
 def _describe(exc: BaseException, forward: Endpoint) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from tcppunch.coordinator.expose import ClosePort, ExposeConfig, OpenPort, PortRange
+from tcppunch.coordinator.expose import ClosePort, ExposeConfig, ExposeTable, OpenPort, PortRange
 from tcppunch.coordinator.protocol import Action, ConnState, StartRelay
 from tcppunch.wire.coord import (
     Error,
@@ -252,3 +254,43 @@ def test_shutdown_closes_visitors_without_a_frame() -> None:
     h.apply(h.proto.shutdown(h.now))
     assert h.wires[visitor].closed and h.wires[visitor].raw == b""
     assert h.error(web).code == "shutting-down"
+
+
+# ----------------------------------------------------------------------------- the table's own indexes
+
+OPS = st.lists(st.tuples(st.sampled_from(["reserve", "open", "fail", "admit", "join", "lose", "end", "expire",
+                                          "release"]),
+                         st.sampled_from(["p", "q"]), st.integers(8000, 8003), st.integers(0, 5)), max_size=60)
+
+
+@given(OPS)
+def test_the_owner_indexes_always_match_a_full_scan(ops: list[tuple[str, str, int, int]]) -> None:
+    table = ExposeTable(ExposeConfig(PortRange(8000, 8002), max_ports_per_id=2, max_connections_per_id=3))
+    now = 0.0
+    for n, (op, peer, port, pick) in enumerate(ops):
+        now += 1.0
+        visitors = sorted(table.pending)
+        carried = sorted(table.carried)
+        if op == "reserve" and table.refuse(peer, port) is None:
+            table.reserve(peer, port, f"r{n}")
+        elif op == "open":
+            table.opened(port)
+        elif op == "fail":
+            table.failed(port)
+        elif op == "admit":
+            table.admit(port, n, f"v{n}", bytes(32), now)
+        elif op == "join" and visitors:
+            table.join(visitors[pick % len(visitors)])
+        elif op == "lose" and visitors:
+            table.visitor_lost(visitors[pick % len(visitors)])
+        elif op == "end" and carried:
+            table.carried_ended(carried[pick % len(carried)])
+        elif op == "expire" and visitors:
+            table.expire(visitors[pick % len(visitors)], now + 20.0)
+        elif op == "release":
+            table.release(peer)
+        for owner in ("p", "q"):
+            assert table.ports_of(owner) == sorted(p.port for p in table.ports.values() if p.peer_id == owner)
+            scanned = sum(v.peer_id == owner for v in table.pending.values())
+            scanned += sum(o == owner for o in table.carried.values())
+            assert table.connections_of(owner) == scanned <= 3
