@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -16,6 +17,19 @@ from tcppunch.lab.netns import check_supported
 # full number of examples.
 settings.register_profile("tcppunch", suppress_health_check=[HealthCheck.too_slow], deadline=None)
 settings.load_profile("tcppunch")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Identities and known-peers files of the tests (and of every CLI process they start, which inherits
+    the environment) live in a throw-away directory, never in the user's ~/.config/tcppunch."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
 
 
 def _lab_unsupported_reason() -> str | None:

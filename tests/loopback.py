@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
+from tcppunch.session.identity import Identity
 from tcppunch.wire.endpoint import Endpoint
+
+# One server key for every loopback coordinator of a test run: peers remember a coordinator's key by its
+# address (known-peers file), and two tests may get the same free port.
+SERVER_IDENTITY = Identity.generate()
 
 
 def free_port() -> int:
@@ -29,7 +34,8 @@ async def loopback_coordinator(token: str) -> AsyncIterator[Endpoint]:
         try:
             stun = await stack.enter_async_context(StunService(config))
             await stack.enter_async_context(CoordinatorServer("127.0.0.1", port, Tokens(shared=token),
-                                                              stun_handler=stun.serve_tcp_connection))
+                                                              stun_handler=stun.serve_tcp_connection,
+                                                              identity=SERVER_IDENTITY))
         except OSError:
             await stack.aclose()
             continue

@@ -14,6 +14,7 @@ from tcppunch.cli.logging import LEVELS, configure_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "connect": ("tcppunch.cli.peer_cmds", "connect_command"),
     "detect": ("tcppunch.cli.detect_cmd", "detect_command"),
+    "id": ("tcppunch.cli.id_cmd", "id_command"),
     "expose": ("tcppunch.cli.expose_cmd", "expose_command"),
     "lab": ("tcppunch.cli.lab_cmd", "lab"),
     "listen": ("tcppunch.cli.peer_cmds", "listen_command"),

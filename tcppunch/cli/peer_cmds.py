@@ -23,12 +23,15 @@ import click
 
 from tcppunch.cli.params import EndpointType
 from tcppunch.cli.pipes import join_streams, pipe_stdio
+from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
 from tcppunch.peer.sessions import PeerSession
 from tcppunch.punch.birthday import DEFAULT_LIMITS
 from tcppunch.session.driver import MuxStream
+from tcppunch.session.identity import IdentityError
+from tcppunch.session.secure import SecureError
 from tcppunch.wire.endpoint import Endpoint
 
 EXIT_FAILED = 1
@@ -37,13 +40,21 @@ EXIT_UNREACHABLE = 3
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by connect and listen."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--coordinator", type=EndpointType(resolve=False), required=True, multiple=True,
                      help="The tcppunch server, HOST:PORT (port 3478 if omitted). Repeat it for the servers of a "
                           "cluster: we register at the first that answers and move to the next if it fails."),
         click.option("--id", "peer_id", required=True, help="Our name at the coordinator."),
-        click.option("--token", required=True, envvar="TCPPUNCH_TOKEN",
-                     help="Secret the coordinator expects for our id (or env TCPPUNCH_TOKEN)."),
+        token_options,
+        identity_option("identity.key"),
+        click.option("--known-peers", type=click.Path(dir_okay=False),
+                     help="Keys seen before, trusted on first use (like SSH's known_hosts). "
+                          "Default: $XDG_CONFIG_HOME/tcppunch/known_peers."),
+        click.option("--coordinator-key", metavar="KEY-ID",
+                     help="The coordinator's key (printed by `tcppunch server`); else trusted on first use."),
+        click.option("--trust-coordinator", is_flag=True,
+                     help="A peer met for the first time must hold the key the coordinator bound to its id "
+                          "(the coordinator's word; a pin or a known key is always checked first)."),
         click.option("--relay", type=click.Choice([m.value for m in RelayMode]), default=RelayMode.AUTO.value,
                      show_default=True, help="auto: punch, relay if that fails; never: punch only; always: relay."),
         click.option("--port", type=click.IntRange(0, 65535), default=0,
@@ -84,17 +95,28 @@ def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
     return show
 
 
-def _peer(coordinator: Sequence[Endpoint], peer_id: str, token: str, relay: str, port: int, nat_report: str | None,
-          no_detect: bool, quiet: bool, no_birthday: bool, port_mapping: bool = False) -> Peer:
+def _peer(*, coordinator: Sequence[Endpoint], peer_id: str, token_file: str | None, token_arg: str | None,
+          identity_path: str | None, known_peers: str | None, coordinator_key: str | None, trust_coordinator: bool,
+          relay: str, port: int, nat_report: str | None, no_detect: bool, no_birthday: bool, quiet: bool,
+          port_mapping: bool = False, **trust: Any) -> Peer:
+    """A Peer from the options every peer command shares; ``trust``: peer_keys / allow for this command."""
+    token = token_from(token_file, token_arg)
+    assert token is not None
     nat = None
     if nat_report:
         try:
             nat = NatReport.from_json(json.loads(Path(nat_report).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise click.BadParameter(f"cannot read NAT report {nat_report}: {exc}") from exc
-    return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect, relay=RelayMode(relay),
-                on_stage=_progress(quiet), birthday=None if no_birthday else DEFAULT_LIMITS,
-                port_mapping=port_mapping)
+    try:
+        return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect,
+                    relay=RelayMode(relay), on_stage=_progress(quiet),
+                    birthday=None if no_birthday else DEFAULT_LIMITS, port_mapping=port_mapping,
+                    identity=load_identity(identity_path),
+                    known_peers=known_peers or "default", trust_coordinator=trust_coordinator,
+                    coordinator_key=key_id(coordinator_key, "--coordinator-key"), **trust)
+    except IdentityError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) -> None:
@@ -117,6 +139,9 @@ def _run(main: Callable[[], Any]) -> None:
         sys.exit(EXIT_UNREACHABLE if "unreachable" in str(exc) else EXIT_FAILED)
     except CoordinatorError as exc:
         click.echo(f"tcppunch: coordinator: {exc.message} ({exc.code})", err=True)
+        sys.exit(EXIT_FAILED)
+    except (SecureError, IdentityError) as exc:  # the coordinator's key is not the expected one, or ours
+        click.echo(f"tcppunch: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     except (ConnectionError, OSError, TimeoutError) as exc:
         click.echo(f"tcppunch: {exc.__class__.__name__}: {exc}", err=True)
@@ -150,19 +175,24 @@ async def _until_signal(work: asyncio.Future[Any]) -> None:
                    "over its own connection (e.g. --local 127.0.0.1:8080 to reach PEER's forwarded service).")
 @click.option("--timeout", type=click.FloatRange(1, 600), default=60, show_default=True,
               help="Give up connecting after this many seconds.")
-def connect_command(peer_name: str, coordinator: tuple[Endpoint, ...], peer_id: str, token: str, relay: str, port: int,
-                    nat_report: str | None, no_detect: bool, no_birthday: bool, port_mapping: bool,
-                    report_path: str | None, quiet: bool, local_listen: Endpoint | None, timeout: float) -> None:
-    """Connect to PEER through the coordinator: directly if a hole can be punched, else relayed.
+@click.option("--peer-key", metavar="KEY-ID",
+              help="PEER's key (`tcppunch id` on its host). Without it, PEER's key is trusted on first use.")
+def connect_command(peer_name: str, local_listen: Endpoint | None, timeout: float, peer_key: str | None,
+                    report_path: str | None, **common: Any) -> None:
+    """Connect to PEER through the coordinator: directly if a hole can be punched, else relayed. Either
+    way the connection is TLS 1.3 to PEER's key, checked before a byte of yours is sent.
 
     \b
-    tcppunch connect bob --coordinator 198.51.100.10:3478 --id alice --token S < file
-    tcppunch connect bob --coordinator ... --id alice --token S --local 127.0.0.1:8080
+    export TCPPUNCH_TOKEN=S
+    tcppunch connect bob --coordinator 198.51.100.10:3478 --id alice --peer-key KEY-ID < file
+    tcppunch connect bob --coordinator ... --id alice --local 127.0.0.1:8080
     """
+    pin = key_id(peer_key, "--peer-key")
+    peer_keys = {} if pin is None else {peer_name: pin}
+    quiet = common["quiet"]
 
     async def main() -> None:
-        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday,
-                         port_mapping) as peer:
+        async with _peer(**common, peer_keys=peer_keys) as peer:
             if local_listen is None:
                 stream = await _open_stream(peer, peer_name, timeout)
                 _session_report(report_path, peer, peer_name)
@@ -235,19 +265,31 @@ async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: flo
               help="Carry each incoming connection to this local TCP service (e.g. 127.0.0.1:80) instead of "
                    "stdin/stdout: expose a service behind NAT to peers.")
 @click.option("--once", is_flag=True, help="Exit after the first connection ends.")
-def listen_command(coordinator: tuple[Endpoint, ...], peer_id: str, token: str, relay: str, port: int,
-                   nat_report: str | None, no_detect: bool, no_birthday: bool, port_mapping: bool,
-                   report_path: str | None, quiet: bool, forward: Endpoint | None, once: bool) -> None:
+@click.option("--allow", "allowed", metavar="KEY-ID", multiple=True,
+              help="Accept only peers holding this key (repeatable).")
+@click.option("--allow-any", is_flag=True,
+              help="Accept any peer's key (each id's first key is remembered; a changed one is refused).")
+def listen_command(forward: Endpoint | None, once: bool, allowed: tuple[str, ...], allow_any: bool,
+                   report_path: str | None, **common: Any) -> None:
     """Register as --id and take connections from peers: pipe them to stdin/stdout, or --forward them.
+    Every connection is TLS 1.3 to the other peer's key. With --forward, say whose: --allow or --allow-any.
 
     \b
-    tcppunch listen --coordinator 198.51.100.10:3478 --id bob --token S > received
-    tcppunch listen --coordinator ... --id bob --token S --forward 127.0.0.1:80
+    export TCPPUNCH_TOKEN=S
+    tcppunch listen --coordinator 198.51.100.10:3478 --id bob > received
+    tcppunch listen --coordinator ... --id bob --forward 127.0.0.1:80 --allow KEY-ID
     """
+    if forward is not None and not allowed and not allow_any:
+        raise click.UsageError("--forward exposes a service: give --allow KEY-ID (repeatable) for the peers "
+                               "that may reach it, or --allow-any")
+    if allowed and allow_any:
+        raise click.UsageError("--allow and --allow-any exclude each other")
+    keys = [key_id(k, "--allow") for k in allowed]
+    trust: dict[str, Any] = {"allow": keys} if keys else {}
+    peer_id, quiet = common["peer_id"], common["quiet"]
 
     async def main() -> None:
-        async with _peer(coordinator, peer_id, token, relay, port, nat_report, no_detect, quiet, no_birthday,
-                         port_mapping) as peer:
+        async with _peer(**common, **trust) as peer:
             if not quiet:
                 click.echo(f"tcppunch: listening as {peer_id} (public {peer.observed}, local {peer.local})",
                            err=True)

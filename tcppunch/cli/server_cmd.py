@@ -17,12 +17,13 @@ import ipaddress
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import click
 from redis.exceptions import RedisError
 
 from tcppunch.cli.params import EndpointType
+from tcppunch.cli.secrets import identity_option, load_identity, private_path, token_from, token_options
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
@@ -31,6 +32,7 @@ from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import MAX_CONNECTIONS, CoordinatorServer, StunHandler
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.relay.limits import RelayLimits
+from tcppunch.session.identity import Identity, IdentityError, read_authorized_keys
 from tcppunch.wire.endpoint import Endpoint
 
 
@@ -81,8 +83,13 @@ def _mib(value: float) -> int | None:
 @click.option("--alt-address", "alt_addresses", multiple=True,
               help="A second address of this host (RFC 5780 tests need two); one per --listen family.")
 @click.option("--alt-port", type=click.IntRange(1, 65535), help="Second port. Default: the listen port + 1.")
-@click.option("--token", help="Shared secret peers present to the coordinator.")
-@click.option("--tokens-file", type=click.Path(dir_okay=False), help="JSON object of peer id -> secret.")
+@token_options
+@click.option("--tokens-file", type=click.Path(dir_okay=False),
+              help="JSON object of peer id -> secret (mode 0600); besides or instead of the shared token.")
+@identity_option("server.key")
+@click.option("--authorized-keys", type=click.Path(dir_okay=False),
+              help="Lines 'ID KEY-ID' (mode 0600): these ids may register only with these keys. Any other id "
+                   "belongs to the key that registers it first.")
 @click.option("--relay-max-mb", type=click.FloatRange(0.001), help="Relay byte budget per peer id (MB). Default: none.")
 @click.option("--expose-ports", metavar="LOW-HIGH",
               help="Let peers expose these ports of the listen address (`tcppunch expose`). Default: none.")
@@ -124,8 +131,11 @@ def server_command(
     listens: tuple[Endpoint, ...],
     alt_addresses: tuple[str, ...],
     alt_port: int | None,
-    token: str | None,
+    token_file: str | None,
+    token_arg: str | None,
     tokens_file: str | None,
+    identity_path: str | None,
+    authorized_keys: str | None,
     connect_back_timeout: float,
     relay_max_mb: float | None,
     expose_ports: str | None,
@@ -145,18 +155,23 @@ def server_command(
     when punching cannot work) and STUN over TCP and UDP on every address/port combination, so that one
     HOST:PORT serves both `tcppunch detect --server` and `tcppunch connect --coordinator`.
 
+    Every client connection is TLS 1.3 to the server's key (printed at start: clients pin it with
+    --coordinator-key, or trust it on first use). The shared token comes from env TCPPUNCH_TOKEN or
+    --token-file.
+
     Stops cleanly on SIGTERM or SIGINT.
     """
-    if token is None and tokens_file is None:
-        raise click.UsageError("give --token or --tokens-file (peers authenticate with it)")
-    if token == "":
-        raise click.UsageError("--token must not be empty")
+    token = token_from(token_file, token_arg, required=tokens_file is None)
     configs = [dataclasses.replace(c, udp_change_request=udp_change_request)
                for c in stun_configs(listens, alt_addresses, alt_port, connect_back_timeout)]
     try:
+        if tokens_file:
+            private_path(tokens_file, "--tokens-file")
         tokens = Tokens.from_file(tokens_file, shared=token) if tokens_file else Tokens(shared=token)
-    except (OSError, TokensFileError, ValueError) as exc:
+        owners = read_authorized_keys(private_path(authorized_keys, "--authorized-keys")) if authorized_keys else None
+    except (OSError, TokensFileError, ValueError, IdentityError) as exc:
         raise click.UsageError(f"tokens: {exc}") from exc
+    identity = load_identity(identity_path, "server.key")
     budget = None if relay_max_mb is None else int(relay_max_mb * 1_000_000)
     expose = None
     if expose_ports is not None:
@@ -173,7 +188,7 @@ def server_command(
         config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval, relay_limits=relay_limits,
                                    stale_after=1.5 * keepalive_interval, keepalive_timeout=3.0 * keepalive_interval)
         asyncio.run(serve(configs, tokens, budget, config, redis_url, metrics_listen,
-                          max_connections=max_connections))
+                          max_connections=max_connections, identity=identity, authorized_keys=owners))
     except RedisError as exc:
         click.echo(f"tcppunch server: cannot use the Redis of --redis: {exc}", err=True)
         sys.exit(1)
@@ -233,7 +248,9 @@ def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
 
 async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
                 coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None,
-                metrics_listen: Endpoint | None = None, *, max_connections: int = MAX_CONNECTIONS) -> None:
+                metrics_listen: Endpoint | None = None, *, max_connections: int = MAX_CONNECTIONS,
+                identity: Identity | None = None, authorized_keys: Mapping[str, frozenset[str]] | None = None
+                ) -> None:
     """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -253,10 +270,12 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
                               relay_bytes_per_peer=relay_bytes_per_peer, config=coordinator_config,
                               max_connections=max_connections,
                               also=[Endpoint(c.primary_address, c.primary_port) for c in configs[1:]],
-                              cluster=cluster)
+                              cluster=cluster, identity=identity, authorized_keys=authorized_keys)
         )
         for stun in stuns:
             stun.on_binding = coordinator.stun_seen  # OBSERVED may name ports STUN saw
+        print(f"coordinator key {coordinator.identity.fingerprint} (clients pin it with --coordinator-key)",
+              file=sys.stderr, flush=True)
         endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
         coordinators = ", ".join(str(e) for e in coordinator.addresses)
         clustered = "" if cluster is None else f"; cluster node {cluster.node}"

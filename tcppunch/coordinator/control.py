@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,20 @@ from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan, birthday_candidates, birthday_side
 from tcppunch.punch.plan import PunchPlan
 from tcppunch.punch.prediction import build_candidates, retry_policy_for
+from tcppunch.session.identity import Identity
+from tcppunch.session.secure import (
+    SecureError,
+    SecureErrorCode,
+    TlsEngine,
+    Verifier,
+    context,
+    engine_handshake,
+    engine_recv,
+    engine_send,
+    engine_unwrap,
+    expect_key,
+    verify_peer,
+)
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -118,6 +133,8 @@ class PunchOrder:
     peer_ipv6: tuple[Endpoint, ...] = ()
     cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     cancel_reason: str | None = None
+    # The key the coordinator bound to peer_id (its word only: see Peer's trust_coordinator).
+    peer_key: str | None = None
 
     @classmethod
     def from_message(cls, msg: Punch, received_at: float) -> PunchOrder:
@@ -137,6 +154,7 @@ class PunchOrder:
             request_id=msg.request_id,
             advice_reason=msg.advice_reason,
             peer_ipv6=msg.peer_ipv6,
+            peer_key=msg.peer_key,
         )
 
 
@@ -217,8 +235,15 @@ class ControlChannel:
         retry: ConnectBudget | None = None,
         birthday: bool = True,
         request_timeout: float = 10.0,
+        identity: Identity | None = None,
+        verify_coordinator: Verifier | None = None,
     ) -> None:
         self.coordinator = coordinator
+        # Our key (the coordinator binds our id to it) and the check of the coordinator's key; without a
+        # verifier any coordinator key is accepted (Peer always passes one: pin or known-peers file).
+        self.identity = identity or Identity.load()
+        self._verify_coordinator = verify_coordinator or _accept_any
+        self.coordinator_key: str | None = None
         self.peer_id = peer_id
         self._token = token
         family = family_of(coordinator.ip)
@@ -278,11 +303,22 @@ class ControlChannel:
             lambda: control_socket(self._local), self.coordinator, self.retry, what="register"
         )
         try:
-            self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME_SIZE * 2)
+            local = endpoint_of(sock.getsockname())
+            # TLS first: the token below never travels in clear, and only to the coordinator we expect.
+            self._reader, self._writer = await asyncio.open_connection(
+                sock=sock, limit=MAX_FRAME_SIZE * 2, ssl=context(self.identity, server_side=False),
+                server_hostname="", ssl_handshake_timeout=self.request_timeout)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS to the coordinator failed: {exc}") from None
         except BaseException:
             sock.close()
             raise
-        local = endpoint_of(sock.getsockname())
+        try:
+            self.coordinator_key = verify_peer(self._writer.get_extra_info("ssl_object"), self._verify_coordinator)
+        except SecureError:
+            self._writer.transport.abort()
+            raise
         self._registered = loop.create_future()
         self._read_task = loop.create_task(self._read_loop())
         ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
@@ -395,7 +431,15 @@ class ControlChannel:
         self, order: PunchOrder, *, timeout: float = 30.0
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open the relay connection of ``order``'s session (see :func:`open_relay`)."""
-        return await open_relay(order.relay, order.session_id, order.key, order.role, timeout=timeout)
+        return await open_relay(order.relay, order.session_id, order.key, order.role, timeout=timeout,
+                                **self.relay_credentials())
+
+    def relay_credentials(self) -> dict[str, Any]:
+        """``identity`` and ``verify`` for :func:`join_relay`: our key, and the coordinator's (pinned at
+        registration) as the only key the relay may hold."""
+        if self.coordinator_key is None:
+            raise RuntimeError("register() first")
+        return {"identity": self.identity, "verify": expect_key(self.coordinator_key, "the relay")}
 
     # ------------------------------------------------------------------------------------- plumbing
 
@@ -536,13 +580,19 @@ async def join_relay(
     key: bytes,
     role: Role,
     *,
+    identity: Identity,
+    verify: Verifier,
     timeout: float = 30.0,
 ) -> socket.socket:
     """Join the relay of a session on a new connection; the raw socket once the coordinator paired both roles.
 
+    The join runs in TLS (``identity`` is the key our control connection registered with: the coordinator
+    accepts a join only from the key of the peer in ``role``, once; ``verify`` checks the relay's key).
+    After RELAY-OK both sides leave TLS; the join reads record by record and nothing past the relay's
+    close_notify, so every later byte on the socket is the other peer's.
+
     Waits (up to ``timeout``) for the other peer to join too. Raises :class:`CoordinatorError` if the
-    coordinator refuses (bad proof, unknown session...). Reads exactly the RELAY-OK frame and nothing
-    after it, so every later byte on the socket is the other peer's.
+    coordinator refuses (wrong key, used join, unknown session...), :class:`SecureError` if TLS fails.
     """
     loop = asyncio.get_running_loop()
 
@@ -558,23 +608,31 @@ async def join_relay(
                                          what="relay-join")
     try:
         async with asyncio.timeout_at(deadline):
+            tls = TlsEngine(context(identity, server_side=False), server_side=False)
+            await engine_handshake(tls, sock, verify)
             proof = relay_proof(key, session_id, role)
-            await loop.sock_sendall(sock, PREAMBLE + encode_message(Relay(session_id, role, proof)))
-            reply = await _read_one_message(loop, sock)
-        if isinstance(reply, Error):
-            raise CoordinatorError(reply.code, reply.message)
-        if not isinstance(reply, RelayOk) or reply.session_id != session_id:
-            raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, f"expected relay-ok, got {reply.TYPE}")
+            await engine_send(tls, sock, PREAMBLE + encode_message(Relay(session_id, role, proof)))
+            reply = await _read_one_tls_message(tls, sock)
+            if isinstance(reply, Error):
+                raise CoordinatorError(reply.code, reply.message)
+            if not isinstance(reply, RelayOk) or reply.session_id != session_id:
+                raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, f"expected relay-ok, got {reply.TYPE}")
+            leftover = await engine_unwrap(tls, sock)
+        if leftover:  # cannot happen with record-by-record reads; never lose the partner's bytes silently
+            raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, "the relay sent bytes inside its close_notify")
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-async def join_visitor(visitor: Visitor, *, timeout: float = 10.0) -> socket.socket:
-    """Join a visitor of an exposed port (a relay join in the responder role, with the visitor's key);
+async def join_visitor(visitor: Visitor, *, identity: Identity, verify: Verifier, timeout: float = 10.0
+                       ) -> socket.socket:
+    """Join a visitor of an exposed port (a relay join in the responder role, with the visitor's key, in
+    TLS with our identity key: the coordinator hands the visitor only to the key that exposed the port);
     every byte on the returned socket is the visitor's."""
-    return await join_relay(visitor.relay, visitor.visitor_id, visitor.key, Role.RESPONDER, timeout=timeout)
+    return await join_relay(visitor.relay, visitor.visitor_id, visitor.key, Role.RESPONDER, timeout=timeout,
+                            identity=identity, verify=verify)
 
 
 async def open_relay(
@@ -583,29 +641,28 @@ async def open_relay(
     key: bytes,
     role: Role,
     *,
+    identity: Identity,
+    verify: Verifier,
     timeout: float = 30.0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """:func:`join_relay` as asyncio streams: every byte the reader gives is the other peer's."""
-    sock = await join_relay(relay, session_id, key, role, timeout=timeout)
+    sock = await join_relay(relay, session_id, key, role, identity=identity, verify=verify, timeout=timeout)
     return await asyncio.open_connection(sock=sock)
 
 
-async def _read_one_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Message:
-    """Exactly one frame from ``sock``, decoded by :class:`FrameDecoder` (no read-ahead past it)."""
+async def _read_one_tls_message(tls: TlsEngine, sock: socket.socket) -> Message:
+    """One frame from inside ``tls`` (the relay sends RELAY-OK or ERROR, then close_notify)."""
     decoder = FrameDecoder()
     try:
         while (frame := decoder.next_frame()) is None:
-            decoder.feed(await _recv_exactly(loop, sock, decoder.missing()))
+            data = await engine_recv(tls, sock)
+            if not data:
+                raise CoordinatorError(ErrorCode.CLOSED, "the relay closed the connection")
+            decoder.feed(data)
     except ProtocolError as exc:
         raise CoordinatorError(exc.code, exc.message) from None
     return decode_message(frame)
 
 
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await loop.sock_recv(sock, size - len(data))
-        if not chunk:
-            raise CoordinatorError(ErrorCode.CLOSED, "the coordinator closed the connection")
-        data += chunk
-    return bytes(data)
+def _accept_any(fingerprint: str) -> None:
+    """The default coordinator check of a bare ControlChannel: none (callers pin; see docs/security.md)."""

@@ -30,6 +30,7 @@ class RemotePeer:
     ipv6: tuple[Endpoint, ...] = ()
     owd: float | None = None  # estimated server -> peer one-way delay (s), from its node's keepalives
     birthday: bool = False  # it can take part in birthday-paradox punching
+    key: str | None = None  # fingerprint of the key its control connection holds (relay joins must hold it)
 
     def one_way_delay(self) -> float | None:
         return self.owd
@@ -44,6 +45,7 @@ class RemotePeer:
             "ipv6": [e.to_json() for e in self.ipv6],
             "owd": self.owd,
             "birthday": self.birthday,
+            "key": self.key,
         }
         return json.dumps(data, separators=(",", ":"))
 
@@ -62,6 +64,7 @@ class RemotePeer:
                 ipv6=tuple(Endpoint.from_json(e) for e in data.get("ipv6", [])),
                 owd=None if owd is None else float(owd),
                 birthday=bool(data.get("birthday", False)),
+                key=None if data.get("key") is None else str(data["key"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a peer record: {exc!r}") from exc

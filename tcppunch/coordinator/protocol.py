@@ -21,7 +21,7 @@ import bisect
 import dataclasses
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -217,6 +217,8 @@ class _Conn:
     source: str = ""
     # When the frame that started arriving must be complete (None: no partial frame buffered).
     frame_deadline: float | None = None
+    # Fingerprint of the client's TLS key (set by the driver after the handshake; None: plain TCP).
+    key: str | None = None
 
 
 # Upper bounds (s) of the time-to-connect buckets; the last bucket is everything above.
@@ -273,6 +275,7 @@ class CoordinatorProtocol:
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         node: str | None = None,
+        authorized_keys: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.tokens = tokens
         # Cluster node id (server --redis): ids are claimed cluster-wide, CONNECTs to ids registered at
@@ -280,6 +283,10 @@ class CoordinatorProtocol:
         self.node = node
         # session id -> the responder at another node (to tell it CANCEL)
         self._remote_of: dict[str, RemotePeer] = {}
+        # Ids owned by keys: those in the authorized-keys file by its keys, any other by the key that
+        # registered it first (for the life of this server process).
+        self.authorized_keys: Mapping[str, frozenset[str]] = authorized_keys or {}
+        self.owners: dict[str, str] = {}
         self.config = config or CoordinatorConfig()
         self.registry = Registry()
         self.sessions: dict[str, Session] = {}
@@ -383,6 +390,11 @@ class CoordinatorProtocol:
 
     def _count_error(self, code: str) -> None:
         self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+    def connection_authenticated(self, conn: ConnId, key: str) -> None:
+        """The driver finished ``conn``'s TLS handshake: the client holds the key with fingerprint ``key``."""
+        c = self._conns.get(conn)
+        if c is not None:
+            c.key = key
 
     def connection_forget(self, conn: ConnId) -> None:
         """The driver handed ``conn`` to another protocol (STUN on the same port): drop it silently."""
@@ -557,9 +569,15 @@ class CoordinatorProtocol:
         throttled = self._throttled(c, now)
         if throttled:
             return throttled
+        if c.key is None:
+            return self._fail(c, ErrorCode.TLS_REQUIRED, "register over TLS (the token must not travel in clear)")
         if not self.tokens.check(msg.id, msg.token):
             self._auth_failed(c, now, "coordinator.bad_token", peer=msg.id)
             return self._fail(c, ErrorCode.BAD_TOKEN, f"wrong token for id {msg.id!r}")
+        not_owner = self._not_owner(msg.id, c.key)
+        if not_owner:
+            self._auth_failed(c, now, "coordinator.id_owned", peer=msg.id, key=c.key)
+            return self._fail(c, ErrorCode.ID_OWNED, not_owner)
         actions: list[Action] = []
         existing = self.registry.get(msg.id)
         if existing is not None:
@@ -590,7 +608,10 @@ class CoordinatorProtocol:
             ipv6=_ipv6_of(c.observed, msg.ipv6),
             keepalive_scale=scale,
             birthday=msg.birthday,
+            key=c.key,
         )
+        if msg.id not in self.authorized_keys:
+            self.owners.setdefault(msg.id, c.key)
         self.registry.add(record)
         self._set_state(c, ConnState.PEER)
         c.peer_id = msg.id
@@ -606,6 +627,16 @@ class CoordinatorProtocol:
         reply = Registered(record.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale)
         # The first ping right away: an RTT estimate exists one round trip after registering.
         return [Send(c.id, encode_message(reply)), *self._ping(record, now)]
+
+    def _not_owner(self, peer_id: str, key: str) -> str | None:
+        """Why ``key`` may not register ``peer_id`` (None: it may)."""
+        allowed = self.authorized_keys.get(peer_id)
+        if allowed is not None:
+            return None if key in allowed else f"id {peer_id!r} is reserved for other keys (authorized keys)"
+        owner = self.owners.get(peer_id)
+        if owner is None or owner == key:
+            return None
+        return f"id {peer_id!r} belongs to key {owner}; this connection holds key {key}"
 
     def _ping(self, record: PeerRecord, now: float) -> list[Action]:
         seq = record.next_seq
@@ -704,7 +735,8 @@ class CoordinatorProtocol:
         """``record`` as the other nodes of the cluster see it."""
         assert self.node is not None
         return RemotePeer(id=record.id, node=self.node, observed=record.observed, private=record.private,
-                          nat=record.nat, ipv6=record.ipv6, owd=record.one_way_delay(), birthday=record.birthday)
+                          nat=record.nat, ipv6=record.ipv6, owd=record.one_way_delay(), birthday=record.birthday,
+                          key=record.key)
 
     def _tell(self, session: Session, peer_id: str, message: Message) -> list[Action]:
         """``message`` to ``peer_id``, of ``session``, wherever in the cluster it is registered."""
@@ -733,6 +765,7 @@ class CoordinatorProtocol:
             # relay budget accounts; a peer registered at another node is charged there
             accounts=(me.account, *((target.account,) if isinstance(target, PeerRecord) else ())),
             nat_pair=f"{nat_label(me.nat)}/{nat_label(target.nat)}",
+            keys={Role.INITIATOR: me.key, Role.RESPONDER: target.key},
         )
         self.sessions[session_id] = session
         self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)
@@ -776,6 +809,7 @@ class CoordinatorProtocol:
                 request_id=request_id,
                 advice_reason=advice_reason,
                 peer_ipv6=other.ipv6,
+                peer_key=other.key,
             )
             data = self._encode_punch(order)
             actions.append(Forward(this.node, this.id, data) if isinstance(this, RemotePeer) else Send(this.conn, data))
@@ -861,11 +895,18 @@ class CoordinatorProtocol:
         session = self.sessions.get(msg.session_id)
         if session is None:
             return self._fail(c, ErrorCode.UNKNOWN_SESSION, "no such session (unknown, expired or used)")
+        if c.key is None:
+            return self._fail(c, ErrorCode.TLS_REQUIRED, "join the relay over TLS")
+        if c.key != session.keys.get(msg.role):
+            self._auth_failed(c, now, "coordinator.relay_wrong_key", session=session.id, key=c.key)
+            return self._fail(c, ErrorCode.RELAY_WRONG_KEY, f"the {msg.role.value} of this session holds another key")
+        if msg.role in session.relay_joined:
+            self._auth_failed(c, now, "coordinator.relay_replayed", session=session.id)
+            return self._fail(c, ErrorCode.RELAY_USED, f"the {msg.role.value} already joined this relay (joins are "
+                              "single-use)")
         if not hmac.compare_digest(relay_proof(session.key, session.id, msg.role), msg.proof):
             self._auth_failed(c, now, "coordinator.relay_bad_proof", session=session.id)
             return self._fail(c, ErrorCode.BAD_PROOF, "relay proof does not match the session key")
-        if msg.role in session.relay_waiting:
-            return self._fail(c, ErrorCode.RELAY_ROLE_TAKEN, f"the {msg.role.value} is already connected")
         busy = [p for p in session.peer_ids() if self.active_relays(p) >= cfg.max_relays_per_peer]
         if busy:
             return self._refuse_relay(c, session, f"{busy[0]!r} has {cfg.max_relays_per_peer} relays running")
@@ -875,6 +916,7 @@ class CoordinatorProtocol:
         session.relay_waiting[msg.role] = c.id
         self._set_state(c, ConnState.RELAY_WAIT)
         c.session_id, c.role = session.id, msg.role
+        session.relay_joined.add(msg.role)
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         actions = self._check_relay_overflow(c, now)
         if c.state is not ConnState.RELAY_WAIT or len(session.relay_waiting) < 2:
@@ -885,12 +927,7 @@ class CoordinatorProtocol:
         """The session cannot be relayed: say so to this connection, to a partner already waiting, and to
         both peers' control connections (CANCEL), instead of letting the partner wait for a relay that will
         never start."""
-        actions = self._fail(c, ErrorCode.RELAY_LIMIT, why)
-        for peer_id in session.peer_ids():
-            record = self.registry.get(peer_id)
-            if record is not None:
-                actions.append(Send(record.conn, encode_message(Cancel(session.id, safe_text(f"relay-limit: {why}")))))
-        return actions + self._end_session(session, ErrorCode.RELAY_LIMIT, why)
+        return self._fail(c, ErrorCode.RELAY_LIMIT, why) + self._cancel_relay(session, ErrorCode.RELAY_LIMIT, why)
 
     def _check_relay_overflow(self, c: _Conn, now: float) -> list[Action]:
         if len(c.raw) > self.config.relay_pending_limit:
@@ -982,8 +1019,20 @@ class CoordinatorProtocol:
         if state is ConnState.RELAY_WAIT and c.session_id is not None and c.role is not None:
             session = self.sessions.get(c.session_id)
             if session is not None and session.relay_waiting.get(c.role) == c.id:
+                # Joins are single-use: this role cannot come back, so the relay cannot start.
                 del session.relay_waiting[c.role]
+                why = f"the {c.role.value}'s relay connection closed before its partner came"
+                return self._cancel_relay(session, ErrorCode.SESSION_CANCELLED, why)
         return []
+
+    def _cancel_relay(self, session: Session, code: ErrorCode, why: str) -> list[Action]:
+        """The session's relay cannot start: tell both peers (CANCEL ``code: why``) and a waiting partner."""
+        actions: list[Action] = []
+        for peer_id in session.peer_ids():
+            record = self.registry.get(peer_id)
+            if record is not None:
+                actions.append(Send(record.conn, encode_message(Cancel(session.id, safe_text(f"{code.value}: {why}")))))
+        return actions + self._end_session(session, code, why)
 
     def _remove_peer(self, record: PeerRecord, *, reason: str = "removed") -> list[Action]:
         """Unregister ``record``; sessions it was in are cancelled and the other peer is told (CANCEL)."""
@@ -1057,6 +1106,12 @@ class CoordinatorProtocol:
     def _join_visitor(self, c: _Conn, msg: Relay) -> list[Action]:
         """The owner's join connection for a waiting visitor: check the proof, then carry the visitor."""
         waiting = self.expose.pending[msg.session_id]
+        if c.key is None:
+            return self._fail(c, ErrorCode.TLS_REQUIRED, "join the relay over TLS")
+        owner = self.registry.get(waiting.peer_id)
+        if owner is None or owner.key != c.key:
+            self._auth_failed(c, self._clock, "coordinator.visitor_wrong_key", visitor=waiting.visitor_id, key=c.key)
+            return self._fail(c, ErrorCode.RELAY_WRONG_KEY, "only the key that exposed the port may join its visitors")
         expected = relay_proof(waiting.key, waiting.visitor_id, Role.RESPONDER)
         if msg.role is not Role.RESPONDER or not hmac.compare_digest(expected, msg.proof):
             self._auth_failed(c, self._clock, "coordinator.visitor_bad_proof", visitor=waiting.visitor_id)

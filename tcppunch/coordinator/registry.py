@@ -62,6 +62,8 @@ class PeerRecord:
     # The relay budget account of the secret this peer registered with ("token:shared", "token:id:<id>").
     account: str = "token:shared"
     birthday: bool = True  # takes part in birthday punching (REGISTER)
+    # Fingerprint of the key the peer authenticated its control connection with (None: no TLS).
+    key: str | None = None
 
     def one_way_delay(self) -> float | None:
         """Estimated server -> peer delay: half the smoothed RTT, ``None`` before the first sample."""

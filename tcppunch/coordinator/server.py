@@ -16,13 +16,15 @@ import functools
 import itertools
 import resource
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from tcppunch.relay import ByteBudget, RelayEnd, RelayStats, detach, relay
+from tcppunch.session.identity import Identity, config_dir
+from tcppunch.session.secure import SecureError, TlsEngine, context, peer_fingerprint
 from tcppunch.wire.coord import Error, ErrorCode, encode_message
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE_SIZE
@@ -44,6 +46,7 @@ MAX_WRITE_BUFFER = 256 * 1024
 # After an ERROR frame: how long the server keeps draining a client before the final close.
 LINGER_TIMEOUT = 2.0
 RELAY_FLUSH_TIMEOUT = 5.0
+TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a ClientHello (STUN's is 0x00/0x01, ours 'T')
 # Default of --max-connections (control, relay and STUN-over-TCP connections together).
 MAX_CONNECTIONS = 4096
 # File descriptors kept free beyond max_connections: listeners, UDP sockets, connect-backs, logs.
@@ -80,6 +83,8 @@ class _Link:
     handed_off: bool = False
     # Bytes this connection's read loop took off the socket after the hand-over was decided.
     stash: bytes = b""
+    # TLS (every client but a plain-TCP one, which can only hear errors): raw bytes go through it.
+    tls: TlsEngine | None = None
 
     def keep(self, data: bytes) -> bool:
         """After the hand-over (decided by another connection's event), bytes read go to the relay."""
@@ -110,12 +115,18 @@ class CoordinatorServer:
         reuse_port: bool | None = None,
         also: Sequence[Endpoint] = (),
         cluster: RedisCluster | None = None,
+        identity: Identity | None = None,
+        authorized_keys: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.also = tuple(also)
         # With a cluster, ids are claimed in Redis and CONNECTs reach peers of other nodes (cluster.py).
         self.cluster = cluster
-        self.protocol = CoordinatorProtocol(tokens, config, node=None if cluster is None else cluster.node)
+        self.protocol = CoordinatorProtocol(tokens, config, node=None if cluster is None else cluster.node,
+                                            authorized_keys=authorized_keys)
+        # The key clients pin (tcppunch server prints its fingerprint). Default: this user's server key
+        # file, created on first use, so that a restarted server (in-process or CLI) keeps its key.
+        self.identity = identity or Identity.load(config_dir() / "server.key")
         self.stun_handler = stun_handler
         self.max_connections = max_connections
         # STUN connect-back tests originate from the listening port itself: that needs SO_REUSEPORT.
@@ -263,13 +274,17 @@ class CoordinatorServer:
                 finally:
                     self._stun_active -= 1
                 return
-            data = prefix
-            while data and not link.keep(data):
-                self._apply(self.protocol.data_received(conn, data, loop.time()))
-                if link.handed_off:
+            if prefix[:1] == TLS_HANDSHAKE_RECORD:
+                link.tls = TlsEngine(context(self.identity, server_side=True), server_side=True)
+            raw = prefix
+            while raw and not link.keep(raw):
+                data = self._decrypt(link, raw)
+                if data:
+                    self._apply(self.protocol.data_received(conn, data, loop.time()))
+                if link.handed_off or (link.tls is not None and link.tls.peer_closed):
                     break
-                data = await reader.read(READ_SIZE)
-        except (ConnectionError, OSError) as exc:
+                raw = await reader.read(READ_SIZE)
+        except (ConnectionError, OSError, SecureError) as exc:  # ssl.SSLError is an OSError
             self._log.debug("coordinator.conn_error", conn=conn, error=repr(exc))
         except Exception:  # a bug: this connection ends, the server and every other client go on
             self._log.exception("coordinator.conn_failed", conn=conn)
@@ -284,6 +299,24 @@ class CoordinatorServer:
                     link.linger_handle.cancel()
                 self._apply(self.protocol.connection_lost(conn, loop.time()))
                 link.writer.close()
+
+    def _decrypt(self, link: _Link, raw: bytes) -> bytes:
+        """The application bytes in ``raw`` (as they are on a plain link). On a TLS link this advances the
+        handshake and, once it is done, tells the protocol which key the client holds."""
+        tls = link.tls
+        if tls is None:
+            return raw
+        tls.feed(raw)
+        if not tls.established:
+            if tls.handshake():
+                self.protocol.connection_authenticated(link.id, peer_fingerprint(tls.ssl))
+            link.writer.write(tls.outgoing())
+            if not tls.established:
+                return b""
+        data = tls.read()
+        if out := tls.outgoing():
+            link.writer.write(out)
+        return data
 
     async def _read_prefix(self, link: _Link) -> bytes:
         """Up to the first 8 bytes (fewer only at EOF); the protocol's handshake timer bounds the wait."""
@@ -344,7 +377,12 @@ class CoordinatorServer:
         link = self._links.get(action.conn)
         if link is None or link.closing or link.writer.is_closing():
             return
-        link.writer.write(action.data)
+        if link.tls is None:
+            link.writer.write(action.data)
+        elif link.tls.established:
+            link.tls.write(action.data)
+            link.writer.write(link.tls.outgoing())
+        # else: mid-handshake (a handshake timeout): nothing can be said, the close follows
         if link.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self._log.info("coordinator.slow_reader_cut", conn=link.id)
             link.closing = True
@@ -358,6 +396,9 @@ class CoordinatorServer:
         transport = link.writer.transport
         if action.linger and not transport.is_closing() and transport.can_write_eof():
             # Half-close: the client reads our ERROR, then EOF; its close ends our read loop.
+            if link.tls is not None and link.tls.established:
+                link.tls.unwrap()  # close_notify: the end of our TLS stream is not a truncation
+                link.writer.write(link.tls.outgoing())
             with contextlib.suppress(OSError):
                 transport.write_eof()
             link.linger_handle = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
@@ -448,6 +489,22 @@ class CoordinatorServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    async def _leave_tls(link: _Link) -> None:
+        """Send close_notify after RELAY-OK and read up to the client's; what follows it goes to ``stash``."""
+        tls = link.tls
+        if tls is None:
+            return
+        tls.feed(link.stash)
+        while not tls.unwrap():
+            link.writer.write(tls.outgoing())
+            raw = await link.reader.read(READ_SIZE)
+            if not raw:
+                raise ConnectionError("the relay client closed before leaving TLS")
+            tls.feed(raw)
+        link.writer.write(tls.outgoing())
+        link.stash = tls.leftover()
+
     def _budget(self, peer_id: str) -> ByteBudget:
         budget = self._budgets.get(peer_id)
         if budget is None:
@@ -480,6 +537,9 @@ class CoordinatorServer:
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+            # Both joins leave TLS (close_notify both ways): the peers' own end-to-end TLS follows in the
+            # clear TCP stream, and the relay forwards it without touching it.
+            await asyncio.wait_for(asyncio.gather(*(self._leave_tls(lk) for lk, _ in pair)), RELAY_FLUSH_TIMEOUT)
             for lk, _ in pair:
                 # RELAY-OK must be on the wire before the socket changes hands.
                 lk.writer.transport.set_write_buffer_limits(0)

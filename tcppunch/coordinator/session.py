@@ -68,6 +68,10 @@ class Session:
     relay_started: bool = False
     # Relay budget accounts of the two peers' secrets ("token:..."), charged if the session is relayed.
     accounts: tuple[str, ...] = ()
+    # The key each role must join the relay with (its control connection's key), and the roles that
+    # joined already: a join is single-use, so a replayed or second join is refused.
+    keys: dict[Role, str | None] = field(default_factory=dict)
+    relay_joined: set[Role] = field(default_factory=set)
     results: dict[str, str] = field(default_factory=dict)
     # The two NAT types (for the outcome counters) and whether the outcome was counted already.
     nat_pair: str = "unknown/unknown"

@@ -105,6 +105,7 @@ class Exposer:
     async def _carry(self, visitor: Visitor) -> None:
         local: socket.socket | None = None
         joined: socket.socket | None = None
+        credentials = self.channel.relay_credentials()
         try:
             try:
                 local = await self._connect_local()
@@ -112,9 +113,9 @@ class Exposer:
                 # Join anyway and close at once: the visitor sees its connection end now, not after the
                 # server's join timeout.
                 with contextlib.suppress(OSError, TimeoutError, CoordinatorError):
-                    (await join_visitor(visitor, timeout=self.connect_timeout)).close()
+                    (await join_visitor(visitor, timeout=self.connect_timeout, **credentials)).close()
                 raise
-            joined = await join_visitor(visitor, timeout=self.connect_timeout)
+            joined = await join_visitor(visitor, timeout=self.connect_timeout, **credentials)
             header = b"" if self.proxy_protocol is None else encode(self.proxy_protocol, visitor.visitor,
                                                                       visitor.address)
             # The joined end's pending bytes go to the local service first: the PROXY header.

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -49,6 +50,8 @@ from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import CandidateKind, PunchAttempt, PunchFailed, PunchPlan, PunchResult
 from tcppunch.punch.sockets import reuse_listener
 from tcppunch.session.driver import MuxStream
+from tcppunch.session.identity import Identity, KnownPeers, TrustPolicy, parse_fingerprint
+from tcppunch.session.secure import ChannelSpec, SecureError, SecureErrorCode, secure_streams
 from tcppunch.wire.coord import ErrorCode, Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
 
@@ -62,6 +65,8 @@ REREGISTER_ATTEMPTS = 55
 # That prediction is refreshed after every session (in the background) and, while idle, this often: other
 # hosts behind the same NAT move its counter too. A connect() finding it older than this refreshes first.
 PREDICTION_MAX_AGE = 20.0
+# How long a relay join refused for an unknown session waits for the CANCEL that says why.
+CANCEL_GRACE = 1.0
 
 
 class Peer:
@@ -81,6 +86,17 @@ class Peer:
     NAT-PMP and UPnP-IGD; or the protocols to try); a granted mapping is renewed while the peer runs,
     deleted by :meth:`close`, and peers connect to it first. Off by default: it opens an inbound port on
     the router, which should be the user's choice.
+
+    Security (docs/security.md): every connection, punched or relayed, runs TLS 1.3 between the two
+    peers' keys, bound to its punch session, before any byte of yours. ``identity``: our key (an
+    :class:`Identity` or a key file; default: the config directory's, created on first use). Whose key is
+    whose: ``peer_keys`` pins ids to fingerprints (``connect --peer-key``); ``allow`` lists the only keys
+    that may connect or be connected to (``listen --allow``); otherwise the known-peers file
+    (``known_peers``: a path, ``"default"`` for the config directory's, None for memory only) trusts each
+    id's first key and refuses a changed one; ``trust_coordinator`` also requires a first-seen key to be
+    the one the coordinator bound to that id. ``coordinator_key`` pins the coordinator (else the
+    known-peers file). ``encrypt=False`` is for measurements only: both peers must use it, and every
+    byte then crosses the network in clear and unauthenticated.
     """
 
     def __init__(
@@ -102,6 +118,13 @@ class Peer:
         birthday: BirthdayLimits | None = DEFAULT_LIMITS,
         ipv6: bool = True,
         port_mapping: bool | tuple[PortMappingProtocol, ...] = False,
+        identity: Identity | str | Path | None = None,
+        peer_keys: Mapping[str, str] | None = None,
+        allow: Iterable[str] | None = None,
+        known_peers: KnownPeers | str | Path | None = "default",
+        trust_coordinator: bool = False,
+        coordinator_key: str | None = None,
+        encrypt: bool = True,
     ) -> None:
         # Several coordinators (a cluster): register at the first that answers, fail over to the next.
         listed = [coordinator] if isinstance(coordinator, (str, Endpoint)) else list(coordinator)
@@ -127,11 +150,23 @@ class Peer:
         self._mapping_protocols: tuple[PortMappingProtocol, ...] = (
             tuple(PortMappingProtocol) if port_mapping is True else tuple(port_mapping or ()))
         self._mapper: PortMapper | None = None
+        self.identity = identity if isinstance(identity, Identity) else Identity.load(identity)
+        if not isinstance(known_peers, KnownPeers):
+            known_peers = KnownPeers(None if known_peers is None else
+                                     (KnownPeers.default().path if known_peers == "default" else known_peers))
+        allowed = frozenset(parse_fingerprint(k) for k in allow) if allow is not None else frozenset()
+        self.trust = TrustPolicy(known=known_peers,
+                                 pins={peer: parse_fingerprint(k) for peer, k in (peer_keys or {}).items()},
+                                 allowed=allowed, allow_unknown=allow is None, trust_coordinator=trust_coordinator)
+        self.coordinator_key = None if coordinator_key is None else parse_fingerprint(coordinator_key)
+        self.encrypt = encrypt
+        if not encrypt:
+            log.warning("peer.unencrypted", peer=peer_id,
+                        warning="encrypt=False: connections are NOT authenticated and cross the network in clear")
         self._channel: ControlChannel | None = None
         self._dispatcher: PortDispatcher | None = None
-        # Established incoming connections as raw sockets: accept() wraps them in streams, BlockingPeer
-        # hands them out as they are.
-        self._incoming: asyncio.Queue[tuple[socket.socket, ConnectionInfo] | None] = asyncio.Queue()
+        # Established (and secured) incoming dedicated connections.
+        self._incoming: asyncio.Queue[Connection | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serving: asyncio.Task[None] | None = None
         self._closed = False
@@ -240,7 +275,8 @@ class Peer:
         private = [Endpoint(route_source_ip(self.coordinator.ip), local.port)]
         channel = ControlChannel(self.coordinator, self.peer_id, self._token, local=local, nat=self.nat,
                                  private=private, swarm=self.swarm, birthday=self._birthday is not None,
-                                 ipv6=[self._local6.ip] if self._local6 is not None else [])
+                                 ipv6=[self._local6.ip] if self._local6 is not None else [],
+                                 identity=self.identity, verify_coordinator=self._check_coordinator)
         registered_at = loop.time()
         registration = await channel.register()
         self._channel = channel
@@ -274,7 +310,7 @@ class Peer:
             try:
                 await self._register(local, skip_current=attempt == 1)
                 return True
-            except (CoordinatorError, OSError, TimeoutError) as exc:
+            except (CoordinatorError, OSError, TimeoutError, SecureError) as exc:
                 self._log.info("peer.register_failed", attempt=attempt, error=str(exc))
                 # Our id is still held (the dead node's claim lives until its TTL): it frees at a moment we
                 # cannot know, so ask often.
@@ -332,13 +368,15 @@ class Peer:
 
     async def connect(self, peer_id: str, *, relay: RelayMode | None = None, timeout: float | None = 60.0
                       ) -> Connection:
-        """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason."""
+        """Open a connection to ``peer_id``; raises :class:`ConnectFailed` with the reason (code
+        ``peer-key-mismatch`` if the other end does not hold the key we expect for ``peer_id``)."""
         try:
-            sock, info = await asyncio.wait_for(self.connect_raw(peer_id, relay), timeout)
+            async with asyncio.timeout(timeout):
+                sock, info = await self.connect_raw(peer_id, relay)
+                return await self._secure(sock, info, PREFACE_DEDICATED)
         except TimeoutError:
             raise ConnectFailed(f"no connection to {peer_id} within {timeout} s", peer=peer_id,
                                 code=FailureCode.TIMEOUT) from None
-        return await _wrap(sock, info)
 
     async def open_stream(self, peer_id: str, data: bytes = b"") -> MuxStream:
         """A new stream to ``peer_id`` on the pair's one session (``data`` rides in its opening frame).
@@ -359,7 +397,11 @@ class Peer:
 
     async def _connect_session(self, peer_id: str) -> Connection:
         (sock, info), race = await self._connect_race(peer_id, None, PREFACE_SESSION)
-        conn = await _wrap(sock, info)
+        try:
+            conn = await self._secure(sock, info, PREFACE_SESSION)
+        except BaseException:
+            await race.cancel()
+            raise
         if info.method is Method.RELAY and race.running:
             self._spawn(self._upgrade_later(race, info.session_id))  # the punch goes on: move when it wins
         else:
@@ -377,7 +419,7 @@ class Peer:
                     sock.close()
                     continue
                 await asyncio.get_running_loop().sock_sendall(sock, PREFACE_UPGRADE)
-                await self._migrate(entry, await _wrap(sock, info))
+                await self._migrate(entry, await self._secure(sock, info, PREFACE_UPGRADE))
                 return
         except (ConnectFailed, ConnectionError, OSError) as exc:
             self._log.info("peer.upgrade_failed", session=session_id, error=str(exc))
@@ -404,9 +446,6 @@ class Peer:
 
     async def accept(self, timeout: float | None = None) -> Connection:
         """The next connection another peer opened to us. Raises ConnectionError once the peer closed."""
-        return await _wrap(*await self.accept_raw(timeout))
-
-    async def accept_raw(self, timeout: float | None) -> tuple[socket.socket, ConnectionInfo]:
         item = await asyncio.wait_for(self._incoming.get(), timeout)
         if item is None:
             self._incoming.put_nowait(None)  # every later accept() sees the end too
@@ -423,7 +462,7 @@ class Peer:
 
     # ------------------------------------------------------------------ internals
     async def connect_raw(self, peer_id: str, relay: RelayMode | None) -> tuple[socket.socket, ConnectionInfo]:
-        """A dedicated connection to ``peer_id`` as a connected socket."""
+        """A dedicated connection to ``peer_id`` as a connected socket, before the secure channel."""
         first, race = await self._connect_race(peer_id, relay, PREFACE_DEDICATED)
         await race.cancel()
         return first
@@ -579,14 +618,14 @@ class Peer:
             except (OSError, TimeoutError, EOFError) as exc:
                 preface = f"nothing ({exc!r})".encode()
             if preface == PREFACE_SESSION and entry is None:
-                entry = self._sessions.add(await _wrap(sock, info))
+                entry = self._sessions.add(await self._secure_incoming(sock, info, preface))
                 if info.method is Method.DIRECT:
                     return
             elif preface == PREFACE_DEDICATED and entry is None:
-                await self._incoming.put(current)
+                await self._incoming.put(await self._secure_incoming(sock, info, preface))
                 return
             elif preface == PREFACE_UPGRADE and entry is not None and not entry.session.closed:
-                await self._migrate(entry, await _wrap(sock, info))
+                await self._migrate(entry, await self._secure_incoming(sock, info, preface))
                 return
             else:
                 sock.close()
@@ -676,7 +715,8 @@ class Peer:
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.DIRECT, result.local, result.remote, order.session_id,
                               order.role, result.attempts, timings,
-                              candidate=_winning_kind(result, mapped=self.port_mapping is not None))
+                              candidate=_winning_kind(result, mapped=self.port_mapping is not None),
+                              claimed_key=order.peer_key)
         self._stage("direct", info.to_json())
         await self._report(order, Outcome.DIRECT, {"remote": str(result.remote)})
         return result.sock, info
@@ -686,22 +726,75 @@ class Peer:
         order, timings = progress.order, progress.timings
         self._stage("relay", {"peer": order.peer_id, "reason": reason})
         relay_started = loop.time()
-        join = join_relay(order.relay, order.session_id, order.key, order.role, timeout=self.relay_timeout)
+        join = join_relay(order.relay, order.session_id, order.key, order.role, timeout=self.relay_timeout,
+                          **self._control.relay_credentials())
         try:
             sock = await _unless_cancelled(order, join)
         except SessionCancelled as exc:
             raise progress.failed(f"{order.peer_id} gave up or left: {exc}", FailureCode.CANCELLED) from exc
-        except (CoordinatorError, OSError, TimeoutError) as exc:
+        except (CoordinatorError, OSError, TimeoutError, SecureError) as exc:
+            if isinstance(exc, CoordinatorError) and exc.code == ErrorCode.UNKNOWN_SESSION:
+                # The session ended while we joined: its CANCEL (the real reason) comes on the control
+                # connection, possibly just after this error.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(order.cancelled.wait(), CANCEL_GRACE)
+                if order.cancelled.is_set():
+                    raise progress.failed(f"{order.peer_id} gave up or left: {order.cancel_reason}",
+                                          FailureCode.CANCELLED) from exc
             raise await self._give_up(progress, f"{reason}; the relay failed too: {exc}", FailureCode.RELAY_FAILED,
                                       f"relay: {exc}") from exc
         timings["relay"] = loop.time() - relay_started
         timings["total"] = loop.time() - started
         info = ConnectionInfo(order.peer_id, Method.RELAY, endpoint_of(sock.getsockname()),
                               endpoint_of(sock.getpeername()), order.session_id, order.role, progress.attempts,
-                              timings, relay_reason=reason)
+                              timings, relay_reason=reason, claimed_key=order.peer_key)
         self._stage("relayed", info.to_json())
         await self._report(order, Outcome.RELAY, {"reason": reason})
         return sock, info
+
+    async def _secure(self, sock: socket.socket, info: ConnectionInfo, preface: bytes) -> Connection:
+        """TLS between the two peers' keys on an established connection (after its ``preface``), bound to
+        its punch session and preface; the other side's key checked by our trust policy before any byte
+        of the application. Raises :class:`ConnectFailed` (``peer-key-mismatch``, ``insecure``)."""
+        if not self.encrypt:
+            reader, writer = await asyncio.open_connection(sock=sock)
+            return Connection(reader, writer, info)
+
+        def verify(fingerprint: str) -> None:
+            # ids are names at a coordinator (or a cluster of them: named by the first listed)
+            self.trust.check_peer(info.peer, fingerprint, scope=str(self.coordinators[0]), claimed=info.claimed_key)
+
+        spec = ChannelSpec(self.identity, info.session_id, info.role.value, self.peer_id, info.peer, verify,
+                           purpose=preface.decode("ascii", "replace"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            reader, writer, secure = await secure_streams(sock, spec)
+        except SecureError as exc:
+            code = (FailureCode.PEER_KEY_MISMATCH if exc.code is SecureErrorCode.KEY_MISMATCH
+                    else FailureCode.INSECURE)
+            self._stage("insecure", {"peer": info.peer, "session": info.session_id, "code": code.value,
+                                     "error": str(exc)})
+            raise ConnectFailed(f"no secure channel to {info.peer}: {exc}", peer=info.peer, code=code,
+                                attempts=info.attempts, timings=info.timings) from exc
+        info.peer_key, info.cipher = secure.peer_key, secure.cipher
+        info.timings["secure"] = loop.time() - started
+        if "total" in info.timings:
+            info.timings["total"] += info.timings["secure"]
+        self._stage("secured", {"peer": info.peer, "peer_key": secure.peer_key, "cipher": secure.cipher,
+                                "seconds": round(info.timings["secure"], 4)})
+        return Connection(reader, writer, info)
+
+    async def _secure_incoming(self, sock: socket.socket, info: ConnectionInfo, preface: bytes) -> Connection:
+        try:
+            return await self._secure(sock, info, preface)
+        except ConnectFailed as exc:
+            self._stage("incoming_failed", {"peer": info.peer, "session": info.session_id, "code": exc.code,
+                                            "error": str(exc).splitlines()[0]})
+            raise
+
+    def _check_coordinator(self, fingerprint: str) -> None:
+        self.trust.check_coordinator(str(self.coordinator), fingerprint, self.coordinator_key)
 
     async def _give_up(self, progress: _Progress, message: str, code: FailureCode, reported: str) -> ConnectFailed:
         """Tell the coordinator the session failed (so the other side stops too); the error to raise."""
@@ -763,11 +856,6 @@ async def _unless_cancelled(order: PunchOrder, work: Coroutine[Any, Any, T]) -> 
     if task in done:
         return task.result()
     raise SessionCancelled(order.cancel_reason or "cancelled")
-
-
-async def _wrap(sock: socket.socket, info: ConnectionInfo) -> Connection:
-    reader, writer = await asyncio.open_connection(sock=sock)
-    return Connection(reader, writer, info)
 
 
 async def _recv_exactly(sock: socket.socket, size: int) -> bytes:

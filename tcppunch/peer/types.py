@@ -38,6 +38,8 @@ class FailureCode(StrEnum):
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"  # the coordinator does not answer
     CANCELLED = "cancelled"  # the other peer gave up, left or refused
+    PEER_KEY_MISMATCH = "peer-key-mismatch"  # the other end does not hold the key we expect for its id
+    INSECURE = "insecure"  # the secure channel failed (TLS, session binding, timeout)
 
 
 class ConnectFailed(Exception):
@@ -75,6 +77,11 @@ class ConnectionInfo:
     # Which kind of candidate the direct connection won through (port mapping, ipv6, observed, predicted,
     # ...); None for a relay, or an incoming IPv4 connection from an endpoint we had not targeted.
     candidate: CandidateKind | None = None
+    # The other peer's key (its fingerprint, checked in the TLS handshake) and the cipher; None unencrypted.
+    peer_key: str | None = None
+    cipher: str | None = None
+    # The key the coordinator says owns ``peer`` (checked only with trust_coordinator; not reported).
+    claimed_key: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +95,8 @@ class ConnectionInfo:
             "attempts": [str(a) for a in self.attempts],
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "relay_reason": self.relay_reason,
+            "peer_key": self.peer_key,
+            "cipher": self.cipher,
         }
 
 

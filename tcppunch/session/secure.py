@@ -23,6 +23,7 @@ taken off the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -143,6 +144,7 @@ class TlsEngine:
         self.ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self.established = False
         self.peer_closed = False
+        self.write_closed = False
 
     def feed(self, data: bytes) -> None:
         self._incoming.write(data)
@@ -168,13 +170,25 @@ class TlsEngine:
             except ssl.SSLZeroReturnError:
                 self.peer_closed = True
                 break
-            if not chunk:
+            if not chunk:  # Python's SSLObject returns b"" at the other side's close_notify
+                self.peer_closed = True
                 break
             chunks.append(chunk)
         return b"".join(chunks)
 
     def write(self, data: bytes) -> None:
         self.ssl.write(data)
+
+    def close_write(self) -> None:
+        """Half-close: queue our close_notify; reading goes on until the other side's.
+
+        Python's ``unwrap`` calls SSL_shutdown twice; the second call reads, and OpenSSL fails on any
+        complete application record it finds then. So the caller must have :meth:`read` everything fed
+        so far (at most a partial record may remain, which is safe).
+        """
+        self.write_closed = True
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.ssl.unwrap()
 
     def outgoing(self) -> bytes:
         """Bytes to send now (handshake, records, alerts)."""
@@ -266,16 +280,18 @@ class Binding:
     session_id: str
     role: str  # "initiator" (the TLS client) or "responder"
     peer_id: str
+    purpose: str = ""  # what the connection is for (the peer API's preface), so it cannot be altered
 
     def encode(self) -> bytes:
-        body = json.dumps({"session": self.session_id, "role": self.role, "id": self.peer_id}).encode()
+        body = json.dumps({"session": self.session_id, "role": self.role, "id": self.peer_id,
+                           "purpose": self.purpose}).encode()
         return BIND_MAGIC + struct.pack("!H", len(body)) + body
 
     @staticmethod
     def decode(body: bytes) -> Binding:
         try:
             data: Any = json.loads(body)
-            binding = Binding(str(data["session"]), str(data["role"]), str(data["id"]))
+            binding = Binding(str(data["session"]), str(data["role"]), str(data["id"]), str(data.get("purpose", "")))
         except (ValueError, KeyError, TypeError):
             raise SecureError(SecureErrorCode.SESSION_MISMATCH, "the other side sent a malformed BIND") from None
         return binding
@@ -300,21 +316,24 @@ class ChannelSpec:
     own_id: str
     peer_id: str
     verify: Verifier
+    purpose: str = ""
 
     @property
     def server_side(self) -> bool:
         return self.role != "initiator"
 
     def own_binding(self) -> Binding:
-        return Binding(self.session_id, self.role, self.own_id)
+        return Binding(self.session_id, self.role, self.own_id, self.purpose)
 
     def check_binding(self, theirs: Binding) -> None:
-        expected = Binding(self.session_id, "responder" if self.role == "initiator" else "initiator", self.peer_id)
+        expected = Binding(self.session_id, "responder" if self.role == "initiator" else "initiator", self.peer_id,
+                           self.purpose)
         if theirs != expected:
             raise SecureError(
                 SecureErrorCode.SESSION_MISMATCH,
-                f"the connection belongs to session {theirs.session_id} ({theirs.role} {theirs.peer_id!r}), "
-                f"expected session {expected.session_id} ({expected.role} {expected.peer_id!r})",
+                f"the connection belongs to session {theirs.session_id} ({theirs.role} {theirs.peer_id!r}, "
+                f"{theirs.purpose!r}), expected session {expected.session_id} ({expected.role} {expected.peer_id!r}, "
+                f"{expected.purpose!r})",
             )
 
 
@@ -340,84 +359,158 @@ async def secure_streams(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SecureInfo]:
     """TLS over a connected ``sock`` (taken over), the other side's key checked, BIND exchanged.
 
-    Returns asyncio streams that carry only application bytes. On any failure the socket is closed and
-    :class:`SecureError` raised; nothing was sent but the handshake and our BIND.
+    Returns asyncio streams that carry only application bytes, with half-close: ``write_eof()`` sends
+    close_notify (and a FIN), the other side's reader sees EOF and can still answer. On any failure the
+    socket is closed and :class:`SecureError` raised; nothing was sent but the handshake and our BIND.
     """
     loop = asyncio.get_running_loop()
-    ctx = context(spec.identity, server_side=spec.server_side)
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    engine = TlsEngine(context(spec.identity, server_side=spec.server_side), server_side=spec.server_side)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):
-            try:
-                if spec.server_side:
-                    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx)
-                else:
-                    transport, _ = await loop.create_connection(lambda: protocol, sock=sock, ssl=ctx,
-                                                                server_hostname="")
-            except (ssl.SSLError, ConnectionError, OSError) as exc:
-                raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS handshake failed: {exc}") from None
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            try:
-                ssl_object = writer.get_extra_info("ssl_object")
-                fingerprint = verify_peer(ssl_object, spec.verify)
-                writer.write(spec.own_binding().encode())
-                head = await reader.readexactly(6)
-                theirs = Binding.decode(await reader.readexactly(Binding.body_size(head)))
-                spec.check_binding(theirs)
-            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-                writer.transport.abort()
-                raise SecureError(SecureErrorCode.SESSION_MISMATCH,
-                                  "the other side closed the connection before its BIND (did it refuse our key?)"
-                                  ) from None
-            except BaseException:
-                writer.transport.abort()
-                raise
+            fingerprint = await engine_handshake(engine, sock, spec.verify)
+            await engine_send(engine, sock, spec.own_binding().encode())
+            received = b""
+            while len(received) < 6 or len(received) < 6 + Binding.body_size(received[:6]):
+                data = await engine_recv(engine, sock)
+                if not data:
+                    raise ConnectionResetError("closed")
+                received += data
+            size = 6 + Binding.body_size(received[:6])
+            spec.check_binding(Binding.decode(received[6:size]))
     except TimeoutError:
         sock.close()
         raise SecureError(SecureErrorCode.TIMEOUT, f"no secure channel within {timeout:g} s") from None
+    except (ConnectionError, OSError):
+        sock.close()
+        raise SecureError(SecureErrorCode.SESSION_MISMATCH,
+                          "the other side closed the connection before its BIND (did it refuse our key?)") from None
     except BaseException:
         sock.close()
         raise
-    return reader, writer, _info(ssl_object, fingerprint)
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    app = asyncio.StreamReaderProtocol(reader, loop=loop)
+    _, raw_side = await loop.connect_accepted_socket(lambda: _RawSide(engine, app, received[size:]), sock)
+    assert raw_side.tls is not None
+    writer = asyncio.StreamWriter(raw_side.tls, app, reader, loop)
+    return reader, writer, _info(engine.ssl, fingerprint)
 
 
-def secure_socket(sock: socket.socket, spec: ChannelSpec, *, timeout: float = HANDSHAKE_TIMEOUT
-                  ) -> tuple[ssl.SSLSocket, SecureInfo]:
-    """:func:`secure_streams` for blocking programs: a connected, blocking ``ssl.SSLSocket``."""
-    sock.settimeout(timeout)
-    try:
-        tls = context(spec.identity, server_side=spec.server_side).wrap_socket(
-            sock, server_side=spec.server_side, do_handshake_on_connect=True
-        )
-    except TimeoutError:
-        sock.close()
-        raise SecureError(SecureErrorCode.TIMEOUT, f"no secure channel within {timeout:g} s") from None
-    except (ssl.SSLError, OSError) as exc:
-        sock.close()
-        raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS handshake failed: {exc}") from None
-    try:
-        fingerprint = verify_peer(tls, spec.verify)
-        tls.sendall(spec.own_binding().encode())
-        head = _recv_all(tls, 6)
-        spec.check_binding(Binding.decode(_recv_all(tls, Binding.body_size(head))))
-    except TimeoutError:
-        tls.close()
-        raise SecureError(SecureErrorCode.TIMEOUT, f"no BIND within {timeout:g} s") from None
-    except (SecureError, OSError):
-        tls.close()
-        raise
-    tls.settimeout(None)
-    return tls, _info(tls, fingerprint)
+class _TlsTransport(asyncio.Transport):
+    """The application's view of a TLS connection: writes are encrypted, ``write_eof`` half-closes."""
+
+    def __init__(self, raw: asyncio.Transport, engine: TlsEngine) -> None:
+        super().__init__()
+        self._raw = raw
+        self._engine = engine
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._engine.write_closed or self._raw.is_closing():
+            raise ConnectionResetError("the TLS stream is closed for writing")
+        self._engine.write(bytes(data))
+        self._raw.write(self._engine.outgoing())
+
+    def write_eof(self) -> None:
+        if self._engine.write_closed or self._raw.is_closing():
+            return
+        self._engine.close_write()
+        self._raw.write(self._engine.outgoing())
+        with contextlib.suppress(OSError):  # the other side may have reset the connection already
+            self._raw.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self._raw.is_closing():
+            self.write_eof()
+            self._raw.close()
+
+    def abort(self) -> None:
+        self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._raw.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._engine.ssl
+        if name == "peercert":
+            return self._engine.ssl.getpeercert(binary_form=True)
+        return self._raw.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a TLS stream keeps its protocol")
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
 
 
-def _recv_all(tls: ssl.SSLSocket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = tls.recv(size - len(data))
-        if not chunk:
-            raise SecureError(SecureErrorCode.SESSION_MISMATCH,
-                              "the other side closed the connection before its BIND (did it refuse our key?)")
-        data += chunk
-    return data
+class _RawSide(asyncio.Protocol):
+    """The TCP connection under :class:`_TlsTransport`: decrypts into the application's protocol."""
+
+    def __init__(self, engine: TlsEngine, app: asyncio.Protocol, first: bytes) -> None:
+        self._engine = engine
+        self._app = app
+        self._first = first
+        self._eof_delivered = False
+        self.tls: _TlsTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.tls = _TlsTransport(transport, self._engine)
+        self._app.connection_made(self.tls)
+        if self._first:  # application bytes that came with the other side's BIND
+            self._app.data_received(self._first)
+        self._deliver()  # and records already decrypted or buffered
+
+    def data_received(self, data: bytes) -> None:
+        self._engine.feed(data)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        try:
+            plain = self._engine.read()
+        except ssl.SSLError as exc:
+            assert self.tls is not None
+            self.tls.abort()
+            self._app.connection_lost(ConnectionResetError(f"TLS failed: {exc}"))
+            return
+        if plain:
+            self._app.data_received(plain)
+        if self._engine.peer_closed and not self._eof_delivered:
+            self._eof_delivered = True
+            self._app.eof_received()
+
+    def eof_received(self) -> bool:
+        if not self._engine.peer_closed:  # a FIN without close_notify: the stream was cut, not ended
+            assert self.tls is not None
+            self.tls.abort()
+            return False
+        return True  # keep our direction open: the other side half-closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and not self._engine.peer_closed:
+            exc = ConnectionResetError("the TLS stream was cut before the other side's close_notify")
+        self._app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._app.resume_writing()

@@ -36,6 +36,8 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     # registration (fatal)
     BAD_TOKEN = "bad-token"
+    TLS_REQUIRED = "tls-required"  # REGISTER or RELAY outside TLS (no authenticated key)
+    ID_OWNED = "id-owned"  # the id belongs to another key
     ID_TAKEN = "id-taken"
     REPLACED = "replaced"
     KEEPALIVE_TIMEOUT = "keepalive-timeout"
@@ -46,7 +48,8 @@ class ErrorCode(StrEnum):
     # relay connections (fatal)
     UNKNOWN_SESSION = "unknown-session"
     BAD_PROOF = "bad-proof"
-    RELAY_ROLE_TAKEN = "relay-role-taken"
+    RELAY_USED = "relay-used"  # this role already joined the session's relay once (joins are single-use)
+    RELAY_WRONG_KEY = "relay-wrong-key"  # the joiner's key is not the key of the peer in that role
     RELAY_LIMIT = "relay-limit"
     RELAY_TIMEOUT = "relay-timeout"
     RELAY_OVERFLOW = "relay-overflow"
@@ -583,6 +586,9 @@ class Punch:
     request_id: str | None = None
     advice_reason: str = ""
     peer_ipv6: tuple[Endpoint, ...] = ()  # the other peer's IPv6 endpoints (REGISTER's ipv6)
+    # The fingerprint of the key that owns peer_id at the coordinator (used only when the user trusts
+    # the coordinator's word: see docs/security.md).
+    peer_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -600,6 +606,7 @@ class Punch:
             "request_id": self.request_id,
             "advice_reason": self.advice_reason,
             "peer_ipv6": [e.to_json() for e in self.peer_ipv6],
+            "peer_key": self.peer_key,
         }
 
     @classmethod
@@ -619,6 +626,7 @@ class Punch:
             request_id=_opt_str(obj, "request_id", max_len=64),
             advice_reason=_opt_str(obj, "advice_reason", max_len=1024) or "",
             peer_ipv6=_ipv6_endpoints(obj, "peer_ipv6"),
+            peer_key=_opt_str(obj, "peer_key", max_len=64),
         )
 
 

@@ -29,6 +29,8 @@ from tcppunch.coordinator.control import (
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.session.identity import Identity
+from tcppunch.session.secure import TlsEngine, context, engine_handshake, engine_recv, engine_send, engine_unwrap
 from tcppunch.wire.coord import (
     Error,
     Message,
@@ -81,6 +83,12 @@ async def with_server(
     server = CoordinatorServer("127.0.0.1", 0, tokens or Tokens(shared=TOKEN), config=config, **kw)
     async with server:
         return await body(server)
+
+
+async def tls_connection(server: CoordinatorServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A hand-made client connection as the coordinator requires: TLS with this user's peer key."""
+    return await asyncio.open_connection(server.address.ip, server.address.port, server_hostname="",
+                                         ssl=context(Identity.load(), server_side=False))
 
 
 def channel(server: CoordinatorServer, peer_id: str, token: str = TOKEN, **kw: Any) -> ControlChannel:
@@ -288,8 +296,9 @@ def test_silent_and_half_open_clients_time_out_others_are_served() -> None:
 
 def test_stale_registration_is_replaced() -> None:
     async def body(server: CoordinatorServer) -> None:
-        # a "crashed" alice: registered, then never answers a keepalive
-        reader, writer = await asyncio.open_connection(server.address.ip, server.address.port)
+        # a "crashed" alice (same key as the new one: ids belong to keys): registered, then never
+        # answers a keepalive
+        reader, writer = await tls_connection(server)
         writer.write(PREAMBLE + encode_message(Register("alice", TOKEN)))
         await until(lambda: server.protocol.registry.get("alice") is not None)
         record = server.protocol.registry.get("alice")
@@ -428,20 +437,23 @@ def test_relay_refuses_wrong_proofs_and_third_parties() -> None:
     async def body(server: CoordinatorServer) -> None:
         alice, bob, mine, theirs = await _pair(server)
         try:
-            # a wrong key for an existing session
+            # alice's key but a wrong proof for an existing session (does not use up her join)
             with pytest.raises(CoordinatorError) as info:
-                await open_relay(mine.relay, mine.session_id, bytes(32), Role.INITIATOR, timeout=5.0)
+                await open_relay(mine.relay, mine.session_id, bytes(32), Role.INITIATOR, timeout=5.0,
+                                 **alice.relay_credentials())
             assert info.value.code == "bad-proof"
             # an unknown session
             with pytest.raises(CoordinatorError) as info:
-                await open_relay(mine.relay, "00" * 16, mine.key, Role.INITIATOR, timeout=5.0)
+                await open_relay(mine.relay, "00" * 16, mine.key, Role.INITIATOR, timeout=5.0,
+                                 **alice.relay_credentials())
             assert info.value.code == "unknown-session"
-            # the initiator waits; a third connection knowing the session id but not the key is refused
+            # the initiator waits; a third party who even knows the session key but holds another key
             waiting = asyncio.create_task(alice.open_relay(mine))
             await until(lambda: bool(server.protocol.sessions[mine.session_id].relay_waiting))
             with pytest.raises(CoordinatorError) as info:
-                await open_relay(mine.relay, mine.session_id, os.urandom(32), Role.RESPONDER, timeout=5.0)
-            assert info.value.code == "bad-proof"
+                await open_relay(mine.relay, mine.session_id, theirs.key, Role.RESPONDER, timeout=5.0,
+                                 identity=Identity.generate(), verify=lambda key: None)
+            assert info.value.code == "relay-wrong-key"
             # the rightful responder still gets through
             rb, wb = await bob.open_relay(theirs)
             ra, wa = await waiting
@@ -525,21 +537,29 @@ def test_bytes_sent_before_relay_ok_are_delivered_first_and_in_order() -> None:
     async def body(server: CoordinatorServer) -> None:
         alice, bob, mine, theirs = await _pair(server)
         try:
-            reader, writer = await asyncio.open_connection(mine.relay.ip, mine.relay.port)
+            # alice's join by hand: inside its TLS, bytes after RELAY (before RELAY-OK); after leaving TLS,
+            # bytes in the clear stream (where the peers' own TLS would run)
+            loop = asyncio.get_running_loop()
+            sock = socket.create_connection((mine.relay.ip, mine.relay.port))
+            sock.setblocking(False)
+            tls = TlsEngine(context(alice.identity, server_side=False), server_side=False)
+            await engine_handshake(tls, sock, lambda key: None)
             proof = relay_proof(mine.key, mine.session_id, Role.INITIATOR)
-            writer.write(PREAMBLE + encode_message(Relay(mine.session_id, Role.INITIATOR, proof)) + b"early")
+            await engine_send(tls, sock, PREAMBLE + encode_message(Relay(mine.session_id, Role.INITIATOR, proof))
+                              + b"early")
             await until(lambda: bool(server.protocol.sessions[mine.session_id].relay_waiting))
-            writer.write(b"-waiting")
+            await engine_send(tls, sock, b"-waiting")
             await until(lambda: server.protocol.stats.relays == 0 and _raw_waiting(server, mine.session_id) == 13)
             rb, wb = await bob.open_relay(theirs)
-            writer.write(b"-after")
-            writer.write_eof()
-            assert await asyncio.wait_for(rb.read(), 10.0) == b"early-waiting-after"
-            # and alice's connection got its RELAY-OK before anything else
-            header = await reader.readexactly(4)
-            ok = decode_message(json.loads(await reader.readexactly(struct.unpack("!I", header)[0])))
+            # alice's connection got its RELAY-OK before anything else
+            data = await engine_recv(tls, sock)
+            ok = decode_message(json.loads(data[4 : 4 + struct.unpack("!I", data[:4])[0]]))
             assert ok == RelayOk(mine.session_id)
-            writer.close()
+            assert await engine_unwrap(tls, sock) == b""
+            await loop.sock_sendall(sock, b"-after")
+            sock.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(rb.read(), 10.0) == b"early-waiting-after"
+            sock.close()
             wb.close()
         finally:
             await alice.close()

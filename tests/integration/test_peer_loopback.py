@@ -19,7 +19,7 @@ from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
 from tcppunch.wire.coord import Outcome
 from tcppunch.wire.endpoint import Endpoint
-from tests.loopback import free_port, loopback_coordinator
+from tests.loopback import SERVER_IDENTITY, free_port, loopback_coordinator
 
 TOKEN = "loopback-secret"
 
@@ -221,14 +221,15 @@ def test_peers_register_again_after_the_coordinator_restarts() -> None:
 
         port = free_port()
         tokens = Tokens(shared=TOKEN)
-        first = CoordinatorServer("127.0.0.1", port, tokens)
+        # a restarted coordinator keeps its key (peers would refuse another: known-peers file)
+        first = CoordinatorServer("127.0.0.1", port, tokens, identity=SERVER_IDENTITY)
         await first.start()
         where = Endpoint("127.0.0.1", port)
         async with Peer(where, "bob", TOKEN, detect_nat=False, on_stage=on_stage("bob")) as bob, \
                 Peer(where, "alice", TOKEN, detect_nat=False, on_stage=on_stage("alice")) as alice:
             assert {await registered.get(), await registered.get()} == {"alice", "bob"}
             await first.stop()  # both control connections drop
-            second = CoordinatorServer("127.0.0.1", port, tokens)
+            second = CoordinatorServer("127.0.0.1", port, tokens, identity=SERVER_IDENTITY)
             await second.start()
             try:
                 again = {await asyncio.wait_for(registered.get(), 20), await asyncio.wait_for(registered.get(), 20)}

@@ -12,6 +12,7 @@ from tcppunch.coordinator.control import ControlChannel, CoordinatorError, open_
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.peer import ConnectFailed, Connection, Method, Peer, RelayMode
+from tcppunch.session.identity import Identity
 
 STREAMS = 100
 SIZE = 1_000_000
@@ -89,9 +90,10 @@ def test_killing_one_side_closes_its_partner_and_strangers_are_refused() -> None
                 ControlChannel(server.address, "a", "t") as a, ControlChannel(server.address, "b", "t") as b:
             order_a = await a.connect("b")
             order_b = await b.next_order(5)
-            # a stranger who learned the session id but not the key
+            # a stranger who learned the session id and even the session key, but holds another identity key
             try:
-                await open_relay(server.address, order_a.session_id, os.urandom(32), order_a.role.other, timeout=5)
+                await open_relay(server.address, order_a.session_id, order_b.key, order_a.role.other, timeout=5,
+                                 identity=Identity.generate(), verify=lambda key: None)
                 refused = "accepted"
             except CoordinatorError as exc:
                 refused = exc.code
@@ -105,7 +107,7 @@ def test_killing_one_side_closes_its_partner_and_strangers_are_refused() -> None
 
     rest, refused = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert rest == b""
-    assert refused == "bad-proof"
+    assert refused == "relay-wrong-key"
 
 
 def test_relay_limit_reaches_both_sides_at_once() -> None:

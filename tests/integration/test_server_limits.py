@@ -16,7 +16,7 @@ from tcppunch.wire.coord import Error, Register, Registered, decode_message, enc
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder
 
-from .test_coordinator import TOKEN, assert_still_served, channel, run, until, with_server
+from .test_coordinator import TOKEN, assert_still_served, channel, run, tls_connection, until, with_server
 
 OTHER_SOURCE = Endpoint("127.0.0.2", 0)
 
@@ -70,7 +70,7 @@ def test_a_slow_peer_trickling_into_an_unfinished_frame_is_dropped() -> None:
                                frame_timeout=1.0, handshake_timeout=2.0)
 
     async def body(server: CoordinatorServer) -> None:
-        reader, writer = await asyncio.open_connection(server.address.ip, server.address.port)
+        reader, writer = await tls_connection(server)
         writer.write(PREAMBLE + encode_message(Register("slow", TOKEN)))
         (registered, *_) = await read_messages(reader, 1)
         assert isinstance(registered, Registered)
@@ -116,7 +116,7 @@ def test_wrong_tokens_from_one_source_are_throttled_and_another_source_registers
     async def body(server: CoordinatorServer) -> None:
         codes = []
         for _ in range(40):
-            reader, writer = await asyncio.open_connection(server.address.ip, server.address.port)
+            reader, writer = await tls_connection(server)
             writer.write(PREAMBLE + encode_message(Register("alice", "guess")))
             (error, *_) = await read_messages(reader, 1)
             assert isinstance(error, Error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,12 @@ def four_nats() -> LabSpec:
                     RouterSpec("rndb", NatType.SYMMETRIC_RANDOM, SynPolicy.RST)])
 
 
+def token_env(token: str) -> dict[str, str]:
+    """The environment of a tcppunch process: secrets travel there, never on the command line (read at call
+    time: the test session points XDG_CONFIG_HOME at a throw-away directory)."""
+    return {**os.environ, "TCPPUNCH_TOKEN": token}
+
+
 def stop(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
     if proc.poll() is None:
@@ -38,8 +45,8 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 @contextmanager
 def lab_server(lab: Lab, token: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """`tcppunch server` on the lab server (both addresses), running once it said "listening on"."""
-    server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                               "--token", token, *extra], stderr=subprocess.PIPE, text=True)
+    server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11", *extra],
+                              stderr=subprocess.PIPE, text=True, env=token_env(token))
     try:
         seen: list[str] = []
         assert server.stderr is not None

@@ -19,9 +19,13 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost
 from tests.lab.lines import wait_for_line
-from tests.lab.processes import COORD, PY, four_nats, lab_server
+from tests.lab.processes import COORD, PY, four_nats, lab_server, token_env
 
 TOKEN = "cli-lab-token"
+
+
+def env(token: str = TOKEN) -> dict[str, str]:
+    return token_env(token)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +36,9 @@ def lab() -> Iterator[Lab]:
 
 def _listen(host: LabHost, peer_id: str, stdin: Path, stdout: Path, report: Path, *extra: str
             ) -> subprocess.Popen[str]:
-    proc = host.popen([*PY, "listen", "--coordinator", COORD, "--id", peer_id, "--token", TOKEN, "--once",
+    proc = host.popen([*PY, "listen", "--coordinator", COORD, "--id", peer_id, "--once",
                        "--report", str(report), *extra],
-                      stdin=stdin.open("rb"), stdout=stdout.open("wb"), stderr=subprocess.PIPE, text=True)
+                      stdin=stdin.open("rb"), stdout=stdout.open("wb"), stderr=subprocess.PIPE, text=True, env=env())
     seen: list[str] = []
     assert proc.stderr is not None
     assert wait_for_line(proc.stderr, "listening as", 30, seen), seen
@@ -57,10 +61,10 @@ def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: s
     a_in, a_out = _files(tmp_path, "a", 10_000_000)
     b_in, b_out = _files(tmp_path, "b", 10_000_000)
     listener = _listen(lab.host(b), f"{b}-l", b_in, b_out, tmp_path / "b.json")
-    done = lab.host(a).run([*PY, "connect", f"{b}-l", "--coordinator", COORD, "--id", f"{a}-c", "--token", TOKEN,
+    done = lab.host(a).run([*PY, "connect", f"{b}-l", "--coordinator", COORD, "--id", f"{a}-c",
                             "--report", str(tmp_path / "a.json")],
                            stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
-                           stderr=subprocess.PIPE, timeout=120)
+                           stderr=subprocess.PIPE, timeout=120, env=env())
     assert done.returncode == 0, done.stderr
     assert listener.wait(60) == 0
     assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
@@ -82,12 +86,14 @@ def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     exposer = forwarder = None
     try:
-        exposer = b.popen([*PY, "listen", "--coordinator", COORD, "--id", "web", "--token", TOKEN,
-                           "--forward", "127.0.0.1:8080"], stderr=subprocess.PIPE, text=True)
+        # --forward names the keys that may reach the service (every lab process shares one key here)
+        browser_key = subprocess.run([*PY, "id"], capture_output=True, text=True, check=True).stdout.strip()
+        exposer = b.popen([*PY, "listen", "--coordinator", COORD, "--id", "web", "--forward", "127.0.0.1:8080",
+                           "--allow", browser_key], stderr=subprocess.PIPE, text=True, env=env())
         seen: list[str] = []
         assert exposer.stderr is not None and wait_for_line(exposer.stderr, "listening as", 30, seen), seen
-        forwarder = a.popen([*PY, "connect", "web", "--coordinator", COORD, "--id", "browser", "--token", TOKEN,
-                             "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True)
+        forwarder = a.popen([*PY, "connect", "web", "--coordinator", COORD, "--id", "browser",
+                             "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True, env=env())
         assert forwarder.stderr is not None and wait_for_line(forwarder.stderr, "accepting local", 30, seen), seen
         fetch = ("import sys,urllib.request;"
                  "sys.stdout.buffer.write(urllib.request.urlopen('http://127.0.0.1:9000/page.bin',timeout=30).read())")
@@ -103,16 +109,17 @@ def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_connect_to_unknown_peer_is_one_clear_line(lab: Lab) -> None:
-    done = lab.host("pr").run([*PY, "connect", "nobody", "--coordinator", COORD, "--id", "lost", "--token", TOKEN,
-                               "--no-detect"], stdin=subprocess.DEVNULL, timeout=60)
+    done = lab.host("pr").run([*PY, "connect", "nobody", "--coordinator", COORD, "--id", "lost",
+                               "--no-detect"], stdin=subprocess.DEVNULL, timeout=60, env=env())
     assert done.returncode == 1
     assert "unknown-peer" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_wrong_token_is_refused_cleanly(lab: Lab) -> None:
-    done = lab.host("pr").run([*PY, "listen", "--coordinator", COORD, "--id", "intruder", "--token", "wrong",
-                               "--no-detect", "--once"], stdin=subprocess.DEVNULL, timeout=60)
+    done = lab.host("pr").run([*PY, "listen", "--coordinator", COORD, "--id", "intruder",
+                               "--no-detect", "--once"], stdin=subprocess.DEVNULL, timeout=60,
+                              env=env("wrong"))
     assert done.returncode != 0
     assert "bad-token" in done.stderr
     assert "Traceback" not in done.stderr

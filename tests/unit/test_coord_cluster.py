@@ -51,6 +51,7 @@ def node_a() -> CoordinatorProtocol:
 
 def register(proto: CoordinatorProtocol, conn: int, peer_id: str) -> list[Action]:
     proto.connection_made(conn, Endpoint("203.0.113.5", 40000 + conn), SERVER, 100.0)
+    proto.connection_authenticated(conn, f"KEY-OF-{peer_id}")  # the TLS handshake's key (ids belong to keys)
     return proto.data_received(conn, PREAMBLE + encode_message(Register(peer_id, "tok")), 100.0)
 
 

@@ -51,6 +51,8 @@ from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder
 
 SERVER = Endpoint("198.51.100.10", 3478)
+# Every harness connection authenticates with this key unless a test says otherwise (ids are owned by keys).
+TEST_KEY = "TEST-KEY0-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"
 CONFIG = CoordinatorConfig(
     keepalive_interval=5.0,
     stale_after=7.5,
@@ -112,11 +114,14 @@ class Harness:
             else:
                 self.relays.append(action)
 
-    def open(self, port: int = 40000, ip: str = "203.0.113.5") -> int:
+    def open(self, port: int = 40000, ip: str = "203.0.113.5", key: str | None = TEST_KEY) -> int:
+        """A new connection; ``key``: the fingerprint its TLS handshake authenticated (None: plain TCP)."""
         conn = next(self._ids)
         self.wires[conn] = Wire()
         observed = Endpoint(ip, port + conn)
         self.apply(self.proto.connection_made(conn, observed, SERVER, self.now))
+        if key is not None:
+            self.proto.connection_authenticated(conn, key)
         return conn
 
     def feed(self, conn: int, data: bytes) -> None:
@@ -132,8 +137,9 @@ class Harness:
     def lose(self, conn: int) -> None:
         self.apply(self.proto.connection_lost(conn, self.now))
 
-    def register(self, peer_id: str, token: str = "tok", *, ip: str = "203.0.113.5", **kw: Any) -> int:
-        conn = self.open(ip=ip)
+    def register(self, peer_id: str, token: str = "tok", *, ip: str = "203.0.113.5", key: str | None = TEST_KEY,
+                 **kw: Any) -> int:
+        conn = self.open(ip=ip, key=key)
         self.send(conn, Register(peer_id, token, **kw), preamble=True)
         return conn
 
@@ -514,6 +520,7 @@ def test_an_ipv6_control_connection_is_an_ipv6_endpoint_seen_by_the_server() -> 
     h.wires[conn] = Wire()
     seen = Endpoint("2001:db8:3::2", 7000)
     h.apply(h.proto.connection_made(conn, seen, SERVER, h.now))
+    h.proto.connection_authenticated(conn, TEST_KEY)
     h.send(conn, Register("carol", "tok"), preamble=True)
     bob = h.register("bob", ipv6=(Endpoint("2001:db8:2::2", 6000),))
     h.take(bob)
@@ -607,8 +614,9 @@ def _session(h: Harness) -> tuple[int, int, Punch]:
     return alice, bob, punch
 
 
-def _join(h: Harness, punch: Punch, role: Role, *, key: bytes | None = None, extra: bytes = b"") -> int:
-    conn = h.open()
+def _join(h: Harness, punch: Punch, role: Role, *, key: bytes | None = None, extra: bytes = b"",
+          tls_key: str | None = TEST_KEY) -> int:
+    conn = h.open(key=tls_key)
     proof = relay_proof(key or punch.key, punch.session_id, role)
     h.feed(conn, PREAMBLE + encode_message(Relay(punch.session_id, role, proof)) + extra)
     return conn
@@ -657,12 +665,12 @@ def test_third_connection_with_the_session_id_but_not_the_key_is_refused() -> No
     assert h.relays == [] and h.proto.conn_state(ini) is ConnState.RELAY_WAIT
 
 
-def test_relay_role_taken_and_unknown_session() -> None:
+def test_second_join_for_a_role_and_unknown_session_are_refused() -> None:
     h = Harness()
     _, _, punch = _session(h)
     _join(h, punch, Role.INITIATOR)
     again = _join(h, punch, Role.INITIATOR)
-    assert_fatal(h, again, "relay-role-taken")
+    assert_fatal(h, again, "relay-used")
     conn = h.open()
     h.send(conn, Relay("f" * 32, Role.INITIATOR, bytes(32)), preamble=True)
     assert_fatal(h, conn, "unknown-session")
@@ -689,14 +697,18 @@ def test_waiting_relay_is_cancelled_when_a_peer_leaves() -> None:
     assert_fatal(h, ini, "session-cancelled")
 
 
-def test_waiting_relay_that_disconnects_frees_its_role() -> None:
+def test_waiting_relay_that_disconnects_ends_the_session_and_both_peers_hear_why() -> None:
     h = Harness()
-    _, _, punch = _session(h)
+    alice, bob, punch = _session(h)
+    h.take(bob)
     first = _join(h, punch, Role.INITIATOR)
     h.lose(first)
-    _join(h, punch, Role.INITIATOR)
-    _join(h, punch, Role.RESPONDER)
-    assert len(h.relays) == 1
+    for conn in (alice, bob):
+        (cancel,) = [m for m in h.take(conn) if isinstance(m, Cancel)]
+        assert cancel.session_id == punch.session_id and "session-cancelled" in cancel.reason
+    assert punch.session_id not in h.proto.sessions
+    assert_fatal(h, _join(h, punch, Role.RESPONDER), "unknown-session")
+    assert h.relays == []
 
 
 def test_too_many_bytes_before_relay_ok() -> None:
@@ -778,3 +790,81 @@ def test_the_largest_registration_still_fits_in_a_punch_frame() -> None:
     h.send(alice, Connect("r" * 64, "b" * 64))
     (punch,) = [m for m in h.take(bob) if isinstance(m, Punch)]
     assert punch.peer_nat == big_nat and punch.peer_private == private
+
+
+# ------------------------------------------------------------------------------- keys (issue 9)
+
+ALICE_KEY = "ALIC-EAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"
+BOB_KEY = "BOBB-BBBB-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"
+EVE_KEY = "EVEE-EEEE-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"
+
+
+def _keyed_session(h: Harness) -> tuple[int, int, Punch]:
+    """alice (ALICE_KEY) connects to bob (BOB_KEY): their connections and alice's PUNCH."""
+    alice, bob = h.register("alice", key=ALICE_KEY), h.register("bob", key=BOB_KEY)
+    h.take(bob)
+    h.send(alice, Connect("r", "bob"))
+    return alice, bob, next(m for m in h.take(alice) if isinstance(m, Punch))
+
+
+def test_register_and_relay_outside_tls_are_refused() -> None:
+    h = Harness()
+    conn = h.register("alice", key=None)
+    assert_fatal(h, conn, "tls-required")
+    _, _, punch = _session(h)
+    assert_fatal(h, _join(h, punch, Role.INITIATOR, tls_key=None), "tls-required")
+
+
+def test_an_impostor_with_the_token_cannot_take_an_id_after_its_owner_left() -> None:
+    h = Harness()
+    bob = h.register("bob", key=BOB_KEY)
+    h.lose(bob)  # bob left: the id is free, but it stays bob's key's
+    eve = h.register("bob", key=EVE_KEY)
+    error = h.error(eve)
+    assert error.code == "id-owned" and BOB_KEY in error.message and EVE_KEY in error.message
+    assert h.proto.registry.get("bob") is None
+    again = h.register("bob", key=BOB_KEY)  # the owner comes back
+    assert isinstance(h.take(again)[0], Registered)
+
+
+def test_authorized_keys_reserve_ids() -> None:
+    h = Harness()
+    h.proto.authorized_keys = {"bob": frozenset({BOB_KEY, ALICE_KEY})}
+    assert h.error(h.register("bob", key=EVE_KEY)).code == "id-owned"
+    first = h.register("bob", key=ALICE_KEY)  # either listed key may register it
+    assert isinstance(h.take(first)[0], Registered)
+    h.lose(first)
+    assert isinstance(h.take(h.register("bob", key=BOB_KEY))[0], Registered)
+
+
+def test_punch_names_the_key_that_owns_the_other_id() -> None:
+    h = Harness()
+    _, bob, mine = _keyed_session(h)
+    theirs = next(m for m in h.take(bob) if isinstance(m, Punch))
+    assert (mine.peer_key, theirs.peer_key) == (BOB_KEY, ALICE_KEY)
+
+
+def test_relay_join_needs_the_key_of_the_peer_in_that_role() -> None:
+    h = Harness()
+    _, _, punch = _keyed_session(h)
+    # The right proof (an old-style stolen RELAY frame) is not enough without alice's key.
+    assert_fatal(h, _join(h, punch, Role.INITIATOR, tls_key=EVE_KEY), "relay-wrong-key")
+    assert_fatal(h, _join(h, punch, Role.INITIATOR, tls_key=BOB_KEY), "relay-wrong-key")
+    ini = _join(h, punch, Role.INITIATOR, tls_key=ALICE_KEY)
+    resp = _join(h, punch, Role.RESPONDER, tls_key=BOB_KEY)
+    assert len(h.relays) == 1 and {ini, resp} == {h.relays[0].initiator, h.relays[0].responder}
+
+
+def test_finding_2_a_replayed_relay_join_gets_an_error_and_no_bytes() -> None:
+    """Before: RELAY frames carried a fixed HMAC; replayed after the real join dropped, one got relay-ok
+    and the partner's bytes. Now a join is single-use and bound to the joiner's key."""
+    h = Harness()
+    _, _, punch = _keyed_session(h)
+    real = _join(h, punch, Role.INITIATOR, tls_key=ALICE_KEY)
+    assert_fatal(h, _join(h, punch, Role.INITIATOR, tls_key=ALICE_KEY), "relay-used")
+    h.lose(real)  # the real join dropped before its partner came
+    replay = _join(h, punch, Role.INITIATOR, tls_key=ALICE_KEY)
+    assert h.error(replay).code == "unknown-session"
+    partner = _join(h, punch, Role.RESPONDER, tls_key=BOB_KEY)
+    assert h.error(partner).code == "unknown-session"
+    assert h.relays == []  # nobody was paired: no bytes reach the replayer

@@ -41,6 +41,11 @@ def _client(meta: Metainfo, where: str, peer_id: str, directory: Path, events: l
     return SwarmClient(meta, PieceStore(meta, directory), config, lambda e: events.append({"peer": peer_id, **e}))
 
 
+async def _all_pairs_connected(clients: list[SwarmClient]) -> None:
+    while not all(sum(p.connections > 0 for p in c.pairs.values()) == len(clients) - 1 for c in clients):
+        await asyncio.sleep(0.05)  # polling a condition, bounded by the caller's wait_for
+
+
 def test_seeder_and_three_leechers_on_loopback(tmp_path: Path) -> None:
     meta, data = _content(tmp_path, 700_000)  # 43 pieces, the last one short
     events: list[dict[str, Any]] = []
@@ -52,6 +57,9 @@ def test_seeder_and_three_leechers_on_loopback(tmp_path: Path) -> None:
             clients += [_client(meta, where, f"leech{i}", tmp_path / f"leech{i}", events) for i in range(3)]
             runs = [asyncio.create_task(c.run(stop)) for c in clients]
             await asyncio.wait_for(asyncio.gather(*(c.done.wait() for c in clients)), 30)
+            # Pieces may all arrive before the last pair finished its (TLS) handshake: the pair checks
+            # below need every pair connected, so wait for that too (bounded) before stopping.
+            await asyncio.wait_for(_all_pairs_connected(clients), 15)
             stop.set()
             return list(await asyncio.wait_for(asyncio.gather(*runs), 15))
 
