@@ -213,6 +213,7 @@ class Lab:
         self.routers: dict[str, LabRouter] = {}
         self.hosts: dict[str, LabHost] = {}
         self._shapers: list[subprocess.Popen[str]] = []
+        self._miniupnpd: dict[str, subprocess.Popen[str]] = {}
         self._plan()
 
     # ----------------------------------------------------------------- naming
@@ -292,6 +293,7 @@ class Lab:
         for proc in self._shapers:
             _stop_process(proc.pid, proc)
         self._shapers.clear()
+        self._miniupnpd.clear()
         remove_namespaces(self.prefix)
         with contextlib.suppress(FileNotFoundError):
             (STATE_DIR / f"{self.prefix}.json").unlink()
@@ -306,6 +308,7 @@ class Lab:
         """Let the lab outlive this handle (``tcppunch lab up``): forget its processes here; ``down``
         still finds and stops them by PID, since they live in the lab's namespaces."""
         self._shapers.clear()
+        self._miniupnpd.clear()
         for host in [self.server, *self.hosts.values()]:
             host._children.clear()
 
@@ -441,7 +444,7 @@ class Lab:
     def _start_miniupnpd(self, router: LabRouter) -> subprocess.Popen[str]:
         """miniupnpd on the (home) router: its nftables chains, its config, and the wait until it listens."""
         assert router.netns is not None
-        ns.nft_load(router.netns, portmap.UPNP_RULESET)
+        ns.nft_load(router.netns, portmap.upnp_ruleset(fresh=router.name in self._miniupnpd))
         config = self.log_dir / f"miniupnpd-{router.name}.conf"
         config.write_text(portmap.miniupnpd_config(wan_if="wan", lan_if="lan", lan_subnet=lan_subnet(router.index),
                                                    stun_host=SERVER_ADDRESSES[0]))
@@ -449,7 +452,19 @@ class Lab:
         proc = start_daemon(router.netns, portmap.miniupnpd_argv(config, self.log_dir / f"miniupnpd-{router.name}.pid"),
                             log_path=log_path)
         self._shapers.append(proc)
+        self._miniupnpd[router.name] = proc
         return proc
+
+    def reboot_miniupnpd(self, router: str) -> None:
+        """What a router reboot does to port mapping: miniupnpd stops (by PID), its rules are gone, and a
+        new one starts with a new epoch; returns once it answers again."""
+        lab_router = self.routers[router]
+        proc = self._miniupnpd.get(router)
+        if proc is None:
+            raise ns.LabError(f"router {router} runs no miniupnpd")
+        _stop_process(proc.pid, proc)
+        self._shapers.remove(proc)
+        self._wait_miniupnpd(lab_router, self._start_miniupnpd(lab_router))
 
     def _wait_miniupnpd(self, router: LabRouter, proc: subprocess.Popen[str]) -> None:
         assert router.netns is not None

@@ -26,7 +26,7 @@ FORWARDING_DISABLED = "Port forwarding is now disabled"
 # Renewals in tests should not wait two minutes: accept lifetimes down to this many seconds.
 MIN_LIFETIME_S = 4
 
-UPNP_RULESET = """table inet filter {
+_UPNP_TABLE = """table inet filter {
   chain miniupnpd { }
   chain prerouting_miniupnpd { }
   chain postrouting_miniupnpd { }
@@ -35,6 +35,12 @@ UPNP_RULESET = """table inet filter {
   chain postrouting { type nat hook postrouting priority srcnat - 1; policy accept; jump postrouting_miniupnpd; }
 }
 """
+
+
+def upnp_ruleset(*, fresh: bool = False) -> str:
+    """The router's ``table inet filter`` for miniupnpd; ``fresh``: replace an existing one (its rules gone,
+    as after a reboot)."""
+    return ("table inet filter { }\ndelete table inet filter\n" if fresh else "") + _UPNP_TABLE
 
 
 def miniupnpd_config(*, wan_if: str, lan_if: str, lan_subnet: str, stun_host: str) -> str:
@@ -47,7 +53,7 @@ def miniupnpd_config(*, wan_if: str, lan_if: str, lan_subnet: str, stun_host: st
         "enable_natpmp=yes",  # NAT-PMP and PCP both ride on this switch (UDP 5351)
         "enable_upnp=yes",
         "secure_mode=yes",
-        "system_uptime=yes",
+        "system_uptime=no",  # the epoch starts with the daemon, so a restart looks like a reboot to clients
         f"min_lifetime={MIN_LIFETIME_S}",
         "max_lifetime=86400",
         "ext_perform_stun=yes",

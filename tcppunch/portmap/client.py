@@ -179,10 +179,19 @@ class _Held:
     mapping: PortMapping
     nonce: bytes = b""
     service: upnp.Service | None = None
+    epoch: int | None = None  # the gateway's epoch time in its answer (PCP, NAT-PMP), and our clock then
+    at: float = 0.0
+
+    def gateway_lost_state(self, previous: _Held) -> bool:
+        """RFC 6887 section 8.5 (and RFC 6886 section 3.6): an epoch that went back or fell behind our
+        clock means the gateway restarted and forgot its mappings (our renewal has just re-created ours)."""
+        if self.epoch is None or previous.epoch is None:
+            return False
+        return not pcp.epoch_consistent(previous.epoch, previous.at, self.epoch, self.at)
 
 
 async def _pcp_map(gw: Gateway, internal_port: int, lifetime: int, nonce: bytes, suggested: int
-                   ) -> tuple[PortMapping | None, str]:
+                   ) -> tuple[_Held | None, str]:
     request = pcp.MapRequest(nonce, gw.local_ip, internal_port, lifetime, suggested_port=suggested)
 
     def parse(data: bytes) -> pcp.Response | None:
@@ -200,12 +209,13 @@ async def _pcp_map(gw: Gateway, internal_port: int, lifetime: int, nonce: bytes,
     if lifetime == 0:
         return None, "deleted"
     m = response.mapping
-    return PortMapping(PortMappingProtocol.PCP, Endpoint(m.external_ip, m.external_port), internal_port,
-                       response.lifetime), ""
+    mapping = PortMapping(PortMappingProtocol.PCP, Endpoint(m.external_ip, m.external_port), internal_port,
+                          response.lifetime)
+    return _Held(mapping, nonce=nonce, epoch=response.epoch, at=time.monotonic()), ""
 
 
 async def _natpmp_map(gw: Gateway, internal_port: int, lifetime: int, suggested: int
-                      ) -> tuple[PortMapping | None, str]:
+                      ) -> tuple[_Held | None, str]:
     def parse_map(data: bytes) -> natpmp.MapResponse | None:
         response = natpmp.parse_response(data)
         if isinstance(response, natpmp.MapResponse) and response.opcode is natpmp.Opcode.MAP_TCP:
@@ -229,8 +239,9 @@ async def _natpmp_map(gw: Gateway, internal_port: int, lifetime: int, suggested:
                               accept_from=gw.ip)
     if address is None or address.result is not natpmp.ResultCode.SUCCESS:
         return None, "NAT-PMP: mapped, but the gateway did not tell its external address"
-    return PortMapping(PortMappingProtocol.NAT_PMP, Endpoint(address.external_ip, mapped.external_port),
-                       internal_port, mapped.lifetime), ""
+    mapping = PortMapping(PortMappingProtocol.NAT_PMP, Endpoint(address.external_ip, mapped.external_port),
+                          internal_port, mapped.lifetime)
+    return _Held(mapping, epoch=mapped.epoch, at=time.monotonic()), ""
 
 
 async def _http(url: str, request: bytes, timeout: float) -> bytes:
@@ -314,6 +325,7 @@ class PortMapper:
         self.on_change = on_change
         self.probed: ProbeResult | None = None
         self.renewals = 0
+        self.gateway_restarts = 0  # renewals whose epoch said the gateway had lost its state
         self.renewed = asyncio.Event()  # set after each successful renewal
         self.error: PortMapError | None = None
         self._held: _Held | None = None
@@ -379,11 +391,9 @@ class PortMapper:
         try:
             if protocol is PortMappingProtocol.PCP:
                 nonce = held.nonce if held is not None else os.urandom(pcp.NONCE_LENGTH)
-                mapping, why = await _pcp_map(gw, self.internal_port, life, nonce, suggested)
-                return (None if mapping is None else _Held(mapping, nonce=nonce)), why
+                return await _pcp_map(gw, self.internal_port, life, nonce, suggested)
             if protocol is PortMappingProtocol.NAT_PMP:
-                mapping, why = await _natpmp_map(gw, self.internal_port, life, suggested)
-                return (None if mapping is None else _Held(mapping)), why
+                return await _natpmp_map(gw, self.internal_port, life, suggested)
             service = held.service if held is not None else None
             if service is None:
                 assert self.probed is not None and self.probed.upnp_location is not None
@@ -406,6 +416,10 @@ class PortMapper:
                 log.warning("portmap.renew_failed", protocol=old.mapping.protocol.value, reason=why)
                 self._held = None
             else:
+                if held.gateway_lost_state(old):
+                    self.gateway_restarts += 1
+                    log.warning("portmap.gateway_restarted", protocol=old.mapping.protocol.value,
+                                epoch_before=old.epoch, epoch_now=held.epoch)
                 self._held = held
                 self.renewals += 1
                 self.renewed.set()

@@ -115,24 +115,28 @@ def test_probe_hears_all_three_and_mapper_takes_the_first(lab: Lab) -> None:
             loop.run(mapper.close())
 
 
-def test_mapping_renewed_at_half_lifetime(lab: Lab) -> None:
-    """Ask for 4 s (the lab's miniupnpd minimum): the mapper renews at ~2 s, twice before the first grant
-    would have run out, and the rule is still in place after that."""
+def test_mapping_renewed_at_half_lifetime_and_after_a_router_reboot(lab: Lab) -> None:
+    """Ask for 4 s (the lab's miniupnpd minimum): the mapper renews at ~2 s with a consistent epoch; then
+    the router "reboots" (miniupnpd restarted, its rules gone): the next renewal sees the epoch start
+    again (RFC 6887 section 8.5), counts a gateway restart, and its request has put the rule back."""
+    rule = f"{lab.host('rnd').address}:41013"
     with lab.host("rnd").event_loop() as loop:
-        mapper = PortMapper(41013, protocols=(PortMappingProtocol.NAT_PMP,), lifetime=4)
+        mapper = PortMapper(41013, protocols=(PortMappingProtocol.PCP,), lifetime=4)
 
-        async def two_renewals() -> PortMapping | None:
-            mapping = await mapper.start()
-            for _ in range(2):
-                mapper.renewed.clear()
-                await asyncio.wait_for(mapper.renewed.wait(), 10)
-            return mapping
+        async def renewal() -> None:
+            mapper.renewed.clear()
+            await asyncio.wait_for(mapper.renewed.wait(), 10)
 
         try:
-            mapping = loop.run(two_renewals())
+            mapping = loop.run(mapper.start())
             assert mapping is not None and mapping.lifetime == 4
-            assert mapper.renewals >= 2 and mapper.mapping == mapping
-            assert f"{lab.host('rnd').address}:41013" in _miniupnpd_rules(lab, "rnd")
+            loop.run(renewal())
+            assert mapper.renewals == 1 and mapper.gateway_restarts == 0 and mapper.mapping == mapping
+            lab.reboot_miniupnpd("rnd")
+            assert rule not in _miniupnpd_rules(lab, "rnd")
+            loop.run(renewal())
+            assert mapper.gateway_restarts == 1 and mapper.mapping is not None
+            assert rule in _miniupnpd_rules(lab, "rnd")
         finally:
             loop.run(mapper.close())
 
