@@ -258,17 +258,18 @@ class Peer:
         with the next, the current one just dropped us); raises the last one's error."""
         count = len(self.coordinators)
         start = self._current + (1 if skip_current and count > 1 else 0)
-        error: Exception | None = None
+        errors: list[Exception] = []
         for turn in range(count):
             self._current = (start + turn) % count
             try:
                 return await self._register_here(local)
             except (CoordinatorError, OSError, TimeoutError) as exc:
-                error = exc
+                errors.append(exc)
                 if count > 1:
                     self._log.info("peer.coordinator_failed", coordinator=str(self.coordinator), error=str(exc))
-        assert error is not None
-        raise error
+        # A coordinator's answer (id-taken, bad-token) says more than another one's silence or refusal.
+        answers = [e for e in errors if isinstance(e, CoordinatorError)]
+        raise (answers or errors)[-1]
 
     async def _register_here(self, local: Endpoint) -> Registration:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,134 @@
+"""Two coordinators on the lab server's two addresses sharing a redis-server (started in the server's
+namespace by this test, stopped by PID): alice at A, bob at B.
+
+* a direct connect (alice's forwarder) and a relayed one (carol, also at A; the relay is A's) carry a page
+  from bob's host intact (SHA-256);
+* A is killed (SIGKILL) mid-session: the punched connection carries on, alice registers at B within
+  keepalive_timeout + 1 s, and a new alice process (given A then B) connects again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tests.lab.lines import Tail, wait_for_line
+from tests.lab.processes import PY, stop
+
+TOKEN = "cluster-lab-token"
+A, B = "198.51.100.10:3478", "198.51.100.11:4478"
+REDIS_PORT = 6390
+KEEPALIVE = 1.0  # server --keepalive-interval; the keepalive timeout (an id's TTL in Redis) is 3x
+FETCH = ("import hashlib,sys,urllib.request;"
+         "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=30).read()).hexdigest())")
+
+
+@contextmanager
+def redis_in(host: LabHost) -> Iterator[str]:
+    """redis-server on the lab server's loopback, by PID; ``redis://...`` once it answers PING."""
+    proc = host.popen(["redis-server", "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "",
+                       "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10.0
+        while host.run(["redis-cli", "-p", str(REDIS_PORT), "ping"], timeout=5).stdout.strip() != "PONG":
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)  # polling readiness with a deadline
+        yield f"redis://127.0.0.1:{REDIS_PORT}/0"
+    finally:
+        stop(proc)
+
+
+def coordinator(host: LabHost, listen: str, alt: str, alt_port: int, url: str) -> subprocess.Popen[str]:
+    proc = host.popen([*PY, "server", "--listen", listen, "--alt-address", alt, "--alt-port", str(alt_port),
+                       "--token", TOKEN, "--redis", url, "--keepalive-interval", str(KEEPALIVE)],
+                      stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    assert proc.stderr is not None and wait_for_line(proc.stderr, "cluster node", 20, seen), seen
+    return proc
+
+
+def forwarder(host: LabHost, peer_id: str, port: int, *coordinators: str, relay: str = "auto"
+              ) -> tuple[subprocess.Popen[str], Tail]:
+    argv = [*PY, "connect", "bob", "--id", peer_id, "--token", TOKEN, "--local", f"127.0.0.1:{port}",
+            "--relay", relay]
+    for where in coordinators:
+        argv += ["--coordinator", where]
+    proc = host.popen(argv, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    tail = Tail(proc.stderr)
+    assert tail.wait_for("accepting local", 30), tail.text
+    return proc, tail
+
+
+def fetch(host: LabHost, port: int) -> str:
+    done = host.run([sys.executable, "-c", FETCH, f"http://127.0.0.1:{port}/page.bin"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP),
+                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP)])
+    with Lab(spec) as the_lab:
+        yield the_lab
+
+
+def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) -> None:
+    page = os.urandom(400_000)
+    (tmp_path / "page.bin").write_bytes(page)
+    want = hashlib.sha256(page).hexdigest()
+    alice_host, bob_host = lab.host("pr"), lab.host("seq")
+    procs: list[subprocess.Popen[str]] = []
+    with redis_in(lab.server) as url:
+        try:
+            a = coordinator(lab.server, A, "198.51.100.11", 3479, url)
+            procs.append(a)
+            procs.append(coordinator(lab.server, B, "198.51.100.10", 4479, url))
+            procs.append(bob_host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
+                                         "--directory", str(tmp_path)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            bob = bob_host.popen([*PY, "listen", "--coordinator", B, "--id", "bob", "--token", TOKEN,
+                                  "--forward", "127.0.0.1:8080"], stderr=subprocess.PIPE, text=True)
+            procs.append(bob)
+            seen: list[str] = []
+            assert bob.stderr is not None and wait_for_line(bob.stderr, "listening as", 30, seen), seen
+
+            alice, alice_log = forwarder(alice_host, "alice", 9000, A, B)
+            procs.append(alice)
+            assert fetch(alice_host, 9000) == want
+            assert alice_log.wait_for("direct:", 10), alice_log.text
+            assert f"coordinator={A}" in alice_log.text
+
+            carol, carol_log = forwarder(alice_host, "carol", 9001, A, relay="always")
+            procs.append(carol)
+            assert fetch(alice_host, 9001) == want
+            assert carol_log.wait_for("relayed:", 10), carol_log.text
+            stop(carol)
+
+            # A dies without a word: its peers' ids stay claimed in Redis until their TTL.
+            a.kill()
+            a.wait(10)
+            killed = time.monotonic()
+            assert alice_log.wait_for(f"coordinator={B}", 3 * KEEPALIVE + 1.0), alice_log.text
+            assert time.monotonic() - killed <= 3 * KEEPALIVE + 1.0 + 0.5  # + the log line's own travel
+            assert fetch(alice_host, 9000) == want  # the punched session never needed A
+            stop(alice)
+
+            again, again_log = forwarder(alice_host, "alice", 9002, A, B)
+            procs.append(again)
+            assert fetch(alice_host, 9002) == want
+            assert f"coordinator={B}" in again_log.text
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
