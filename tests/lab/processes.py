@@ -16,11 +16,11 @@ PY = [sys.executable, "-m", "tcppunch"]
 COORD = "198.51.100.10:3478"
 
 
-def four_nats() -> LabSpec:
-    """Port-restricted, symmetric-seq and two symmetric-random routers (drop, rst): direct pairs and a
-    pair only the relay connects."""
+def four_nats(seq_hosts: int = 1) -> LabSpec:
+    """Port-restricted, symmetric-seq (with ``seq_hosts`` hosts on its LAN) and two symmetric-random
+    routers (drop, rst): direct pairs and a pair only the relay connects."""
     return LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP),
-                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP),
+                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, hosts=seq_hosts),
                     RouterSpec("rnda", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP),
                     RouterSpec("rndb", NatType.SYMMETRIC_RANDOM, SynPolicy.RST)])
 

@@ -1,11 +1,13 @@
 """``tcppunch vpn`` across the lab, as processes with TUN interfaces inside the lab hosts' namespaces:
 port-restricted <-> symmetric-seq (direct) and symmetric-random <-> symmetric-random (relayed) pairs ping
 each other at their VPN addresses; 100 MB of ordinary TCP (socat) crosses the VPN intact; when one side
-quits, the other's interface goes down with a clear line, and comes back up when it returns."""
+quits, the other's interface goes down with a clear line, and comes back up when it returns; --route
+reaches a machine on the LAN behind the other peer."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import subprocess
@@ -25,18 +27,19 @@ UP_WITHIN = 60.0
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(four_nats()) as the_lab, lab_server(the_lab, TOKEN):
+    # seq has a second host: a LAN machine reached through the VPN with --route
+    with Lab(four_nats(seq_hosts=2)) as the_lab, lab_server(the_lab, TOKEN):
         yield the_lab
 
 
 class Vpn:
     """One `tcppunch vpn` process and the lines it printed."""
 
-    def __init__(self, host: LabHost, me: str, other: str, address: str, report: Path) -> None:
+    def __init__(self, host: LabHost, me: str, other: str, address: str, report: Path, *extra: str) -> None:
         self.host, self.report, self.seen = host, report, []
         self.proc: subprocess.Popen[str] = host.popen(
             [*PY, "vpn", "--coordinator", COORD, "--id", me, "--peer", other, "--address", address,
-             "--report", str(report)], stderr=subprocess.PIPE, text=True, env=ENV)
+             "--report", str(report), *extra], stderr=subprocess.PIPE, text=True, env=ENV)
 
     def wait(self, needle: str, timeout: float = UP_WITHIN) -> None:
         assert self.proc.stderr is not None
@@ -112,3 +115,22 @@ def test_the_interface_goes_down_when_the_session_dies_and_up_when_it_returns(
         _ping(a.host, "10.99.0.2")
     finally:
         back.stop()
+
+
+def test_route_reaches_a_lan_machine_behind_the_other_peer(lab: Lab, tmp_path: Path) -> None:
+    a, b, lan = lab.host("pr"), lab.host("seq"), lab.host("seq", 1)
+    lan_net = str(ipaddress.ip_interface(f"{b.address}/24").network)
+    # b forwards between the VPN and its LAN; the LAN machine sends VPN replies back through b
+    assert b.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"]).returncode == 0
+    assert lan.run(["ip", "route", "replace", "10.99.0.0/24", "via", b.address]).returncode == 0
+    far = Vpn(a, "pr-r", "seq-r", "10.99.0.1/24", tmp_path / "a.json", "--route", lan_net)
+    near = Vpn(b, "seq-r", "pr-r", "10.99.0.2/24", tmp_path / "b.json")
+    try:
+        far.wait("vpn up")
+        near.wait("vpn up")
+        assert "dev tcppunch0" in a.run(["ip", "route", "show", lan_net]).stdout
+        _ping(a, lan.address)
+    finally:
+        far.stop()
+        near.stop()
+        lan.run(["ip", "route", "del", "10.99.0.0/24"])
