@@ -74,6 +74,9 @@ def main() -> int:
                 for n in range(args.trials):
                     a, b = (rnd, easy) if n % 2 == 0 else (easy, rnd)
                     results.append(runner.pair(a, b, size=args.size, timeout=30))
+                for r in results:
+                    if not (r.ok and r.method is Method.DIRECT):
+                        print(f"    {r.initiator} -> {r.responder}: {r.error or r.relay_reason}", flush=True)
                 direct, total, median, broken = row(results)
                 failures += broken
                 ms = f"{median * 1000:.0f} ms" if median is not None else "-"

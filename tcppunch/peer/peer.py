@@ -707,7 +707,8 @@ class Peer:
             if mode is RelayMode.NEVER:
                 raise await self._give_up(progress, exc.explanation, FailureCode.PUNCH_FAILED, "punch failed"
                                           ) from exc
-            return f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}"
+            spray = f" ({exc.birthday.summary()})" if exc.birthday is not None else ""
+            return f"punching failed: {exc.explanation.splitlines()[0] if exc.explanation else 'no answer'}{spray}"
         finally:
             self._unroute(order)
         timings["wait"] = max(0.0, order.fire_at - order.received_at)

@@ -60,10 +60,12 @@ class BirthdaySide(StrEnum):
 
 
 # A candidate answered with a RST tries again this long after (plus up to half of it in jitter), from the
-# budget. On the hard side at once: the RST destroyed the ticket's NAT entry, and a new socket is a new
-# random port (a new ticket), so that tickets keep being alive while the easy side's guesses fly (against
-# NATs that answer unsolicited SYNs with a RST, a guess and a ticket must cross within the one-way delay).
-RETRY_AFTER = {BirthdaySide.HARD: 0.001, BirthdaySide.EASY: 0.1}
+# budget: at once. Against NATs that answer unsolicited SYNs with a RST a guess and a ticket must cross
+# within the one-way delay, and the RST closed the NAT entry: a hard side's new socket is a new random
+# port (a new ticket), an easy side's new SYN reopens its filter towards the guess. Both keep "rain"
+# falling while the other side's does, until the budget is spent. (With the drop policy nothing is
+# refused, and nothing is retried.)
+RETRY_AFTER = {BirthdaySide.HARD: 0.001, BirthdaySide.EASY: 0.001}
 
 
 @dataclass(frozen=True)
