@@ -9,7 +9,9 @@ punched path as the reference. Prints:
 * bulk: one stream's throughput over the raw connection's for the same byte count; goal >= 0.7;
 * 8 x 5 MB at once vs one 40 MB stream (issue 10's "8 fetches within 1.5x one 40 MB fetch");
 * fairness: 100 streams sending at once for a few seconds; the smallest share over the fair share
-  (total / 100); goal >= 0.5.
+  (total / 100); goal >= 0.5;
+* CPU cost, without the lab's link shaper: one stream of a session over a loopback TCP connection vs
+  the raw loopback connection, same byte count (``--loopback-bytes``).
 
     python scripts/bench_session.py [--delay-ms 10] [--bytes 67108864] [--streams 100] [--seconds 4]
 """
@@ -30,7 +32,8 @@ from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
 from tcppunch.nat.report import NatReport
 from tcppunch.peer import Peer
-from tcppunch.session.driver import MuxStream
+from tcppunch.session.driver import MuxStream, Session
+from tcppunch.wire.coord import Role
 
 CHUNK = 256 * 1024
 ECHO, SINK = b"e", b"s"  # a stream's or connection's first byte says what the responder does with it
@@ -137,10 +140,13 @@ async def _initiator(peer_id: str, target: str, nat: NatReport, registered: conc
             first_bytes.append(time.perf_counter() - t)
             stream.close()
         raw.close()
-        raw2 = await peer.connect(target, timeout=30)
-        t_raw = await _send_sink(raw2.reader, raw2.writer, args.bytes)
-        raw2.close()
-        t_stream = await _stream_sink(peer, target, args.bytes)
+        raws, streams = [], []
+        for _ in range(args.reps):  # alternating, medians: the shared machine's load comes and goes
+            raw2 = await peer.connect(target, timeout=30)
+            raws.append(await _send_sink(raw2.reader, raw2.writer, args.bytes))
+            raw2.close()
+            streams.append(await _stream_sink(peer, target, args.bytes))
+        t_raw, t_stream = statistics.median(raws), statistics.median(streams)
         t_one_40 = await _stream_sink(peer, target, 40_000_000)
         started = time.perf_counter()
         await asyncio.gather(*(_stream_sink(peer, target, 5_000_000) for _ in range(8)))
@@ -151,6 +157,38 @@ async def _initiator(peer_id: str, target: str, nat: NatReport, registered: conc
                 "shares": shares, "method": entry.to_json()["method"], "history": entry.session.describe_history()}
 
 
+async def _loopback(size: int) -> tuple[float, float]:
+    """Seconds to move ``size`` bytes over a raw loopback TCP connection, then over one session stream."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    raw = await asyncio.open_connection("127.0.0.1", port)
+    far = await accepted.get()
+    serving = asyncio.ensure_future(_serve(*far))
+    t_raw = await _send_sink(raw[0], raw[1], size)
+    await serving
+    near = await asyncio.open_connection("127.0.0.1", port)
+    far = await accepted.get()
+    a, b = Session(*near, Role.INITIATOR), Session(*far, Role.RESPONDER)
+
+    async def serve_one() -> None:
+        stream = await b.accept_stream()
+        await _serve(stream, stream)
+
+    serving = asyncio.ensure_future(serve_one())
+    stream = await a.open_stream()
+    t_stream = await _send_sink(stream, stream, size)
+    await serving
+    await a.close()
+    await b.wait_closed()
+    server.close()
+    return t_raw, t_stream
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay-ms", type=float, default=10.0)
@@ -158,6 +196,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--loopback-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--reps", type=int, default=3, help="bulk runs of each kind (medians)")
     args = parser.parse_args()
     configure_logging("error")
     link = LinkShape(delay_ms=args.delay_ms)
@@ -174,13 +214,16 @@ def main() -> int:
         finally:
             done.set_result(None)
             responder.result(30)
+    loops = [asyncio.run(_loopback(args.loopback_bytes)) for _ in range(args.reps)]
+    t_lo_raw, t_lo_stream = statistics.median(x[0] for x in loops), statistics.median(x[1] for x in loops)
     mb = args.bytes / 1e6
     fair = sum(r["shares"]) / len(r["shares"])
     print(f"port-restricted <-> port-restricted, {args.delay_ms:g} ms one-way per WAN link "
           f"({time.strftime('%Y-%m-%d')}); session {r['method']} ({r['history']})")
     print(f"first byte on a live session: {r['first_byte'] * 1000:.1f} ms, RTT_peer {r['rtt_peer'] * 1000:.1f} ms: "
           f"ratio {r['first_byte'] / r['rtt_peer']:.2f} (goal <= 1.1)")
-    print(f"bulk {mb:.0f} MB: stream {mb / r['t_stream']:.1f} MB/s, raw connection {mb / r['t_raw']:.1f} MB/s: "
+    print(f"bulk {mb:.0f} MB (median of {args.reps}): stream {mb / r['t_stream']:.1f} MB/s, "
+          f"raw connection {mb / r['t_raw']:.1f} MB/s: "
           f"ratio {r['t_raw'] / r['t_stream']:.2f} (goal >= 0.7)")
     print(f"8 x 5 MB at once {r['t_eight_5']:.2f} s vs one 40 MB stream {r['t_one_40']:.2f} s: "
           f"ratio {r['t_eight_5'] / r['t_one_40']:.2f} (goal <= 1.5)")
@@ -188,6 +231,10 @@ def main() -> int:
     print(f"{len(r['shares'])} streams for {args.seconds:g} s: {rate:.1f} MB/s in all, "
           f"smallest share {min(r['shares']) / fair:.2f} of the fair share, largest {max(r['shares']) / fair:.2f} "
           f"(goal: smallest >= 0.5)")
+    lo = args.loopback_bytes / 1e6
+    print(f"loopback, no shaper, {lo:.0f} MB (median of {args.reps}): stream {lo / t_lo_stream:.0f} MB/s, "
+          f"raw TCP {lo / t_lo_raw:.0f} MB/s: "
+          f"ratio {t_lo_raw / t_lo_stream:.2f} (the multiplexer's CPU cost in Python)")
     return 0
 
 

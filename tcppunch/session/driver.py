@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections import deque
 from dataclasses import dataclass
 
 import structlog
@@ -73,7 +74,8 @@ class MuxStream:
     def __init__(self, session: Session, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
-        self._buffer = bytearray()
+        self._chunks: deque[bytes] = deque()  # received, not yet read: the frames' own payloads, no copy
+        self._buffered = 0
         self._eof = False
         self._eof_sent = False
         self._discard = False
@@ -90,16 +92,31 @@ class MuxStream:
             while chunk := await self.read(READ_SIZE):
                 chunks.append(chunk)
             return b"".join(chunks)
-        while not self._buffer:
+        while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._eof or n == 0:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        data = self._take(n)
         self._session._consumed(self.stream_id, len(data))
+        return data
+
+    def _take(self, n: int) -> bytes:
+        first = self._chunks[0]
+        if len(first) <= n:
+            self._chunks.popleft()
+            parts = [first]
+            size = len(first)
+            while self._chunks and size + len(self._chunks[0]) <= n:
+                chunk = self._chunks.popleft()
+                parts.append(chunk)
+                size += len(chunk)
+            data = first if len(parts) == 1 else b"".join(parts)
+        else:
+            data, self._chunks[0] = first[:n], first[n:]
+        self._buffered -= len(data)
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -118,7 +135,7 @@ class MuxStream:
         return self._session.peer
 
     def at_eof(self) -> bool:
-        return self._eof and not self._buffer
+        return self._eof and not self._chunks
 
     # ------------------------------------------------------------------------------------- writing
     def write(self, data: bytes) -> None:
@@ -151,8 +168,9 @@ class MuxStream:
         """Done with the stream: half-close, and drop (while granting window for) whatever still arrives."""
         self.write_eof()
         self._discard = True
-        self._session._consumed(self.stream_id, len(self._buffer))
-        self._buffer.clear()
+        self._session._consumed(self.stream_id, self._buffered)
+        self._chunks.clear()
+        self._buffered = 0
         self._done.set()
 
     async def wait_closed(self) -> None:
@@ -174,7 +192,8 @@ class MuxStream:
         if self._discard:
             self._session._consumed(self.stream_id, len(data))
             return
-        self._buffer += data
+        self._chunks.append(data)
+        self._buffered += len(data)
         self._readable.set()
 
     def _feed_eof(self) -> None:

@@ -136,7 +136,7 @@ class _Stream:
     recv_window: int
     window: int = 0  # our receive window for this stream (grows while the stream is window-limited)
     last_grant: float | None = None
-    pending: bytearray = field(default_factory=bytearray)
+    pending: _Queue = field(default_factory=lambda: _Queue())
     recv_unacked: int = 0
     syn_pending: bool = False
     fin_pending: bool = False
@@ -147,6 +147,39 @@ class _Stream:
         if self.pending:
             return self.send_window > 0
         return self.syn_pending or (self.fin_pending and not self.fin_sent)
+
+
+class _Queue:
+    """Queued bytes as the chunks they were written in: taking a frame's worth copies nothing (the
+    transport write joins the pieces once)."""
+
+    __slots__ = ("_chunks", "size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            # bytes are immutable: keep a view; anything else (a bytearray the caller may reuse) is copied
+            self._chunks.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
+            self.size += len(data)
+
+    def take(self, size: int, out: list[bytes | memoryview]) -> None:
+        """Move the first ``size`` bytes into ``out`` (as views of the written chunks)."""
+        self.size -= size
+        while size:
+            chunk = self._chunks[0]
+            if len(chunk) <= size:
+                out.append(self._chunks.popleft())
+                size -= len(chunk)
+            else:
+                out.append(chunk[:size])
+                self._chunks[0] = chunk[size:]
+                size = 0
 
 
 _U32 = struct.Struct("!I")
@@ -252,7 +285,7 @@ class Multiplexer:
         stream = _Stream(stream_id, send_window=INITIAL_WINDOW, recv_window=self.window, window=self.window,
                          syn_pending=True)
         self._streams[stream_id] = stream
-        stream.pending += data
+        stream.pending.append(data)
         stream.fin_pending = end_stream
         self._mark_ready(stream)
         return stream_id
@@ -263,7 +296,7 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_pending:
             raise StreamClosedError(f"stream {stream_id} is closed for sending")
-        stream.pending += data
+        stream.pending.append(data)
         stream.fin_pending = end_stream
         self._mark_ready(stream)
 
@@ -333,7 +366,8 @@ class Multiplexer:
         ``limit`` bounds the stream data taken (at least one frame goes out if any is ready), so a driver
         can take what the transport will absorb and leave the rest queued under flow control.
         """
-        out = self._control
+        out: list[bytes | memoryview] = []
+        out += self._control
         self._control = []
         taken = 0
         while self._ready and (limit is None or taken < limit):
@@ -346,7 +380,7 @@ class Multiplexer:
             self._mark_ready(stream)
         return b"".join(out)
 
-    def _emit_frame(self, stream: _Stream, out: list[bytes]) -> int:
+    def _emit_frame(self, stream: _Stream, out: list[bytes | memoryview]) -> int:
         size = min(len(stream.pending), stream.send_window, self.frame_size)
         flags = Flag.NONE
         grant = b""
@@ -354,14 +388,12 @@ class Multiplexer:
             flags |= Flag.SYN
             stream.syn_pending = False
             grant = self._initial_grant(stream.stream_id)  # after the SYN: the peer must know the stream
-        chunk = bytes(stream.pending[:size])
-        del stream.pending[:size]
         stream.send_window -= size
-        if stream.fin_pending and not stream.pending:
+        if stream.fin_pending and len(stream.pending) == size:  # this frame empties the queue
             flags |= Flag.FIN
             stream.fin_sent = True
         out.append(encode_header(FrameType.DATA, flags, stream.stream_id, size))
-        out.append(chunk)
+        stream.pending.take(size, out)
         if grant:
             out.append(grant)
         if stream.fin_sent and stream.fin_received:
