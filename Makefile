@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := nftables iproute2 ethtool socat conntrack coturn procps curl miniupnpd-nftables iputils-ping redis-server
+APT_PACKAGES := nftables iproute2 ethtool socat conntrack coturn procps curl miniupnpd-nftables iputils-ping redis-server tcpdump
 PYTEST_ARGS ?=
 
 .PHONY: setup apt venv test test-unit lint demo bench matrix clean lab-down swarm-demo
