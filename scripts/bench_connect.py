@@ -5,13 +5,14 @@ in issue 4). For each run: fresh registered peers, then time `connect()` to a ve
 connection, and measure in the same run the round trips that bound it: RTT to the coordinator (a PING
 on the control connection) and RTT between the peers (a 1-byte ping-pong over the punched connection).
 Prints the median ratio  t_connect / (RTT_coord + RTT_peer), and (issue 9: connect() now includes TLS 1.3
-between the peers' keys) t_connect / (1.5 (RTT_coord + RTT_peer) + RTT_peer), goal <= 1. The floor is about RTT_coord + 1.5 RTT_peer
+between the peers' keys) t_connect / (1.5 (RTT_coord + RTT_peer) + RTT_peer), goal <= 1; --plaintext
+measures the same without the TLS (a reference only). The floor is about RTT_coord + 1.5 RTT_peer
 (CONNECT->PUNCH, then the SYNs cross, then HELLO/SELECT), so a ratio of about 1.25 is the best possible.
 --same-peers keeps one pair of peers for all runs (--gap seconds apart): every connect after the first
 relies on what the previous session left behind (behind a sequential NAT: the refreshed port prediction).
 
     python scripts/bench_connect.py [--runs 15] [--delay-ms 20] [--types port-restricted port-restricted]
-                                    [--same-peers [--gap 0.5]]
+                                    [--same-peers [--gap 0.5]] [--plaintext]
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from tcppunch.nat.report import NatReport
 from tcppunch.peer import Connection, Method, Peer
 
 Row = tuple[float, float, float, Method]
+ENCRYPT = True  # --plaintext: both peers skip the TLS between them (a reference for its cost; never for use)
 
 
 async def _responder(peer_id: str, nat: NatReport, registered: concurrent.futures.Future[None],
                      connections: int = 1) -> float:
-    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
+    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat, encrypt=ENCRYPT) as peer:
         registered.set_result(None)
         for _ in range(connections):
             conn = await peer.accept(timeout=30)
@@ -49,7 +51,7 @@ async def _initiator(peer_id: str, target: str, nat: NatReport, registered: conc
                      runs: int = 1, gap: float = 0.0) -> list[Row]:
     await asyncio.wait_for(asyncio.wrap_future(registered), 30)
     rows = []
-    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat) as peer:
+    async with Peer(COORDINATOR, peer_id, TOKEN, nat=nat, encrypt=ENCRYPT) as peer:
         for n in range(runs):
             if n:
                 await asyncio.sleep(gap)  # the pause between two sessions of a user
@@ -83,7 +85,11 @@ def main() -> int:
                         choices=[t.value for t in NatType])
     parser.add_argument("--same-peers", action="store_true", help="one pair of peers for all runs")
     parser.add_argument("--gap", type=float, default=0.5, help="seconds between runs with --same-peers")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="peers without TLS between them: the cost of the key exchange by difference")
     args = parser.parse_args()
+    global ENCRYPT
+    ENCRYPT = not args.plaintext
     if not 1 <= args.runs <= 1000 or not 0 <= args.gap <= 60:
         parser.error("--runs must be 1..1000 and --gap 0..60")
     configure_logging("error")

@@ -599,6 +599,8 @@ async def join_relay(
     def new_socket() -> socket.socket:
         sock = socket.socket(family_of(relay.ip), socket.SOCK_STREAM)
         sock.setblocking(False)
+        # TLS's last flight and RELAY are separate small writes: no Nagle wait between them
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
     # Lost SYNs are retried within min(10 s, timeout); the rest of ``timeout`` is for the partner to join.

@@ -362,22 +362,32 @@ async def secure_streams(
     Returns asyncio streams that carry only application bytes, with half-close: ``write_eof()`` sends
     close_notify (and a FIN), the other side's reader sees EOF and can still answer. On any failure the
     socket is closed and :class:`SecureError` raised; nothing was sent but the handshake and our BIND.
+
+    The responder checks the initiator's BIND before it returns. The initiator returns as soon as its
+    handshake is done and the key checked (one round trip, not two): it may write at once, since only the
+    key it expects can read, and that side delivers nothing before it checked our BIND; the responder's
+    BIND is checked before the first byte reaches our reader (a mismatch ends it with ConnectionResetError).
     """
     loop = asyncio.get_running_loop()
     engine = TlsEngine(context(spec.identity, server_side=spec.server_side), server_side=spec.server_side)
     sock.setblocking(False)
+    # The handshake's last flight and our BIND are separate small writes: with Nagle the second waits
+    # for the other side's delayed ACK (40 ms on Linux).
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    received = b""
     try:
         async with asyncio.timeout(timeout):
             fingerprint = await engine_handshake(engine, sock, spec.verify)
             await engine_send(engine, sock, spec.own_binding().encode())
-            received = b""
-            while len(received) < 6 or len(received) < 6 + Binding.body_size(received[:6]):
-                data = await engine_recv(engine, sock)
-                if not data:
-                    raise ConnectionResetError("closed")
-                received += data
-            size = 6 + Binding.body_size(received[:6])
-            spec.check_binding(Binding.decode(received[6:size]))
+            if spec.server_side:
+                while (split := _split_binding(received)) is None:
+                    data = await engine_recv(engine, sock)
+                    if not data:
+                        raise ConnectionResetError("closed")
+                    received += data
+                theirs, received = split
+                spec.check_binding(theirs)
     except TimeoutError:
         sock.close()
         raise SecureError(SecureErrorCode.TIMEOUT, f"no secure channel within {timeout:g} s") from None
@@ -390,10 +400,19 @@ async def secure_streams(
         raise
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     app = asyncio.StreamReaderProtocol(reader, loop=loop)
-    _, raw_side = await loop.connect_accepted_socket(lambda: _RawSide(engine, app, received[size:]), sock)
+    pending = None if spec.server_side else spec
+    _, raw_side = await loop.connect_accepted_socket(lambda: _RawSide(engine, app, received, pending), sock)
     assert raw_side.tls is not None
     writer = asyncio.StreamWriter(raw_side.tls, app, reader, loop)
     return reader, writer, _info(engine.ssl, fingerprint)
+
+
+def _split_binding(data: bytes) -> tuple[Binding, bytes] | None:
+    """The BIND at the start of ``data`` and the bytes after it; None while incomplete."""
+    if len(data) < 6 or len(data) < 6 + Binding.body_size(data[:6]):
+        return None
+    size = 6 + Binding.body_size(data[:6])
+    return Binding.decode(data[6:size]), data[size:]
 
 
 class _TlsTransport(asyncio.Transport):
@@ -464,10 +483,13 @@ class _TlsTransport(asyncio.Transport):
 class _RawSide(asyncio.Protocol):
     """The TCP connection under :class:`_TlsTransport`: decrypts into the application's protocol."""
 
-    def __init__(self, engine: TlsEngine, app: asyncio.Protocol, first: bytes) -> None:
+    def __init__(self, engine: TlsEngine, app: asyncio.Protocol, first: bytes, pending: ChannelSpec | None) -> None:
         self._engine = engine
         self._app = app
         self._first = first
+        # The initiator checks the responder's BIND here, before any byte reaches the application.
+        self._pending = pending
+        self._head = b""
         self._eof_delivered = False
         self.tls: _TlsTransport | None = None
 
@@ -491,13 +513,43 @@ class _RawSide(asyncio.Protocol):
             self.tls.abort()
             self._app.connection_lost(ConnectionResetError(f"TLS failed: {exc}"))
             return
+        if self._pending is not None and plain:
+            plain = self._check_binding(plain)
         if plain:
             self._app.data_received(plain)
+        if self._pending is not None and self._engine.peer_closed:
+            self._refuse("the other side closed the connection before its BIND (did it refuse our key?)")
+            return
         if self._engine.peer_closed and not self._eof_delivered:
             self._eof_delivered = True
             self._app.eof_received()
 
+    def _check_binding(self, plain: bytes) -> bytes:
+        """Collect the responder's BIND; the application bytes after it once it checked out."""
+        assert self._pending is not None
+        self._head += plain
+        try:
+            split = _split_binding(self._head)
+            if split is None:
+                return b""
+            self._pending.check_binding(split[0])
+        except SecureError as exc:
+            self._refuse(str(exc))
+            return b""
+        self._pending, self._head = None, b""
+        return split[1]
+
+    def _refuse(self, why: str) -> None:
+        self._pending = None
+        assert self.tls is not None
+        self.tls.abort()
+        self._app.connection_lost(ConnectionResetError(f"no secure channel: {why}"))
+        self._app = asyncio.Protocol()  # the application heard the end; nothing more reaches it
+
     def eof_received(self) -> bool:
+        if self._pending is not None:
+            self._refuse("the other side closed the connection before its BIND (did it refuse our key?)")
+            return False
         if not self._engine.peer_closed:  # a FIN without close_notify: the stream was cut, not ended
             assert self.tls is not None
             self.tls.abort()
@@ -505,7 +557,10 @@ class _RawSide(asyncio.Protocol):
         return True  # keep our direction open: the other side half-closed
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None and not self._engine.peer_closed:
+        if self._pending is not None:
+            exc = ConnectionResetError("no secure channel: the other side ended the connection before its BIND "
+                                       f"(did it refuse our key?): {exc!r}")
+        elif exc is None and not self._engine.peer_closed:
             exc = ConnectionResetError("the TLS stream was cut before the other side's close_notify")
         self._app.connection_lost(exc)
 

@@ -85,7 +85,17 @@ async def _test_responder_refuses_an_unexpected_initiator() -> None:
     a, b = await both(spec(EVE, "initiator", "alice", "bob", BOB.fingerprint),
                       spec(BOB, "responder", "bob", "alice", ALICE.fingerprint))
     assert isinstance(b, SecureError) and b.code is SecureErrorCode.KEY_MISMATCH
-    assert isinstance(a, SecureError)
+    await _refused_at_first_read(a)
+
+
+async def _refused_at_first_read(result: object) -> None:
+    """The initiator returns after one round trip; a refusal by the responder ends its first read."""
+    if isinstance(result, SecureError):
+        return
+    reader, writer, _ = result  # type: ignore[misc]
+    with pytest.raises(ConnectionResetError, match="no secure channel"):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
 
 
 def test_connection_from_another_session_cannot_be_swapped_in() -> None:
@@ -95,10 +105,42 @@ def test_connection_from_another_session_cannot_be_swapped_in() -> None:
 async def _test_connection_from_another_session_cannot_be_swapped_in() -> None:
     a, b = await both(spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint, session="s1"),
                       spec(BOB, "responder", "bob", "alice", ALICE.fingerprint, session="s2"))
-    for result in (a, b):
-        assert isinstance(result, SecureError) and result.code is SecureErrorCode.SESSION_MISMATCH
-    # the side that checks first names both sessions; the other may only see the connection end
-    assert any("s1" in str(r) and "s2" in str(r) for r in (a, b))
+    assert isinstance(b, SecureError) and b.code is SecureErrorCode.SESSION_MISMATCH
+    assert "s1" in str(b) and "s2" in str(b)
+    await _refused_at_first_read(a)
+
+
+async def _test_initiator_checks_the_responders_bind_before_its_reader_gets_a_byte() -> None:
+    """The responder is honest about a session the initiator did not ask for: the initiator's reader
+    never yields the bytes that follow that BIND."""
+    left, right = socket.socketpair()
+    bob = spec(BOB, "responder", "bob", "alice", ALICE.fingerprint, session="s1")
+    liar = ChannelSpec(BOB, "s1", "responder", "bob", "alice", bob.verify)
+    a, b = await asyncio.gather(secure_streams(left, spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint,
+                                                          session="s1")),
+                                secure_streams(right, liar))
+    (ar, aw, _), (_, bw, _) = a, b
+    assert await _echo_ok(ar, aw, bw)
+    # a second pair where the responder's BIND names another purpose: refused at the initiator's read
+    left, right = socket.socketpair()
+    odd = ChannelSpec(BOB, "s1", "responder", "bob", "alice", bob.verify, purpose="other")
+    c, d = await asyncio.gather(secure_streams(left, spec(ALICE, "initiator", "alice", "bob", BOB.fingerprint,
+                                                          session="s1")),
+                                secure_streams(right, odd), return_exceptions=True)
+    assert isinstance(d, SecureError)  # the responder refuses the initiator's BIND (purpose differs)
+    await _refused_at_first_read(c)
+
+
+def test_initiator_checks_the_responders_bind_before_its_reader_gets_a_byte() -> None:
+    asyncio.run(_test_initiator_checks_the_responders_bind_before_its_reader_gets_a_byte())
+
+
+async def _echo_ok(ar: asyncio.StreamReader, aw: asyncio.StreamWriter, bw: asyncio.StreamWriter) -> bool:
+    bw.write(b"from bob")
+    got = await asyncio.wait_for(ar.readexactly(8), 5)
+    aw.close()
+    bw.close()
+    return got == b"from bob"
 
 
 def test_two_initiators_fail_cleanly() -> None:
