@@ -32,15 +32,16 @@ class MappingSides(StrEnum):
 
 
 def matrix_spec(policy: SynPolicy, delay_ms: float | None = None, *, mapping: MappingSides = MappingSides.NONE,
-                types: Iterable[NatType] = tuple(NatType)) -> LabSpec:
+                types: Iterable[NatType] = tuple(NatType), ipv6: bool = False) -> LabSpec:
     """Routers ``<short>a`` and ``<short>b`` for every NAT type (e.g. ``pra``, ``prb``), those of
-    ``mapping``'s sides with port mapping (miniupnpd; a 'none' host has no router to run it on)."""
+    ``mapping``'s sides with port mapping (miniupnpd; a 'none' host has no router to run it on);
+    ``ipv6``: the lab's IPv6 too (RFC 6092 firewalls, no NAT66), the matrix's IPv6 column."""
     if delay_ms is None:
         delay_ms = RST_MATRIX_DELAY_MS if policy is SynPolicy.RST else 0.0
     link = LinkShape(delay_ms=delay_ms)
     return LabSpec([RouterSpec(f"{SHORT_NAMES[t]}{side}", t, policy, link=link,
                                port_mapping=side in mapping.sides() and t is not NatType.NONE)
-                    for t in types for side in "ab"])
+                    for t in types for side in "ab"], ipv6=ipv6)
 
 
 def can_map(t: NatType) -> bool:
@@ -59,12 +60,14 @@ def host_names(initiator: NatType, responder: NatType) -> tuple[str, str]:
     return f"{SHORT_NAMES[initiator]}a", f"{SHORT_NAMES[responder]}b"
 
 
-def direct_expected(a: NatType, b: NatType, mapping: MappingSides = MappingSides.NONE) -> bool:
+def direct_expected(a: NatType, b: NatType, mapping: MappingSides = MappingSides.NONE, *, ipv6: bool = False
+                    ) -> bool:
     """Can two hosts behind ``a`` and ``b`` reach each other directly (with port mapping on ``mapping``'s
-    sides)?
+    sides; ``ipv6``: both have IPv6 too)?
 
-    A mapping makes any pair direct: the other side connects to the mapped port, whatever the NATs do.
-    Without one (or behind cgnat, where none can be had) the NAT types decide:
+    IPv6 makes any pair direct: there is no NAT on that path, and a stateful firewall lets a simultaneous
+    open through (RFC 6092 REC-31). A mapping makes any pair direct: the other side connects to the
+    mapped port, whatever the NATs do. Without one (or behind cgnat, where none can be had) the NAT types decide:
 
     A side whose NAT maps each connection to an unguessable port (random) is reached directly when the
     other side's filter opens towards an address, not a port (full cone, restricted, no NAT), or, by
@@ -84,7 +87,7 @@ def direct_expected(a: NatType, b: NatType, mapping: MappingSides = MappingSides
         return (t.filtering is FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT
                 and t.mapping is not MappingBehaviour.ENDPOINT_INDEPENDENT)
 
-    if mapping_wins(a, b, mapping):
+    if ipv6 or mapping_wins(a, b, mapping):
         return True
     if random_mapping(a) and closed_to_random(b):
         return False

@@ -103,3 +103,27 @@ def test_with_port_mapping_every_pair_is_direct() -> None:
         assert all(direct_expected(a, b, mapping) for a, b in PAIRS)
     assert not mapping_wins(NatType.CGNAT, NatType.CGNAT, MappingSides.BOTH)
     assert not mapping_wins(NatType.SYMMETRIC_RANDOM, NatType.CGNAT, MappingSides.ONE)
+
+
+# ------------------------------------------------------------------ the IPv6 column (a subset here; the full
+# tables: python scripts/matrix.py --ipv6, docs/connectivity.md). Pairs that need the relay, or a birthday
+# punch, over IPv4 go direct over IPv6: the IPv6 candidates race first, the spray's wave is not needed.
+IPV6_TYPES = (NatType.SYMMETRIC_RANDOM, NatType.SYMMETRIC_SEQ, NatType.PORT_RESTRICTED)
+IPV6_PAIRS = [(NatType.SYMMETRIC_RANDOM, NatType.SYMMETRIC_RANDOM), (NatType.SYMMETRIC_RANDOM, NatType.SYMMETRIC_SEQ),
+              (NatType.SYMMETRIC_SEQ, NatType.SYMMETRIC_RANDOM), (NatType.SYMMETRIC_RANDOM, NatType.PORT_RESTRICTED)]
+
+
+@pytest.fixture(scope="module")
+def ipv6_lab() -> Iterator[tuple[Lab, LabRunner]]:
+    with Lab(matrix_spec(SynPolicy.DROP, ipv6=True, types=IPV6_TYPES)) as lab, LabRunner(lab) as runner:
+        yield lab, runner
+
+
+@pytest.mark.parametrize(("a", "b"), IPV6_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in IPV6_PAIRS])
+def test_ipv6_column(ipv6_lab: tuple[Lab, LabRunner], a: NatType, b: NatType) -> None:
+    assert direct_expected(a, b, ipv6=True)
+    lab, runner = ipv6_lab
+    ra, rb = host_names(a, b)
+    result = runner.pair(lab.host(ra), lab.host(rb), size=1_000_000)
+    assert result.error is None and result.ok, result
+    assert (result.method, result.candidate) == (Method.DIRECT, CandidateKind.IPV6), result.attempts[-5:]
