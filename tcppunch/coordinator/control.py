@@ -30,7 +30,7 @@ from tcppunch.nat.retry import ConnectBudget, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan, birthday_candidates, birthday_side
 from tcppunch.punch.plan import PunchPlan
-from tcppunch.punch.prediction import build_candidates, retry_policy_for
+from tcppunch.punch.prediction import build_candidates, ipv6_candidates, retry_policy_for
 from tcppunch.session.identity import Identity
 from tcppunch.session.secure import (
     SecureError,
@@ -178,9 +178,10 @@ def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None,
         local6 = local
     side = birthday_side(own_nat, order.peer_nat) if order.relay_advice is RelayAdvice.BIRTHDAY else None
     spray = None if side is None or birthday is None else BirthdayPlan(side, birthday)
-    if spray is not None:
-        candidates = birthday_candidates(spray, peer_observed=order.peer_observed, rng=random.SystemRandom(),
-                                         peer_private=order.peer_private, own_public_ip=own_public_ip)
+    if spray is not None:  # IPv6 first still: the spray is the IPv4 wave, skipped when IPv6 won
+        candidates = ipv6_candidates(order.peer_ipv6 if local6 is not None else ()) + birthday_candidates(
+            spray, peer_observed=order.peer_observed, rng=random.SystemRandom(), peer_private=order.peer_private,
+            own_public_ip=own_public_ip)
     else:
         candidates = build_candidates(peer_observed=order.peer_observed, peer_nat=order.peer_nat, own_nat=own_nat,
                                       peer_private=order.peer_private, own_public_ip=own_public_ip,

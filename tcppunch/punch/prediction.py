@@ -90,9 +90,11 @@ def direct_possible(
     """
     if mapped_endpoint(a) is not None or mapped_endpoint(b) is not None:
         return DirectVerdict(True, "port mapping: a router forwards the mapped port, the other side connects to it")
-    if ipv6:
-        return DirectVerdict(True, "both peers have IPv6: no NAT on that path, a simultaneous open passes "
-                                   "stateful firewalls (RFC 6092 REC-31)")
+    if ipv6:  # direct either way; ``birthday`` still says what the IPv4 fallback (raced second) needs
+        v4 = direct_possible(a, b, birthday=birthday)
+        why = ("both peers have IPv6: no NAT on that path, a simultaneous open passes stateful firewalls "
+               f"(RFC 6092 REC-31); over IPv4: {v4.reason}")
+        return DirectVerdict(True, why, birthday=v4.birthday)
     ca, cb = classify(a), classify(b)
     if MappingClass.PUBLIC in (ca, cb):
         return DirectVerdict(True, "one side has no NAT: the other connects to its listener")
@@ -169,7 +171,7 @@ def build_candidates(
     """
     if window < 1:
         raise ValueError("window must be at least 1")
-    out = [c for c in (Candidate(e, CandidateKind.IPV6) for e in dict.fromkeys(peer_ipv6)) if c.is_ipv6]
+    out = list(ipv6_candidates(peer_ipv6))
     if own_public_ip is not None and own_public_ip == peer_observed.ip:
         out.extend(Candidate(e, CandidateKind.PRIVATE) for e in peer_private if e != peer_observed)
     peer_mapped = mapped_endpoint(peer_nat)
@@ -190,6 +192,11 @@ def build_candidates(
         if Endpoint(peer_observed.ip, port) not in taken:
             out.append(Candidate(Endpoint(peer_observed.ip, port), CandidateKind.PREDICTED, i))
     return tuple(out)
+
+
+def ipv6_candidates(peer_ipv6: Sequence[Endpoint]) -> tuple[Candidate, ...]:
+    """The peer's IPv6 endpoints as candidates (distinct, IPv6 only), raced before everything else."""
+    return tuple(c for c in (Candidate(e, CandidateKind.IPV6) for e in dict.fromkeys(peer_ipv6)) if c.is_ipv6)
 
 
 def _add_observed(out: list[Candidate], observed: Endpoint) -> None:

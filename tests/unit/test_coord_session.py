@@ -155,3 +155,11 @@ def test_tokens_file(tmp_path: Path) -> None:
             Tokens.from_file(path)
     with pytest.raises(TokensFileError):
         Tokens.from_file(tmp_path / "missing.json")
+
+
+def test_with_ipv6_the_advice_still_names_what_ipv4_needs() -> None:
+    """IPv6 makes any pair direct; the IPv4 fallback, raced second, still gets its birthday punch."""
+    assert relay_advice(SYM_RANDOM, SYM_RANDOM, ipv6=True)[0] is RelayAdvice.PUNCH
+    got, reason = relay_advice(SYM_RANDOM, PORT_RESTRICTED, ipv6=True)
+    assert got is RelayAdvice.BIRTHDAY and "IPv6" in reason
+    assert relay_advice(SYM_RANDOM, PORT_RESTRICTED, ipv6=True, birthday=False)[0] is RelayAdvice.PUNCH
