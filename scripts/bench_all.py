@@ -1,6 +1,8 @@
 """`make bench`: every benchmark, each printing ratios against a reference measured in the same run.
 
-* bench_connect.py: time to connect vs RTT_coord + RTT_peer (20 ms one-way delay per WAN link).
+* bench_connect.py: time to connect vs RTT_coord + RTT_peer (20 ms one-way delay per WAN link), and vs
+  1.5 (RTT_coord + RTT_peer) + RTT_peer (the key exchange's budget).
+* bench_crypto.py: encrypted / plaintext bulk throughput over loopback and over a direct lab path.
 * bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
 * bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
@@ -20,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = [
     ["bench_connect.py", "--runs", "15"],
+    ["bench_crypto.py", "--mb", "200", "--reps", "3"],
     ["bench_detect.py", "--runs", "3"],
     ["bench_relay.py", "--lab", "--reps", "3", "--bytes", str(256 * 1024 * 1024),
      "--variants", "ours-splice,ours-copy,socat,socat-b1m"],
