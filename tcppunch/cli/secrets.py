@@ -29,8 +29,14 @@ def token_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help=f"File holding the shared secret (mode 0600). Default: env {TOKEN_ENV}.")(fn)
 
 
-def token_from(token_file: str | None, token_arg: str | None, *, required: bool = True) -> str | None:
-    """The token: --token-file, else env TCPPUNCH_TOKEN, else the deprecated --token (with a warning)."""
+DEPRECATED_TOKEN = (f"tcppunch: warning: --token is deprecated (other users see it in `ps`); set {TOKEN_ENV} "
+                    "or use --token-file")
+
+
+def token_from(token_file: str | None, token_arg: str | None, *, required: bool = True,
+               warn: bool = True) -> str | None:
+    """The token: --token-file, else env TCPPUNCH_TOKEN, else the deprecated --token (with a warning on
+    stderr, unless ``warn`` is false: then the caller prints :data:`DEPRECATED_TOKEN` itself)."""
     try:
         token = read_token(env=TOKEN_ENV, file=token_file)
     except IdentityError as exc:
@@ -38,8 +44,8 @@ def token_from(token_file: str | None, token_arg: str | None, *, required: bool 
     if token is None and token_arg is not None:
         if token_arg == "":
             raise click.UsageError("--token must not be empty")
-        click.echo(f"tcppunch: warning: --token is deprecated (other users see it in `ps`); set {TOKEN_ENV} or "
-                   "use --token-file", err=True)
+        if warn:
+            click.echo(DEPRECATED_TOKEN, err=True)
         token = token_arg
     if token is None and required:
         raise click.UsageError(f"no token: set {TOKEN_ENV} or give --token-file")

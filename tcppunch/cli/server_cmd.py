@@ -23,7 +23,14 @@ import click
 from redis.exceptions import RedisError
 
 from tcppunch.cli.params import EndpointType
-from tcppunch.cli.secrets import identity_option, load_identity, private_path, token_from, token_options
+from tcppunch.cli.secrets import (
+    DEPRECATED_TOKEN,
+    identity_option,
+    load_identity,
+    private_path,
+    token_from,
+    token_options,
+)
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
@@ -161,7 +168,9 @@ def server_command(
 
     Stops cleanly on SIGTERM or SIGINT.
     """
-    token = token_from(token_file, token_arg, required=tokens_file is None)
+    # The first stderr line stays "listening on ..." (scripts wait for it): warnings come after it.
+    token = token_from(token_file, token_arg, required=tokens_file is None, warn=False)
+    notes = [DEPRECATED_TOKEN] if token_arg is not None and token == token_arg else []
     configs = [dataclasses.replace(c, udp_change_request=udp_change_request)
                for c in stun_configs(listens, alt_addresses, alt_port, connect_back_timeout)]
     try:
@@ -188,7 +197,8 @@ def server_command(
         config = CoordinatorConfig(expose=expose, keepalive_interval=keepalive_interval, relay_limits=relay_limits,
                                    stale_after=1.5 * keepalive_interval, keepalive_timeout=3.0 * keepalive_interval)
         asyncio.run(serve(configs, tokens, budget, config, redis_url, metrics_listen,
-                          max_connections=max_connections, identity=identity, authorized_keys=owners))
+                          max_connections=max_connections, identity=identity, authorized_keys=owners,
+                          notes=notes))
     except RedisError as exc:
         click.echo(f"tcppunch server: cannot use the Redis of --redis: {exc}", err=True)
         sys.exit(1)
@@ -249,8 +259,8 @@ def _by_family(handlers: dict[int, StunHandler]) -> StunHandler:
 async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_bytes_per_peer: int | None = None,
                 coordinator_config: CoordinatorConfig | None = None, redis_url: str | None = None,
                 metrics_listen: Endpoint | None = None, *, max_connections: int = MAX_CONNECTIONS,
-                identity: Identity | None = None, authorized_keys: Mapping[str, frozenset[str]] | None = None
-                ) -> None:
+                identity: Identity | None = None, authorized_keys: Mapping[str, frozenset[str]] | None = None,
+                notes: Sequence[str] = ()) -> None:
     """Run until SIGTERM/SIGINT: STUN on every configuration, the coordinator on every primary endpoint."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -274,8 +284,6 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
         )
         for stun in stuns:
             stun.on_binding = coordinator.stun_seen  # OBSERVED may name ports STUN saw
-        print(f"coordinator key {coordinator.identity.fingerprint} (clients pin it with --coordinator-key)",
-              file=sys.stderr, flush=True)
         endpoints = ", ".join(str(e) for e in [*coordinator.addresses, *(e for s in stuns for e in s.tcp_endpoints)])
         coordinators = ", ".join(str(e) for e in coordinator.addresses)
         clustered = "" if cluster is None else f"; cluster node {cluster.node}"
@@ -284,4 +292,6 @@ async def serve(configs: Sequence[StunServiceConfig], tokens: Tokens, relay_byte
             clustered += f"; metrics on http://{metrics.address}/metrics"
         print(f"listening on {endpoints} (coordinator on {coordinators}; STUN over TCP and UDP{clustered})",
               file=sys.stderr, flush=True)
+        print(f"coordinator key {coordinator.identity.fingerprint} (clients pin it with --coordinator-key)",
+              *notes, sep="\n", file=sys.stderr, flush=True)
         await stop.wait()
