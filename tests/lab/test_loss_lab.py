@@ -1,0 +1,89 @@
+"""30 ms and 5 % loss on every WAN link (each router's and the server's): detecting, registering and
+punching survive lost SYNs (every client connection to the coordinator retries within its budget),
+every pair that can go direct connects directly, and 10 MB arrive intact (SHA-256 at the receiver,
+sent back and compared by the sender).
+
+The peers are Peer API processes on the lab hosts (``tcppunch.peer``), one dedicated connection each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
+from tests.lab.lines import wait_for_line
+from tests.lab.processes import COORD, lab_server, stop
+
+TOKEN = "loss-lab-token"
+LOSSY = LinkShape(delay_ms=30, loss=0.05)
+SIZE = 10_000_000
+
+PEER = """
+import asyncio, hashlib, json, os, random, sys
+from tcppunch.peer import Peer
+
+async def main(role, coordinator, me, other, size):
+    async with Peer(coordinator, me, os.environ["TOKEN"]) as peer:
+        if role == "accept":
+            print("registered", flush=True)
+            conn = await peer.accept(timeout=120)
+            digest, count = hashlib.sha256(), 0
+            while chunk := await conn.reader.read(1 << 16):
+                digest.update(chunk)
+                count += len(chunk)
+            conn.writer.write(digest.hexdigest().encode())
+            conn.writer.write_eof()
+            await conn.writer.drain()
+            await conn.reader.read()
+            print(json.dumps({"method": conn.method.value, "bytes": count}), flush=True)
+        else:
+            conn = await peer.connect(other)
+            data = random.Random(size).randbytes(size)
+            conn.writer.write(data)
+            conn.writer.write_eof()
+            await conn.writer.drain()
+            echo = (await conn.reader.read()).decode()
+            print(json.dumps({"method": conn.method.value, "sent": hashlib.sha256(data).hexdigest(),
+                              "received": echo, "attempts": [str(a) for a in conn.info.attempts]}), flush=True)
+        conn.close()
+
+asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])), 200))
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=LOSSY),
+                    RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, link=LOSSY)], server_link=LOSSY)
+    with Lab(spec) as the_lab, lab_server(the_lab, TOKEN):
+        yield the_lab
+
+
+@pytest.mark.parametrize(("a", "b"), [("pr", "seq"), ("seq", "pr")])
+def test_direct_pairs_connect_directly_and_10_mb_arrive_intact(lab: Lab, a: str, b: str) -> None:
+    env = {**os.environ, "TOKEN": TOKEN}
+    receiver = lab.host(b).popen([sys.executable, "-c", PEER, "accept", COORD, f"{b}-r", "", str(SIZE)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen: list[str] = []
+        assert receiver.stdout is not None and wait_for_line(receiver.stdout, "registered", 90, seen), seen
+        sender = lab.host(a).run([sys.executable, "-c", PEER, "connect", COORD, f"{a}-s", f"{b}-r", str(SIZE)],
+                                 timeout=220, env=env)
+        assert sender.returncode == 0, sender.stderr[-3000:]
+        out, err = receiver.communicate(timeout=60)
+        assert receiver.returncode == 0, err[-3000:]
+    finally:
+        stop(receiver)
+    sent = json.loads(sender.stdout.strip().splitlines()[-1])
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["bytes"] == SIZE
+    assert sent["received"] == sent["sent"] == hashlib.sha256(random.Random(SIZE).randbytes(SIZE)).hexdigest()
+    assert sent["method"] == got["method"] == "direct", (sent, got)
