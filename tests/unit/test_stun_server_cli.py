@@ -93,3 +93,15 @@ def test_server_process_serves_and_stops_on_signal(signum: int) -> None:
 )
 def test_server_usage_errors(args: list[str]) -> None:
     assert CliRunner().invoke(main, args).exit_code == 2
+
+
+def test_listen_on_both_families() -> None:
+    from tcppunch.cli.server_cmd import stun_configs
+    from tcppunch.wire.endpoint import Endpoint
+
+    wildcard = stun_configs([Endpoint("::", 3478)], (), None)
+    assert [(c.primary_address, c.primary_port) for c in wildcard] == [("0.0.0.0", 3478), ("::", 3478)]
+    pair = stun_configs([Endpoint("198.51.100.10", 3478), Endpoint("2001:db8::10", 3478)],
+                        ("2001:db8::11", "198.51.100.11"), None)
+    assert [(c.primary_address, c.alternate_address) for c in pair] == [("198.51.100.10", "198.51.100.11"),
+                                                                       ("2001:db8::10", "2001:db8::11")]
