@@ -149,9 +149,14 @@ async def probe(gateway: Gateway, budget: float = PROBE_BUDGET, *,
         return bool(await _exchange([(gateway.ip, natpmp.SERVER_PORT)], natpmp.external_address_request(),
                                     parse, budget, accept_from=gateway.ip))
 
+    def gateway_location(data: bytes) -> str | None:
+        # Only the gateway itself: another LAN device answering the search could point us anywhere.
+        location = upnp.parse_search_response(data)
+        return location if urlsplit(location).hostname == gateway.ip else None
+
     async def upnp_probe() -> bool:
         answer = await _exchange([(gateway.ip, upnp.SSDP_PORT), (upnp.SSDP_GROUP, upnp.SSDP_PORT)],
-                                 upnp.search_request(), upnp.parse_search_response, budget, accept_from=None)
+                                 upnp.search_request(), gateway_location, budget, accept_from=gateway.ip)
         if answer is not None:
             location.append(answer)
         return answer is not None
@@ -273,7 +278,10 @@ async def upnp_service(location: str) -> upnp.Service:
     code, body = upnp.parse_http_body(await _http(location, upnp.http_get(location), MAP_TIMEOUT))
     if code != 200:
         raise upnp.UpnpParseError(f"device description: HTTP {code}")
-    return upnp.parse_description(body, location)
+    service = upnp.parse_description(body, location)
+    if urlsplit(service.control_url).hostname != urlsplit(location).hostname:
+        raise upnp.UpnpParseError(f"control URL {service.control_url[:100]} is not on the gateway")
+    return service
 
 
 async def _upnp_map(gw: Gateway, service: upnp.Service, internal_port: int, lifetime: int, suggested: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from enum import IntEnum
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 from xml.sax.saxutils import escape
 
 SSDP_GROUP = "239.255.255.250"
@@ -83,7 +83,7 @@ def parse_search_response(data: bytes) -> str:
     if not status.startswith("HTTP/1.1 200"):
         raise UpnpParseError(f"SSDP answer is not a 200: {status[:60]!r}")
     location = headers.get("location", "")
-    parts = urlsplit(location)
+    parts = _split_url(location)
     if parts.scheme != "http" or not parts.hostname:
         raise UpnpParseError(f"SSDP LOCATION is not an http URL: {location[:100]!r}")
     return location
@@ -116,8 +116,11 @@ def parse_description(body: bytes, location: str) -> Service:
             found.setdefault(fields["serviceType"], fields["controlURL"])
     for service_type in WAN_SERVICES:
         if service_type in found:
-            url = urljoin(base, found[service_type])
-            if urlsplit(url).scheme != "http":
+            try:
+                url = urljoin(base, found[service_type])
+            except ValueError as exc:
+                raise UpnpParseError(f"bad control URL: {exc}") from None
+            if _split_url(url).scheme != "http":
                 raise UpnpParseError(f"control URL is not http: {url[:100]!r}")
             return Service(url, service_type)
     raise UpnpParseError("the device describes no WANIPConnection or WANPPPConnection service")
@@ -226,12 +229,21 @@ def _dechunk(data: bytes) -> bytes:
         data = rest[size + 2:]
 
 
+def _split_url(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise UpnpParseError(f"bad URL {url[:100]!r}: {exc}") from None
+    return parts
+
+
 def _xml(body: bytes) -> ET.Element:
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise UpnpParseError("XML with a DTD or entities is refused")  # no entity expansion, ever
     try:
         return ET.fromstring(body)
-    except ET.ParseError as exc:
+    except (ET.ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown declared encoding
         raise UpnpParseError(f"bad XML: {exc}") from None
 
 

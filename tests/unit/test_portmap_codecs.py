@@ -173,6 +173,23 @@ def test_ssdp() -> None:
         upnp.parse_search_response(b"HTTP/1.1 200 OK\r\nLOCATION: file:///etc/passwd\r\n\r\n")
 
 
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 200 OK\r\nLOCATION: http://[10.0.1.1/\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nLOCATION: http://10.0.1.1:99999/\r\n\r\n",
+])
+def test_ssdp_bad_urls_are_parse_errors(data: bytes) -> None:
+    with pytest.raises(upnp.UpnpParseError, match="bad URL"):
+        upnp.parse_search_response(data)
+
+
+def test_description_with_odd_encoding_or_url_is_a_parse_error() -> None:
+    with pytest.raises(upnp.UpnpParseError):
+        upnp.parse_description(b'<?xml version="1.0" encoding="klingon"?><root/>', "http://10.0.1.1/")
+    bad = DESCRIPTION.replace(b"/ctl/IPConn<", b"http://[::1/x<")
+    with pytest.raises(upnp.UpnpParseError, match="URL"):
+        upnp.parse_description(bad, "http://10.0.1.1:5000/rootDesc.xml")
+
+
 def test_description_picks_best_service() -> None:
     service = upnp.parse_description(DESCRIPTION, "http://10.0.1.1:5000/rootDesc.xml")
     assert service == upnp.Service("http://10.0.1.1:5000/ctl/IPConn", "urn:schemas-upnp-org:service:WANIPConnection:2")
