@@ -46,9 +46,11 @@ def _check(lab: Lab, runner: LabRunner, a: NatType, b: NatType, policy: SynPolic
     assert result.ok, "SHA-256 mismatch"
     if policy is SynPolicy.RST and _birthday_pair(a, b) and result.method is Method.RELAY:
         # With rst and the rst matrix's 5 ms per link a birthday ticket and a guess must cross within
-        # 10 ms: measured 90 % (scripts/bench_birthday.py --policy rst --delay-ms 5; 100 % at 20 ms).
+        # 10 ms: measured 70-100 % with the CPU load (scripts/bench_birthday.py --policy rst --delay-ms 5;
+        # 100 % at 20 ms).
         # A miss must still be a birthday punch that was tried, then the relay.
         assert result.relay_reason is not None and result.relay_reason.startswith("punching failed")
+        assert "birthday (" in result.relay_reason
         return
     expected = Method.DIRECT if direct_expected(a, b) else Method.RELAY
     assert result.method is expected, (result.relay_reason, result.attempts[-5:])
