@@ -76,6 +76,30 @@ def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: s
     assert f"{method}:" in done.stderr.replace("relayed:", "relay:")
 
 
+@pytest.mark.parametrize(("opt_out", "method", "candidate"), [(False, "direct", "birthday"), (True, "relay", None)])
+def test_birthday_punch_and_its_opt_out(lab: Lab, tmp_path: Path, opt_out: bool, method: str,
+                                        candidate: str | None) -> None:
+    """symmetric-random -> port-restricted goes direct by birthday punching; --no-birthday on either side
+    (here the connecting one) sends the pair to the relay at once."""
+    a_in, a_out = _files(tmp_path, "a", 1_000_000)
+    b_in, b_out = _files(tmp_path, "b", 1_000_000)
+    suffix = "x" if opt_out else "b"
+    listener = _listen(lab.host("pr"), f"pr-{suffix}", b_in, b_out, tmp_path / "b.json")
+    extra = ["--no-birthday"] if opt_out else []
+    done = lab.host("rnda").run([*PY, "connect", f"pr-{suffix}", "--coordinator", COORD, "--id", f"rnda-{suffix}",
+                                 "--report", str(tmp_path / "a.json"), *extra],
+                                stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
+                                stderr=subprocess.PIPE, timeout=120, env=env())
+    assert done.returncode == 0, done.stderr
+    assert listener.wait(60) == 0
+    assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
+    report: dict[str, Any] = json.loads((tmp_path / "a.json").read_text())
+    assert report["method"] == method
+    assert report["candidate"] == candidate
+    if opt_out:
+        assert report["relay_reason"].startswith("direct cannot work")  # relay-now: no spray, no deadline
+
+
 def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
