@@ -9,7 +9,8 @@ The rules follow from how TCP simultaneous open gets through NATs:
 * With endpoint-dependent mapping ("symmetric") our public port for the peer is not the one the server
   saw; the peer must aim at a predicted port. A fixed allocation step makes that practical (the port is
   the last observed one plus the step, plus whatever other traffic took meanwhile); a random allocator
-  makes it a lottery, so two symmetric NATs, or symmetric-random behind a filtering peer, need the relay.
+  makes it a lottery: against a peer that keeps one public port but filters by port, many connections
+  meet many guessed ports (birthday punching); two symmetric NATs need the relay.
 * An RST for unsolicited SYNs does not stop punching but kills early SYNs: the connector must retry
   until the deadline. A dropped SYN is the friendly case.
 """
@@ -46,7 +47,8 @@ def verdict(tcp: TcpBehaviour, behind_nat: bool | None, untested: Sequence[str] 
             f"{kind[0].upper()}{kind[1:]}: the public port stays the same for every destination, so TCP hole "
             "punching (simultaneous open) works directly with peers that have no NAT or a cone NAT, and with "
             "a symmetric peer whose next port can be predicted (sequential allocation). Against a symmetric "
-            "NAT with random ports only the relay will do."
+            "NAT with random ports: directly if this NAT filters by address only, by birthday punching "
+            "(hundreds of SYNs to guessed ports, opt out with --no-birthday) if it filters by port."
         )
     elif mapping in (MappingBehaviour.ADDRESS_DEPENDENT, MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT):
         if tcp.port_delta is not None and tcp.port_delta != 0:
@@ -59,8 +61,9 @@ def verdict(tcp: TcpBehaviour, behind_nat: bool | None, untested: Sequence[str] 
         else:
             parts.append(
                 "Symmetric NAT with random port allocation: this host's public port cannot be predicted, so "
-                "direct TCP works only with peers that accept unsolicited connections (no NAT or full-cone "
-                "NAT); with every other peer only the relay will do."
+                "direct TCP works with peers that have no NAT, a full-cone or a restricted-cone NAT; with a "
+                "port-restricted cone NAT (or CGNAT) by birthday punching (hundreds of connections against "
+                "hundreds of guessed ports); with another symmetric NAT only the relay will do."
             )
     else:
         parts.append(
