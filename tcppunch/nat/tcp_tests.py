@@ -150,14 +150,20 @@ class TcpStunConnection:
             if isinstance(item, StunTcpError):
                 return item
             writable: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(item.fileno(), lambda: None if writable.done() else writable.set_result(None))
+            fd = item.fileno()
+            loop.add_writer(fd, lambda: None if writable.done() else writable.set_result(None))
             try:
                 await asyncio.wait_for(writable, timeout)
             except TimeoutError:
+                # (unregistered before the close: a closed socket's fileno() is -1, which the selector refuses)
+                loop.remove_writer(fd)
                 item.close()
                 return StunTcpError(f"no TCP answer from {destination} within {timeout:.1f} s")
-            finally:
-                loop.remove_writer(item.fileno())
+            except BaseException:
+                loop.remove_writer(fd)
+                item.close()
+                raise
+            loop.remove_writer(fd)
             error = item.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 item.close()

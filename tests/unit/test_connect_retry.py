@@ -87,3 +87,27 @@ def test_a_refusal_is_an_answer_not_retried() -> None:
             connect_retrying(_new_socket, Endpoint("127.0.0.1", port), on_attempt=seen.append), 5.0
         ))
     assert seen == []
+
+
+def test_detect_connects_in_order_report_a_dropped_syn_as_no_answer() -> None:
+    """The mapping test's ordered connects (not retried: their order is the measurement) time out cleanly
+    when a SYN gets no answer (it used to raise ValueError: a closed socket's fileno() is -1)."""
+    from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname(), timeout=5.0)
+    fine = socket.socket()
+    fine.bind(("127.0.0.1", 0))
+    fine.listen(4)
+    try:
+        results = asyncio.run(TcpStunConnection.open_in_order(
+            Endpoint("127.0.0.1", 0), [Endpoint("127.0.0.1", full.getsockname()[1]),
+                                       Endpoint("127.0.0.1", fine.getsockname()[1])], 0.3))
+    finally:
+        for s in (filler, full, fine):
+            s.close()
+    assert isinstance(results[0], StunTcpError) and "no TCP answer" in str(results[0])
+    assert isinstance(results[1], TcpStunConnection)
+    results[1].close()
