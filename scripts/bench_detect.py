@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import select
 import shutil
@@ -87,9 +88,8 @@ def main() -> None:
                 f"{SERVER}:{PORT}",
                 "--alt-address",
                 ALT,
-                "--token",
-                "bench",
             ],
+            env={**os.environ, "TCPPUNCH_TOKEN": "bench"},
             stderr=subprocess.PIPE,
             text=True,
         )

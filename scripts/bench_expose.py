@@ -161,8 +161,8 @@ def benchmark(total: int, reps: int) -> dict[str, Any]:
     spec = LabSpec([RouterSpec("rnd", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP), RouterSpec("pub", NatType.NONE)])
     with Lab(spec) as lab:
         server = lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
-                                   "--alt-address", "198.51.100.11", "--token", TOKEN, "--expose-ports", "8080"],
-                                  stderr=subprocess.PIPE, text=True)
+                                   "--alt-address", "198.51.100.11", "--expose-ports", "8080"],
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
         source = lab.host("rnd").popen([sys.executable, SCRIPT, "--role", "source", "--port", str(SERVICE_PORT),
                                         "--bytes", str(total)], stdout=subprocess.PIPE, text=True)
         try:

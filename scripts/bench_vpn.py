@@ -211,8 +211,9 @@ class VpnLab:
     def __enter__(self) -> VpnLab:
         self.lab.__enter__()
         self.server = self.lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
-                                             "--alt-address", "198.51.100.11", "--token", TOKEN],
-                                            stderr=subprocess.PIPE, text=True)
+                                             "--alt-address", "198.51.100.11"],
+                                            stderr=subprocess.PIPE, text=True,
+                                            env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
         assert self.server.stderr is not None
         if "listening on" not in self.server.stderr.readline():
             raise SystemExit("the server did not start")

@@ -28,6 +28,8 @@ from tcppunch.lab.matrix import direct_expected
 from tcppunch.lab.probe import probe_all
 
 TOKEN = "demo"
+# The token travels in the environment of each process, never on its command line.
+TOKEN_ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
 COORD = "198.51.100.10:3478"
 PY = [sys.executable, "-m", "tcppunch"]
 PAIRS = [("pr", "cgn"), ("seq", "pr"), ("seq", "seqb"), ("rnd", "fc"), ("rnd", "pr")]
@@ -48,8 +50,8 @@ def main() -> int:
         print(f"NAT lab {lab.prefix} up in {time.monotonic() - started:.2f}s: server {lab.server.address} "
               f"(+198.51.100.11), one router of each type, unsolicited SYNs dropped\n")
         bad += show_probes(lab)
-        server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                                   "--token", TOKEN], stderr=subprocess.PIPE, text=True)
+        server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
+                                  stderr=subprocess.PIPE, text=True, env=TOKEN_ENV)
         assert server.stderr is not None
         if not wait_for_line(server.stderr, "listening on", 20):
             print("demo: tcppunch server did not start", file=sys.stderr)
@@ -124,17 +126,18 @@ def run_pair(a: LabHost, b: LabHost, tmp: Path, n: int) -> tuple[str, str, bool,
     for side in "ab":
         (tmp / f"{n}{side}.in").write_bytes(data[side])
     listen_id, connect_id = f"{b.name}-{n}-l", f"{a.name}-{n}-c"
-    listener = b.popen([*PY, "listen", "--coordinator", COORD, "--id", listen_id, "--token", TOKEN, "--once"],
+    listener = b.popen([*PY, "listen", "--coordinator", COORD, "--id", listen_id, "--once"],
                        stdin=(tmp / f"{n}b.in").open("rb"), stdout=(tmp / f"{n}b.out").open("wb"),
-                       stderr=subprocess.PIPE, text=True)
+                       stderr=subprocess.PIPE, text=True, env=TOKEN_ENV)
     assert listener.stderr is not None
     if not wait_for_line(listener.stderr, "listening as", 30):
         listener.kill()
         return "FAIL", "-", False, "listener did not register"
     report = tmp / f"{n}.json"
-    done = a.run([*PY, "connect", listen_id, "--coordinator", COORD, "--id", connect_id, "--token", TOKEN,
+    done = a.run([*PY, "connect", listen_id, "--coordinator", COORD, "--id", connect_id,
                   "--report", str(report), "--quiet"], stdin=(tmp / f"{n}a.in").open("rb"),
-                 stdout=(tmp / f"{n}a.out").open("wb"), capture_output=False, stderr=subprocess.PIPE, timeout=60)
+                 stdout=(tmp / f"{n}a.out").open("wb"), capture_output=False, stderr=subprocess.PIPE, timeout=60,
+                 env=TOKEN_ENV)
     if done.returncode != 0:
         listener.kill()
         listener.wait(10)

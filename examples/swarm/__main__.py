@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("metainfo", type=Path)
     peer.add_argument("--coordinator", required=True, help="HOST:PORT of `tcppunch server`")
     peer.add_argument("--id", required=True, help="this peer's id")
-    peer.add_argument("--token", required=True)
+    peer.add_argument("--token", default=os.environ.get("TCPPUNCH_TOKEN"),
+                      help="the coordinator's token (default: env TCPPUNCH_TOKEN; a visible argument is not a secret)")
     peer.add_argument("--dir", type=Path, required=True, help="where the file is (or goes)")
     peer.add_argument("--relay", choices=["auto", "never", "always"], default="auto")
     peer.add_argument("--pipeline", type=int, default=4, help="requests in flight per connection")
@@ -101,6 +103,9 @@ def _peer(args: argparse.Namespace) -> int:
         meta = Metainfo.load(args.metainfo)
     except (OSError, MetainfoError) as exc:
         print(f"peer: {args.metainfo}: {exc}", file=sys.stderr)
+        return 2
+    if not args.token:
+        print("peer: no token: set TCPPUNCH_TOKEN (or --token)", file=sys.stderr)
         return 2
     config = ClientConfig(args.coordinator, args.id, args.token, relay=RelayMode(args.relay), pipeline=args.pipeline,
                           max_peers=args.max_peers, serial_dials=not args.parallel_dials,

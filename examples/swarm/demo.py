@@ -116,7 +116,7 @@ class _Process:
 
     def __init__(self, peer_id: str, host: LabHost, argv: list[str], events: queue.Queue[dict[str, Any]],
                  stderr: IO[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "TCPPUNCH_TOKEN": TOKEN}
         self.id = peer_id
         self.proc = host.python(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.stats: dict[str, Any] | None = None
@@ -194,14 +194,15 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
     processes: dict[str, _Process] = {}
     try:
         server = lab.server.python(["-m", "tcppunch", "server", "--listen", coordinator, "--alt-address",
-                                    ALT_ADDRESS, "--token", TOKEN], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+                                    ALT_ADDRESS], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
         _wait_listening(server, min(20.0, deadline - time.monotonic()))
         progress(f"coordinator listening on {coordinator}")
 
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         for peer_id, nat in zip(ids, nats, strict=True):
             argv = ["-m", "examples.swarm", "peer", str(meta_path), "--coordinator", coordinator, "--id", peer_id,
-                    "--token", TOKEN, "--dir", str(workdir / peer_id), "--run-timeout", str(config.timeout)]
+                    "--dir", str(workdir / peer_id), "--run-timeout", str(config.timeout)]
             if config.upload_rate:
                 argv += ["--upload-rate", str(config.upload_rate)]
             if not config.serial_dials:

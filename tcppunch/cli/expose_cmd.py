@@ -14,8 +14,10 @@ import click
 
 from tcppunch.cli.params import EndpointType
 from tcppunch.cli.peer_cmds import _run, _until_signal
+from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.peer.expose import VisitorDone, keep_exposed
+from tcppunch.session.identity import KnownPeers, TrustPolicy
 from tcppunch.wire.coord import Exposed
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.proxy_protocol import ProxyVersion
@@ -25,8 +27,12 @@ from tcppunch.wire.proxy_protocol import ProxyVersion
 @click.option("--coordinator", type=EndpointType(resolve=False), required=True,
               help="The tcppunch server, HOST:PORT (port 3478 if omitted); it must allow --remote-port.")
 @click.option("--id", "peer_id", required=True, help="Our name at the coordinator.")
-@click.option("--token", required=True, envvar="TCPPUNCH_TOKEN",
-              help="Secret the coordinator expects for our id (or env TCPPUNCH_TOKEN).")
+@token_options
+@identity_option("identity.key")
+@click.option("--coordinator-key", metavar="KEY-ID",
+              help="The coordinator's key (printed by `tcppunch server`); else trusted on first use.")
+@click.option("--known-peers", type=click.Path(dir_okay=False),
+              help="Keys seen before (trust on first use). Default: $XDG_CONFIG_HOME/tcppunch/known_peers.")
 @click.option("--remote-port", type=click.IntRange(1, 65535), required=True,
               help="The port of the server's address that visitors connect to (within its --expose-ports).")
 @click.option("--forward", type=EndpointType(default_port=None, resolve=False), required=True,
@@ -36,20 +42,32 @@ from tcppunch.wire.proxy_protocol import ProxyVersion
                    "bytes, so it learns the visitor's address. The service must expect it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per event on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
-def expose_command(coordinator: Endpoint, peer_id: str, token: str, remote_port: int, forward: Endpoint,
-                   proxy_protocol: str | None, as_json: bool, quiet: bool) -> None:
+def expose_command(coordinator: Endpoint, peer_id: str, token_file: str | None, token_arg: str | None,
+                   identity_path: str | None, coordinator_key: str | None, known_peers: str | None,
+                   remote_port: int, forward: Endpoint, proxy_protocol: str | None, as_json: bool,
+                   quiet: bool) -> None:
     """Expose the local service --forward at --remote-port of the server, for any TCP client (curl, a
     browser, a webhook), like frp's tcp proxy. Runs until interrupted; the port closes when it stops.
 
     The server sees the visitors' bytes: serve TLS from the local service if they are private.
 
     \b
-    tcppunch server --listen 198.51.100.10:3478 --token S --expose-ports 8000-9000   # public host
+    TCPPUNCH_TOKEN=S tcppunch server --listen 198.51.100.10:3478 --expose-ports 8000-9000   # public host
     TCPPUNCH_TOKEN=S tcppunch expose --coordinator 198.51.100.10:3478 --id web \\
                     --remote-port 8080 --forward 127.0.0.1:8000                     # behind NAT
     curl http://198.51.100.10:8080/                                                 # anyone
     """
     version = None if proxy_protocol is None else ProxyVersion(proxy_protocol)
+    token = token_from(token_file, token_arg)
+    assert token is not None
+    identity = load_identity(identity_path)
+    pin = key_id(coordinator_key, "--coordinator-key")
+    trust = TrustPolicy(known=KnownPeers(known_peers) if known_peers else KnownPeers.default())
+
+    def channel() -> ControlChannel:
+        """The control connection: TLS with our key, the coordinator's key pinned or known."""
+        return ControlChannel(coordinator, peer_id, token, identity=identity,
+                              verify_coordinator=lambda key: trust.check_coordinator(str(coordinator), key, pin))
 
     def report(done: VisitorDone) -> None:
         if as_json:
@@ -72,7 +90,7 @@ def expose_command(coordinator: Endpoint, peer_id: str, token: str, remote_port:
         click.echo(f"tcppunch: lost the coordinator ({reason}); exposing again in {retry_in:g} s", err=True)
 
     async def main() -> None:
-        work = keep_exposed(lambda: ControlChannel(coordinator, peer_id, token), remote_port, forward,
+        work = keep_exposed(channel, remote_port, forward,
                             proxy_protocol=version, on_exposed=exposed, on_lost=lost, on_done=report)
         await _until_signal(asyncio.ensure_future(work))
 

@@ -22,7 +22,7 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
 from tests.lab.lines import Tail, wait_for_line
-from tests.lab.processes import PY, stop
+from tests.lab.processes import PY, stop, token_env
 
 TOKEN = "cluster-lab-token"
 A, B = "198.51.100.10:3478", "198.51.100.11:4478"
@@ -50,8 +50,8 @@ def redis_in(host: LabHost) -> Iterator[str]:
 
 def coordinator(host: LabHost, listen: str, alt: str, alt_port: int, url: str) -> subprocess.Popen[str]:
     proc = host.popen([*PY, "server", "--listen", listen, "--alt-address", alt, "--alt-port", str(alt_port),
-                       "--token", TOKEN, "--redis", url, "--keepalive-interval", str(KEEPALIVE)],
-                      stderr=subprocess.PIPE, text=True)
+                       "--redis", url, "--keepalive-interval", str(KEEPALIVE)],
+                      stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
     seen: list[str] = []
     assert proc.stderr is not None and wait_for_line(proc.stderr, "cluster node", 20, seen), seen
     return proc
@@ -59,11 +59,11 @@ def coordinator(host: LabHost, listen: str, alt: str, alt_port: int, url: str) -
 
 def forwarder(host: LabHost, peer_id: str, port: int, *coordinators: str, relay: str = "auto"
               ) -> tuple[subprocess.Popen[str], Tail]:
-    argv = [*PY, "connect", "bob", "--id", peer_id, "--token", TOKEN, "--local", f"127.0.0.1:{port}",
+    argv = [*PY, "connect", "bob", "--id", peer_id, "--local", f"127.0.0.1:{port}",
             "--relay", relay]
     for where in coordinators:
         argv += ["--coordinator", where]
-    proc = host.popen(argv, stderr=subprocess.PIPE, text=True)
+    proc = host.popen(argv, stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
     assert proc.stderr is not None
     tail = Tail(proc.stderr)
     assert tail.wait_for("accepting local", 30), tail.text
@@ -98,8 +98,8 @@ def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) ->
             procs.append(bob_host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
                                          "--directory", str(tmp_path)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            bob = bob_host.popen([*PY, "listen", "--coordinator", B, "--id", "bob", "--token", TOKEN,
-                                  "--forward", "127.0.0.1:8080"], stderr=subprocess.PIPE, text=True)
+            bob = bob_host.popen([*PY, "listen", "--coordinator", B, "--id", "bob", "--forward", "127.0.0.1:8080",
+                                  "--allow-any"], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
             procs.append(bob)
             seen: list[str] = []
             assert bob.stderr is not None and wait_for_line(bob.stderr, "listening as", 30, seen), seen

@@ -7,6 +7,7 @@ and coturn), so the suite costs one lab build and one detect run per case.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import subprocess
@@ -99,11 +100,10 @@ def detect_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
                 f"{SERVER}:{PORT}",
                 "--alt-address",
                 ALT,
-                "--token",
-                "lab-secret",
             ],
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "TCPPUNCH_TOKEN": "lab-secret"},
         )
         _wait_for_lines(ours, "listening on")
         coturn = lab.server.popen(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -167,8 +168,8 @@ PY = [sys.executable, "-m", "tcppunch"]
 def dual_stack_server(lab: Lab) -> Iterator[None]:
     """``tcppunch server`` with --listen given twice (IPv4 and IPv6), as a process on the lab server."""
     server = lab.server.popen([*PY, "server", "--listen", "198.51.100.10:3478", "--listen", "[2001:db8::10]:3478",
-                               "--alt-address", "198.51.100.11", "--alt-address", "2001:db8::11",
-                               "--token", "t"], stderr=subprocess.PIPE, text=True)
+                               "--alt-address", "198.51.100.11", "--alt-address", "2001:db8::11"],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": "t"})
     seen: list[str] = []
     assert server.stderr is not None
     assert wait_for_line(server.stderr, "listening on", 20, seen), seen

@@ -65,8 +65,8 @@ def lab() -> Iterator[Lab]:
                     RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, link=link),
                     RouterSpec("prb", NatType.PORT_RESTRICTED, SynPolicy.DROP)])
     with Lab(spec) as the_lab:
-        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                                       "--token", TOKEN], stderr=subprocess.PIPE, text=True)
+        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
+                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
         assert server.stderr is not None
         tail = Tail(server.stderr)
         assert tail.wait_for("listening on", 20), tail.text
@@ -105,7 +105,7 @@ def _forward_pair(lab: Lab, tmp: Path, client_router: str, server_router: str, n
                   ) -> tuple[subprocess.Popen[str], Tail, subprocess.Popen[str], Tail, Path]:
     server_host, client_host = lab.host(server_router), lab.host(client_router)
     listener, listen_tail = _start(server_host, [*PY, "listen", "--coordinator", COORD, "--id", f"{name}-web",
-                                                 "--forward", "127.0.0.1:8080"], "listening as")
+                                                 "--forward", "127.0.0.1:8080", "--allow-any"], "listening as")
     report = tmp / f"{name}.json"
     connector, connect_tail = _start(client_host, [*PY, "connect", f"{name}-web", "--coordinator", COORD, "--id",
                                                    f"{name}-browser", "--local", "127.0.0.1:9000",

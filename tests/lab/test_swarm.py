@@ -9,6 +9,7 @@ docs/api.md run here too, as written.
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import subprocess
@@ -112,7 +113,8 @@ def test_api_walkthrough_programs_run(tmp_path: Path) -> None:
                     RouterSpec("c", NatType.SYMMETRIC_RANDOM)])
     with Lab(spec) as lab:
         server = lab.server.python(["-m", "tcppunch", "server", "--listen", "198.51.100.10:3478", "--alt-address",
-                                    "198.51.100.11", "--token", "s3cret"], stderr=subprocess.PIPE, text=True)
+                                    "198.51.100.11"], stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "TCPPUNCH_TOKEN": "s3cret"})
         _first_line_with(server.stderr, "listening on", 20)
         a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
         listener = b.python([str(files["echo_peer.py"]), "listen", "bob", "--count", "4"], cwd=tmp_path,
