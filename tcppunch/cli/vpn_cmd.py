@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from tcppunch.cli.peer_cmds import _common, _peer, _run, _until_signal, _write_report
+from tcppunch.cli.secrets import key_id
 from tcppunch.vpn.iface import InterfaceError
 from tcppunch.vpn.tun import Tun, TunError
 from tcppunch.vpn.tunnel import Address, Network, Tunnel, TunnelState
@@ -44,7 +45,10 @@ def _network(value: str) -> Network:
 @click.option("--interface", "name", default="tcppunch0", show_default=True, help="Name of the TUN interface.")
 @click.option("--mtu", type=click.IntRange(576, 9000), default=1400, show_default=True,
               help="MTU of the interface (room for the outer TCP/IP and framing below 1500).")
-def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mtu: int, **common: Any) -> None:
+@click.option("--peer-key", metavar="KEY-ID",
+              help="The other peer's key (`tcppunch id` on its host); without it, trusted on first use.")
+def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mtu: int, peer_key: str | None,
+                **common: Any) -> None:
     """Join a two-peer VPN: any program reaches the other side at its VPN address (ping, ssh, a database
     client). Packets ride one stream of the pair's session: direct when a hole can be punched, relayed
     otherwise, and exactly as private as that session (see docs/vpn.md).
@@ -62,6 +66,7 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
     networks = [_network(r) for r in routes]
     if other == peer_id:
         raise click.BadParameter("--peer must be another id than --id")
+    pin = key_id(peer_key, "--peer-key")
 
     def show(state: TunnelState) -> None:
         if quiet:
@@ -77,7 +82,7 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
         except TunError as exc:
             raise click.ClickException(str(exc)) from None
         with tun:
-            async with _peer(**common) as peer:
+            async with _peer(**common, peer_keys={} if pin is None else {other: pin}) as peer:
                 def changed(state: TunnelState) -> None:
                     show(state)
                     if state.up and report_path:
