@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -19,17 +21,17 @@ settings.register_profile("tcppunch", suppress_health_check=[HealthCheck.too_slo
 settings.load_profile("tcppunch")
 
 
+# Identities and known-peers files of the tests, and of every process they start (which inherits the
+# environment), live in a throw-away directory, never in the user's ~/.config/tcppunch. Set at import,
+# before any test module copies os.environ into the environment of its processes.
+_CONFIG_HOME = tempfile.mkdtemp(prefix="tcppunch-test-config-")
+os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Identities and known-peers files of the tests (and of every CLI process they start, which inherits
-    the environment) live in a throw-away directory, never in the user's ~/.config/tcppunch."""
-    old = os.environ.get("XDG_CONFIG_HOME")
-    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+def _private_config_home() -> Iterator[None]:
     yield
-    if old is None:
-        os.environ.pop("XDG_CONFIG_HOME", None)
-    else:
-        os.environ["XDG_CONFIG_HOME"] = old
+    shutil.rmtree(_CONFIG_HOME, ignore_errors=True)
 
 
 def _lab_unsupported_reason() -> str | None:
