@@ -350,6 +350,10 @@ def _object(obj: dict[str, Any], name: str) -> dict[str, Any]:
     value = obj.get(name, {})
     if not isinstance(value, dict):
         raise _bad(name, "must be an object")
+    try:  # free-form, but it must survive being encoded again (JSON may carry lone surrogates)
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise _bad(name, "contains a lone surrogate") from None
     return value
 
 

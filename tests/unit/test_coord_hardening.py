@@ -349,3 +349,28 @@ def test_relay_budgets_per_token_cover_every_id_of_the_token() -> None:
     ini, _, _ = _relayed(h, "a2", "b2", "198.18.2.2")  # another address, same shared token
     error = h.error(ini)
     assert error.code == "relay-limit" and "token:shared" in error.message
+
+
+# ------------------------------------------------------------------------ found by the fuzzer
+
+
+def test_decoded_messages_can_always_be_encoded_again() -> None:
+    """JSON can carry lone surrogates ("\\ud800"); a string echoed back (request_id) or a free-form
+    object (result details) holding one made the server's answer unencodable."""
+    from tcppunch.wire.coord import decode_message
+    from tcppunch.wire.framing import ProtocolError
+
+    for obj in ({"type": "list", "request_id": "\ud800"},
+                {"type": "result", "session_id": "", "outcome": "direct", "details": {"reason": "\ud800"}}):
+        try:
+            message = decode_message(obj)
+        except ProtocolError as exc:
+            assert exc.code == "bad-field"
+        else:
+            encode_message(message)
+    h = Harness()
+    alice = h.register("alice")
+    h.take(alice)
+    payload = b'{"type":"list","request_id":"\\ud800"}'
+    h.feed(alice, struct.pack("!I", len(payload)) + payload)
+    assert h.error(alice).code == "bad-field"
