@@ -65,6 +65,8 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "predict ports, and the relay is used only after a failed punch)."),
         click.option("--no-birthday", is_flag=True, help="Never spray SYNs for birthday punching (random-"
                      "port NAT facing a port-filtering one): such connections use the relay instead."),
+        click.option("--no-ipv6", is_flag=True, help="Do not announce or race this host's global IPv6 address "
+                     "(by default it is raced first, Happy-Eyeballs style: IPv6 has no NAT)."),
         click.option("--port-mapping", is_flag=True, help="Ask the router to map the punch port (PCP, NAT-PMP, "
                      "UPnP-IGD) so peers can connect in whatever the NATs do; renewed while running, deleted on "
                      "exit. Off by default: it opens a port on the router."),
@@ -98,7 +100,7 @@ def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
 def _peer(*, coordinator: Sequence[Endpoint], peer_id: str, token_file: str | None, token_arg: str | None,
           identity_path: str | None, known_peers: str | None, coordinator_key: str | None, trust_coordinator: bool,
           relay: str, port: int, nat_report: str | None, no_detect: bool, no_birthday: bool, quiet: bool,
-          port_mapping: bool = False, **trust: Any) -> Peer:
+          port_mapping: bool = False, no_ipv6: bool = False, **trust: Any) -> Peer:
     """A Peer from the options every peer command shares; ``trust``: peer_keys / allow for this command."""
     token = token_from(token_file, token_arg)
     assert token is not None
@@ -111,7 +113,7 @@ def _peer(*, coordinator: Sequence[Endpoint], peer_id: str, token_file: str | No
     try:
         return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect,
                     relay=RelayMode(relay), on_stage=_progress(quiet),
-                    birthday=None if no_birthday else DEFAULT_LIMITS, port_mapping=port_mapping,
+                    birthday=None if no_birthday else DEFAULT_LIMITS, port_mapping=port_mapping, ipv6=not no_ipv6,
                     identity=load_identity(identity_path),
                     known_peers=known_peers or "default", trust_coordinator=trust_coordinator,
                     coordinator_key=key_id(coordinator_key, "--coordinator-key"), **trust)
@@ -126,6 +128,7 @@ def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) 
     report = conn.to_json() if isinstance(conn, PeerSession) else conn.info.to_json()
     report["timings"] = {**{k: round(v, 6) for k, v in peer.timings.items()}, **report["timings"]}
     report["self"] = {"id": peer.peer_id, "observed": str(peer.observed), "local": str(peer.local),
+                      "ipv6": None if peer.local6 is None else str(peer.local6),
                       "nat": None if peer.nat is None else peer.nat.to_json()}
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 

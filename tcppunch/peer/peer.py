@@ -345,6 +345,11 @@ class Peer:
         return self._control.observed
 
     @property
+    def local6(self) -> Endpoint | None:
+        """Our IPv6 punch endpoint (global address, punch port) announced to peers, or None."""
+        return self._local6
+
+    @property
     def local(self) -> Endpoint:
         """The local endpoint we punch from (the control connection's port)."""
         registration = self._control.registration

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import hashlib
 import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.topology import SERVER_ADDRESSES6
 from tests.lab.lines import wait_for_line
+from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 ECHO_PORT = 7100
 _IO = 3.0
@@ -161,21 +163,14 @@ def test_simultaneous_open_through_two_firewalls(lab: Lab) -> None:
         assert (fa.result(20), fb.result(20)) == (b.address6, a.address6)
 
 
-PY = [sys.executable, "-m", "tcppunch"]
+TOKEN = "ipv6-lab-token"
 
 
 @pytest.fixture(scope="module")
 def dual_stack_server(lab: Lab) -> Iterator[None]:
     """``tcppunch server`` with --listen given twice (IPv4 and IPv6), as a process on the lab server."""
-    server = lab.server.popen([*PY, "server", "--listen", "198.51.100.10:3478", "--listen", "[2001:db8::10]:3478",
-                               "--alt-address", "198.51.100.11", "--alt-address", "2001:db8::11"],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": "t"})
-    seen: list[str] = []
-    assert server.stderr is not None
-    assert wait_for_line(server.stderr, "listening on", 20, seen), seen
-    yield
-    server.terminate()
-    server.wait(10)
+    with lab_server(lab, TOKEN, "--listen", "[2001:db8::10]:3478", "--alt-address", "2001:db8::11"):
+        yield
 
 
 @pytest.mark.parametrize(("port", "works"), [(3478, True), (3999, False)], ids=["served", "nothing-there"])
@@ -198,3 +193,42 @@ def test_detect_against_an_ipv6_server_measures_over_ipv6(lab: Lab, dual_stack_s
     report = json.loads(done.stdout)
     assert report["public"]["ip"] == host.address6 and report["behind_nat"] is False  # no NAT66
     assert report["ipv6"]["works"] is True
+
+
+@pytest.mark.parametrize(("opt_out", "candidate"), [(False, "ipv6"), (True, "birthday")], ids=["ipv6", "no-ipv6"])
+def test_cli_connect_goes_over_ipv6_unless_told_not_to(lab: Lab, dual_stack_server: None, tmp_path: Path,
+                                                        opt_out: bool, candidate: str) -> None:
+    """symmetric-random -> cgnat with the real CLI: over IPv6 by default (the report names the candidate
+    and our IPv6 endpoint); with --no-ipv6 the IPv4 path (a birthday punch) serves. SHA-256 both ways."""
+    a, b = lab.hosts["rd1"], lab.hosts["cg1"]
+    name = "x" if opt_out else "v"
+    a_in, a_out, b_in, b_out = (tmp_path / f for f in ("a.in", "a.out", "b.in", "b.out"))
+    a_in.write_bytes(os.urandom(1_000_000))
+    b_in.write_bytes(os.urandom(1_000_000))
+    listener = b.popen([*PY, "listen", "--coordinator", COORD, "--id", f"cg-{name}", "--once"],
+                       stdin=b_in.open("rb"), stdout=b_out.open("wb"), stderr=subprocess.PIPE, text=True,
+                       env=token_env(TOKEN))
+    try:
+        seen: list[str] = []
+        assert listener.stderr is not None
+        assert wait_for_line(listener.stderr, "listening as", 30, seen), seen
+        report = tmp_path / "a.json"
+        done = a.run([*PY, "connect", f"cg-{name}", "--coordinator", COORD, "--id", f"rd-{name}", "--report",
+                      str(report), *(["--no-ipv6"] if opt_out else [])], stdin=a_in.open("rb"),
+                     stdout=a_out.open("wb"), capture_output=False, stderr=subprocess.PIPE, timeout=120,
+                     env=token_env(TOKEN))
+        assert done.returncode == 0, done.stderr
+        assert listener.wait(60) == 0
+        assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
+        info = json.loads(report.read_text())
+        assert (info["method"], info["candidate"]) == ("direct", candidate), info
+        if opt_out:
+            assert info["self"]["ipv6"] is None
+        else:  # the punch left from the IPv6 endpoint we announced
+            assert info["self"]["ipv6"] == info["local"] and info["local"].startswith(f"[{a.address6}]:")
+    finally:
+        stop(listener)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
