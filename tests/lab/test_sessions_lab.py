@@ -18,11 +18,10 @@ import pytest
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.netns import in_netns, run
 from tests.lab.lines import Tail
+from tests.lab.processes import COORD, PY, stop, token_env
 
 TOKEN = "sessions-lab-token"
-COORD = "198.51.100.10:3478"
 SERVER_IPS = "{ 198.51.100.10, 198.51.100.11 }"
-PY = [sys.executable, "-m", "tcppunch"]
 
 # N threads each fetch URL and print the SHA-256 of what they got, one per line.
 FETCH_MANY = """
@@ -65,19 +64,20 @@ def lab() -> Iterator[Lab]:
                     RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, link=link),
                     RouterSpec("prb", NatType.PORT_RESTRICTED, SynPolicy.DROP)])
     with Lab(spec) as the_lab:
+        # the server's log is read to the end (a Tail), so that a long run never fills its stderr pipe
         server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
-                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
-        assert server.stderr is not None
-        tail = Tail(server.stderr)
-        assert tail.wait_for("listening on", 20), tail.text
-        yield the_lab
-        server.terminate()
-        server.wait(10)
+                                      stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
+        try:
+            assert server.stderr is not None
+            tail = Tail(server.stderr)
+            assert tail.wait_for("listening on", 20), tail.text
+            yield the_lab
+        finally:
+            stop(server)
 
 
 def _start(host: LabHost, argv: list[str], needle: str, **kwargs: Any) -> tuple[subprocess.Popen[str], Tail]:
-    env = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
-    proc = host.popen(argv, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    proc = host.popen(argv, stderr=subprocess.PIPE, text=True, env=token_env(TOKEN), **kwargs)
     assert proc.stderr is not None
     tail = Tail(proc.stderr)
     assert tail.wait_for(needle, 30), tail.text
@@ -86,9 +86,8 @@ def _start(host: LabHost, argv: list[str], needle: str, **kwargs: Any) -> tuple[
 
 def _stop(*procs: subprocess.Popen[Any] | None) -> None:
     for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(15)
+        if proc is not None:
+            stop(proc)
 
 
 def _serve_files(host: LabHost, site: Path) -> subprocess.Popen[Any]:
@@ -104,8 +103,11 @@ def _serve_files(host: LabHost, site: Path) -> subprocess.Popen[Any]:
 def _forward_pair(lab: Lab, tmp: Path, client_router: str, server_router: str, name: str,
                   ) -> tuple[subprocess.Popen[str], Tail, subprocess.Popen[str], Tail, Path]:
     server_host, client_host = lab.host(server_router), lab.host(client_router)
+    # --forward names the keys that may reach the service (every process of the test run shares one key)
+    browser_key = subprocess.run([*PY, "id"], capture_output=True, text=True, check=True).stdout.strip()
     listener, listen_tail = _start(server_host, [*PY, "listen", "--coordinator", COORD, "--id", f"{name}-web",
-                                                 "--forward", "127.0.0.1:8080", "--allow-any"], "listening as")
+                                                 "--forward", "127.0.0.1:8080", "--allow", browser_key],
+                                   "listening as")
     report = tmp / f"{name}.json"
     connector, connect_tail = _start(client_host, [*PY, "connect", f"{name}-web", "--coordinator", COORD, "--id",
                                                    f"{name}-browser", "--local", "127.0.0.1:9000",
