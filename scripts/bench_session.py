@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import os
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -200,6 +202,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="bulk runs of each kind (medians)")
     args = parser.parse_args()
     configure_logging("error")
+    # Throw-away keys and known peers for this run: every lab run has a new coordinator key, which a
+    # known_peers file kept across runs would refuse as an impostor (and the user's own must stay clean).
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="bench-session-")
     link = LinkShape(delay_ms=args.delay_ms)
     spec = LabSpec([RouterSpec("a", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=link),
                     RouterSpec("b", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=link)])
