@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,15 +102,12 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 
 def _wait_line(proc: subprocess.Popen[str], needle: str, stream: str = "stderr") -> None:
-    pipe = getattr(proc, stream)
-    deadline = time.monotonic() + WITHIN_S
-    while time.monotonic() < deadline:
-        line = pipe.readline()
-        if not line:
-            raise SystemExit(f"process ended before saying {needle!r}")
-        if needle in line:
-            return
-    raise SystemExit(f"no {needle!r} within {WITHIN_S} s")
+    from tcppunch.lab.lines import LineTimeout, wait_for_line
+
+    try:
+        wait_for_line(getattr(proc, stream), needle, WITHIN_S)
+    except LineTimeout as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _client(lab: Any, port: int, total: int) -> float:
@@ -126,7 +124,7 @@ def run_expose(lab: Any, total: int) -> float:
     exposer = lab.host("rnd").popen([sys.executable, "-m", "tcppunch", "expose", "--coordinator",
                                      f"{SERVER}:3478", "--id", "bench", "--remote-port", "8080", "--forward",
                                      f"127.0.0.1:{SERVICE_PORT}", "--quiet"],
-                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
+                                    stderr=subprocess.PIPE, text=True)
     try:
         _wait_line(exposer, "exposed")
         return _client(lab, 8080, total)
@@ -162,7 +160,7 @@ def benchmark(total: int, reps: int) -> dict[str, Any]:
     with Lab(spec) as lab:
         server = lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
                                    "--alt-address", "198.51.100.11", "--expose-ports", "8080"],
-                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
+                                  stderr=subprocess.PIPE, text=True)
         source = lab.host("rnd").popen([sys.executable, SCRIPT, "--role", "source", "--port", str(SERVICE_PORT),
                                         "--bytes", str(total)], stdout=subprocess.PIPE, text=True)
         try:
@@ -207,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     print(f"expose benchmark: {args.bytes / 2**20:.0f} MiB x {args.reps} reps, client on a public lab host, "
           f"service behind a symmetric-random NAT", flush=True)
-    summary = benchmark(args.bytes, args.reps)
+    # Every process of the run (server, peers) inherits the token and a throw-away config directory: fresh
+    # keys, and no known-peers entry of another run (the lab server's key is new every time).
+    os.environ["TCPPUNCH_TOKEN"] = TOKEN
+    with tempfile.TemporaryDirectory(prefix="tcppunch-bench-") as config:
+        os.environ["XDG_CONFIG_HOME"] = config
+        summary = benchmark(args.bytes, args.reps)
     print("\nmedians: " + ", ".join(f"{name} {mbps:.0f} MB/s" for name, mbps in summary["medians"].items()))
     for ref, ratio in summary["ratios"].items():
         print(f"ratio expose/{ref}: {ratio:.2f}")

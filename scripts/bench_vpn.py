@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,6 +137,15 @@ async def _side(peer_id: str, other: str, address: str) -> None:
 # ------------------------------------------------------------------------------------------ the run
 
 
+def _wait_line(stream: Any, needle: str, timeout: float = WITHIN_S) -> str:
+    from tcppunch.lab.lines import LineTimeout, wait_for_line
+
+    try:
+        return wait_for_line(stream, needle, timeout)[-1]
+    except LineTimeout as exc:
+        raise SystemExit(str(exc)) from None
+
+
 class Side:
     """A `--role side` process on a lab host."""
 
@@ -149,9 +159,7 @@ class Side:
         if command is not None:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the side process on {self.host.name} ended")
+        line = _wait_line(self.proc.stdout, "{", RUN_WITHIN_S)
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -175,8 +183,7 @@ def _vpn_transfer(lab: Any, total: int) -> float:
                                   "--port", str(PORT)], stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None
-        if sink.stdout.readline().strip() != "ready":
-            raise SystemExit("the VPN sink did not start")
+        _wait_line(sink.stdout, "ready")
         lab.host("pr").run([sys.executable, SCRIPT, "--role", "source", "--host", "10.99.0.2", "--port", str(PORT),
                             "--bytes", str(total)], timeout=RUN_WITHIN_S, check=True)
         out, _ = sink.communicate(timeout=RUN_WITHIN_S)
@@ -210,26 +217,33 @@ class VpnLab:
 
     def __enter__(self) -> VpnLab:
         self.lab.__enter__()
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         self.server = self.lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
                                              "--alt-address", "198.51.100.11"],
-                                            stderr=subprocess.PIPE, text=True,
-                                            env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
+                                            stderr=subprocess.PIPE, text=True)
         assert self.server.stderr is not None
-        if "listening on" not in self.server.stderr.readline():
-            raise SystemExit("the server did not start")
+        _wait_line(self.server.stderr, "listening on")
         self.hosts = {name: self.lab.host(name) for name in ("pr", "seq")}
         self.a = Side(self.hosts["pr"], "a", "b", ADDRESSES[0])
         self.b = Side(self.hosts["seq"], "b", "a", ADDRESSES[1])
         self.path = str(self.a.ask()["path"])
         self.b.ask()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        for side in (self.a, self.b):
-            side.stop()
-        if self.server.poll() is None:
-            self.server.terminate()
-            self.server.wait(10)
+        for side in (getattr(self, "a", None), getattr(self, "b", None)):
+            if side is not None:
+                side.stop()
+        server = getattr(self, "server", None)
+        if server is not None and server.poll() is None:
+            server.terminate()
+            server.wait(10)
         self.lab.__exit__(*exc)
 
     def raw(self, total: int) -> float:
@@ -297,7 +311,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("warning", False)
     print(f"vpn benchmark: {args.bytes / 2**20:.0f} MiB x {args.reps} reps (pr <-> symmetric-seq), "
           f"ping with {args.delay_ms:g} ms one-way per WAN link", flush=True)
-    s = benchmark(args.bytes, args.reps, args.delay_ms, args.pings)
+    # Every process of the run (server, peers) inherits the token and a throw-away config directory: fresh
+    # keys, and no known-peers entry of another run (the lab server's key is new every time).
+    os.environ["TCPPUNCH_TOKEN"] = TOKEN
+    with tempfile.TemporaryDirectory(prefix="tcppunch-bench-") as config:
+        os.environ["XDG_CONFIG_HOME"] = config
+        s = benchmark(args.bytes, args.reps, args.delay_ms, args.pings)
     print(f"\nmedians: raw session stream {s['medians']['raw']:.1f} MB/s, VPN {s['medians']['vpn']:.1f} MB/s")
     print(f"ratio VPN / raw stream: {s['throughput_ratio']:.2f} (goal >= 0.5)")
     print(f"ping: direct path {s['ping_direct_ms']:.2f} ms, over the VPN {s['ping_vpn_ms']:.2f} ms, "

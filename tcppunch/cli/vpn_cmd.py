@@ -39,14 +39,15 @@ def _network(value: str) -> Network:
 @click.command("vpn")
 @_common
 @click.option("--peer", "other", required=True, help="The other peer's id (it runs `tcppunch vpn --peer <our id>`).")
+@click.option("--peer-key", metavar="KEY-ID",
+              help="The other peer's key (`tcppunch id` on its host): only it may join the VPN. Without it, "
+                   "its key is trusted on first use (known-peers).")
 @click.option("--address", required=True, help="Our address on the VPN with its prefix, e.g. 10.99.0.1/24.")
 @click.option("--route", "routes", multiple=True, metavar="CIDR",
               help="A network behind the other peer to route through the VPN (repeatable), e.g. 192.168.1.0/24.")
 @click.option("--interface", "name", default="tcppunch0", show_default=True, help="Name of the TUN interface.")
 @click.option("--mtu", type=click.IntRange(576, 9000), default=1400, show_default=True,
               help="MTU of the interface (room for the outer TCP/IP and framing below 1500).")
-@click.option("--peer-key", metavar="KEY-ID",
-              help="The other peer's key (`tcppunch id` on its host); without it, trusted on first use.")
 def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mtu: int, peer_key: str | None,
                 **common: Any) -> None:
     """Join a two-peer VPN: any program reaches the other side at its VPN address (ping, ssh, a database
@@ -67,6 +68,8 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
     if other == peer_id:
         raise click.BadParameter("--peer must be another id than --id")
     pin = key_id(peer_key, "--peer-key")
+    # With a pin, the session with the other peer must hold that key and nobody else's session is taken.
+    trust: dict[str, Any] = {} if pin is None else {"peer_keys": {other: pin}, "allow": [pin]}
 
     def show(state: TunnelState) -> None:
         if quiet:
@@ -82,7 +85,7 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
         except TunError as exc:
             raise click.ClickException(str(exc)) from None
         with tun:
-            async with _peer(**common, peer_keys={} if pin is None else {other: pin}) as peer:
+            async with _peer(**common, **trust) as peer:
                 def changed(state: TunnelState) -> None:
                     show(state)
                     if state.up and report_path:

@@ -15,11 +15,10 @@ import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
 from tests.lab.lines import wait_for_line
-from tests.lab.processes import COORD, PY, lab_server, stop
+from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "expose-lab-token"
 URL = "http://198.51.100.10:8080/page.bin"
-ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
 SIZE = 5_000_000
 FETCHES = 32
 CURL_REFUSED = 7  # curl's exit code for "failed to connect"
@@ -42,7 +41,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _expose(lab: Lab, *extra: str) -> subprocess.Popen[str]:
     return lab.host("rnd").popen([*PY, "expose", "--coordinator", COORD, "--id", "web", "--forward",
-                                  "127.0.0.1:8000", *extra], stderr=subprocess.PIPE, text=True, env=ENV)
+                                  "127.0.0.1:8000", *extra], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
 
 
 def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(

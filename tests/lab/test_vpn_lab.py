@@ -18,10 +18,9 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost
 from tests.lab.lines import wait_for_line
-from tests.lab.processes import COORD, PY, four_nats, lab_server, stop
+from tests.lab.processes import COORD, PY, four_nats, lab_server, stop, token_env
 
 TOKEN = "vpn-lab-token"
-ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
 UP_WITHIN = 60.0
 
 
@@ -39,7 +38,7 @@ class Vpn:
         self.host, self.report, self.seen = host, report, []
         self.proc: subprocess.Popen[str] = host.popen(
             [*PY, "vpn", "--coordinator", COORD, "--id", me, "--peer", other, "--address", address,
-             "--report", str(report), *extra], stderr=subprocess.PIPE, text=True, env=ENV)
+             "--report", str(report), *extra], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
 
     def wait(self, needle: str, timeout: float = UP_WITHIN) -> None:
         assert self.proc.stderr is not None
@@ -123,8 +122,9 @@ def test_route_reaches_a_lan_machine_behind_the_other_peer(lab: Lab, tmp_path: P
     # b forwards between the VPN and its LAN; the LAN machine sends VPN replies back through b
     assert b.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"]).returncode == 0
     assert lan.run(["ip", "route", "replace", "10.99.0.0/24", "via", b.address]).returncode == 0
-    far = Vpn(a, "pr-r", "seq-r", "10.99.0.1/24", tmp_path / "a.json", "--route", lan_net)
-    near = Vpn(b, "seq-r", "pr-r", "10.99.0.2/24", tmp_path / "b.json")
+    key = _key_id()  # every lab process shares one identity here: each side pins it for the other
+    far = Vpn(a, "pr-r", "seq-r", "10.99.0.1/24", tmp_path / "a.json", "--route", lan_net, "--peer-key", key)
+    near = Vpn(b, "seq-r", "pr-r", "10.99.0.2/24", tmp_path / "b.json", "--peer-key", key)
     try:
         far.wait("vpn up")
         near.wait("vpn up")
@@ -134,3 +134,21 @@ def test_route_reaches_a_lan_machine_behind_the_other_peer(lab: Lab, tmp_path: P
         far.stop()
         near.stop()
         lan.run(["ip", "route", "del", "10.99.0.0/24"])
+
+
+def _key_id(*identity: str) -> str:
+    return subprocess.run([*PY, "id", *identity], capture_output=True, text=True, check=True,
+                          env=token_env(TOKEN)).stdout.strip()
+
+
+def test_a_peer_without_the_pinned_key_never_gets_the_vpn(lab: Lab, tmp_path: Path) -> None:
+    wrong = _key_id("--identity", str(tmp_path / "someone-else.key"))
+    a = Vpn(lab.host("pr"), "pr-k", "seq-k", "10.99.0.1/24", tmp_path / "a.json", "--peer-key", wrong)
+    b = Vpn(lab.host("seq"), "seq-k", "pr-k", "10.99.0.2/24", tmp_path / "b.json")
+    try:
+        a.wait(f"--peer-key expects {wrong}")  # the opener refuses the key it met (retries until then)
+        assert not any("vpn up" in line for line in a.seen + b.seen), a.seen + b.seen
+        assert "UP" not in a.link_flags().split(",")
+    finally:
+        a.stop()
+        b.stop()
