@@ -15,11 +15,11 @@ from tcppunch.punch.plan import Role
 from tcppunch.wire.endpoint import Endpoint
 
 
-async def _dial(port: int, data: bytes) -> socket.socket:
+async def _dial(port: int, data: bytes, ip: str = "127.0.0.1") -> socket.socket:
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
     sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_connect(sock, (ip, port))
     if data:
         await loop.sock_sendall(sock, data)
     return sock
@@ -72,3 +72,38 @@ def test_silent_connection_is_dropped_after_the_peek_timeout(monkeypatch: pytest
             await dispatcher.close()
 
     assert asyncio.run(asyncio.wait_for(scenario(), 10)) == b""
+
+
+def test_one_route_table_for_the_ipv4_and_the_ipv6_listener() -> None:
+    """Our IPv6 endpoint (same port) is served by the same dispatcher: a session's connections arrive on
+    one queue whichever family they came in over."""
+
+    async def scenario() -> list[str]:
+        dispatcher = _dual_dispatcher()
+        port = dispatcher.local.port
+        dispatcher.start()
+        try:
+            queue = dispatcher.register("both")
+            clients = [await _dial(port, _hello("both")), await _dial(port, _hello("both"), "::1")]
+            got = [await asyncio.wait_for(queue.get(), 5) for _ in clients]
+            families = sorted(str(s.getsockname()[0]) for s in got)
+            for s in [*clients, *got]:
+                s.close()
+            return families
+        finally:
+            await dispatcher.close()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == ["127.0.0.1", "::1"]
+
+
+def _dual_dispatcher(tries: int = 5) -> PortDispatcher:
+    """A dispatcher on 127.0.0.1 and ::1 with one free port number (bounded retries if ::1 has it taken)."""
+    for _ in range(tries):
+        with socket.socket(socket.AF_INET) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        try:
+            return PortDispatcher(Endpoint("127.0.0.1", port), also=[Endpoint("::1", port)])
+        except OSError:
+            continue
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
