@@ -227,8 +227,10 @@ class Session:
         path: str = "direct",
         peer: str = "",
         mux: Multiplexer | None = None,
+        switch_timeout: float = SWITCH_TIMEOUT,
     ) -> None:
         self.peer = peer  # a label for logs and streams: the other side's id
+        self.switch_timeout = switch_timeout
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._mux = mux or Multiplexer(role, self._loop.time(), measure_rtt=True)
@@ -387,14 +389,14 @@ class Session:
                 self._handle_events()
                 if self._mux.switch_received:
                     await self._follow_switch()
+        except TimeoutError:  # (an OSError: it comes first) only _follow_switch has a deadline here
+            self._lost(f"the peer switched paths but no new path arrived here within {self.switch_timeout:g} s")
         except (ConnectionError, OSError) as exc:
-            self._lost(f"connection lost: {exc}")
-        except TimeoutError:
-            self._lost("the peer switched paths but no new path arrived here")
+            self._lost(f"connection lost: {exc!r}")
 
     async def _follow_switch(self) -> None:
         """The peer's SWITCH arrived: read the new path from here on."""
-        async with asyncio.timeout(SWITCH_TIMEOUT):
+        async with asyncio.timeout(self.switch_timeout):
             await self._new_path_ready.wait()
             await self._switch_sent.wait()
         assert self._new_path is not None and self._writer_before_switch is not None

@@ -240,3 +240,20 @@ async def test_migration_keeps_every_byte_in_order(size: int) -> None:
         assert await b_relay[0].read() == b""
     await a.close()
     await b.wait_closed()
+
+
+@run_async
+async def test_a_switch_without_a_new_path_here_ends_the_session_clearly() -> None:
+    a_leg, b_leg = await tcp_pair()
+    a = Session(*a_leg, Role.INITIATOR, path="relay")
+    b = Session(*b_leg, Role.RESPONDER, path="relay", switch_timeout=0.5)
+    a_direct, _b_direct = await tcp_pair()
+    async with asyncio.timeout(20):
+        stream = await a.open_stream(b"before")
+        far = await b.accept_stream()
+        assert await far.readexactly(6) == b"before"
+        await a.migrate(*a_direct, "direct")  # b never takes its end of the new path
+        with pytest.raises(SessionClosedError, match="switched paths but no new path arrived"):
+            await far.read()
+        with pytest.raises(SessionClosedError, match="peer ended the session"):
+            await stream.read()
