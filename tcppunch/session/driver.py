@@ -24,7 +24,6 @@ from tcppunch.session.mux import (
     Event,
     GoAwayReceived,
     Multiplexer,
-    PathSwitched,
     PingAcknowledged,
     SessionClosedError,
     SessionTerminated,
@@ -475,8 +474,8 @@ class Session:
             self._log.info("session.go_away", code=event.code.name, last_stream_id=event.last_stream_id)
         elif isinstance(event, SessionTerminated):
             self._end(f"session ended: {event.message} ({event.code.name})")
-        else:
-            assert isinstance(event, PathSwitched) or stream is None
+        # PathSwitched is the read loop's (it asks mux.switch_received); data, ends and resets for a stream
+        # this side already closed and forgot need nothing.
 
     def _lost(self, reason: str, *, prefix: str = "session lost") -> None:
         if not self.closed:
