@@ -22,3 +22,15 @@ def test_unknown_log_level_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["--log-level", "loud"])
     assert result.exit_code == 2
     assert "Invalid value for '--log-level'" in result.output
+
+
+def test_server_help_documents_every_limit() -> None:
+    """Issue 9: every limit is in `tcppunch server --help` (options with defaults, and the Limits list)."""
+    result = CliRunner().invoke(main, ["server", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--max-connections", "--relay-source-mb", "--relay-token-mb", "--relay-max-minutes",
+                   "--no-udp-change-request"):
+        assert option in result.output
+    for limit in ("64 unauthenticated per source", "throttled", "16 per requester", "truncated",
+                  "never answers more bytes", "each message complete within 5 s"):
+        assert limit in result.output
