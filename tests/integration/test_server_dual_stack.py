@@ -1,5 +1,5 @@
 """``tcppunch server`` with --listen given twice (IPv4 and IPv6, here 127.0.0.1 and ::1): STUN answers on
-both families and one coordinator registry serves peers of both: a peer on IPv4 connects to one that
+both families (TCP and UDP) and one coordinator registry serves peers of both: a peer on IPv4 connects to one that
 registered over IPv6."""
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ import socket
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.wire.coord import Role
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.stun import MessageClass, StunStreamDecoder, binding_request, encode_message
+from tcppunch.wire.stun import (
+    MessageClass,
+    StunStreamDecoder,
+    binding_request,
+    encode_message,
+    padded,
+    parse_message,
+)
 from tests.unit.test_stun_server_cli import start_server
 
 TOKEN = "dual-stack-token"
@@ -24,6 +31,19 @@ def _stun_mapped_ip(address: str, port: int) -> str:
         decoder = StunStreamDecoder()
         while (response := decoder.next_message()) is None:
             decoder.receive_data(sock.recv(2048))
+    assert response.message_class is MessageClass.SUCCESS
+    mapped = response.mapped()
+    assert mapped is not None
+    return str(mapped.ip)
+
+
+def _udp_mapped_ip(address: str, port: int) -> str:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        # padded (RFC 5780 PADDING): the server never answers with more bytes than it was sent
+        sock.sendto(padded(encode_message(binding_request(os.urandom(12))), 512), (address, port))
+        response = parse_message(sock.recv(2048))
     assert response.message_class is MessageClass.SUCCESS
     mapped = response.mapped()
     assert mapped is not None
@@ -48,6 +68,8 @@ def test_two_listen_addresses_one_registry() -> None:
         assert f"127.0.0.1:{port}" in line and f"[::1]:{port}" in line
         assert _stun_mapped_ip("127.0.0.1", port) == "127.0.0.1"
         assert _stun_mapped_ip("::1", port) == "::1"
+        assert _udp_mapped_ip("127.0.0.1", port) == "127.0.0.1"
+        assert _udp_mapped_ip("::1", port) == "::1"
         assert asyncio.run(asyncio.wait_for(_meet(port), 20)) == (Role.RESPONDER, "four")
     finally:
         proc.terminate()
