@@ -73,10 +73,11 @@ def expose_command(coordinator: Endpoint, peer_id: str, token_file: str | None, 
         if as_json:
             stats = done.stats
             click.echo(json.dumps({"event": "visitor", "visitor": str(done.visitor), "error": done.error,
-                                   "sent": None if stats is None else stats.a_to_b,
-                                   "received": None if stats is None else stats.b_to_a}))
+                                   "to_service": None if stats is None else stats.a_to_b,
+                                   "to_visitor": None if stats is None else stats.b_to_a}))
         if not quiet:
-            what = done.error or (f"{done.stats.a_to_b} bytes in, {done.stats.b_to_a} out" if done.stats else "")
+            what = done.error or (f"{done.stats.a_to_b} bytes to the service, {done.stats.b_to_a} to the visitor"
+                                  if done.stats else "")
             click.echo(f"tcppunch: visitor {done.visitor}: {what}", err=True)
 
     def exposed(where: Exposed) -> None:

@@ -77,7 +77,9 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
         if state.up:
             click.echo(f"tcppunch: vpn up: {name} {ours} <-> {other} ({state.path or 'session'})", err=True)
         else:
-            click.echo(f"tcppunch: vpn down: {name}: {state.last_reason}", err=True)
+            counts = state.stats
+            click.echo(f"tcppunch: vpn down: {name}: {state.last_reason} (so far {counts.sent} packets out, "
+                       f"{counts.received} in, {counts.dropped} dropped)", err=True)
 
     async def main() -> None:
         try:

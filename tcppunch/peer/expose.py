@@ -146,7 +146,7 @@ class Exposer:
     def _finished(self, done: VisitorDone) -> None:
         fields: dict[str, Any] = {"visitor": str(done.visitor), "address": str(done.address)}
         if done.stats is not None:
-            fields.update(sent=done.stats.a_to_b, received=done.stats.b_to_a, reason=done.stats.reason.value)
+            fields.update(to_service=done.stats.a_to_b, to_visitor=done.stats.b_to_a, reason=done.stats.reason.value)
         self._log.info("expose.visitor_done", error=done.error, **fields)
         if self.on_done is not None:
             try:

@@ -44,7 +44,7 @@ class LinkStats:
     received: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
-    dropped: int = 0
+    dropped: int = 0  # at the drop queue (TUN -> stream)
     rejected: int = 0  # packets from the stream the kernel would not take
 
 
@@ -63,7 +63,8 @@ async def carry(tun: Tun, reader: PacketReader, writer: PacketWriter, *, queue: 
     queue = queue or DropQueue()
     stats = stats or LinkStats()
     wake = asyncio.Event()
-    dropped_before = queue.stats.dropped
+    # ``stats`` may span several links (a tunnel passes its own): counts add up across them.
+    dropped_before = queue.stats.dropped - stats.dropped
     draining = False
 
     def flush() -> None:

@@ -5,6 +5,7 @@ outside --expose-ports refused with a clear line; the port closed once the expos
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -41,14 +42,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _expose(lab: Lab, *extra: str) -> subprocess.Popen[str]:
     return lab.host("rnd").popen([*PY, "expose", "--coordinator", COORD, "--id", "web", "--forward",
-                                  "127.0.0.1:8000", *extra], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
+                                  "127.0.0.1:8000", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=token_env(TOKEN))
 
 
 def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(
         lab: Lab, site: Path, tmp_path: Path) -> None:
     web = lab.host("rnd").popen([sys.executable, "-m", "http.server", "8000", "--bind", "127.0.0.1",
                                  "--directory", str(site)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    exposer = _expose(lab, "--remote-port", "8080", "--quiet")
+    exposer = _expose(lab, "--remote-port", "8080", "--quiet", "--json")
     try:
         seen: list[str] = []
         assert exposer.stderr is not None
@@ -64,6 +66,11 @@ def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(
     finally:
         stop(exposer)
         stop(web)
+    assert exposer.stdout is not None
+    events = [json.loads(line) for line in exposer.stdout.read().splitlines()]
+    assert events[0] == {"event": "exposed", "address": "198.51.100.10:8080", "forward": "127.0.0.1:8000"}
+    visits = [e for e in events if e["event"] == "visitor"]
+    assert len(visits) == FETCHES and all(e["error"] is None and e["to_visitor"] > SIZE for e in visits), visits
     # The exposing peer is gone: the server closes its port (bounded wait for the server to see the EOF).
     for _ in range(50):
         gone = lab.host("pub").run(["curl", "-sS", "--max-time", "5", "-o", "/dev/null", URL], timeout=10)
