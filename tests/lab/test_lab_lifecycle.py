@@ -166,16 +166,19 @@ def test_cli_up_status_exec_down() -> None:
 
 def test_cli_up_with_delay_returns_when_its_output_is_captured() -> None:
     """The link shapers of a shaped lab outlive `lab up`: they must not hold the caller's pipes (issue 14)."""
-    before = set(running_labs())
+    argv = [*TCPPUNCH, "lab", "up", "--router", "a=port-restricted", "--router", "b=symmetric-seq", "--delay-ms", "5",
+            "--json"]
     try:
-        up = subprocess.run([*TCPPUNCH, "lab", "up", "--router", "a=port-restricted", "--router", "b=symmetric-seq",
-                             "--delay-ms", "5", "--json"], capture_output=True, text=True, timeout=60)
-    finally:
-        started = set(running_labs()) - before  # only labs this test made, even if `up` hung
+        up = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as hung:
+        # `lab up` printed its JSON and exited, but a daemon kept our pipes open: remove that lab (ours by its
+        # own description, never another run's) and fail.
+        out = hung.stdout.decode() if isinstance(hung.stdout, bytes) else (hung.stdout or "")
+        _down(json.loads(out)["prefix"])
+        pytest.fail("`tcppunch lab up --delay-ms 5` did not return with its output captured")
     assert up.returncode == 0, up.stderr
     prefix = json.loads(up.stdout)["prefix"]
     try:
-        assert started == {prefix}
         shapers = ns.netns_pids(f"{prefix}-inet")
         assert len(shapers) == 2  # one per shaped WAN link
         for pid in shapers:
@@ -183,11 +186,14 @@ def test_cli_up_with_delay_returns_when_its_output_is_captured() -> None:
             assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
             assert os.readlink(f"/proc/{pid}/fd/2").startswith(f"/run/tcppunch-lab/{prefix}/shaper-")
     finally:
-        for leftover in started:
-            done = subprocess.run([*TCPPUNCH, "lab", "down", leftover], capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, done.stderr
+        _down(prefix)
     assert _lab_namespaces(prefix) == []
     assert not os.path.exists(f"/run/tcppunch-lab/{prefix}")
+
+
+def _down(prefix: str) -> None:
+    done = subprocess.run([*TCPPUNCH, "lab", "down", prefix], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_cli_rejects_unknown_nat_type() -> None:
