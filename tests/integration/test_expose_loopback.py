@@ -49,10 +49,12 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 @contextlib.asynccontextmanager
-async def _setup(service: Service, *, proxy: ProxyVersion | None = None, max_connections: int = 64
-                 ) -> AsyncIterator[tuple[CoordinatorServer, Exposer, int, list[VisitorDone]]]:
+async def _setup(
+    service: Service, *, proxy: ProxyVersion | None = None, max_connections: int = 64, max_bytes: int | None = None
+) -> AsyncIterator[tuple[CoordinatorServer, Exposer, int, list[VisitorDone]]]:
     port = free_port()
-    config = CoordinatorConfig(expose=ExposeConfig(PortRange(port, port), max_connections_per_id=max_connections))
+    config = CoordinatorConfig(expose=ExposeConfig(PortRange(port, port), max_connections_per_id=max_connections,
+                                                   max_bytes_per_id=max_bytes))
     local = await asyncio.start_server(service, "127.0.0.1", 0)
     forward = Endpoint("127.0.0.1", local.sockets[0].getsockname()[1])
     done: list[VisitorDone] = []
@@ -218,3 +220,23 @@ async def test_a_permanent_refusal_is_raised_not_retried() -> None:
         with pytest.raises(CoordinatorError) as info:
             await asyncio.wait_for(keep_exposed(connect, outside, Endpoint("127.0.0.1", 9)), PROMPT)
         assert info.value.code == "expose-port-refused"
+
+
+@_sync
+async def test_the_byte_budget_of_an_id_cuts_its_visitors_once_used_up() -> None:
+    budget = 300_000
+    async with _setup(_echo, max_bytes=budget) as (server, exposer, port, _done):
+        await exposer.expose(port)
+        first = await asyncio.wait_for(_visit_until_cut(port, os.urandom(1_000_000)), PROMPT)
+        assert first < budget  # both directions count: the echo is cut well before 1 MB came back
+        # the budget is the id's, over the server's life: the next visitor is cut at once
+        assert await asyncio.wait_for(_visit_until_cut(port, b"more"), PROMPT) == 0
+        assert [s.reason.value for s in server.relay_stats[-2:]] == ["limit", "limit"]
+
+
+async def _visit_until_cut(port: int, payload: bytes) -> int:
+    """Bytes echoed back before the connection ended (EOF or reset: a cut relay may reset it)."""
+    try:
+        return len(await _visit(port, payload))
+    except ConnectionResetError:
+        return 0
