@@ -240,3 +240,20 @@ async def _visit_until_cut(port: int, payload: bytes) -> int:
         return len(await _visit(port, payload))
     except ConnectionResetError:
         return 0
+
+
+@_sync
+async def test_a_visitor_is_closed_at_once_when_the_local_service_is_down() -> None:
+    async def unused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async with _setup(unused) as (server, exposer, port, done):
+        exposer.forward = Endpoint("127.0.0.1", free_port())  # nothing listens there
+        await exposer.expose(port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), PROMPT) == b""
+        writer.close()
+        # closed by the owner's join-and-close (a relay ran), not left to the server's join timeout
+        await _until(lambda: len(done) == 1 and len(server.relay_stats) == 1)
+        assert not server.protocol.expose.pending
+        assert done[0].stats is None and done[0].error is not None and str(exposer.forward) in done[0].error
