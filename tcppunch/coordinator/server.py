@@ -397,7 +397,8 @@ class CoordinatorServer:
         if action.linger and not transport.is_closing() and transport.can_write_eof():
             # Half-close: the client reads our ERROR, then EOF; its close ends our read loop.
             if link.tls is not None and link.tls.established:
-                link.tls.unwrap()  # close_notify: the end of our TLS stream is not a truncation
+                with contextlib.suppress(OSError):  # ssl.SSLError: the client's records may be in the way
+                    link.tls.unwrap()  # close_notify: the end of our TLS stream is not a truncation
                 link.writer.write(link.tls.outgoing())
             with contextlib.suppress(OSError):
                 transport.write_eof()
