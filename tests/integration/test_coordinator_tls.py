@@ -1,0 +1,54 @@
+"""The coordinator over real sockets: TLS or nothing, the token never in clear, the coordinator's key
+checked before the token is sent, ids owned by keys across a reconnect."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcppunch.coordinator.control import CoordinatorError
+from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.session.identity import Identity
+from tcppunch.session.secure import SecureError, SecureErrorCode, expect_key
+from tcppunch.wire.coord import Error, Register, encode_message
+from tcppunch.wire.framing import PREAMBLE
+
+from .test_coordinator import TOKEN, channel, raw_session, run, with_server
+
+
+def test_register_in_clear_gets_tls_required_and_is_not_registered() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        messages = await raw_session(server, PREAMBLE + encode_message(Register("alice", TOKEN)))
+        assert [(m.code, m.fatal) for m in messages if isinstance(m, Error)] == [("tls-required", True)]
+        assert server.protocol.registry.get("alice") is None
+
+    run(with_server(body))
+
+
+def test_a_coordinator_with_another_key_never_sees_the_token() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        wrong = Identity.generate().fingerprint
+        alice = channel(server, "alice", verify_coordinator=expect_key(wrong, "the coordinator"))
+        with pytest.raises(SecureError) as info:
+            await alice.register()
+        assert info.value.code is SecureErrorCode.KEY_MISMATCH
+        assert wrong in str(info.value) and server.identity.fingerprint in str(info.value)
+        assert server.protocol.stats.registrations == 0 and server.protocol.registry.get("alice") is None
+
+    run(with_server(body))
+
+
+def test_an_id_stays_with_its_key_after_its_owner_left() -> None:
+    async def body(server: CoordinatorServer) -> None:
+        bob_key, eve_key = Identity.generate(), Identity.generate()
+        bob = channel(server, "bob", identity=bob_key)
+        await bob.register()
+        await bob.close()
+        eve = channel(server, "bob", identity=eve_key)
+        with pytest.raises(CoordinatorError) as info:
+            await eve.register()
+        assert info.value.code == "id-owned"
+        again = channel(server, "bob", identity=bob_key)
+        await again.register()  # the owner comes back
+        await again.close()
+
+    run(with_server(body))
