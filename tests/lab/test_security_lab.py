@@ -10,16 +10,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tcppunch.lab import Lab, LabHost
-from tests.lab.lines import wait_for_line
+from tests.lab.lines import Tail, wait_for_line
 from tests.lab.processes import COORD, PY, four_nats, lab_server, stop, token_env
 
 pytestmark = pytest.mark.lab
@@ -55,19 +57,38 @@ def _connect(host: LabHost, peer_id: str, own_id: str, payload: Path, *extra: st
 
 
 class Capture:
-    """tcpdump on the internet bridge (inside the lab's inet namespace), started and stopped by PID."""
+    """tcpdump on the internet bridge (inside the lab's inet namespace), started and stopped by PID; the
+    packets come through a pipe (``-w -``) into memory, read by a thread."""
 
-    def __init__(self, lab: Lab, path: Path) -> None:
-        self.path = path
+    def __init__(self, lab: Lab) -> None:
+        # -U: every packet written at once; -B: a 64 MiB kernel buffer, so that a busy machine drops nothing
         self.proc = subprocess.Popen(["ip", "netns", "exec", lab.inet, "tcpdump", "-i", "br0", "-U", "-s", "0",
-                                      "-w", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        seen: list[str] = []
+                                      "-B", "65536", "-w", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.data = bytearray()
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
         assert self.proc.stderr is not None
-        assert wait_for_line(self.proc.stderr, "listening on br0", 10, seen), seen  # capturing from here on
+        self.tail = Tail(io.TextIOWrapper(self.proc.stderr))
+        assert self.tail.wait_for("listening on br0", 10), self.tail.text  # capturing from here on
 
-    def stop(self) -> bytes:
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(1 << 16):
+            with self._changed:
+                self.data += chunk
+                self._changed.notify_all()
+
+    def wait_for(self, marker: bytes, timeout: float) -> bool:
+        """True once ``marker`` was captured: tcpdump has passed on every packet before it."""
+        with self._changed:
+            return self._changed.wait_for(lambda: marker in self.data, timeout)
+
+    def stop(self) -> tuple[bytes, str]:
+        """The capture and tcpdump's own summary (it says how many packets the kernel dropped)."""
         stop(self.proc)  # SIGTERM: tcpdump flushes and exits
-        return self.path.read_bytes()
+        assert self.tail.wait_for("dropped by kernel", 10), self.tail.text
+        with self._changed:
+            return bytes(self.data), self.tail.text
 
 
 def _slices(data: bytes, count: int = 24, size: int = 48) -> list[bytes]:
@@ -93,7 +114,7 @@ def test_nothing_readable_on_the_wire(lab: Lab, tmp_path: Path, a: str, b: str, 
     payload = tmp_path / "payload"
     payload.write_bytes(os.urandom(2_000_000))
     received = tmp_path / "received"
-    capture = Capture(lab, tmp_path / "wire.pcap")
+    capture = Capture(lab)
     try:
         listener = _listen(lab.host(b), f"{b}-sec", received)
         done = _connect(lab.host(a), f"{b}-sec", f"{a}-sec", payload, "--peer-key", _key_id(),
@@ -101,11 +122,13 @@ def test_nothing_readable_on_the_wire(lab: Lab, tmp_path: Path, a: str, b: str, 
         assert done.returncode == 0, done.stderr
         assert listener.wait(60) == 0
         _send_plaintext_probe(lab)
+        # the probe came last: once it is in the file, so is every packet of the transfer before it
+        assert capture.wait_for(PROBE, 60), "tcpdump never wrote the plain-text probe"
     finally:
-        wire = capture.stop()
+        wire, summary = capture.stop()
     assert received.read_bytes() == payload.read_bytes()
     assert f'"method": "{method}"' in (tmp_path / "report.json").read_text()
-    assert PROBE in wire  # the capture saw the traffic and the search finds plaintext
+    assert "\n0 packets dropped by kernel" in "\n" + summary, summary  # nothing escaped the search
     assert TOKEN.encode() not in wire
     found = [s for s in _slices(payload.read_bytes()) if s in wire]
     assert found == [], f"{len(found)} pieces of the payload crossed the {method} path in clear"
