@@ -52,11 +52,13 @@ def main(log_level: str, log_json: bool) -> None:
     """Open direct TCP connections between hosts behind NAT routers (TCP hole punching).
 
     \b
-    Typical use:
-      tcppunch server --listen 0.0.0.0:3478 --token SECRET      # on a public host
+    Typical use (every connection is TLS 1.3 between Ed25519 keys; docs/security.md):
+      export TCPPUNCH_TOKEN=SECRET                               # or --token-file FILE (mode 0600)
+      tcppunch server --listen 0.0.0.0:3478                      # on a public host; prints its key
       tcppunch detect --server HOST:3478                         # what NAT am I behind?
-      tcppunch listen --coordinator HOST:3478 --id bob --token SECRET
-      tcppunch connect bob --coordinator HOST:3478 --id alice --token SECRET
+      tcppunch id                                                # our key id, for peers to pin
+      tcppunch listen --coordinator HOST:3478 --id bob
+      tcppunch connect bob --coordinator HOST:3478 --id alice --peer-key BOBS-KEY-ID
     Try it all without a network: tcppunch lab --help
     """
     configure_logging(log_level, log_json)
