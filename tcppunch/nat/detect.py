@@ -124,16 +124,16 @@ async def detect(
         except StunTcpError as exc:
             raise ServerUnreachable(str(exc)) from exc
         local_port = first.local.port
-        observations = [MappingObservation(primary, first_mapped)]
+        observations = [MappingObservation(primary, first_mapped, order=0)]
         destinations = _mapping_destinations(run, server is not None, first_response, stun)
         opened = await TcpStunConnection.open_in_order(Endpoint(local_ip, local_port), destinations, timeout)
         connections += [c for c in opened if isinstance(c, TcpStunConnection)]
         answers = await asyncio.gather(*(_ask(c, timeout) for c in opened))
-        for destination, answer in zip(destinations, answers, strict=True):
+        for order, (destination, answer) in enumerate(zip(destinations, answers, strict=True), start=1):
             if isinstance(answer, StunTcpError):
                 run.untested.append(f"mapping towards {destination} ({answer})")
             else:
-                observations.append(MappingObservation(destination, answer))
+                observations.append(MappingObservation(destination, answer, order=order))
         mapping_done = time.monotonic()
         public = observations[0].mapped
         mapping = classify_mapping(observations)

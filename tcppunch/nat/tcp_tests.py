@@ -190,6 +190,10 @@ class MappingObservation:
 
     destination: Endpoint
     mapped: Endpoint
+    # Position among the connections made from the port (None: right after the previous observation). A
+    # connection that got no answer still took a port at the NAT when its SYN was lost beyond it, so the
+    # next observation is two allocations on, not one.
+    order: int | None = None
 
 
 def classify_mapping(observations: Sequence[MappingObservation]) -> MappingBehaviour | None:
@@ -228,17 +232,21 @@ def port_delta_of(observations: Sequence[MappingObservation]) -> int | None:
     A public port seen before is a mapping reused; among the new ones (in the order they were made), a
     constant step is the delta and any disagreement means random allocation (None).
     """
-    ports: list[int] = []
+    new: list[tuple[int, int]] = []  # (order, port) of each public port's first observation
     for observation in observations:
-        if observation.mapped.port not in ports:
-            ports.append(observation.mapped.port)
-    if len(ports) < 2:
+        if all(observation.mapped.port != port for _, port in new):
+            order = len(new) if observation.order is None else observation.order
+            new.append((order, observation.mapped.port))
+    if len(new) < 2:
         return 0 if len(observations) >= 2 else None
-    deltas = {(b - a) % 65536 for a, b in itertools.pairwise(ports)}
-    if len(deltas) != 1:
-        return None
-    (delta,) = deltas
-    return delta - 65536 if delta > 32768 else delta
+    deltas = set()
+    for (order_a, a), (order_b, b) in itertools.pairwise(new):
+        step, gap = (b - a) % 65536, order_b - order_a
+        step = step - 65536 if step > 32768 else step
+        if gap <= 0 or step % gap:
+            return None
+        deltas.add(step // gap)
+    return deltas.pop() if len(deltas) == 1 else None
 
 
 # ------------------------------------------------------------------------------------- filtering

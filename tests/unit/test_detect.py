@@ -82,6 +82,17 @@ def test_port_delta() -> None:
     assert port_delta_of(obs((S1, 5000), (S2, 6000), (S1P2, 5000), (S2P2, 6000))) == 1000  # ADM: one new port
 
 
+def test_port_delta_counts_a_connection_that_got_no_answer() -> None:
+    """A lost answer in the middle: its connection still took a port, so the next one is two steps on."""
+    gap = [MappingObservation(S1, Endpoint("203.0.113.1", 20000), order=0),
+           MappingObservation(S1P2, Endpoint("203.0.113.1", 20002), order=2),
+           MappingObservation(S2P2, Endpoint("203.0.113.1", 20003), order=3)]
+    assert port_delta_of(gap) == 1
+    odd = [MappingObservation(S1, Endpoint("203.0.113.1", 20000), order=0),
+           MappingObservation(S1P2, Endpoint("203.0.113.1", 20003), order=2)]
+    assert port_delta_of(odd) is None  # 3 ports in 2 steps: no constant step
+
+
 def probe(change: ChangeRequest, outcome: ConnectBackOutcome | None, accepted: bool | None = None) -> FilteringProbe:
     let_in = outcome is ConnectBackOutcome.CONNECTED if accepted is None else accepted
     return FilteringProbe(change, outcome, let_in, None, None)
