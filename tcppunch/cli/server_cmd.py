@@ -67,7 +67,8 @@ Limits (docs/protocol.md, "Limits", has them all):
                      300 s idle; 8 relays per peer id
   STUN over UDP      20 datagrams/s per source (burst 100); never answers more bytes
                      than the request carried (pad it: RFC 5780 PADDING)
-  STUN over TCP      each message complete within 5 s; idle connections closed after 10 s
+  STUN over TCP      each message complete within 5 s; idle connections closed after 10 s;
+                     64 connections per source
 """
 
 

@@ -101,6 +101,8 @@ class StunServiceConfig:
     # byte arrived must be complete within tcp_message_timeout (a total deadline, not one per read).
     tcp_idle_timeout: float = 10.0
     tcp_message_timeout: float = 5.0
+    # TCP connections one source (IPv4 address or IPv6 /64) may hold open at once; more are closed at once.
+    tcp_max_per_source: int = 64
     # UDP, per source (IPv4 address or IPv6 /64): datagrams answered, a bucket of udp_burst refilled at
     # udp_rate per second; the rest are dropped. Answers are never larger than their request.
     udp_rate: float = 20.0
@@ -261,6 +263,7 @@ class StunService:
         # Called with the requester's address for every TCP Binding answered (the coordinator lets a
         # peer name such a port in OBSERVED).
         self.on_binding: Callable[[Endpoint], None] | None = None
+        self._tcp_per_source: dict[str, int] = {}
         self.udp_dropped = 0
 
     async def __aenter__(self) -> StunService:
@@ -335,6 +338,24 @@ class StunService:
             writer.close()
             self._writers.discard(writer)
             return
+        source = source_key(peer.ip)
+        if self._tcp_per_source.get(source, 0) >= self.config.tcp_max_per_source:
+            self._writers.discard(writer)
+            writer.transport.abort()
+            extra = self._log_limiter.check("stun_tcp_source_limit", asyncio.get_running_loop().time())
+            if extra is not None:
+                self._log.warning("stun_tcp_source_limit", source=source, **extra)
+            return
+        self._tcp_per_source[source] = self._tcp_per_source.get(source, 0) + 1
+        try:
+            await self._serve_tcp(reader, writer, prefix, peer, local)
+        finally:
+            left = self._tcp_per_source.pop(source, 1) - 1
+            if left > 0:
+                self._tcp_per_source[source] = left
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: bytes,
+                         peer: Endpoint, local: Endpoint) -> None:
         conn_log = self._log.bind(peer=str(peer), local=str(local))
         decoder = StunStreamDecoder()
         decoder.receive_data(prefix)

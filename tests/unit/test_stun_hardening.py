@@ -5,6 +5,7 @@ A1 and A2 are the service's two addresses; a third loopback address (127.0.0.3) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -148,3 +149,28 @@ def test_a_prompt_tcp_client_is_answered_repeatedly(service: ServiceThread) -> N
         for _ in range(3):
             sock.sendall(encode_message(binding_request(os.urandom(12))))
             assert parse_message(sock.recv(4096)).message_class is MessageClass.SUCCESS
+
+
+def test_tcp_connections_are_limited_per_source() -> None:
+    svc = start_service(tcp_max_per_source=8)
+    port2 = svc.config.port2  # a listener of the STUN service itself
+    socks = []
+    try:
+        for _ in range(12):
+            sock = socket.socket()
+            sock.bind(("127.0.0.6", 0))
+            sock.settimeout(WAIT)
+            sock.connect((A1, port2))
+            socks.append(sock)
+        # the connections beyond 8 are closed by the server at once (EOF or reset)
+        for sock in socks[8:]:
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""
+        # another source is served
+        with socket.create_connection((A1, port2), WAIT, source_address=("127.0.0.7", 0)) as other:
+            other.sendall(encode_message(binding_request(os.urandom(12))))
+            assert parse_message(other.recv(4096)).message_class is MessageClass.SUCCESS
+    finally:
+        for sock in socks:
+            sock.close()
+        svc.__exit__()
