@@ -40,6 +40,11 @@ class Tail:
         with self._changed:
             return self._changed.wait_for(lambda: any(needle in line for line in self.lines), timeout)
 
+    def wait_for_count(self, needle: str, count: int, timeout: float) -> bool:
+        """Wait (bounded) until ``count`` lines contain ``needle``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: sum(needle in line for line in self.lines) >= count, timeout)
+
     def count(self, needle: str) -> int:
         with self._changed:
             return sum(needle in line for line in self.lines)

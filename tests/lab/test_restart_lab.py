@@ -1,0 +1,96 @@
+"""The coordinator restarts while a punch is in flight (30 ms per WAN link): the punch completes or fails
+cleanly (the fetch through it either gets the page intact or an error, never hangs), both peers register
+at the new coordinator process, and the next connect works (SHA-256)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
+from tests.lab.lines import Tail, wait_for_line
+from tests.lab.processes import COORD, PY, stop, token_env
+
+TOKEN = "restart-lab-token"
+DELAY = LinkShape(delay_ms=30)
+FETCH = ("import hashlib,sys,urllib.request;"
+         "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=20).read()).hexdigest())")
+
+
+def start_server(lab: Lab) -> subprocess.Popen[str]:
+    proc = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
+                            stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
+    seen: list[str] = []
+    assert proc.stderr is not None and wait_for_line(proc.stderr, "listening on", 30, seen), seen
+    return proc
+
+
+def fetch(host: LabHost, port: int) -> subprocess.Popen[str]:
+    return host.popen([sys.executable, "-c", FETCH, f"http://127.0.0.1:{port}/page.bin"],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=DELAY),
+                    RouterSpec("rc", NatType.RESTRICTED, SynPolicy.DROP, link=DELAY)], server_link=DELAY)
+    with Lab(spec) as the_lab:
+        yield the_lab
+
+
+def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
+    page = os.urandom(300_000)
+    (tmp_path / "page.bin").write_bytes(page)
+    want = hashlib.sha256(page).hexdigest()
+    alice_host, bob_host = lab.host("pr"), lab.host("rc")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        server = start_server(lab)
+        procs.append(server)
+        procs.append(bob_host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
+                                     "--directory", str(tmp_path)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+        bob = bob_host.popen([*PY, "listen", "--coordinator", COORD, "--id", "bob",
+                              "--forward", "127.0.0.1:8080", "--allow-any"], stderr=subprocess.PIPE, text=True,
+                             env=token_env(TOKEN))
+        procs.append(bob)
+        assert bob.stderr is not None
+        bob_log = Tail(bob.stderr)
+        assert bob_log.wait_for("listening as", 30), bob_log.text
+        alice = alice_host.popen([*PY, "connect", "bob", "--coordinator", COORD, "--id", "alice",
+                                  "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True,
+                                 env=token_env(TOKEN))
+        procs.append(alice)
+        assert alice.stderr is not None
+        alice_log = Tail(alice.stderr)
+        assert alice_log.wait_for("accepting local", 30), alice_log.text
+
+        first = fetch(alice_host, 9000)
+        procs.append(first)
+        assert alice_log.wait_for("punch:", 20), alice_log.text  # the PUNCH arrived: the punch is in flight
+        server.kill()
+        server.wait(10)
+        server = start_server(lab)
+        procs.append(server)
+
+        out, err = first.communicate(timeout=40)  # never hangs: the page, or an error
+        assert (first.returncode == 0 and out.strip() == want) or (first.returncode != 0 and err), (out, err)
+        # Both register again at the new process, and the next connect works.
+        assert alice_log.wait_for("reconnecting", 20), alice_log.text
+        assert bob_log.wait_for("reconnecting", 20), bob_log.text
+        for log in (alice_log, bob_log):
+            assert log.wait_for_count("registered:", 2, 30), log.text
+        assert alice.poll() is None and bob.poll() is None
+        second = fetch(alice_host, 9000)
+        procs.append(second)
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0 and out.strip() == want, err
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
