@@ -1,7 +1,8 @@
 """Coordinator load benchmark: rendezvous rate at 200 registered peers vs at many, in one run.
 
-One coordinator process on loopback; a load generator of several processes, each connecting from its
-own source address in 127.0.0.0/8 (one address's ephemeral ports would run out). Steps, in one run:
+One coordinator process on loopback (the control channel in TLS 1.3, as every client speaks it); a load
+generator of several processes, each connecting from its own source address in 127.0.0.0/8 (one address's
+ephemeral ports would run out). Steps, in one run:
 
 1. register 200 "active" peers; measure the rendezvous rate (a rendezvous = CONNECT sent -> the
    initiator's PUNCH received; both sides then report RESULT direct, which ends the session) with every
@@ -29,6 +30,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,8 +44,11 @@ from tcppunch.wire.framing import PREAMBLE, FrameDecoder, ProtocolError, encode_
 
 TOKEN = "bench-token"  # a loopback-only benchmark secret, passed to the server through its environment
 ACTIVE = 200
-RUN_DEADLINE = 300.0  # seconds: the whole run stops by itself after this
-PHASE_LIMIT = 60.0  # seconds: no single command to a worker may take longer
+RUN_DEADLINE = 420.0  # seconds: the whole run stops by itself after this
+PHASE_LIMIT = 240.0  # seconds: no single command to a worker may take longer (TLS registrations are slow)
+# Registrations in flight per generator process (= per source address): below the server's limit of
+# unauthenticated connections per source (max_unauthenticated_per_source, 64).
+REGISTER_CONCURRENCY = 48
 
 
 def raise_nofile() -> int:
@@ -62,6 +67,7 @@ def serve(port: int, max_connections: int) -> None:
     from tcppunch.cli.logging import configure_logging
     from tcppunch.coordinator.auth import Tokens
     from tcppunch.coordinator.server import CoordinatorServer
+    from tcppunch.session.identity import Identity
 
     raise_nofile()
     configure_logging("warning")
@@ -71,7 +77,7 @@ def serve(port: int, max_connections: int) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         server = CoordinatorServer("127.0.0.1", port, Tokens(shared=os.environ["BENCH_TOKEN"]),
-                                   max_connections=max_connections)
+                                   max_connections=max_connections, identity=Identity.generate())
         async with server:
             print(f"ready {server.address.port}", flush=True)
             await stop.wait()
@@ -164,6 +170,7 @@ class Worker:
     errors: list[str] = field(default_factory=list)
     lost: int = 0
     keepalive: float = 0.0  # the longest keepalive interval a REGISTERED announced
+    tls: ssl.SSLContext | None = None  # the control channel's TLS (one key for every generated peer)
     _seq: int = 0
 
     def request_id(self) -> str:
@@ -179,7 +186,7 @@ class Worker:
             async with gate:
                 _, proto = await loop.create_connection(
                     lambda: PeerConn(self, peer_id), "127.0.0.1", self.server_port,
-                    local_addr=(self.source_ip, 0),
+                    local_addr=(self.source_ip, 0), ssl=self.tls, server_hostname="" if self.tls else None,
                 )
                 await asyncio.wait_for(proto.registered, 30.0)
                 conns.append(proto)
@@ -240,8 +247,12 @@ class Worker:
 
 
 def worker_main(index: int, source_ip: str, server_port: int, pipe: Connection) -> None:
+    from tcppunch.session.identity import Identity
+    from tcppunch.session.secure import context
+
     raise_nofile()
-    asyncio.run(_worker_loop(Worker(index, source_ip, server_port), pipe))
+    tls = context(Identity.generate(), server_side=False)
+    asyncio.run(_worker_loop(Worker(index, source_ip, server_port, tls=tls), pipe))
 
 
 async def _worker_loop(worker: Worker, pipe: Connection) -> None:
@@ -381,12 +392,12 @@ def main() -> int:
         run = Run(args.workers, port, deadline)
         active = [f"a{i}" for i in range(ACTIVE)]
         rss0 = rss_kib(server.pid)
-        run.each("register", [(ids, 100, True) for ids in split(active, args.workers)])
+        run.each("register", [(ids, REGISTER_CONCURRENCY, True) for ids in split(active, args.workers)])
         small = measure(run, args.workers, args.duration, args.rate)
         idle = [f"i{i}" for i in range(peers - ACTIVE)]
         rss1 = rss_kib(server.pid)
         t0 = time.perf_counter()
-        regs = run.each("register", [(ids, 200, False) for ids in split(idle, args.workers)])
+        regs = run.each("register", [(ids, REGISTER_CONCURRENCY, False) for ids in split(idle, args.workers)])
         reg_elapsed = time.perf_counter() - t0
         registered = sum(r["count"] for r in regs)
         rss2 = rss_kib(server.pid)
