@@ -429,10 +429,10 @@ class StunService:
                 connect_back = ConnectBackResult(outcome, source)
         response = answer_binding(request, self.config, peer, local, local, connect_back)
         if response is not None:
+            if response.message_class is MessageClass.SUCCESS and self.on_binding is not None:
+                self.on_binding(peer)  # before the answer: the client's next OBSERVED may name this port
             writer.write(encode_message(response))
             await writer.drain()
-            if response.message_class is MessageClass.SUCCESS and self.on_binding is not None:
-                self.on_binding(peer)
 
     async def _connect_back(
         self, source: Endpoint, target: Endpoint, transaction_id: bytes, timeout: float

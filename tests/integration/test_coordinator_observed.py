@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
+from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.nat.tcp_tests import TcpStunConnection, mapped_endpoint
 from tcppunch.wire.endpoint import Endpoint
 
 SEQUENTIAL = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT, port_delta=1))
@@ -32,3 +35,46 @@ def test_port_moves_but_address_cannot() -> None:
     moved, first, second = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert first == moved
     assert second == moved
+
+
+def test_observed_may_name_a_port_the_servers_stun_saw() -> None:
+    """Issue 9 finding 8 end to end: a peer without a sequential NAT report may move its port only to one
+    the server's STUN service saw it bind from (the refresh a Peer does before OBSERVED)."""
+
+    async def scenario() -> tuple[Endpoint, Endpoint, Endpoint]:
+        for _ in range(20):  # a free pair of ports P, P+1 (bounded tries)
+            port = random.randrange(20000, 40000, 2)
+            try:
+                stun = StunService(StunServiceConfig("127.0.0.1", port, external_tcp=frozenset(
+                    {Endpoint("127.0.0.1", port)}), udp=False))
+                await stun.start()
+                break
+            except OSError:
+                continue
+        else:
+            raise AssertionError("no free port pair")
+        try:
+            async with CoordinatorServer("127.0.0.1", port, Tokens(shared="t"),
+                                         stun_handler=stun.serve_tcp_connection) as server:
+                stun.on_binding = server.stun_seen
+                async with ControlChannel(server.address, "mover", "t") as mover, \
+                        ControlChannel(server.address, "asker", "t") as asker:
+                    registered = mover.observed
+                    conn = await TcpStunConnection.open(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", port + 1))
+                    try:
+                        seen = mapped_endpoint(await conn.request(timeout=2.0))
+                    finally:
+                        conn.close()
+                    await mover.update_observed(Endpoint(seen.ip, seen.port + 1))  # never seen: refused
+                    await mover.ping()
+                    first = (await asker.connect("mover")).peer_observed
+                    await mover.update_observed(seen)
+                    await mover.ping()
+                    second = (await asker.connect("mover")).peer_observed
+                    return registered, first, second
+        finally:
+            await stun.close()
+
+    registered, first, second = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert first == registered
+    assert second != registered and second.ip == registered.ip
