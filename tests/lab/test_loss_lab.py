@@ -69,7 +69,8 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-@pytest.mark.parametrize(("a", "b"), [("pr", "rc"), ("rc", "pr")])
+# One direction keeps the suite's time in bounds (a 10 MB transfer at 5 % loss takes 15-25 s here).
+@pytest.mark.parametrize(("a", "b"), [("pr", "rc")])
 def test_direct_pairs_connect_directly_and_10_mb_arrive_intact(lab: Lab, a: str, b: str) -> None:
     env = {**os.environ, "TOKEN": TOKEN}
     receiver = lab.host(b).popen([sys.executable, "-c", PEER, "accept", COORD, f"{b}-r", "", str(SIZE)],
