@@ -33,11 +33,23 @@ CONFIG = CoordinatorConfig(keepalive_interval=KEEPALIVE, stale_after=1.5 * KEEPA
                            keepalive_timeout=3 * KEEPALIVE)
 
 
+def new_node(url: str) -> CoordinatorServer:
+    cluster = RedisCluster(url, ttl=CONFIG.keepalive_timeout, refresh_interval=CONFIG.keepalive_interval)
+    return CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster)
+
+
 @contextlib.asynccontextmanager
 async def node(url: str) -> AsyncIterator[CoordinatorServer]:
-    cluster = RedisCluster(url, ttl=CONFIG.keepalive_timeout, refresh_interval=CONFIG.keepalive_interval)
-    async with CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster) as server:
+    async with new_node(url) as server:
         yield server
+
+
+async def die(server: CoordinatorServer) -> None:
+    """The node dies without a word to Redis: its refresh stops and nothing is released."""
+    assert server.cluster is not None
+    for task in server.cluster._tasks:
+        task.cancel()
+    await server.stop()
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
@@ -99,17 +111,11 @@ def test_a_dead_node_frees_its_ids_within_the_keepalive_timeout() -> None:
     async def main() -> None:
         with redis_server() as url:
             async with node(url) as b:
-                a = CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG,
-                                      cluster=RedisCluster(url, ttl=CONFIG.keepalive_timeout,
-                                                           refresh_interval=CONFIG.keepalive_interval))
+                a = new_node(url)
                 await a.start()
                 alice = ControlChannel(a.address, "alice", TOKEN)
                 await alice.register()
-                # A dies without a word to Redis: its refresh stops, nothing is released.
-                assert a.cluster is not None
-                for task in a.cluster._tasks:
-                    task.cancel()
-                await a.stop()
+                await die(a)
                 await alice.wait_closed()
                 died = asyncio.get_running_loop().time()
 
@@ -148,9 +154,7 @@ def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
     async def main() -> None:
         with redis_server() as url:
             async with node(url) as b:
-                a = CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG,
-                                      cluster=RedisCluster(url, ttl=CONFIG.keepalive_timeout,
-                                                           refresh_interval=CONFIG.keepalive_interval))
+                a = new_node(url)
                 await a.start()
                 stages: list[tuple[str, dict[str, object]]] = []
                 registered_again = asyncio.Event()
@@ -165,11 +169,8 @@ def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
                     assert alice.coordinator == a.address
                     first, incoming = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
                     assert first.method is Method.DIRECT
-                    assert a.cluster is not None
-                    for task in a.cluster._tasks:  # A dies: no release, no refresh
-                        task.cancel()
                     died = asyncio.get_running_loop().time()
-                    await a.stop()
+                    await die(a)
                     await asyncio.wait_for(registered_again.wait(), CONFIG.keepalive_timeout + 1.0)
                     assert asyncio.get_running_loop().time() - died <= CONFIG.keepalive_timeout + 1.0
                     assert alice.coordinator == b.address
