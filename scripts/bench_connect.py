@@ -27,8 +27,8 @@ import time
 from tcppunch.cli.logging import configure_logging
 from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
-from tcppunch.nat.report import NatReport
 from tcppunch.peer import Connection, Method, Peer
+from tcppunch.wire.natreport import NatReport
 
 Row = tuple[float, float, float, Method]
 ENCRYPT = True  # --plaintext: both peers skip the TLS between them (a reference for its cost; never for use)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from tcppunch.cli.logging import configure_logging
 from tcppunch.lab import Lab, LabSpec, RouterSpec
-from tcppunch.nat.report import PortMappingProtocol
 from tcppunch.portmap import PortMapper
+from tcppunch.wire.natreport import PortMappingProtocol
 
 BASE_PORT = 43000
 

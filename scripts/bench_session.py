@@ -32,10 +32,10 @@ from typing import Any
 from tcppunch.cli.logging import configure_logging
 from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
-from tcppunch.nat.report import NatReport
 from tcppunch.peer import Peer
 from tcppunch.session.driver import MuxStream, Session
 from tcppunch.wire.coord import Role
+from tcppunch.wire.natreport import NatReport
 
 CHUNK = 256 * 1024
 ECHO, SINK = b"e", b"s"  # a stream's or connection's first byte says what the responder does with it

@@ -24,10 +24,10 @@ from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
 from tcppunch.lab import Lab, LabHost, NetnsLoop
 from tcppunch.lab.topology import SERVER_ADDRESSES
 from tcppunch.nat.detect import detect
-from tcppunch.nat.report import NatReport, PortMappingProtocol
 from tcppunch.peer import ConnectFailed, Connection, ConnectionInfo, Method, Peer, RelayMode
 from tcppunch.punch.plan import CandidateKind
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport, PortMappingProtocol
 
 TOKEN = "lab-token"
 COORDINATOR = Endpoint(SERVER_ADDRESSES[0], 3478)

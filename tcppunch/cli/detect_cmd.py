@@ -10,8 +10,8 @@ import textwrap
 import click
 
 from tcppunch.cli.params import EndpointType
-from tcppunch.nat.report import NatReport
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 EXIT_UNREACHABLE = 3
 

@@ -25,7 +25,6 @@ from tcppunch.cli.params import EndpointType
 from tcppunch.cli.pipes import join_streams, pipe_stdio
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import CoordinatorError
-from tcppunch.nat.report import NatReport
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
 from tcppunch.peer.sessions import PeerSession
 from tcppunch.punch.birthday import DEFAULT_LIMITS
@@ -33,6 +32,7 @@ from tcppunch.session.driver import MuxStream
 from tcppunch.session.identity import IdentityError
 from tcppunch.session.secure import SecureError
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3

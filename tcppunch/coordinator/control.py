@@ -25,7 +25,6 @@ from typing import Any
 
 import structlog
 
-from tcppunch.nat.report import NatReport
 from tcppunch.nat.retry import ConnectBudget, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan, birthday_candidates, birthday_side
@@ -80,6 +79,7 @@ from tcppunch.wire.framing import (
     FrameDecoder,
     ProtocolError,
 )
+from tcppunch.wire.natreport import NatReport
 
 log = structlog.get_logger()
 

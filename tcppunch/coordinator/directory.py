@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tcppunch.nat.report import NatReport
 from tcppunch.wire.coord import Connect
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from enum import Enum
 
 import structlog
 
-from tcppunch.nat.report import NatReport
 from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.relay.limits import ByteBudget, RelayAccounting, RelayLimits
 from tcppunch.wire.coord import (
@@ -64,6 +63,7 @@ from tcppunch.wire.coord import (
 )
 from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
+from tcppunch.wire.natreport import NatReport
 
 from .auth import Tokens
 from .directory import Claim, ClusterAction, Forward, LookupPeer, Release, RemotePeer

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tcppunch.nat.report import NatReport
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 ConnId = int
 

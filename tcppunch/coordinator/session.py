@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tcppunch.nat.report import NatReport
 from tcppunch.punch.prediction import direct_possible
 from tcppunch.wire.coord import RelayAdvice, Role
+from tcppunch.wire.natreport import NatReport
 
 from .registry import ConnId
 

@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from tcppunch.lab.nat_types import NatType, SynPolicy
 from tcppunch.lab.topology import SHORT_NAMES, LabSpec, LinkShape, RouterSpec
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour
 
 # With the rst policy a SYN that arrives before the peer's own SYN has left is answered with a RST, which
 # also closes the sender's NAT entry (Linux conntrack then treats the peer's SYN as invalid). Punching then

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse
 
 # Public ports handed out by symmetric-seq: SEQ_BASE, SEQ_BASE+1, ... wrapping after SEQ_SPAN.
 SEQ_BASE = 20000

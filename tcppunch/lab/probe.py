@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from tcppunch.lab.lab import Lab, LabHost
 from tcppunch.lab.topology import SERVER_ADDRESSES
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse
 
 OBSERVER_PORTS = (7000, 7001, 7002, 7003, 7004, 7005)
 _IO_TIMEOUT = 2.0

@@ -28,7 +28,6 @@ import structlog
 
 from tcppunch.nat.ipv6 import probe_ipv6
 from tcppunch.nat.local import LocalNetwork, local_network
-from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.nat.sockets import family_of, reuse_port_socket, route_source_ip
 from tcppunch.nat.tcp_tests import (
     FilteringProbe,
@@ -45,6 +44,7 @@ from tcppunch.nat.tcp_tests import (
 from tcppunch.nat.udp import UdpResult, classic_udp_nat_type
 from tcppunch.nat.verdict import verdict
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.stun import AlternatePort, ChangeRequest, StunMessage
 
 log = structlog.get_logger(__name__)

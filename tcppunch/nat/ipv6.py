@@ -9,10 +9,10 @@ beside the IPv4 measurement: it uses its own socket and nothing of it crosses th
 from __future__ import annotations
 
 from tcppunch.nat.local import LocalNetwork
-from tcppunch.nat.report import Ipv6Support
 from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import Ipv6Support
 
 
 async def probe_ipv6(network: LocalNetwork, server: Endpoint | None, timeout: float) -> Ipv6Support:

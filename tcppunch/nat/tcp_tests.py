@@ -32,10 +32,10 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse
 from tcppunch.nat.retry import ConnectBudget, ConnectRetryError, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, reuse_port_socket, smoothed_rtt
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse
 from tcppunch.wire.stun import (
     Attribute,
     ChangeRequest,

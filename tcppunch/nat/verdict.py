@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, SynResponse, TcpBehaviour
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse, TcpBehaviour
 
 
 def verdict(tcp: TcpBehaviour, behind_nat: bool | None, untested: Sequence[str] = ()) -> str:

@@ -13,13 +13,13 @@ same thing as plain connected ``socket.socket`` objects, for programs with their
 """
 
 from tcppunch.coordinator.control import CoordinatorError, PeerList
-from tcppunch.nat.report import NatReport
 from tcppunch.peer.blocking import BlockingPeer
 from tcppunch.peer.peer import Peer
 from tcppunch.peer.types import ConnectFailed, Connection, ConnectionInfo, FailureCode, Method, RelayMode
 from tcppunch.punch.plan import PunchAttempt
 from tcppunch.wire.coord import PeerInfo
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 __all__ = [
     "BlockingPeer",

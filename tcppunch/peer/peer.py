@@ -28,7 +28,6 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import MappingBehaviour, NatReport, PortMapping, PortMappingProtocol
 from tcppunch.nat.retry import ConnectBudget
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
@@ -54,6 +53,7 @@ from tcppunch.session.identity import Identity, KnownPeers, TrustPolicy, parse_f
 from tcppunch.session.secure import ChannelSpec, SecureError, SecureErrorCode, secure_streams
 from tcppunch.wire.coord import ErrorCode, Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, PortMapping, PortMappingProtocol
 
 T = TypeVar("T")
 log = structlog.get_logger("tcppunch.peer")

@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 import structlog
 
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import Endpoint, PortMapping, PortMappingProtocol, PortMappingSupport
 from tcppunch.portmap import natpmp, pcp, upnp
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import PortMapping, PortMappingProtocol, PortMappingSupport
 
 log = structlog.get_logger("tcppunch.portmap")
 T = TypeVar("T")

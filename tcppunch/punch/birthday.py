@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tcppunch.nat.report import NatReport
 from tcppunch.punch.plan import Candidate, CandidateKind
 from tcppunch.punch.prediction import MappingClass, classify, direct_possible
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport
 
 # Linux ``masquerade random`` / ``snat ... fully-random`` picks from 1024-65535 (the lab's range too).
 RANDOM_PORT_LOW = 1024

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport
 from tcppunch.punch.plan import SLOW_RETRY, Candidate, CandidateKind, RetryPolicy
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport
 
 DEFAULT_WINDOW = 8
 

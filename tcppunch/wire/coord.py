@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, PortMappingProtocol, SynResponse
 from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import ProtocolError, encode_frame
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, PortMappingProtocol, SynResponse
 
 
 class ErrorCode(StrEnum):

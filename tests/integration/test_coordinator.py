@@ -28,7 +28,6 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.session.identity import Identity
 from tcppunch.session.secure import TlsEngine, context, engine_handshake, engine_recv, engine_send, engine_unwrap
 from tcppunch.wire.coord import (
@@ -45,6 +44,7 @@ from tcppunch.wire.coord import (
 )
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder, encode_frame
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
 
 T = TypeVar("T")
 TOKEN = "s3cret"

@@ -22,11 +22,11 @@ from tcppunch.coordinator.control import ControlChannel, PunchOrder, punch_plan
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
-from tcppunch.nat.report import NatReport, TcpBehaviour
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import PunchFailed, PunchPlan, PunchResult
 from tcppunch.wire.coord import RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport, TcpBehaviour
 
 pytestmark = pytest.mark.lab
 

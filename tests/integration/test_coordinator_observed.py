@@ -9,9 +9,9 @@ from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.coordinator.stun_service import StunService, StunServiceConfig
-from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.nat.tcp_tests import TcpStunConnection, mapped_endpoint
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
 
 SEQUENTIAL = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT, port_delta=1))
 

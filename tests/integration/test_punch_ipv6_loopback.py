@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from tcppunch.nat.report import Endpoint
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import Candidate, CandidateKind, PunchPlan, PunchResult, Role
+from tcppunch.wire.endpoint import Endpoint
 from tests.integration.test_punch_loopback import KEY, exchange, listener, port_of, run
 
 

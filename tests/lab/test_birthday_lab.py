@@ -16,9 +16,9 @@ import pytest
 
 from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
-from tcppunch.nat.report import NatReport
 from tcppunch.peer import Method, Peer
 from tcppunch.punch.plan import CandidateKind
+from tcppunch.wire.natreport import NatReport
 
 LINK = LinkShape(delay_ms=5.0)
 

@@ -9,8 +9,8 @@ import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
 from tcppunch.labrun import COORDINATOR, TOKEN, LabRunner
-from tcppunch.nat.report import NatReport
 from tcppunch.peer import Method, Peer
+from tcppunch.wire.natreport import NatReport
 
 
 @pytest.fixture(scope="module")

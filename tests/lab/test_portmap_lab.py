@@ -20,10 +20,11 @@ from tcppunch.lab import Lab, LabHost, LabSpec, RouterSpec
 from tcppunch.lab import netns as ns
 from tcppunch.lab.topology import lan_gateway
 from tcppunch.labrun import LabRunner
-from tcppunch.nat.report import Endpoint, PortMapping, PortMappingProtocol
 from tcppunch.peer import Method
 from tcppunch.portmap import Gateway, PortMapErrorCode, PortMapper, ProbeResult, probe
 from tcppunch.punch.plan import CandidateKind
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import PortMapping, PortMappingProtocol
 
 PAYLOAD = os.urandom(200_000)
 

@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, NetnsLoop, RouterSpec, SynPolicy
-from tcppunch.nat.report import NatReport, TcpBehaviour
 from tcppunch.nat.sockets import endpoint_of
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import AttemptOutcome, PunchFailed, PunchPlan, PunchResult, Role
 from tcppunch.punch.prediction import build_candidates, direct_possible, retry_policy_for
 from tcppunch.punch.sockets import reuse_listener, reuse_socket
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import NatReport, TcpBehaviour
 
 ECHO = Endpoint("198.51.100.10", 3479)
 KEY = os.urandom(32)

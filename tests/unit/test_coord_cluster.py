@@ -108,7 +108,7 @@ def test_unknown_everywhere_and_delivery_to_local_peers() -> None:
 
 def test_nat_labels_for_metrics() -> None:
     from tcppunch.coordinator.protocol import nat_label
-    from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
+    from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
     assert nat_label(None) == "unknown"
     assert nat_label(NatReport(behind_nat=False)) == "open"

@@ -13,7 +13,6 @@ from typing import Any
 import structlog
 
 from tcppunch.coordinator.protocol import ConnState, CoordinatorConfig
-from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.relay import RelayLimits
 from tcppunch.wire.coord import (
     Connect,
@@ -33,6 +32,7 @@ from tcppunch.wire.coord import (
 )
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import MAX_FRAME_SIZE, PREAMBLE
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
 
 from .test_coord_protocol import SYM_RANDOM, Harness, assert_fatal
 

@@ -24,7 +24,6 @@ from tcppunch.coordinator.protocol import (
     Send,
     StartRelay,
 )
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -49,6 +48,7 @@ from tcppunch.wire.coord import (
 )
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 SERVER = Endpoint("198.51.100.10", 3478)
 # Every harness connection authenticates with this key unless a test says otherwise (ids are owned by keys).

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from tcppunch.coordinator.auth import Tokens, TokensFileError
 from tcppunch.coordinator.registry import RttEstimator
 from tcppunch.coordinator.session import relay_advice, schedule_fire
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import RelayAdvice
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 EIM, ADM, APDM = (
     MappingBehaviour.ENDPOINT_INDEPENDENT,

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcppunch.nat.report import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -48,6 +47,7 @@ from tcppunch.wire.framing import (
     ProtocolError,
     encode_frame,
 )
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.wire.stun import looks_like_stun
 
 NAT = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ENDPOINT_INDEPENDENT, port_delta=1), verdict="ok")

@@ -12,12 +12,6 @@ import pytest
 
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
-from tcppunch.nat.report import (
-    FilteringBehaviour,
-    MappingBehaviour,
-    SynResponse,
-    TcpBehaviour,
-)
 from tcppunch.nat.tcp_tests import (
     FilteringProbe,
     MappingObservation,
@@ -28,6 +22,12 @@ from tcppunch.nat.tcp_tests import (
 from tcppunch.nat.udp import classic_udp_nat_type
 from tcppunch.nat.verdict import verdict
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import (
+    FilteringBehaviour,
+    MappingBehaviour,
+    SynResponse,
+    TcpBehaviour,
+)
 from tcppunch.wire.stun import (
     ChangedAddress,
     ChangeRequest,

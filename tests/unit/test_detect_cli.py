@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tcppunch.cli import main
-from tcppunch.nat.report import NatReport
+from tcppunch.wire.natreport import NatReport
 from tests.unit.test_stun_service import A1, ServiceThread, start_service
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tcppunch.lab import LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.nat_types import router_ruleset
-from tcppunch.nat.report import SynResponse
+from tcppunch.wire.natreport import SynResponse
 
 
 def test_router_spec_parses_type_policy_and_hosts() -> None:

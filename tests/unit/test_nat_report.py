@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tcppunch.nat.report import (
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import (
     FilteringBehaviour,
     Ipv6Support,
     MappingBehaviour,
@@ -12,7 +13,6 @@ from tcppunch.nat.report import (
     SynResponse,
     TcpBehaviour,
 )
-from tcppunch.wire.endpoint import Endpoint
 
 
 def test_round_trip_through_json_text() -> None:

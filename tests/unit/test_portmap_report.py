@@ -7,8 +7,11 @@ from typing import Any
 
 import pytest
 
-from tcppunch.nat.report import (
-    Endpoint,
+from tcppunch.punch.plan import Candidate, CandidateKind
+from tcppunch.punch.prediction import build_candidates, direct_possible
+from tcppunch.wire.coord import ProtocolError, Register
+from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import (
     FilteringBehaviour,
     MappingBehaviour,
     NatReport,
@@ -17,9 +20,6 @@ from tcppunch.nat.report import (
     PortMappingSupport,
     TcpBehaviour,
 )
-from tcppunch.punch.plan import Candidate, CandidateKind
-from tcppunch.punch.prediction import build_candidates, direct_possible
-from tcppunch.wire.coord import ProtocolError, Register
 
 SUPPORT = PortMappingSupport(
     (PortMappingProtocol.NAT_PMP, PortMappingProtocol.PCP),

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.punch.birthday import (
     MAX_SYNS,
     RANDOM_PORT_HIGH,
@@ -26,6 +25,7 @@ from tcppunch.punch.birthday import (
 )
 from tcppunch.punch.plan import Candidate, CandidateKind, PunchPlan, Role, explain_failure
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 EIM = MappingBehaviour.ENDPOINT_INDEPENDENT
 APDM = MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from tcppunch.coordinator.control import PunchOrder, punch_plan
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.punch.plan import CandidateKind, waves
 from tcppunch.wire.coord import RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 RANDOM = NatReport(tcp=TcpBehaviour(MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT,
                                     FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT, False, None), behind_nat=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tcppunch.nat.report import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 from tcppunch.punch.plan import SLOW_RETRY, CandidateKind, RetryPolicy
 from tcppunch.punch.prediction import (
     MappingClass,
@@ -15,6 +14,7 @@ from tcppunch.punch.prediction import (
     retry_policy_for,
 )
 from tcppunch.wire.endpoint import Endpoint
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 EIM = MappingBehaviour.ENDPOINT_INDEPENDENT
 APDM = MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT
