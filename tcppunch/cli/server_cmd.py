@@ -59,7 +59,7 @@ Limits (docs/protocol.md, "Limits", has them all):
                      1 more every 2 s; meanwhile 'throttled'
   control frames     64 KiB, each complete within 10 s of its first byte; a peer is
                      alive while it answers PING (15 s)
-  sessions           64 per peer, 16 per requester and target
+  sessions           64 per peer, 16 per requester and target (32 per requesting address)
   answers            PEERS <= 100 entries and <= 64 KiB (truncated: true); NAT reports
                      <= 16 KiB with bounded lists and strings
   relay              per source address and per token per hour: --relay-source-mb (512),

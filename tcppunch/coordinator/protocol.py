@@ -127,6 +127,8 @@ class CoordinatorConfig:
     auth_failure_rate: float = 0.5
     # Open sessions one requester may have with one target (so that no id fills another's slots).
     max_sessions_per_pair: int = 16
+    # ... and one source address (whatever ids it registers) with one target.
+    max_sessions_per_source_pair: int = 32
     # OBSERVED may move a peer's port to a port the server saw from its address within observed_seen_ttl
     # (a STUN binding, a connection), or within port_delta * observed_window_steps of its current port
     # when its NAT report says it allocates sequentially.
@@ -688,13 +690,24 @@ class CoordinatorProtocol:
             return self._request_error(
                 c, msg.request_id, ErrorCode.BUSY, f"too many open sessions (limit {cfg.max_sessions_per_peer})"
             )
-        pair = sum(1 for s in target.sessions if s in self.sessions and self.sessions[s].initiator == me.id)
-        if pair >= cfg.max_sessions_per_pair:
-            return self._request_error(
-                c, msg.request_id, ErrorCode.BUSY,
-                f"you have {pair} open sessions with {target.id!r} (limit {cfg.max_sessions_per_pair})",
-            )
+        busy = self._requester_busy(c, me, target)
+        if busy:
+            return self._request_error(c, msg.request_id, ErrorCode.BUSY, busy)
         return self._open_session(c, me, target, msg, now)
+
+    def _requester_busy(self, c: _Conn, me: PeerRecord, target: PeerRecord) -> str:
+        """Why this requester may not open one more session with ``target`` ('' if it may): per id, and
+        per source address (with a shared token, fresh ids from one host cost nothing)."""
+        cfg = self.config
+        theirs = [self.sessions[s] for s in target.sessions if s in self.sessions]
+        pair = sum(1 for s in theirs if s.initiator == me.id)
+        if pair >= cfg.max_sessions_per_pair:
+            return f"you have {pair} open sessions with {target.id!r} (limit {cfg.max_sessions_per_pair})"
+        source = sum(1 for s in theirs if s.initiator_source == c.source)
+        if source >= cfg.max_sessions_per_source_pair:
+            return (f"your address has {source} open sessions with {target.id!r} "
+                    f"(limit {cfg.max_sessions_per_source_pair})")
+        return ""
 
     def remote_found(self, conn: ConnId, request: Connect, remote: RemotePeer | None, now: float) -> list[Action]:
         """The cluster's answer to :class:`LookupPeer`: open the session with a peer of another node."""
@@ -766,6 +779,7 @@ class CoordinatorProtocol:
             accounts=(me.account, *((target.account,) if isinstance(target, PeerRecord) else ())),
             nat_pair=f"{nat_label(me.nat)}/{nat_label(target.nat)}",
             keys={Role.INITIATOR: me.key, Role.RESPONDER: target.key},
+            initiator_source=c.source,
         )
         self.sessions[session_id] = session
         self._timers.schedule((_Timer.SESSION, session_id), session.expires_at)

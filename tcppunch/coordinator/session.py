@@ -68,6 +68,8 @@ class Session:
     relay_started: bool = False
     # Relay budget accounts of the two peers' secrets ("token:..."), charged if the session is relayed.
     accounts: tuple[str, ...] = ()
+    # Where the CONNECT came from (source_key), for the per-source session limit.
+    initiator_source: str = ""
     # The key each role must join the relay with (its control connection's key), and the roles that
     # joined already: a join is single-use, so a replayed or second join is refused.
     keys: dict[Role, str | None] = field(default_factory=dict)

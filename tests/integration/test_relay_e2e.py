@@ -38,6 +38,7 @@ async def _send_and_digest(conn: Connection, payload: bytes) -> bytes:
 def test_hundred_concurrent_relayed_streams_of_1_mb() -> None:
     # 200 relay joins from one address at once: above the default per-source limits, so raised here
     config = CoordinatorConfig(max_sessions_per_peer=2 * STREAMS, max_sessions_per_pair=2 * STREAMS,
+                               max_sessions_per_source_pair=2 * STREAMS,
                                max_relays_per_peer=2 * STREAMS, max_unauthenticated_per_source=4 * STREAMS)
 
     async def scenario() -> list[bool]:

@@ -284,6 +284,24 @@ def test_one_requester_cannot_fill_another_peers_session_slots() -> None:
     assert [m for m in h.take(carol) if isinstance(m, Punch)]
 
 
+def test_fresh_ids_from_one_source_cannot_fill_another_peers_slots_either() -> None:
+    """With a shared token a new id costs nothing: the requester limit also counts per source address."""
+    config = CoordinatorConfig()
+    h = Harness(config)
+    h.register("bob", ip="198.18.0.2")
+    refused = 0
+    for n in range(6):  # six ids from one address, each within its own per-id limit
+        conn = h.register(f"m{n}", ip="198.18.0.9")
+        for i in range(config.max_sessions_per_pair):
+            h.send(conn, Connect(f"r{i}", "bob"))
+        refused += sum(1 for m in h.take(conn) if isinstance(m, Error) and "your address" in m.message)
+    assert refused == 6 * config.max_sessions_per_pair - config.max_sessions_per_source_pair
+    carol = h.register("carol", ip="198.18.0.3")
+    h.take(carol)
+    h.send(carol, Connect("c", "bob"))
+    assert [m for m in h.take(carol) if isinstance(m, Punch)]
+
+
 # ---------------------------------------------------------------- 3: unauthenticated connections
 
 
