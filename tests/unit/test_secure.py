@@ -6,15 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tcppunch.session.identity import Identity, KeyMismatch
 from tcppunch.session.secure import (
+    BIND_MAGIC,
+    Binding,
     ChannelSpec,
     SecureError,
     SecureErrorCode,
     TlsEngine,
+    _split_binding,
     context,
     engine_handshake,
     engine_recv,
@@ -236,3 +242,15 @@ def test_expect_key_names_both() -> None:
     with pytest.raises(KeyMismatch) as info:
         expect_key(BOB.fingerprint, "x")(EVE.fingerprint)
     assert info.value.expected == BOB.fingerprint and info.value.actual == EVE.fingerprint
+
+
+@given(st.binary(max_size=2048))
+def test_bind_parsing_of_any_bytes_is_a_binding_nothing_yet_or_a_secure_error(data: bytes) -> None:
+    """Whatever the other side sends inside TLS before its BIND, the parser answers with a binding, 'not
+    complete yet' (None) or SecureError; nothing else escapes."""
+    for candidate in (data, BIND_MAGIC + data, BIND_MAGIC + struct.pack("!H", len(data)) + data):
+        try:
+            result = _split_binding(candidate)
+        except SecureError:
+            continue
+        assert result is None or isinstance(result[0], Binding)
