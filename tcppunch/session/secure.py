@@ -41,6 +41,7 @@ MAX_BIND = 1024
 RECORD_HEADER = 5
 MAX_RECORD = 18 * 1024  # 2^14 + 2048: the largest TLS 1.3 ciphertext record
 HANDSHAKE_TIMEOUT = 10.0
+CLOSE_LINGER = 2.0  # how long close() waits for the other side's end of the stream
 
 Verifier = Callable[[str], None]
 """Called with the other side's fingerprint after the handshake; raises :class:`KeyMismatch` to refuse."""
@@ -422,6 +423,7 @@ class _TlsTransport(asyncio.Transport):
         super().__init__()
         self._raw = raw
         self._engine = engine
+        self.closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._engine.write_closed or self._raw.is_closing():
@@ -441,15 +443,28 @@ class _TlsTransport(asyncio.Transport):
         return True
 
     def close(self) -> None:
-        if not self._raw.is_closing():
-            self.write_eof()
+        """close_notify and FIN, then wait (at most :data:`CLOSE_LINGER` s) for the other side's end before
+        closing the socket: closing with bytes still arriving would send a RST, and a RST can destroy
+        what we wrote last before the other side read it."""
+        if self.closing or self._raw.is_closing():
+            return
+        self.closing = True
+        self.write_eof()
+        if self._engine.peer_closed:
+            self._raw.close()
+        else:
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, self._raw.close)
+
+    def linger_done(self) -> None:
+        """The other side ended its stream: a lingering close can finish now."""
+        if self.closing and not self._raw.is_closing():
             self._raw.close()
 
     def abort(self) -> None:
         self._raw.abort()
 
     def is_closing(self) -> bool:
-        return self._raw.is_closing()
+        return self.closing or self._raw.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
@@ -523,6 +538,8 @@ class _RawSide(asyncio.Protocol):
         if self._engine.peer_closed and not self._eof_delivered:
             self._eof_delivered = True
             self._app.eof_received()
+            assert self.tls is not None
+            self.tls.linger_done()
 
     def _check_binding(self, plain: bytes) -> bytes:
         """Collect the responder's BIND; the application bytes after it once it checked out."""
