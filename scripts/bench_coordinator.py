@@ -63,14 +63,16 @@ def raise_nofile() -> int:
 
 
 def serve(port: int, max_connections: int) -> None:
-    """The coordinator under test (subprocess): default timings, logs at warning (as the CLI's default)."""
+    """The coordinator under test (subprocess): default timings, logs at warning and GC settings as the CLI's."""
     from tcppunch.cli.logging import configure_logging
+    from tcppunch.cli.server_cmd import tune_gc
     from tcppunch.coordinator.auth import Tokens
     from tcppunch.coordinator.server import CoordinatorServer
     from tcppunch.session.identity import Identity
 
     raise_nofile()
     configure_logging("warning")
+    tune_gc()  # as `tcppunch server` does
 
     async def main() -> None:
         stop = asyncio.Event()
