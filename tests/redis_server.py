@@ -29,8 +29,9 @@ def _answers_ping(host: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def redis_server(host: str = "127.0.0.1") -> Iterator[str]:
-    """``redis://host:port/0`` of a fresh redis-server (no persistence) until the block ends."""
+def redis_server(host: str = "127.0.0.1", *, started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:
+    """``redis://host:port/0`` of a fresh redis-server (no persistence) until the block ends; its process is
+    appended to ``started`` (a test that stops Redis itself)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian package redis-server, make apt)")
@@ -39,6 +40,8 @@ def redis_server(host: str = "127.0.0.1") -> Iterator[str]:
     argv = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
             "--dir", workdir, "--protected-mode", "no", "--loglevel", "warning"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if started is not None:
+        started.append(proc)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not _answers_ping(host, port):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -185,5 +186,24 @@ def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
                     assert await asyncio.wait_for(incoming2.reader.read(), 10.0) == b"again"
                     for conn in (first, incoming, second, incoming2):
                         conn.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_nodes_keep_serving_their_own_peers_while_redis_is_down() -> None:
+    async def main() -> None:
+        started: list[subprocess.Popen[bytes]] = []
+        with redis_server(started=started) as url:
+            async with node(url) as a, ControlChannel(a.address, "alice", TOKEN) as alice:
+                started[0].terminate()  # Redis goes away
+                started[0].wait(10)
+                async with ControlChannel(a.address, "carol", TOKEN) as carol:  # the claim counts as granted
+                    order = await alice.connect("carol", relay_only=True)
+                    theirs = await carol.next_order(timeout=5.0)
+                    assert theirs.session_id == order.session_id
+                    with pytest.raises(CoordinatorError) as unknown:  # another node's peers: not reachable
+                        await alice.connect("bob")
+                    assert unknown.value.code is ErrorCode.UNKNOWN_PEER
+                assert a.cluster is not None and a.cluster.errors > 0
 
     asyncio.run(asyncio.wait_for(main(), 60))
