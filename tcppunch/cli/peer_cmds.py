@@ -129,7 +129,8 @@ def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) 
     report["timings"] = {**{k: round(v, 6) for k, v in peer.timings.items()}, **report["timings"]}
     report["self"] = {"id": peer.peer_id, "observed": str(peer.observed), "local": str(peer.local),
                       "ipv6": None if peer.local6 is None else str(peer.local6),
-                      "nat": None if peer.nat is None else peer.nat.to_json()}
+                      "nat": None if peer.nat is None else peer.nat.to_json(),
+                      "coordinator": str(peer.coordinator), "register_attempts": peer.register_attempts}
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 

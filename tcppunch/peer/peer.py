@@ -185,6 +185,12 @@ class Peer:
         """The coordinator we are registered at (or will try first)."""
         return self.coordinators[self._current]
 
+    @property
+    def register_attempts(self) -> int:
+        """TCP connects the current registration took (lost SYNs are retried; 0 before registering)."""
+        registration = None if self._channel is None else self._channel.registration
+        return 0 if registration is None else registration.connect_attempts
+
     # ------------------------------------------------------------------ life cycle
     async def __aenter__(self) -> Peer:
         await self.start()

@@ -72,6 +72,7 @@ def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: s
     assert report["method"] == method
     assert report["peer"] == f"{b}-l"
     assert {"register", "total"} <= set(report["timings"])
+    assert report["self"]["coordinator"] == COORD and report["self"]["register_attempts"] >= 1
     assert json.loads((tmp_path / "b.json").read_text())["method"] == method
     assert f"{method}:" in done.stderr.replace("relayed:", "relay:")
 
