@@ -13,8 +13,6 @@ TUN device open for the next stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,15 +44,6 @@ class LinkStats:
     received_bytes: int = 0
     dropped: int = 0  # at the drop queue (TUN -> stream)
     rejected: int = 0  # packets from the stream the kernel would not take
-
-
-def set_nodelay(writer: PacketWriter) -> None:
-    """TCP_NODELAY on the TCP socket under ``writer``, when there is one: a packet must not wait for the
-    previous one's ACK (Nagle) when the inner protocol is latency-sensitive (ping, ssh, TCP's own ACKs)."""
-    sock = writer.get_extra_info("socket")
-    if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def carry(tun: Tun, reader: PacketReader, writer: PacketWriter, *, queue: DropQueue | None = None,

@@ -21,7 +21,7 @@ import structlog
 from tcppunch.peer import ConnectFailed, Peer
 from tcppunch.session.driver import MuxStream
 from tcppunch.vpn import iface
-from tcppunch.vpn.link import LinkStats, carry, set_nodelay
+from tcppunch.vpn.link import LinkStats, carry
 from tcppunch.vpn.packets import DropQueue
 from tcppunch.vpn.tun import Tun
 
@@ -99,7 +99,6 @@ class Tunnel:
             await self._carry(stream)
 
     async def _carry(self, stream: MuxStream) -> None:
-        set_nodelay(stream)
         self._set(True, f"stream to {self.other} open")
         try:
             reason = await carry(self.tun, stream, stream, queue=self._queue, stats=self.state.stats)
