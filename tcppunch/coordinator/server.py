@@ -11,6 +11,7 @@ client that stops reading is cut off), so one misbehaving client never holds up 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -37,6 +38,7 @@ from .expose import ClosePort, OpenPort
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
 
 log = structlog.get_logger()
+RELAY_STATS_KEPT = 1000
 
 StunHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
 
@@ -131,7 +133,8 @@ class CoordinatorServer:
         self.max_connections = max_connections
         # STUN connect-back tests originate from the listening port itself: that needs SO_REUSEPORT.
         self.reuse_port = stun_handler is not None if reuse_port is None else reuse_port
-        self.relay_stats: list[RelayStats] = []
+        # the last relays' outcomes, for tests and operators; bounded, since a server runs for months
+        self.relay_stats: collections.deque[RelayStats] = collections.deque(maxlen=RELAY_STATS_KEPT)
         self.relay_bytes_total = 0  # bytes carried by finished relays (the metrics endpoint reads it)
         self._relay_bytes = relay_bytes_per_peer
         self._budgets: dict[str, ByteBudget] = {}

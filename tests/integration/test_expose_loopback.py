@@ -231,7 +231,7 @@ async def test_the_byte_budget_of_an_id_cuts_its_visitors_once_used_up() -> None
         assert first < budget  # both directions count: the echo is cut well before 1 MB came back
         # the budget is the id's, over the server's life: the next visitor is cut at once
         assert await asyncio.wait_for(_visit_until_cut(port, b"more"), PROMPT) == 0
-        assert [s.reason.value for s in server.relay_stats[-2:]] == ["limit", "limit"]
+        assert [s.reason.value for s in list(server.relay_stats)[-2:]] == ["limit", "limit"]
 
 
 async def _visit_until_cut(port: int, payload: bytes) -> int:
