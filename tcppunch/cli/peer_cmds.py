@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from tcppunch.cli.params import EndpointType
-from tcppunch.cli.pipes import join_streams, pipe_stdio
+from tcppunch.cli.pipes import StreamCutError, join_streams, pipe_stdio
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
@@ -147,6 +147,9 @@ def _run(main: Callable[[], Any]) -> None:
     except (SecureError, IdentityError) as exc:  # the coordinator's key is not the expected one, or ours
         click.echo(f"tcppunch: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except StreamCutError as exc:  # netcat mode: bytes may be missing on one side
+        click.echo(f"tcppunch: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     except (ConnectionError, OSError, TimeoutError) as exc:
         click.echo(f"tcppunch: {exc.__class__.__name__}: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
@@ -202,6 +205,7 @@ def connect_command(peer_name: str, local_listen: Endpoint | None, timeout: floa
                 _session_report(report_path, peer, peer_name)
                 try:
                     await pipe_stdio(stream, stream)
+                    await _close_confirmed(stream)
                 finally:
                     _session_report(report_path, peer, peer_name)
                 return
@@ -219,6 +223,15 @@ async def _open_stream(peer: Peer, peer_name: str, timeout: float) -> MuxStream:
         return await asyncio.wait_for(peer.open_stream(peer_name), timeout)
     except TimeoutError:
         raise ConnectFailed(f"no session with {peer_name} within {timeout:g} s", peer=peer_name) from None
+
+
+async def _close_confirmed(stream: MuxStream) -> None:
+    """netcat mode is done with its one stream: close the session, and fail unless the other side
+    confirmed the end (only then did every byte we sent arrive; see docs/sessions.md)."""
+    session = stream.session
+    await session.close()
+    if session.close_error is not None:
+        raise StreamCutError(f"the peer did not confirm the end of what we sent: {session.close_error}")
 
 
 def _session_report(path: str | None, peer: Peer, peer_name: str) -> None:
@@ -307,7 +320,11 @@ async def _accept_all(peer: Peer, forward: Endpoint | None, once: bool, report_p
     loops = [asyncio.ensure_future(_accept_streams(peer, forward, once, report_path)),
              asyncio.ensure_future(_accept_loop(peer, forward, once, report_path))]
     try:
-        await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            # netcat mode lost bytes: not a clean exit
+            if not task.cancelled() and isinstance(task.exception(), StreamCutError):
+                task.result()
     finally:
         for task in loops:
             task.cancel()
@@ -324,7 +341,14 @@ async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, repo
             break
         _session_report(report_path, peer, stream.peer)
         if forward is None:
-            await pipe_stdio(stream, stream)  # stdin/stdout is one stream: one after the other
+            try:
+                await pipe_stdio(stream, stream)  # stdin/stdout is one stream: one after the other
+                if once:
+                    await _close_confirmed(stream)
+            except StreamCutError as exc:
+                if once:
+                    raise
+                click.echo(f"tcppunch: {exc}", err=True)  # the next peer may still come
         else:
             task = asyncio.ensure_future(_forward_stream(stream, forward))
             tasks.add(task)

@@ -16,6 +16,11 @@ from typing import BinaryIO, Protocol
 CHUNK = 64 * 1024
 
 
+class StreamCutError(ConnectionError):
+    """The connection ended before the other side's end of stream, or our end was not confirmed:
+    bytes may be missing, so this is a failure, never a normal EOF."""
+
+
 class ByteReader(Protocol):
     """What the pipes read from: an asyncio StreamReader or a session stream."""
 
@@ -100,11 +105,17 @@ async def _stdin_to(writer: ByteWriter, source: BinaryIO) -> int:
 
 async def _to_stdout(reader: ByteReader, sink: BinaryIO) -> int:
     total = 0
-    while chunk := await reader.read(CHUNK):
+    while True:
+        try:
+            chunk = await reader.read(CHUNK)
+        except (ConnectionError, OSError) as exc:
+            raise StreamCutError(f"the stream was cut after {total} bytes received, before the peer's end: "
+                                 f"{exc}") from exc
+        if not chunk:
+            return total
         sink.write(chunk)
         sink.flush()
         total += len(chunk)
-    return total
 
 
 async def pipe_stdio(

@@ -41,6 +41,7 @@ DRAIN_HIGH_WATER = 256 * 1024  # a stream's drain() waits while more than this i
 SWITCH_TIMEOUT = 15.0  # the peer's SWITCH came but our new path did not (or the reverse): give up
 CLOSE_LINGER = 10.0  # close() lets queued stream data leave for this long before GO_AWAY
 CLOSE_FLUSH_TIMEOUT = 2.0  # a closing session's last frames (GO_AWAY) get this long to leave, then abort
+CLOSE_DRAIN_TIMEOUT = 10.0  # a graceful close waits this long for the other side's end, reading meanwhile
 
 
 class StreamResetError(ConnectionResetError):
@@ -92,10 +93,10 @@ class MuxStream:
                 chunks.append(chunk)
             return b"".join(chunks)
         while not self._chunks:
+            if self._eof or n == 0:  # the FIN arrived: every byte is here, whatever happened since
+                return b""
             if self._error is not None:
                 raise self._error
-            if self._eof or n == 0:
-                return b""
             self._readable.clear()
             await self._readable.wait()
         data = self._take(n)
@@ -132,6 +133,11 @@ class MuxStream:
     def peer(self) -> str:
         """The other side's id (the session's label)."""
         return self._session.peer
+
+    @property
+    def session(self) -> Session:
+        """The session carrying this stream (to close it and learn whether the other side confirmed)."""
+        return self._session
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -250,7 +256,11 @@ class Session:
         self._writer_before_switch: asyncio.StreamWriter | None = None
         self._goaway_received = False
         self._closed = asyncio.Event()
+        self._graceful = False  # our close(NO_ERROR): drain and wait for the other side's end
+        self._drain_timeout = CLOSE_DRAIN_TIMEOUT
+        self._peer_ended = asyncio.Event()  # the transport delivered EOF or failed: nothing more to read
         self.error: SessionClosedError | None = None
+        self.close_error: str | None = None  # why a graceful close could not confirm the other side's end
         self.history = [PathChange(path, 0.0)]
         self._log = log.bind(role=role.value, remote_peer=peer) if peer else log.bind(role=role.value)
         self._tasks = [
@@ -323,9 +333,17 @@ class Session:
         await self._switch_sent.wait()
         self._check_alive()
 
-    async def close(self, code: MuxErrorCode = MuxErrorCode.NO_ERROR, *, linger: float = CLOSE_LINGER) -> None:
-        """End the session: what streams queued leaves first (up to ``linger`` seconds), then GO_AWAY;
-        every stream still open fails and the transport closes."""
+    async def close(self, code: MuxErrorCode = MuxErrorCode.NO_ERROR, *, linger: float = CLOSE_LINGER,
+                    drain: float = CLOSE_DRAIN_TIMEOUT) -> None:
+        """End the session: what streams queued leaves first (up to ``linger`` seconds), then GO_AWAY and
+        our end of the transport; every stream still open fails.
+
+        With NO_ERROR the socket is closed only once the other side ended its direction too (at most
+        ``drain`` seconds), and what arrives meanwhile is read and dropped: closing a socket with unread
+        bytes makes the kernel answer with a RST, which destroys our last bytes still in flight. The
+        other side's end comes after it read all of ours, so it confirms delivery; without it (or with
+        data still queued after ``linger``) :attr:`close_error` says what may be lost.
+        """
         if not self.closed and code is MuxErrorCode.NO_ERROR:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(linger):
@@ -333,7 +351,11 @@ class Session:
                         self._flushed.clear()
                         self._kick()
                         await self._flushed.wait()
+            if not self.closed and self._mux.has_pending_output:
+                self.close_error = f"stream data still queued after {linger:g} s: the peer stopped reading"
         if not self.closed:
+            self._graceful = code is MuxErrorCode.NO_ERROR
+            self._drain_timeout = drain
             self._mux.close(code, "closed by this side")
             self._handle_events()
         await self.wait_closed()
@@ -376,8 +398,18 @@ class Session:
 
     async def _read_loop(self) -> None:
         try:
-            while not self.closed:
+            await self._read_until_end()
+        finally:
+            self._peer_ended.set()
+
+    async def _read_until_end(self) -> None:
+        try:
+            while True:
                 data = await self._reader.read(READ_SIZE)
+                if self.closed:  # closing gracefully: drain until the other side's end, drop the bytes
+                    if not data:
+                        return
+                    continue
                 if not data:
                     if self._goaway_received:
                         self._lost("closed by the peer", prefix="session ended")
@@ -391,6 +423,8 @@ class Session:
         except TimeoutError:  # (an OSError: it comes first) only _follow_switch has a deadline here
             self._lost(f"the peer switched paths but no new path arrived here within {self.switch_timeout:g} s")
         except (ConnectionError, OSError) as exc:
+            if self._graceful and self.close_error is None:  # a RST while we closed: it may have cut our bytes
+                self.close_error = f"connection lost while closing: {exc!r}"
             self._lost(f"connection lost: {exc!r}")
 
     async def _follow_switch(self) -> None:
@@ -415,12 +449,30 @@ class Session:
                     await self._send_switch()
             async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
                 await self._flush()  # the GO_AWAY
+            if self._graceful:
+                await self._end_and_wait()
         except (ConnectionError, OSError, TimeoutError) as exc:
             self._lost(f"connection lost: {exc!r}")
+            if self._graceful and self.close_error is None:
+                self.close_error = f"connection lost while closing: {exc!r}"
         finally:
+            if self._tasks[0] is not asyncio.current_task():
+                self._tasks[0].cancel()
             for writer in (self._writer, self._writer_before_switch):
                 if writer is not None:
                     writer.close()
+
+    async def _end_and_wait(self) -> None:
+        """Our end of the transport (FIN, close_notify under TLS), then the other side's (bounded)."""
+        if self._writer.can_write_eof() and not self._writer.transport.is_closing():
+            self._writer.write_eof()
+        try:
+            async with asyncio.timeout(self._drain_timeout):
+                await self._peer_ended.wait()
+        except TimeoutError:
+            self.close_error = self.close_error or (
+                f"the peer did not end the session within {self._drain_timeout:g} s: our last bytes may be lost")
+            self._log.warning("session.close_unconfirmed", reason=self.close_error)
 
     async def _flush(self) -> None:
         self._writing = True
@@ -500,6 +552,9 @@ class Session:
         self._wake_writer.set()  # flush the GO_AWAY, then close the transport
         if self._timer:
             self._timer.cancel()
+        if self._graceful:  # the reader drains until the other side's end; the writer waits for it
+            self._loop.call_later(CLOSE_FLUSH_TIMEOUT + self._drain_timeout + 0.5, self._abort)
+            return
         if self._tasks and self._tasks[0] is not asyncio.current_task():
             self._tasks[0].cancel()  # the reader: nothing more is read
         self._loop.call_later(CLOSE_FLUSH_TIMEOUT + 0.5, self._abort)
