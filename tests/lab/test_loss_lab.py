@@ -3,7 +3,9 @@ punching survive lost SYNs (every client connection to the coordinator retries w
 every pair that can go direct connects directly, and 10 MB arrive intact (SHA-256 at the receiver,
 sent back and compared by the sender).
 
-The peers are Peer API processes on the lab hosts (``tcppunch.peer``), one dedicated connection each.
+The peers are Peer API processes on the lab hosts (``tcppunch.peer``), one dedicated connection each;
+then the real CLI in netcat mode (``connect`` < file, ``listen --once`` > file) carries 10 MB on a session
+stream and both exit 0 only with every byte delivered (a close used to RST away the tail, exit 0 both).
 Both NATs keep the port (no prediction): a symmetric-seq NAT on this lossy path still falls back to the
 relay now and then (a predicted port answers RST), which the punch engine's owners are looking at.
 """
@@ -17,12 +19,13 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tests.lab.lines import wait_for_line
-from tests.lab.processes import COORD, lab_server, stop
+from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "loss-lab-token"
 LOSSY = LinkShape(delay_ms=30, loss=0.05)
@@ -90,3 +93,27 @@ def test_direct_pairs_connect_directly_and_10_mb_arrive_intact(lab: Lab, a: str,
     assert got["bytes"] == SIZE
     assert sent["received"] == sent["sent"] == hashlib.sha256(random.Random(SIZE).randbytes(SIZE)).hexdigest()
     assert sent["method"] == got["method"] == "direct", "\n".join(sent["attempts"])
+
+
+def test_cli_netcat_mode_delivers_every_byte_over_lossy_links(lab: Lab, tmp_path: Path) -> None:
+    """The sender's stdin ends, its session closes at once: the listener must still get all 10 MB."""
+    src, dst, empty = tmp_path / "in", tmp_path / "out", tmp_path / "empty"
+    src.write_bytes(os.urandom(SIZE))
+    empty.write_bytes(b"")
+    env = token_env(TOKEN)
+    listener = lab.host("rc").popen([*PY, "listen", "--coordinator", COORD, "--id", "rc-l", "--once"],
+                                    stdin=empty.open("rb"), stdout=dst.open("wb"), stderr=subprocess.PIPE,
+                                    text=True, env=env)
+    try:
+        seen: list[str] = []
+        assert listener.stderr is not None and wait_for_line(listener.stderr, "listening as", 90, seen), seen
+        sender = lab.host("pr").run([*PY, "connect", "rc-l", "--coordinator", COORD, "--id", "pr-c"],
+                                    stdin=src.open("rb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    capture_output=False, timeout=120, env=env)
+        _, err = listener.communicate(timeout=60)
+    finally:
+        stop(listener)
+    assert sender.returncode == 0, sender.stderr[-3000:]
+    assert listener.returncode == 0, err[-3000:]
+    assert dst.stat().st_size == SIZE
+    assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
