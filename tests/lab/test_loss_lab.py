@@ -110,7 +110,12 @@ def test_cli_netcat_mode_delivers_every_byte_over_lossy_links(lab: Lab, tmp_path
         sender = lab.host("pr").run([*PY, "connect", "rc-l", "--coordinator", COORD, "--id", "pr-c"],
                                     stdin=src.open("rb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     capture_output=False, timeout=120, env=env)
-        _, err = listener.communicate(timeout=60)
+        try:
+            _, err = listener.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop(listener)
+            pytest.fail(f"listener still running; sender exit {sender.returncode}: {sender.stderr[-3000:]}\n"
+                        f"listener: {listener.stderr.read()[-3000:]}")
     finally:
         stop(listener)
     assert sender.returncode == 0, sender.stderr[-3000:]
