@@ -23,7 +23,9 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
 A birthday punch (``plan.birthday``, see :mod:`tcppunch.punch.birthday`) sends its many candidates'
 SYNs after the others, paced by a :class:`~tcppunch.punch.birthday.SynPacer` (budget and rate); they are
 never re-sent after silence (the kernel retransmits, on the same NAT entry), retried after a RST only
-from the budget, and on the hard side every socket has a local port of its own.
+from the budget, and on the hard side every socket has a local port of its own. A hard side that saw no
+connection one ``ROUND_GAP`` after its tickets left opens a second round of fresh ones (new ports), which
+meet the easy side's still waiting guesses.
 """
 
 from __future__ import annotations
@@ -42,7 +44,15 @@ from typing import Any
 import structlog
 
 from tcppunch.nat.sockets import endpoint_of
-from tcppunch.punch.birthday import RETRY_AFTER, BirthdaySide, BirthdayStats, SynPacer
+from tcppunch.punch.birthday import (
+    HARD_ROUNDS,
+    RETRY_AFTER,
+    ROUND_GAP,
+    BirthdaySide,
+    BirthdayStats,
+    SynPacer,
+    fresh_tickets,
+)
 from tcppunch.punch.handshake import Handshake, PeerVerified, Rejected, SelectReceived
 from tcppunch.punch.plan import (
     AttemptOutcome,
@@ -356,7 +366,7 @@ class _Punch:
             for cand, sock, err in first:
                 self._spawn(self._candidate(cand, sock, err))
             if plan.birthday is not None:
-                await self._spray([c for c in wave.candidates if c.kind is CandidateKind.BIRTHDAY])
+                await self._birthday_rounds([c for c in wave.candidates if c.kind is CandidateKind.BIRTHDAY])
 
     async def _next_wave_needed(self, when: float) -> bool:
         """Wait until ``when``; False if a connection won by then. One still being verified gets one more
@@ -368,6 +378,23 @@ class _Punch:
         return not self.winner.done()
 
     # ---- birthday ----------------------------------------------------------------------------------
+
+    async def _birthday_rounds(self, first: list[Candidate]) -> None:
+        """The first round; on the hard side, while nothing connected, fresh tickets every
+        :data:`ROUND_GAP` (see :mod:`tcppunch.punch.birthday`), from the same budget."""
+        started = self.loop.time()
+        await self._spray(first)
+        if not first or self.bstats is None or self.bstats.side is not BirthdaySide.HARD:
+            return
+        for round_no in range(2, HARD_ROUNDS + 1):
+            when = started + (round_no - 1) * ROUND_GAP
+            if when >= self.plan.deadline:
+                return
+            await asyncio.wait({self.winner}, timeout=max(0.0, when - self.loop.time()))
+            if self.winner.done() or self.first_connection is not None:
+                return  # a match opened: it is being verified (or won)
+            self.log.debug("punch.birthday_round", round=round_no, tickets=len(first))
+            await self._spray(list(fresh_tickets(first, round_no)))
 
     async def _spray(self, cands: list[Candidate]) -> None:
         """The birthday candidates' first SYNs, in order, as fast as the pacer allows."""

@@ -1,7 +1,8 @@
 """The engine's birthday mode on loopback (no NAT: the lab test and scripts/bench_birthday.py cover NATs).
 
 A hard side's tickets each get their own local port; many of them open at once, one wins, the others are
-closed without hurting it (bytes checked by SHA-256). An easy side's spray stays inside its SYN budget and
+closed without hurting it (bytes checked by SHA-256); with no answer at all it opens one fresh round of
+tickets. An easy side's spray stays inside its SYN budget and
 rate (on descriptors above 1,024 too: asyncio polls with epoll), retries refused guesses only from that
 budget, and explains its failure in one line.
 """
@@ -11,10 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import selectors
 import socket
 
-from tcppunch.punch.birthday import BirthdayLimits, BirthdayPlan, BirthdaySide, birthday_candidates
+from tcppunch.punch.birthday import (
+    HARD_ROUNDS,
+    ROUND_GAP,
+    BirthdayLimits,
+    BirthdayPlan,
+    BirthdaySide,
+    birthday_candidates,
+)
 from tcppunch.punch.engine import punch
 from tcppunch.punch.plan import AttemptOutcome, PunchFailed, PunchPlan, PunchResult, Role
 from tcppunch.punch.sockets import raise_fd_limit
@@ -89,3 +98,40 @@ def test_easy_side_spray_stays_in_its_budget_and_explains_in_one_line() -> None:
     assert "birthday (easy side): 100 SYNs, 0 connected, 100 refused" in failed.explanation
     assert len(failed.explanation.splitlines()) < 10
     assert not failed.attempts  # refusals are counted, not logged one by one
+
+
+def test_hard_side_without_any_answer_opens_one_fresh_round_from_its_budget() -> None:
+    """Nothing answers the first tickets (the target's accept queue is full: Linux drops the SYNs without a
+    word, as a NAT with the drop policy does): ROUND_GAP later the hard side opens as many fresh tickets,
+    once (HARD_ROUNDS), and the explanation counts both rounds."""
+    tickets = 16
+
+    async def main(target: Endpoint) -> PunchFailed:
+        loop = asyncio.get_running_loop()
+        fire = loop.time() + 0.02
+        spray = BirthdayPlan(BirthdaySide.HARD, BirthdayLimits(sockets=tickets))
+        plan = PunchPlan(local=Endpoint("127.0.0.1", 0), role=Role.INITIATOR, session_id="rounds", key=KEY,
+                         candidates=birthday_candidates(spray, peer_observed=target, rng=random.Random(2)),
+                         fire_at=fire, deadline=fire + ROUND_GAP * HARD_ROUNDS + 0.3, birthday=spray)
+        try:
+            await punch(plan)
+        except PunchFailed as exc:
+            return exc
+        raise AssertionError("a target that never answers cannot win")
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.4", 0))
+    silent.listen(0)
+    filler = socket.create_connection(silent.getsockname(), timeout=5)  # fills the one-place accept queue
+    try:
+        readable, _, _ = select.select([silent], [], [], 5)
+        assert readable == [silent]  # queued: further SYNs are dropped from now on
+        failed = run(main(Endpoint("127.0.0.4", port_of(silent))))
+    finally:
+        filler.close()
+        silent.close()
+    stats = failed.birthday
+    assert stats is not None and stats.side is BirthdaySide.HARD
+    assert stats.syns == HARD_ROUNDS * tickets and stats.unanswered == stats.syns
+    assert stats.connected == 0 and stats.refused == 0 and not stats.budget_spent
+    assert f"birthday (hard side): {HARD_ROUNDS * tickets} SYNs, 0 connected, 0 refused" in failed.explanation

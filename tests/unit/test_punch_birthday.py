@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcppunch.punch.birthday import (
+    DEFAULT_LIMITS,
+    HARD_ROUNDS,
     MAX_SYNS,
     RANDOM_PORT_HIGH,
     RANDOM_PORT_LOW,
@@ -20,6 +22,7 @@ from tcppunch.punch.birthday import (
     SynPacer,
     birthday_candidates,
     birthday_side,
+    fresh_tickets,
     guess_ports,
     success_probability,
 )
@@ -104,6 +107,27 @@ def test_easy_side_candidates_are_n_guesses_on_the_peers_address() -> None:
     assert len(cands) == len({c.endpoint for c in cands}) == 700
     assert {c.endpoint.ip for c in cands} == {PEER.ip}
     assert str(cands[0]).endswith(" (birthday #1)")
+
+
+def test_fresh_tickets_continue_the_indices_towards_the_same_endpoint() -> None:
+    plan = BirthdayPlan(BirthdaySide.HARD, BirthdayLimits(sockets=50))
+    private = Candidate(Endpoint("10.0.0.9", 4000), CandidateKind.PRIVATE)
+    first = (private, *birthday_candidates(plan, peer_observed=PEER, rng=random.Random(1)))
+    assert fresh_tickets(first, 1) == first[1:]
+    second, third = fresh_tickets(first, 2), fresh_tickets(first, 3)
+    assert [c.index for c in second] == list(range(51, 101)) and [c.index for c in third] == list(range(101, 151))
+    assert {c.endpoint for c in second + third} == {PEER} and {c.kind for c in second} == {CandidateKind.BIRTHDAY}
+    with pytest.raises(ValueError):
+        fresh_tickets(first, 0)
+    with pytest.raises(ValueError):
+        fresh_tickets((private,), 2)
+
+
+def test_two_hard_rounds_fit_the_default_budget_and_miss_with_0_03_percent() -> None:
+    # M·HARD_ROUNDS tickets from a budget of 2,048, and the miss rate the docs and the matrix test rely on
+    assert DEFAULT_LIMITS.sockets * HARD_ROUNDS <= DEFAULT_LIMITS.max_syns
+    miss = 1 - success_probability(DEFAULT_LIMITS.sockets * HARD_ROUNDS, DEFAULT_LIMITS.probes)
+    assert miss == pytest.approx(0.0003, abs=0.0001)
 
 
 def test_private_candidates_first_behind_the_same_nat_only() -> None:
