@@ -10,7 +10,8 @@ Nobody can name the hard side's next port, and the easy side's filter opens only
   each opens its own filter towards that one port, and reaches a hard socket if the guess is one of the M.
 
 One guess of N meets one ticket of M with probability P ≈ 1 − exp(−M·N/R), R the size of the hard NAT's
-port range (64,512 for Linux ``masquerade random`` over 1024-65535): M = 256, N = 1,024 gives 98 %.
+port range (64,512 for Linux ``masquerade random`` over 1024-65535): M = 256, N = 1,024 gives 98 % (99.97 %
+with the second round below).
 A match opens as a simultaneous open (or a plain connect) and goes through the ordinary verification
 handshake; the first verified connection wins. Losers share no 4-tuple with the winner (every hard socket
 has its own port, every easy SYN its own destination port), and those still in ``SYN_SENT`` are closed
