@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from tcppunch.cli.params import EndpointType
-from tcppunch.cli.pipes import StreamCutError, join_streams, pipe_stdio
+from tcppunch.cli.pipes import ByteReader, ByteWriter, StreamCutError, join_streams, pipe_stdio
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
@@ -350,7 +350,7 @@ async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, repo
                     raise
                 click.echo(f"tcppunch: {exc}", err=True)  # the next peer may still come
         else:
-            task = asyncio.ensure_future(_forward_stream(stream, forward))
+            task = asyncio.ensure_future(_forward((stream, stream), stream.peer, forward, stream.reset))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if once:
@@ -358,16 +358,6 @@ async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, repo
         if once:
             return
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _forward_stream(stream: MuxStream, target: Endpoint) -> None:
-    try:
-        local = await asyncio.wait_for(asyncio.open_connection(target.ip, target.port), 10)
-    except (OSError, TimeoutError) as exc:
-        click.echo(f"tcppunch: cannot reach {target} for {stream.peer}: {exc}", err=True)
-        stream.reset()
-        return
-    await join_streams((stream, stream), local)
 
 
 async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
@@ -378,7 +368,7 @@ async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_
             # stdin/stdout is one stream: take connections one after the other.
             await pipe_stdio(conn.reader, conn.writer)
         else:
-            task = asyncio.ensure_future(_forward(conn, forward))
+            task = asyncio.ensure_future(_forward((conn.reader, conn.writer), conn.peer, forward, conn.close))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if once:
@@ -388,11 +378,14 @@ async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _forward(conn: Connection, target: Endpoint) -> None:
+async def _forward(remote: tuple[ByteReader, ByteWriter], peer: str, target: Endpoint,
+                   refuse: Callable[[], None]) -> None:
+    """Carry one stream or connection from ``peer`` to the local service at ``target``; ``refuse`` ends it
+    (a stream is reset, a connection closed) when the service cannot be reached."""
     try:
         local = await asyncio.wait_for(asyncio.open_connection(target.ip, target.port), 10)
     except (OSError, TimeoutError) as exc:
-        click.echo(f"tcppunch: cannot reach {target} for {conn.peer}: {exc}", err=True)
-        conn.close()
+        click.echo(f"tcppunch: cannot reach {target} for {peer}: {exc}", err=True)
+        refuse()
         return
-    await join_streams((conn.reader, conn.writer), local)
+    await join_streams(remote, local)
