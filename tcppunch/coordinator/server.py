@@ -254,12 +254,11 @@ class CoordinatorServer:
             writer.write(encode_message(Error(ErrorCode.SERVER_BUSY, "too many connections")))
             writer.close()
             return
-        try:
-            observed = endpoint_of(writer.get_extra_info("peername"))
-            local = endpoint_of(writer.get_extra_info("sockname"))
-        except (TypeError, IndexError, ValueError):
+        addresses = _addresses(writer)
+        if addresses is None:
             writer.transport.abort()
             return
+        observed, local = addresses
         conn = next(self._ids)
         link = _Link(conn, reader, writer, asyncio.current_task())
         self._links[conn] = link
@@ -450,12 +449,11 @@ class CoordinatorServer:
         if len(self._links) >= self.max_connections or port not in self._exposed:
             writer.transport.abort()
             return
-        try:
-            observed = endpoint_of(writer.get_extra_info("peername"))
-            local = endpoint_of(writer.get_extra_info("sockname"))
-        except (TypeError, IndexError, ValueError):
+        addresses = _addresses(writer)
+        if addresses is None:
             writer.transport.abort()
             return
+        observed, local = addresses
         conn = next(self._ids)
         self._links[conn] = _Link(conn, reader, writer, None)
         self._apply(self.protocol.visitor_arrived(conn, port, observed, local, asyncio.get_running_loop().time()))
@@ -575,3 +573,11 @@ class CoordinatorServer:
                 if maybe is not None:
                     self._links.pop(maybe.id, None)
             self.protocol.relay_finished(action.session_id)
+
+
+def _addresses(writer: asyncio.StreamWriter) -> tuple[Endpoint, Endpoint] | None:
+    """(the other side's endpoint, ours) of an accepted connection; None if it is already gone."""
+    try:
+        return endpoint_of(writer.get_extra_info("peername")), endpoint_of(writer.get_extra_info("sockname"))
+    except (TypeError, IndexError, ValueError):
+        return None
