@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchutil import parse_size, stop_process
+
 SCRIPT = str(Path(__file__).resolve())
 SERVER = "198.51.100.10"
 TOKEN = "bench-expose"
@@ -91,14 +93,6 @@ def role_client(host: str, port: int) -> None:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _wait_line(proc: subprocess.Popen[str], needle: str, stream: str = "stderr") -> None:
@@ -129,7 +123,7 @@ def run_expose(lab: Any, total: int) -> float:
         _wait_line(exposer, "exposed")
         return _client(lab, 8080, total)
     finally:
-        _stop(exposer)
+        stop_process(exposer)
 
 
 def run_socat(lab: Any, total: int, buffer: list[str] | None = None) -> float:
@@ -142,8 +136,8 @@ def run_socat(lab: Any, total: int, buffer: list[str] | None = None) -> float:
     try:
         return _client(lab, 8081, total)
     finally:
-        _stop(worker)
-        _stop(relay)
+        stop_process(worker)
+        stop_process(relay)
 
 
 def run_socat_b1m(lab: Any, total: int) -> float:
@@ -173,19 +167,13 @@ def benchmark(total: int, reps: int) -> dict[str, Any]:
                     runs[name].append(mbps)
                     print(f"  rep {rep + 1}/{reps} {name:9s} {mbps:8.0f} MB/s", flush=True)
         finally:
-            _stop(source)
-            _stop(server)
+            stop_process(source)
+            stop_process(server)
     medians = {name: statistics.median(values) for name, values in runs.items()}
     ratios = {ref: medians["expose"] / medians[ref] for ref in medians if ref != "expose"}
     return {"bytes": total, "reps": reps, "runs": runs, "medians": medians, "ratios": ratios}
 
 
-def parse_size(text: str) -> int:
-    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

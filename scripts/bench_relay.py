@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchutil import parse_size
 
 SCRIPT = str(Path(__file__).resolve())
 CHUNK = 1 << 20
@@ -279,12 +280,6 @@ def report(summary: dict[str, Any]) -> None:
             print(f"  ratio {ours}/{ref}: {medians[ours] / medians[ref]:.2f}")
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([KMG]i?B?)?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 512MiB, 1000000)")
-    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
 
 
 def run_in_lab(variants: list[Variant], total: int, reps: int) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchutil import parse_size
+
 SCRIPT = str(Path(__file__).resolve())
 CHUNK = 256 * 1024
 SERVER = "198.51.100.10"
@@ -274,12 +276,6 @@ def benchmark(total: int, reps: int, delay_ms: float, pings: int) -> dict[str, A
             "ping_direct_ms": direct, "ping_vpn_ms": over_vpn, "ping_bound_ms": 1.2 * direct + 1.0}
 
 
-def parse_size(text: str) -> int:
-    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
