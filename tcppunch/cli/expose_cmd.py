@@ -13,7 +13,7 @@ import json
 import click
 
 from tcppunch.cli.params import EndpointType
-from tcppunch.cli.peer_cmds import _run, _until_signal
+from tcppunch.cli.running import run_command, until_signal
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.peer.expose import VisitorDone, keep_exposed
@@ -93,6 +93,6 @@ def expose_command(coordinator: Endpoint, peer_id: str, token_file: str | None, 
     async def main() -> None:
         work = keep_exposed(channel, remote_port, forward,
                             proxy_protocol=version, on_exposed=exposed, on_lost=lost, on_done=report)
-        await _until_signal(asyncio.ensure_future(work))
+        await until_signal(asyncio.ensure_future(work))
 
-    _run(main)
+    run_command(main)

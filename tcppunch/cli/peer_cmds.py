@@ -12,171 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import signal
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from tcppunch.cli.params import EndpointType
+from tcppunch.cli.peer_options import peer_from_options, peer_options, write_report
 from tcppunch.cli.pipes import ByteReader, ByteWriter, StreamCutError, join_streams, pipe_stdio
-from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
-from tcppunch.coordinator.control import CoordinatorError
-from tcppunch.peer import ConnectFailed, Connection, Peer, RelayMode
-from tcppunch.peer.sessions import PeerSession
-from tcppunch.punch.birthday import DEFAULT_LIMITS
+from tcppunch.cli.running import run_command, until_signal
+from tcppunch.cli.secrets import key_id
+from tcppunch.peer import ConnectFailed, Peer
 from tcppunch.session.driver import MuxStream
-from tcppunch.session.identity import IdentityError
-from tcppunch.session.secure import SecureError
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.natreport import NatReport
-
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 3
-
-
-def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by connect and listen."""
-    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-        click.option("--coordinator", type=EndpointType(resolve=False), required=True, multiple=True,
-                     help="The tcppunch server, HOST:PORT (port 3478 if omitted). Repeat it for the servers of a "
-                          "cluster: we register at the first that answers and move to the next if it fails."),
-        click.option("--id", "peer_id", required=True, help="Our name at the coordinator."),
-        token_options,
-        identity_option("identity.key"),
-        click.option("--known-peers", type=click.Path(dir_okay=False),
-                     help="Keys seen before, trusted on first use (like SSH's known_hosts). "
-                          "Default: $XDG_CONFIG_HOME/tcppunch/known_peers."),
-        click.option("--coordinator-key", metavar="KEY-ID",
-                     help="The coordinator's key (printed by `tcppunch server`); else trusted on first use."),
-        click.option("--trust-coordinator", is_flag=True,
-                     help="A peer met for the first time must hold the key the coordinator bound to its id "
-                          "(the coordinator's word; a pin or a known key is always checked first)."),
-        click.option("--relay", type=click.Choice([m.value for m in RelayMode]), default=RelayMode.AUTO.value,
-                     show_default=True, help="auto: punch, relay if that fails; never: punch only; always: relay."),
-        click.option("--port", type=click.IntRange(0, 65535), default=0,
-                     help="Local port to punch from (default: any free port)."),
-        click.option("--nat-report", type=click.Path(exists=True, dir_okay=False),
-                     help="Use this `tcppunch detect --json` output instead of measuring at start."),
-        click.option("--no-detect", is_flag=True, help="Do not measure the NAT at start (peers then cannot "
-                     "predict ports, and the relay is used only after a failed punch)."),
-        click.option("--no-birthday", is_flag=True, help="Never spray SYNs for birthday punching (random-"
-                     "port NAT facing a port-filtering one): such connections use the relay instead."),
-        click.option("--no-ipv6", is_flag=True, help="Do not announce or race this host's global IPv6 address "
-                     "(by default it is raced first, Happy-Eyeballs style: IPv6 has no NAT)."),
-        click.option("--port-mapping", is_flag=True, help="Ask the router to map the punch port (PCP, NAT-PMP, "
-                     "UPnP-IGD) so peers can connect in whatever the NATs do; renewed while running, deleted on "
-                     "exit. Off by default: it opens a port on the router."),
-        click.option("--report", "report_path", type=click.Path(dir_okay=False),
-                     help="Write a JSON report (method, addresses, attempts, timings) to this file."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
-    if quiet:
-        return None
-
-    def show(stage: str, data: dict[str, Any]) -> None:
-        if stage in ("direct", "relayed"):
-            total = data.get("timings", {}).get("total")
-            extra = f" in {total * 1000:.0f} ms" if isinstance(total, float) else ""
-            line = f"{stage}: {data.get('local')} <-> {data.get('remote')} with {data.get('peer')}{extra}"
-            if data.get("relay_reason"):
-                line += f" ({data['relay_reason']})"
-        else:
-            line = f"{stage}: " + " ".join(f"{k}={v}" for k, v in data.items())
-        click.echo(f"tcppunch: {line}", err=True)
-
-    return show
-
-
-def _peer(*, coordinator: Sequence[Endpoint], peer_id: str, token_file: str | None, token_arg: str | None,
-          identity_path: str | None, known_peers: str | None, coordinator_key: str | None, trust_coordinator: bool,
-          relay: str, port: int, nat_report: str | None, no_detect: bool, no_birthday: bool, quiet: bool,
-          port_mapping: bool = False, no_ipv6: bool = False, **trust: Any) -> Peer:
-    """A Peer from the options every peer command shares; ``trust``: peer_keys / allow for this command."""
-    token = token_from(token_file, token_arg)
-    assert token is not None
-    nat = None
-    if nat_report:
-        try:
-            nat = NatReport.from_json(json.loads(Path(nat_report).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise click.BadParameter(f"cannot read NAT report {nat_report}: {exc}") from exc
-    try:
-        return Peer(coordinator, peer_id, token, port=port, nat=nat, detect_nat=not no_detect,
-                    relay=RelayMode(relay), on_stage=_progress(quiet),
-                    birthday=None if no_birthday else DEFAULT_LIMITS, port_mapping=port_mapping, ipv6=not no_ipv6,
-                    identity=load_identity(identity_path),
-                    known_peers=known_peers or "default", trust_coordinator=trust_coordinator,
-                    coordinator_key=key_id(coordinator_key, "--coordinator-key"), **trust)
-    except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _write_report(path: str | None, peer: Peer, conn: Connection | PeerSession) -> None:
-    """The --report JSON; for a session ``method`` is where it runs now and ``history`` how it got there."""
-    if not path:
-        return
-    report = conn.to_json() if isinstance(conn, PeerSession) else conn.info.to_json()
-    report["timings"] = {**{k: round(v, 6) for k, v in peer.timings.items()}, **report["timings"]}
-    report["self"] = {"id": peer.peer_id, "observed": str(peer.observed), "local": str(peer.local),
-                      "ipv6": None if peer.local6 is None else str(peer.local6),
-                      "nat": None if peer.nat is None else peer.nat.to_json(),
-                      "coordinator": str(peer.coordinator), "register_attempts": peer.register_attempts}
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _run(main: Callable[[], Any]) -> None:
-    """Run a command's coroutine; turn expected failures into one line and an exit code."""
-    try:
-        asyncio.run(main())
-    except ConnectFailed as exc:
-        click.echo(f"tcppunch: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE if "unreachable" in str(exc) else EXIT_FAILED)
-    except CoordinatorError as exc:
-        click.echo(f"tcppunch: coordinator: {exc.message} ({exc.code})", err=True)
-        sys.exit(EXIT_FAILED)
-    except (SecureError, IdentityError) as exc:  # the coordinator's key is not the expected one, or ours
-        click.echo(f"tcppunch: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    except StreamCutError as exc:  # netcat mode: bytes may be missing on one side
-        click.echo(f"tcppunch: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    except (ConnectionError, OSError, TimeoutError) as exc:
-        click.echo(f"tcppunch: {exc.__class__.__name__}: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-async def _until_signal(work: asyncio.Future[Any]) -> None:
-    """Wait for ``work`` or SIGINT/SIGTERM, whichever comes first."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (work, stopper):
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if work in done:
-        work.result()
 
 
 @click.command("connect")
 @click.argument("peer_name", metavar="PEER")
-@_common
+@peer_options
 @click.option("--local", "local_listen", type=EndpointType(default_port=None, resolve=False),
               help="Instead of stdin/stdout: accept local TCP clients on ADDR:PORT and carry each to PEER "
                    "over its own connection (e.g. --local 127.0.0.1:8080 to reach PEER's forwarded service).")
@@ -199,7 +52,7 @@ def connect_command(peer_name: str, local_listen: Endpoint | None, timeout: floa
     quiet = common["quiet"]
 
     async def main() -> None:
-        async with _peer(**common, peer_keys=peer_keys) as peer:
+        async with peer_from_options(**common, peer_keys=peer_keys) as peer:
             if local_listen is None:
                 stream = await _open_stream(peer, peer_name, timeout)
                 _session_report(report_path, peer, peer_name)
@@ -210,12 +63,12 @@ def connect_command(peer_name: str, local_listen: Endpoint | None, timeout: floa
                     _session_report(report_path, peer, peer_name)
                 return
             try:
-                await _until_signal(asyncio.ensure_future(_serve_local(peer, peer_name, local_listen, timeout,
+                await until_signal(asyncio.ensure_future(_serve_local(peer, peer_name, local_listen, timeout,
                                                                        report_path, quiet)))
             finally:
                 _session_report(report_path, peer, peer_name)
 
-    _run(main)
+    run_command(main)
 
 
 async def _open_stream(peer: Peer, peer_name: str, timeout: float) -> MuxStream:
@@ -237,7 +90,7 @@ async def _close_confirmed(stream: MuxStream) -> None:
 def _session_report(path: str | None, peer: Peer, peer_name: str) -> None:
     entry = next((s for s in peer.sessions() if s.peer == peer_name), None)
     if entry is not None:
-        _write_report(path, peer, entry)
+        write_report(path, peer, entry)
 
 
 async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: float, report_path: str | None,
@@ -277,7 +130,7 @@ async def _serve_local(peer: Peer, peer_name: str, where: Endpoint, timeout: flo
 
 
 @click.command("listen")
-@_common
+@peer_options
 @click.option("--forward", type=EndpointType(default_port=None, resolve=False),
               help="Carry each incoming connection to this local TCP service (e.g. 127.0.0.1:80) instead of "
                    "stdin/stdout: expose a service behind NAT to peers.")
@@ -306,13 +159,13 @@ def listen_command(forward: Endpoint | None, once: bool, allowed: tuple[str, ...
     peer_id, quiet = common["peer_id"], common["quiet"]
 
     async def main() -> None:
-        async with _peer(**common, **trust) as peer:
+        async with peer_from_options(**common, **trust) as peer:
             if not quiet:
                 click.echo(f"tcppunch: listening as {peer_id} (public {peer.observed}, local {peer.local})",
                            err=True)
-            await _until_signal(asyncio.ensure_future(_accept_all(peer, forward, once, report_path)))
+            await until_signal(asyncio.ensure_future(_accept_all(peer, forward, once, report_path)))
 
-    _run(main)
+    run_command(main)
 
 
 async def _accept_all(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
@@ -363,7 +216,7 @@ async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, repo
 async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
     tasks: set[asyncio.Task[None]] = set()
     async for conn in peer.incoming():
-        _write_report(report_path, peer, conn)
+        write_report(report_path, peer, conn)
         if forward is None:
             # stdin/stdout is one stream: take connections one after the other.
             await pipe_stdio(conn.reader, conn.writer)

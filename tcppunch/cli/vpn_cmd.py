@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from tcppunch.cli.peer_cmds import _common, _peer, _run, _until_signal, _write_report
+from tcppunch.cli.peer_options import peer_from_options, peer_options, write_report
+from tcppunch.cli.running import run_command, until_signal
 from tcppunch.cli.secrets import key_id
 from tcppunch.vpn.iface import InterfaceError
 from tcppunch.vpn.tun import Tun, TunError
@@ -37,7 +38,7 @@ def _network(value: str) -> Network:
 
 
 @click.command("vpn")
-@_common
+@peer_options
 @click.option("--peer", "other", required=True, help="The other peer's id (it runs `tcppunch vpn --peer <our id>`).")
 @click.option("--peer-key", metavar="KEY-ID",
               help="The other peer's key (`tcppunch id` on its host): only it may join the VPN. Without it, "
@@ -59,7 +60,7 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
     tcppunch vpn --coordinator 198.51.100.10:3478 --id bob --peer alice --address 10.99.0.2/24
     (token in TCPPUNCH_TOKEN; root needed for the TUN interface)
     """
-    # The options shared with connect/listen go to the Peer as they are (see _common).
+    # The options shared with connect/listen go to the Peer as they are (see peer_options).
     report_path: str | None = common.pop("report_path")
     quiet: bool = common["quiet"]
     peer_id: str = common["peer_id"]
@@ -87,22 +88,22 @@ def vpn_command(other: str, address: str, routes: tuple[str, ...], name: str, mt
         except TunError as exc:
             raise click.ClickException(str(exc)) from None
         with tun:
-            async with _peer(**common, **trust) as peer:
+            async with peer_from_options(**common, **trust) as peer:
                 def changed(state: TunnelState) -> None:
                     show(state)
                     if state.up and report_path:
                         entry = next((s for s in peer.sessions() if s.peer == other), None)
                         if entry is not None:
-                            _write_report(report_path, peer, entry)
+                            write_report(report_path, peer, entry)
 
                 tunnel = Tunnel(peer, other, tun, ours, routes=networks, mtu=mtu, on_change=changed)
                 if not quiet:
                     click.echo(f"tcppunch: vpn {name} {ours}: waiting for {other} "
                                f"({'opening' if tunnel.opener else 'accepting'} the stream)", err=True)
                 try:
-                    await _until_signal(asyncio.ensure_future(tunnel.run()))
+                    await until_signal(asyncio.ensure_future(tunnel.run()))
                 except InterfaceError as exc:
                     raise click.ClickException(f"cannot set up {name}: {exc}") from None
 
-    _run(main)
+    run_command(main)
 

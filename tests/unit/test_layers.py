@@ -54,3 +54,16 @@ def test_no_module_imports_a_higher_layer() -> None:
         upward += [f"{path.relative_to(ROOT.parent)}:{line} imports tcppunch.{target}"
                    for line, target in _imports(path) if target not in _allowed(layer)]
     assert upward == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name with a leading underscore is its module's own business: what two modules share gets a public
+    name in a module of its own (e.g. ``cli/running.py``), so changing a private helper breaks nobody."""
+    reaching = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("tcppunch")):
+                reaching += [f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {alias.name} from "
+                             f"{'.' * node.level}{node.module or ''}"
+                             for alias in node.names if alias.name.startswith("_") and alias.name != "__version__"]
+    assert reaching == []
