@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -170,8 +172,8 @@ def listen_command(forward: Endpoint | None, once: bool, allowed: tuple[str, ...
 
 async def _accept_all(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
     """Serve streams of sessions and dedicated connections alike, until ``once`` is satisfied."""
-    loops = [asyncio.ensure_future(_accept_streams(peer, forward, once, report_path)),
-             asyncio.ensure_future(_accept_loop(peer, forward, once, report_path))]
+    loops = [asyncio.ensure_future(_serve_incoming(_streams(peer, report_path), forward, once)),
+             asyncio.ensure_future(_serve_incoming(_connections(peer, report_path), forward, once))]
     try:
         done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -185,43 +187,52 @@ async def _accept_all(peer: Peer, forward: Endpoint | None, once: bool, report_p
                 await task
 
 
-async def _accept_streams(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
-    tasks: set[asyncio.Task[None]] = set()
+@dataclass(frozen=True)
+class _Incoming:
+    """What another peer opened to us, a stream of our session or a dedicated connection, as listen uses it."""
+
+    peer: str
+    reader: ByteReader
+    writer: ByteWriter
+    refuse: Callable[[], None]  # ends it when the --forward service cannot be reached
+    finish: Callable[[], Awaitable[None]]  # netcat --once: raises StreamCutError unless our end was confirmed
+
+
+async def _nothing_to_confirm() -> None:
+    """A dedicated connection has no end-of-stream confirmation beyond TCP's own."""
+
+
+async def _streams(peer: Peer, report_path: str | None) -> AsyncIterator[_Incoming]:
     while True:
         try:
             stream = await peer.accept_stream()
         except ConnectionError:
-            break
+            return
         _session_report(report_path, peer, stream.peer)
+        yield _Incoming(stream.peer, stream, stream, stream.reset, functools.partial(_close_confirmed, stream))
+
+
+async def _connections(peer: Peer, report_path: str | None) -> AsyncIterator[_Incoming]:
+    async for conn in peer.incoming():
+        write_report(report_path, peer, conn)
+        yield _Incoming(conn.peer, conn.reader, conn.writer, conn.close, _nothing_to_confirm)
+
+
+async def _serve_incoming(incoming: AsyncIterator[_Incoming], forward: Endpoint | None, once: bool) -> None:
+    """Pipe each arrival to stdin/stdout, one after the other, or --forward each (all at once)."""
+    tasks: set[asyncio.Task[None]] = set()
+    async for item in incoming:
         if forward is None:
             try:
-                await pipe_stdio(stream, stream)  # stdin/stdout is one stream: one after the other
+                await pipe_stdio(item.reader, item.writer)  # stdin/stdout is one stream: one after the other
                 if once:
-                    await _close_confirmed(stream)
+                    await item.finish()
             except StreamCutError as exc:
                 if once:
                     raise
                 click.echo(f"tcppunch: {exc}", err=True)  # the next peer may still come
         else:
-            task = asyncio.ensure_future(_forward((stream, stream), stream.peer, forward, stream.reset))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            if once:
-                await task
-        if once:
-            return
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _accept_loop(peer: Peer, forward: Endpoint | None, once: bool, report_path: str | None) -> None:
-    tasks: set[asyncio.Task[None]] = set()
-    async for conn in peer.incoming():
-        write_report(report_path, peer, conn)
-        if forward is None:
-            # stdin/stdout is one stream: take connections one after the other.
-            await pipe_stdio(conn.reader, conn.writer)
-        else:
-            task = asyncio.ensure_future(_forward((conn.reader, conn.writer), conn.peer, forward, conn.close))
+            task = asyncio.ensure_future(_forward((item.reader, item.writer), item.peer, forward, item.refuse))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if once:

@@ -68,10 +68,15 @@ async def join_streams(
         a_to_b, b_to_a = await asyncio.gather(copy_stream(a[0], b[1]), copy_stream(b[0], a[1]))
     finally:
         for _, w in (a, b):
-            w.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await w.wait_closed()
+            await _close(w)
     return a_to_b, b_to_a
+
+
+async def _close(writer: ByteWriter) -> None:
+    """Close and wait until closed; a connection that broke meanwhile is closed all the same."""
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
 
 
 def _start_reader_thread(source: BinaryIO, queue: asyncio.Queue[bytes], loop: asyncio.AbstractEventLoop) -> None:
@@ -135,7 +140,5 @@ async def pipe_stdio(
     finally:
         if not sending.done():
             sending.cancel()
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
+        await _close(writer)
     return sent, received
