@@ -8,8 +8,9 @@ emits :mod:`.directory` actions and takes their answers. In Redis:
   when the key is free or already this node's, so an id is registered at one node of the cluster at a
   time. Every node refreshes its own keys each ``refresh_interval``; a node that dies stops refreshing
   and its peers' ids become free within ``keepalive_timeout``.
-* channel ``tcppunch:node:<node>``: frames for peers registered at that node (``<peer id>\\n<frame>``): the
-  PUNCH of a session opened at another node, a CANCEL.
+* channel ``tcppunch:node:<node>``: frames for that node (:meth:`.Forward.encode`): for a peer registered
+  there (the PUNCH of a session opened at another node, a CANCEL), or from a peer registered at the
+  sender for the session that node holds (its RESULT).
 
 Writes (claims, releases, forwards) go out in order through one queue, in pipelines of up to
 ``BATCH`` commands. When Redis fails, the node keeps serving its own peers; cluster operations fail
@@ -81,13 +82,13 @@ class RedisCluster:
 
     async def start(
         self,
-        deliver: Callable[[str, bytes], None],
+        deliver: Callable[[Forward], None],
         claimed: Claimed,
         local_peers: Callable[[], Iterable[RemotePeer]],
     ) -> None:
         """Connect (raises OSError/RedisError if Redis does not answer), subscribe, start the workers.
 
-        ``deliver(peer_id, frame)``: a forwarded frame for a local peer. ``claimed(peer_id, conn, ok)``: the
+        ``deliver(forward)``: a frame another node forwarded to this one. ``claimed(peer_id, conn, ok)``: the
         answer to a registration's :class:`Claim` (``conn``), or ``conn`` None and ``ok`` False when a
         refresh finds an id of this node taken by another. While Redis fails, claims count as granted
         (this node keeps serving its own peers). ``local_peers()``: this node's peers, for the refresh.
@@ -143,12 +144,16 @@ class RedisCluster:
 
     # -------------------------------------------------------------------------------------- workers
 
-    async def _listen(self, pubsub: Any, deliver: Callable[[str, bytes], None]) -> None:
+    async def _listen(self, pubsub: Any, deliver: Callable[[Forward], None]) -> None:
         while True:
             try:
                 async for message in pubsub.listen():
-                    peer_id, _, frame = bytes(message["data"]).partition(b"\n")
-                    deliver(peer_id.decode("utf-8", "replace"), frame)
+                    try:
+                        forward = Forward.decode(self.node, bytes(message["data"]))
+                    except ValueError as exc:
+                        self._log.warning("cluster.bad_message", error=str(exc))
+                        continue
+                    deliver(forward)
             except (RedisError, OSError) as exc:
                 self._failed("subscribe", exc)
                 await asyncio.sleep(1.0)  # back-off before re-subscribing, not a synchronisation
@@ -182,7 +187,7 @@ class RedisCluster:
                 elif isinstance(op, Release):
                     await self._release(keys=[peer_key(op.peer_id)], args=[self.node], client=pipe)
                 else:
-                    pipe.publish(node_channel(op.node), op.peer_id.encode() + b"\n" + op.data)
+                    pipe.publish(node_channel(op.node), op.encode())
             results = await pipe.execute(raise_on_error=False)
         for op, result in zip(batch, results, strict=True):
             failed = isinstance(result, Exception)

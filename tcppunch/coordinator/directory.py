@@ -3,13 +3,15 @@
 The cluster driver (``cluster.py``) keeps one record per registered id in Redis; this module is the
 I/O-free part: :class:`RemotePeer` (what a PUNCH needs of the other side) and its JSON form. The core asks
 the driver for a peer it does not have (:class:`LookupPeer`), gets a :class:`RemotePeer` (or ``None``) back
-through ``CoordinatorProtocol.remote_found``, and sends the remote side's PUNCH as :class:`Forward`.
+through ``CoordinatorProtocol.remote_found``, and sends the remote side's PUNCH as :class:`Forward`; that
+peer's RESULT comes back the same way (``Way.FROM_PEER``) to the node that holds the session.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from tcppunch.wire.coord import Connect
@@ -94,13 +96,44 @@ class LookupPeer:
     request: Connect
 
 
+class Way(StrEnum):
+    """Which way a forwarded frame goes: ``to`` a peer registered at the receiving node (a PUNCH, a
+    CANCEL), or ``from`` a peer of the sending node to the node that holds its session (its RESULT)."""
+
+    TO_PEER = "to"
+    FROM_PEER = "from"
+
+
 @dataclass(frozen=True)
 class Forward:
-    """Frame bytes for ``peer_id``, whose control connection is on cluster node ``node``."""
+    """Frame bytes between cluster node ``origin`` (the sender) and node ``node``, about ``peer_id`` and
+    session ``session_id``. ``expires_in`` (s, a PUNCH only): how long the session lives at its node, so the
+    receiving node routes the peer's RESULT back that long."""
 
     node: str
     peer_id: str
     data: bytes
+    way: Way = Way.TO_PEER
+    origin: str = ""
+    session_id: str = ""
+    expires_in: float = 0.0
+
+    def encode(self) -> bytes:
+        """The pub/sub message: one header line (no field contains a space or a newline), then the frame."""
+        header = f"{self.way.value} {self.origin or '-'} {self.session_id or '-'} {self.peer_id} " \
+                 f"{round(self.expires_in * 1000)}\n"
+        return header.encode() + self.data
+
+    @classmethod
+    def decode(cls, node: str, message: bytes) -> Forward:
+        """The message :meth:`encode` made, received at ``node``; ValueError if it is not one."""
+        header, newline, data = message.partition(b"\n")
+        fields = header.decode("ascii", "replace").split(" ")
+        if not newline or len(fields) != 5 or not fields[4].isdigit():
+            raise ValueError(f"not a forwarded frame: {header[:80]!r}")
+        way, origin, session_id, peer_id, ms = fields
+        return cls(node, peer_id, data, Way(way), "" if origin == "-" else origin,
+                   "" if session_id == "-" else session_id, int(ms) / 1000)
 
 
 ClusterAction = Claim | Release | LookupPeer | Forward

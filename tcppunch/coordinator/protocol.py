@@ -66,7 +66,7 @@ from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 from tcppunch.wire.natreport import NatReport
 
 from .auth import Tokens
-from .directory import Claim, ClusterAction, Forward, LookupPeer, Release, RemotePeer
+from .directory import Claim, ClusterAction, Forward, LookupPeer, Release, RemotePeer, Way
 from .expose import ClosePort, ExposeConfig, ExposeTable, OpenPort, Refusal
 from .registry import ConnId, PeerRecord, Registry
 from .session import Session, relay_advice, schedule_fire
@@ -285,6 +285,10 @@ class CoordinatorProtocol:
         self.node = node
         # session id -> the responder at another node (to tell it CANCEL)
         self._remote_of: dict[str, RemotePeer] = {}
+        # session id -> (its node, the peer here it was forwarded to): sessions held at another node, so
+        # that the peer's RESULT goes back there (a route ends with that RESULT, the session's expiry or
+        # the peer; while it lives, it takes one of the peer's session slots here)
+        self._routes: dict[str, tuple[str, str]] = {}
         # Ids owned by keys: those in the authorized-keys file by its keys, any other by the key that
         # registered it first (for the life of this server process).
         self.authorized_keys: Mapping[str, frozenset[str]] = authorized_keys or {}
@@ -469,6 +473,8 @@ class CoordinatorProtocol:
                 if session is not None and now >= session.expires_at:
                     self.stats.outcome(session, Outcome.FAILED.value, now)
                     actions += self._end_session(session, ErrorCode.RELAY_TIMEOUT, "the relay partner never came")
+                elif session is None:
+                    self._drop_route(str(key))
             elif kind is _Timer.VISITOR:
                 visitor = self.expose.expire(str(key), now)
                 if visitor is not None:
@@ -739,10 +745,57 @@ class CoordinatorProtocol:
             return self._fail(c, ErrorCode.ID_TAKEN, f"id {c.peer_id!r} is registered at another coordinator")
         return [] if record.next_seq else self._registered(c, record, now)
 
-    def deliver(self, peer_id: str, data: bytes) -> list[Action]:
-        """Frame bytes another node forwarded (:class:`Forward`) to a peer registered here."""
-        record = self.registry.get(peer_id)
-        return [] if record is None else [Send(record.conn, data)]
+    def deliver(self, forward: Forward, now: float) -> list[Action]:
+        """A frame another node forwarded (:class:`Forward`): to a peer registered here, or the RESULT of
+        that node's peer in a session held here."""
+        self._clock = max(self._clock, now)
+        if forward.way is Way.FROM_PEER:
+            return self._remote_result(forward, now)
+        record = self.registry.get(forward.peer_id)
+        if record is None:
+            if forward.expires_in > 0:  # a PUNCH for a peer gone from here: its session ends at once
+                gone = Result(forward.session_id, Outcome.ABANDONED, {"reason": "not registered at its node"})
+                return [self._report(forward.origin, forward.peer_id, gone)]
+            return []
+        if forward.expires_in > 0 and forward.session_id and forward.origin:
+            self._routes[forward.session_id] = (forward.origin, record.id)
+            record.sessions.add(forward.session_id)  # counts against its max_sessions_per_peer here too
+            self._timers.schedule((_Timer.SESSION, forward.session_id), now + forward.expires_in)
+        return [Send(record.conn, forward.data)]
+
+    def _report(self, node: str, peer_id: str, result: Result) -> Forward:
+        """``result`` of ``peer_id`` (registered here) for the node that holds its session."""
+        return Forward(node, peer_id, encode_message(result), Way.FROM_PEER, self.node or "", result.session_id)
+
+    def _remote_result(self, forward: Forward, now: float) -> list[Action]:
+        """The RESULT of a session's peer at another node: counted and acted on as a local one."""
+        session = self.sessions.get(forward.session_id)
+        remote = self._remote_of.get(forward.session_id)
+        if session is None or remote is None or (remote.id, remote.node) != (forward.peer_id, forward.origin):
+            return []
+        decoder = FrameDecoder(max_frame_size=self.config.max_frame_size)
+        decoder.feed(forward.data)
+        try:
+            frame = decoder.next_frame()
+            msg = None if frame is None else decode_message(frame)
+        except ProtocolError as exc:
+            log.warning("coordinator.bad_forward", origin=forward.origin, error=exc.message)
+            return []
+        if not isinstance(msg, Result) or msg.session_id != session.id:
+            return []
+        log.info("coordinator.remote_result", peer=remote.id, node=remote.node, session=session.id,
+                 outcome=msg.outcome.value)
+        return self._session_result(session, remote.id, msg, now)
+
+    def _drop_route(self, session_id: str) -> tuple[str, str] | None:
+        """Forget the route of a session held at another node (expired, abandoned, or its peer left)."""
+        route = self._routes.pop(session_id, None)
+        if route is not None:
+            self._timers.cancel((_Timer.SESSION, session_id))
+            record = self.registry.get(route[1])
+            if record is not None:
+                record.sessions.discard(session_id)
+        return route
 
     def remote_view(self, record: PeerRecord) -> RemotePeer:
         """``record`` as the other nodes of the cluster see it."""
@@ -758,7 +811,8 @@ class CoordinatorProtocol:
             return [Send(record.conn, encode_message(message))]
         remote = self._remote_of.get(session.id)
         if remote is not None and remote.id == peer_id:
-            return [Forward(remote.node, remote.id, encode_message(message))]
+            return [Forward(remote.node, remote.id, encode_message(message), origin=self.node or "",
+                            session_id=session.id)]
         return []
 
     def _open_session(
@@ -826,7 +880,9 @@ class CoordinatorProtocol:
                 peer_key=other.key,
             )
             data = self._encode_punch(order)
-            actions.append(Forward(this.node, this.id, data) if isinstance(this, RemotePeer) else Send(this.conn, data))
+            actions.append(Forward(this.node, this.id, data, origin=self.node or "", session_id=session_id,
+                                   expires_in=session.expires_at - now)
+                           if isinstance(this, RemotePeer) else Send(this.conn, data))
         return actions
 
     def _encode_punch(self, order: Punch) -> bytes:
@@ -863,16 +919,26 @@ class CoordinatorProtocol:
         session = self.sessions.get(msg.session_id)
         self.stats.results[msg.outcome.value] = self.stats.results.get(msg.outcome.value, 0) + 1
         log.info("coordinator.result", peer=record.id, session=msg.session_id, outcome=msg.outcome.value)
-        if session is None or record.id not in session.peer_ids():
+        if session is None:  # a session held at another node: the RESULT goes there
+            route = self._routes.get(msg.session_id)
+            if route is None or route[1] != record.id:
+                return []
+            self._drop_route(msg.session_id)  # a peer reports once per session: its slot here is free
+            return [self._report(route[0], record.id, msg)]
+        return self._session_result(session, record.id, msg, now)
+
+    def _session_result(self, session: Session, peer_id: str, msg: Result, now: float) -> list[Action]:
+        """``peer_id``'s RESULT (received here or forwarded by its node): the outcome, and the session's end."""
+        if peer_id not in session.peer_ids():
             return []
-        session.results[record.id] = msg.outcome.value
+        session.results[peer_id] = msg.outcome.value
         if msg.outcome in (Outcome.DIRECT, Outcome.FAILED):
             self.stats.outcome(session, msg.outcome.value, now)
         if msg.outcome is Outcome.ABANDONED:
-            why = f"peer {record.id!r} gave up"
+            why = f"peer {peer_id!r} gave up"
             if isinstance(msg.details.get("reason"), str):
                 why = safe_text(f"{why}: {msg.details['reason']}")
-            actions = self._tell(session, session.other(record.id), Cancel(session.id, why))
+            actions = self._tell(session, session.other(peer_id), Cancel(session.id, why))
             return actions + self._end_session(session, ErrorCode.SESSION_CANCELLED, why)
         # Both connected directly: the session (and its relay option) is done, free the slots now.
         if len(session.results) == 2 and set(session.results.values()) == {Outcome.DIRECT.value}:
@@ -1055,6 +1121,11 @@ class CoordinatorProtocol:
         log.info("coordinator.unregistered", peer=record.id, reason=reason)
         actions: list[Action] = [] if self.node is None else [Release(record.id)]
         for session_id in sorted(record.sessions):
+            route = self._drop_route(session_id)
+            if route is not None:  # held at another node: it ends the session and tells the other peer
+                gone = Result(session_id, Outcome.ABANDONED, {"reason": f"left ({reason})"})
+                actions.append(self._report(route[0], record.id, gone))
+                continue
             session = self.sessions.get(session_id)
             if session is None:
                 continue

@@ -33,7 +33,7 @@ from tcppunch.wire.stun import looks_like_stun
 
 from .auth import Tokens
 from .cluster import RedisCluster
-from .directory import LookupPeer, RemotePeer
+from .directory import Forward, LookupPeer, RemotePeer
 from .expose import ClosePort, OpenPort
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
 
@@ -363,8 +363,8 @@ class CoordinatorServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _deliver(self, peer_id: str, data: bytes) -> None:
-        self._apply(self.protocol.deliver(peer_id, data))
+    def _deliver(self, forward: Forward) -> None:
+        self._apply(self.protocol.deliver(forward, asyncio.get_running_loop().time()))
 
     def _claimed(self, peer_id: str, conn: int | None, ok: bool) -> None:
         """A claim's answer (``conn`` None: a refresh, which only reports an id taken elsewhere)."""

@@ -1,7 +1,8 @@
 """Two coordinators sharing one registry in a real redis-server, on loopback.
 
 alice registers at A, bob at B: a relayed connect through the cluster carries bytes intact (SHA-256);
-ids are unique across the cluster; a node that dies (no clean shutdown) frees its ids within the
+a direct one ends its session at A at once, with its outcome in A's metrics, once both RESULTs (bob's
+through B) arrived; ids are unique across the cluster; a node that dies (no clean shutdown) frees its ids within the
 keepalive timeout, and its peer registers at the other node.
 """
 
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.cluster import RedisCluster
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError
+from tcppunch.coordinator.metrics import MetricsEndpoint
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.peer import Method, Peer
@@ -27,6 +29,7 @@ from tcppunch.wire.coord import ErrorCode, RelayAdvice
 from tcppunch.wire.endpoint import Endpoint
 
 from ..redis_server import redis_server
+from .test_metrics import scrape
 
 TOKEN = "cluster-test-token"
 KEEPALIVE = 0.5  # interval; timeout 1.5 s, the TTL of an id in Redis
@@ -90,6 +93,50 @@ def test_a_relayed_connect_between_peers_of_two_nodes() -> None:
                 wa.close()
 
     asyncio.run(main())
+
+
+def test_a_direct_connect_across_nodes_ends_at_the_session_node_with_both_results() -> None:
+    """bob's RESULT reaches B; B forwards it to A, which holds the session: A frees the slots at once (long
+    before the session would expire) and counts the outcome and the time to connect; B counts none."""
+    async def main() -> None:
+        with redis_server() as url:
+            async with node(url) as a, node(url) as b, \
+                    MetricsEndpoint(Endpoint("127.0.0.1", 0), a) as metrics_a, \
+                    MetricsEndpoint(Endpoint("127.0.0.1", 0), b) as metrics_b, \
+                    Peer(b.address, "bob", TOKEN, detect_nat=False) as bob, \
+                    Peer(a.address, "alice", TOKEN, detect_nat=False) as alice:
+                loop = asyncio.get_running_loop()
+                opened = loop.time()
+                mine, theirs = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
+                assert mine.method is Method.DIRECT
+                connected = loop.time()
+                assert (a.protocol.stats.sessions, b.protocol.stats.sessions) == (1, 0)  # held at A, alice's node
+                payload = os.urandom(200_000)
+                mine.writer.write(payload)
+                mine.writer.write_eof()
+                got = await asyncio.wait_for(theirs.reader.read(), 10.0)
+                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+                async def ended_at_a() -> bool:
+                    return not a.protocol.sessions and a.protocol.stats.results.get("direct") == 1
+
+                await wait_until(ended_at_a, 10.0)
+                # freed by the RESULTs (alice's at A, bob's through B), long before the session's expiry
+                assert loop.time() - opened < CONFIG.punch_window + CONFIG.relay_window
+                assert b.protocol.stats.results == {"direct": 1}
+                for peer_id, server in (("alice", a), ("bob", b)):
+                    record = server.protocol.registry.get(peer_id)
+                    assert record is not None and record.sessions == set()  # no slot left anywhere
+                seen_a, seen_b = await scrape(metrics_a.address), await scrape(metrics_b.address)
+                pair = (("nat_pair", "unknown/unknown"), ("outcome", "direct"))
+                assert seen_a[("tcppunch_session_outcomes_total", pair)] == 1
+                assert seen_a[("tcppunch_time_to_connect_seconds_count", ())] == 1
+                assert 0 < seen_a[("tcppunch_time_to_connect_seconds_sum", ())] < connected - opened + 1
+                assert ("tcppunch_session_outcomes_total", pair) not in seen_b  # B only passed bob's on
+                mine.close()
+                theirs.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_ids_are_unique_across_the_cluster() -> None:

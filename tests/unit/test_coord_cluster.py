@@ -1,12 +1,15 @@
-"""The core's cluster hooks without Redis: claims before REGISTERED, lookups, forwarded PUNCH and CANCEL."""
+"""The core's cluster hooks without Redis: claims before REGISTERED, lookups, forwarded PUNCH, CANCEL and
+RESULT (two cores wired to each other the way pub/sub would carry their :class:`Forward` actions)."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from tcppunch.coordinator.auth import Tokens
-from tcppunch.coordinator.directory import Claim, Forward, LookupPeer, Release, RemotePeer
-from tcppunch.coordinator.protocol import Action, CoordinatorProtocol, Send
+from tcppunch.coordinator.directory import Claim, Forward, LookupPeer, Release, RemotePeer, Way
+from tcppunch.coordinator.protocol import Action, CoordinatorConfig, CoordinatorProtocol, Send
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -44,9 +47,12 @@ def decoded(data: bytes) -> object:
     return decode_message(frame)
 
 
-def node_a() -> CoordinatorProtocol:
+def node_a(node: str = "A") -> CoordinatorProtocol:
     counter = itertools.count(1)
-    return CoordinatorProtocol(Tokens(shared="tok"), node="A", random_bytes=lambda n: bytes([next(counter)]) * n)
+    # keepalives far apart: the peers stay registered while the tests move time past sessions' expiry
+    config = CoordinatorConfig(keepalive_interval=300.0, stale_after=450.0, keepalive_timeout=900.0)
+    return CoordinatorProtocol(Tokens(shared="tok"), config, node=node,
+                               random_bytes=lambda n: bytes([next(counter)]) * n)
 
 
 def register(proto: CoordinatorProtocol, conn: int, peer_id: str) -> list[Action]:
@@ -102,8 +108,8 @@ def test_unknown_everywhere_and_delivery_to_local_peers() -> None:
     error = frames(proto.remote_found(1, connect, None, 100.1), 1)[0]
     assert getattr(error, "code", None) == "unknown-peer"
     data = encode_message(Cancel("s", "why"))
-    assert proto.deliver("alice", data) == [Send(1, data)]
-    assert proto.deliver("carol", data) == []
+    assert proto.deliver(Forward("A", "alice", data, origin="B", session_id="s"), 100.2) == [Send(1, data)]
+    assert proto.deliver(Forward("A", "carol", data, origin="B", session_id="s"), 100.2) == []
 
 
 def test_nat_labels_for_metrics() -> None:
@@ -115,3 +121,91 @@ def test_nat_labels_for_metrics() -> None:
     report = NatReport(tcp=TcpBehaviour(mapping=MappingBehaviour.ENDPOINT_INDEPENDENT,
                                         filtering=FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT), behind_nat=True)
     assert nat_label(report) == "eim-apdf"
+
+
+def test_forward_messages_round_trip_and_refuse_garbage() -> None:
+    forward = Forward("B", "bob", b"\x00\x01frame\n", Way.FROM_PEER, "A", "ab" * 16, 36.5)
+    assert Forward.decode("B", forward.encode()) == forward
+    bare = Forward("B", "bob", b"x")
+    assert Forward.decode("B", bare.encode()) == bare
+    for garbage in (b"bob\nframe", b"to A s bob\n", b"sideways A s bob 0\nframe", b"to A s bob x\n"):
+        with pytest.raises(ValueError):
+            Forward.decode("B", garbage)
+
+
+def two_nodes() -> tuple[CoordinatorProtocol, CoordinatorProtocol, Punch, list[Forward]]:
+    """alice registered at A, bob at B, alice CONNECTs to bob: (A, B, bob's PUNCH, A's forwards so far)."""
+    a, b = node_a("A"), node_a("B")
+    register(a, 1, "alice")
+    a.claim_result(1, True, 100.0)
+    register(b, 7, "bob")
+    b.claim_result(7, True, 100.0)
+    connect = Connect("r1", "bob")
+    assert a.data_received(1, encode_message(connect), 100.5) == [LookupPeer(1, connect)]
+    bob = b.remote_view(b.registry.get("bob"))  # type: ignore[arg-type]
+    actions = a.remote_found(1, connect, bob, 100.6)
+    forwards = [x for x in actions if isinstance(x, Forward)]
+    assert len(forwards) == 1 and forwards[0].expires_in > 0
+    delivered = b.deliver(Forward.decode("B", forwards[0].encode()), 100.6)
+    punch = frames(delivered, 7)[0]
+    assert isinstance(punch, Punch) and punch.peer_id == "alice"
+    return a, b, punch, forwards
+
+
+def carried(actions: list[Action], node: str) -> list[Forward]:
+    """The Forward actions of ``actions``, as the node they go to receives them (through their encoding)."""
+    return [Forward.decode(node, x.encode()) for x in actions if isinstance(x, Forward) and x.node == node]
+
+
+def test_a_result_at_the_other_node_ends_the_session_at_its_node() -> None:
+    a, b, punch, _ = two_nodes()
+    assert len(a.sessions) == 1 and punch.session_id in b.registry.get("bob").sessions  # type: ignore[union-attr]
+    direct = encode_message(Result(punch.session_id, Outcome.DIRECT))
+    reports = carried(b.data_received(7, direct, 100.9), "A")
+    assert len(reports) == 1 and reports[0].way is Way.FROM_PEER and reports[0].origin == "B"
+    assert b.stats.results == {"direct": 1} and b.stats.outcomes == {}  # B only passes it on
+    assert punch.session_id not in b.registry.get("bob").sessions  # type: ignore[union-attr]
+    for report in reports:
+        assert a.deliver(report, 100.9) == []
+    assert len(a.sessions) == 1  # one side reported: the session stays open
+    a.data_received(1, direct, 101.0)
+    assert a.sessions == {} and a.registry.get("alice").sessions == set()  # type: ignore[union-attr]
+    assert a.stats.outcomes == {("direct", "unknown/unknown"): 1}
+    assert sum(a.stats.connect_seconds) == 1 and a.stats.connect_seconds_sum > 0
+    # A RESULT from a peer that is not the session's remote side changes nothing.
+    stray = Forward("A", "mallory", direct, Way.FROM_PEER, "B", punch.session_id)
+    assert a.deliver(stray, 101.1) == []
+
+
+def test_a_remote_peer_that_gives_up_or_leaves_ends_the_session_and_its_partner_hears_cancel() -> None:
+    for leave in (False, True):
+        a, b, punch, _ = two_nodes()
+        if leave:
+            actions = b.connection_lost(7, 101.0)
+        else:
+            actions = b.data_received(7, encode_message(Result(punch.session_id, Outcome.ABANDONED)), 101.0)
+        reports = carried(actions, "A")
+        assert len(reports) == 1
+        told = a.deliver(reports[0], 101.0)
+        cancels = frames(told, 1)
+        assert len(cancels) == 1 and isinstance(cancels[0], Cancel) and cancels[0].session_id == punch.session_id
+        assert a.sessions == {}
+
+
+def test_a_punch_for_a_peer_gone_from_its_node_is_answered_with_abandoned() -> None:
+    a, b, punch, forwards = two_nodes()
+    b.connection_lost(7, 100.7)
+    answer = carried(b.deliver(Forward.decode("B", forwards[0].encode()), 100.8), "A")
+    assert len(answer) == 1 and answer[0].way is Way.FROM_PEER
+    assert frames(a.deliver(answer[0], 100.8), 1)[0] == Cancel(punch.session_id, "peer 'bob' gave up: not registered at its node")
+    assert a.sessions == {}
+
+
+def test_routes_expire_with_the_session() -> None:
+    a, b, punch, forwards = two_nodes()
+    bob = b.registry.get("bob")
+    assert bob is not None and punch.session_id in bob.sessions
+    b.tick(100.6 + forwards[0].expires_in + 0.01)
+    assert b.registry.get("bob") is bob and punch.session_id not in bob.sessions
+    late = encode_message(Result(punch.session_id, Outcome.DIRECT))
+    assert carried(b.data_received(7, late, 200.0), "A") == []
