@@ -11,7 +11,7 @@ import click
 
 from tcppunch.cli.params import EndpointType
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.natreport import NatReport
+from tcppunch.wire.natreport import NatReport, PortAllocation, TcpBehaviour
 
 EXIT_UNREACHABLE = 3
 
@@ -99,15 +99,22 @@ def _port_mapping_text(report: NatReport) -> str:
     return f"{heard} answered; no mapping: {support.error}" if support.protocols else f"none: {support.error}"
 
 
+def _delta_text(tcp: TcpBehaviour) -> str:
+    if tcp.port_delta is not None:
+        return str(tcp.port_delta)
+    if tcp.port_allocation is PortAllocation.UNKNOWN:
+        return "unknown (too few new ports to tell a step from random)"
+    return "random" if tcp.port_allocation is PortAllocation.RANDOM or tcp.mapping is not None else "not measured"
+
+
 def render_table(report: NatReport, server: Endpoint) -> str:
     """The human output: a short table, what was not measured, and the verdict."""
     tcp = report.tcp
-    delta = tcp.port_delta
     rows = [
         ("TCP mapping", _text(tcp.mapping)),
         ("TCP filtering", _text(tcp.filtering)),
         ("port preservation", _text(tcp.port_preservation)),
-        ("port delta", "random" if delta is None and tcp.mapping is not None else _text(delta)),
+        ("port delta", _delta_text(tcp)),
         ("unsolicited SYN", _text(tcp.unsolicited_syn)),
         ("hairpin", _text(tcp.hairpin)),
         ("public endpoint", _text(report.public)),

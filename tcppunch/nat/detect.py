@@ -30,6 +30,7 @@ from tcppunch.nat.ipv6 import probe_ipv6
 from tcppunch.nat.local import LocalNetwork, local_network
 from tcppunch.nat.sockets import family_of, reuse_port_socket, route_source_ip
 from tcppunch.nat.tcp_tests import (
+    MIN_AGREEING_STEPS,
     FilteringProbe,
     MappingObservation,
     StunTcpError,
@@ -39,12 +40,13 @@ from tcppunch.nat.tcp_tests import (
     filtering_probe,
     hairpin_test,
     mapped_endpoint,
+    port_allocation_of,
     port_delta_of,
 )
 from tcppunch.nat.udp import UdpResult, classic_udp_nat_type
 from tcppunch.nat.verdict import verdict
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.natreport import MappingBehaviour, NatReport, TcpBehaviour
+from tcppunch.wire.natreport import MappingBehaviour, NatReport, PortAllocation, TcpBehaviour
 from tcppunch.wire.stun import AlternatePort, ChangeRequest, StunMessage
 
 log = structlog.get_logger(__name__)
@@ -137,15 +139,7 @@ async def detect(
         mapping_done = time.monotonic()
         public = observations[0].mapped
         mapping = classify_mapping(observations)
-        delta = port_delta_of(observations)
-        if mapping is None:
-            run.untested.append(
-                "mapping: needs answers from two server addresses (the server has one), so endpoint-independent "
-                "and address-dependent mapping cannot be told apart"
-            )
-            delta = None
-        elif mapping is MappingBehaviour.ENDPOINT_INDEPENDENT:
-            delta = 0
+        allocation, delta = _allocation(run, mapping, observations)
         bound.debug("mapping_measured", observations=[(str(o.destination), str(o.mapped)) for o in observations])
 
         # 2. Everything else at once.
@@ -193,6 +187,7 @@ async def detect(
         port_delta=delta,
         unsolicited_syn=syn,
         hairpin=hairpin,
+        port_allocation=allocation,
     )
     untested = tuple(run.untested)
     report = NatReport(
@@ -231,6 +226,28 @@ def _mapping_destinations(run: _Run, ours: bool, first: StunMessage, stun: Seque
     if other is None and not ours and len(out) == 0:
         run.untested.append("mapping: the STUN server sent no OTHER-ADDRESS; give more --stun servers")
     return [d for d in out if d != primary]
+
+
+def _allocation(
+    run: _Run, mapping: MappingBehaviour | None, observations: Sequence[MappingObservation]
+) -> tuple[PortAllocation | None, int | None]:
+    """Port allocation and delta as far as the mapping lets them mean something; notes what it could not tell."""
+    if mapping is None:
+        run.untested.append(
+            "mapping: needs answers from two server addresses (the server has one), so endpoint-independent "
+            "and address-dependent mapping cannot be told apart"
+        )
+        return None, None
+    if mapping is MappingBehaviour.ENDPOINT_INDEPENDENT:
+        return PortAllocation.REUSED, 0
+    allocation = port_allocation_of(observations)
+    if allocation is PortAllocation.UNKNOWN:
+        run.untested.append(
+            f"port allocation: only one step between new public ports was seen, and a fixed step needs "
+            f"{MIN_AGREEING_STEPS} agreeing steps to be told from random ports (a server with --alt-address "
+            "gives three), so none is predicted"
+        )
+    return allocation, port_delta_of(observations)
 
 
 async def _ask(connection: TcpStunConnection | StunTcpError, timeout: float) -> Endpoint | StunTcpError:

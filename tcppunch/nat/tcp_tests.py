@@ -9,7 +9,8 @@ differently, and TCP brings its own question (what happens to an unsolicited SYN
   address-dependent. Different for another port of the same address: address-and-port-dependent.
 * Port preservation: the public port equals the local port.
 * Port delta: the step between the public ports of consecutive new mappings; 0 when the mapping is
-  reused, k for a sequential allocator, None when the steps disagree (random allocation).
+  reused, k for a sequential allocator (two or more steps agree), None when the steps disagree (random)
+  or when only one step was seen (unknown: any two ports are "a step" apart).
 * Filtering (ours, see tcppunch.coordinator.stun_service): from a fresh local port that talks only to
   (A1,P1), listen on that port and ask the server to connect back from (A2,P2) (a stranger address) and,
   from another fresh port, from (A1,P2) (a known address, another port). What gets in tells the filter:
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from tcppunch.nat.retry import ConnectBudget, ConnectRetryError, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, reuse_port_socket, smoothed_rtt
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, PortAllocation, SynResponse
 from tcppunch.wire.stun import (
     Attribute,
     ChangeRequest,
@@ -226,27 +227,54 @@ def classify_mapping(observations: Sequence[MappingObservation]) -> MappingBehav
     return None  # only one address tried and its ports agreed: EIM or address-dependent, cannot tell
 
 
-def port_delta_of(observations: Sequence[MappingObservation]) -> int | None:
-    """The allocation step between consecutive new mappings (0 when the mapping is reused).
+# Steps between new public ports that must agree before a fixed step is claimed. One step is what any
+# allocator produces, a random one included (two random ports are always "a step" apart).
+MIN_AGREEING_STEPS = 2
 
-    A public port seen before is a mapping reused; among the new ones (in the order they were made), a
-    constant step is the delta and any disagreement means random allocation (None).
+
+def _steps(observations: Sequence[MappingObservation]) -> list[int | None]:
+    """The step per allocation between each two consecutive new public ports (None: no whole step fits).
+
+    A public port seen before is a mapping reused; the new ones are taken in the order they were made.
     """
     new: list[tuple[int, int]] = []  # (order, port) of each public port's first observation
     for observation in observations:
         if all(observation.mapped.port != port for _, port in new):
             order = len(new) if observation.order is None else observation.order
             new.append((order, observation.mapped.port))
-    if len(new) < 2:
-        return 0 if len(observations) >= 2 else None
-    deltas = set()
+    steps: list[int | None] = []
     for (order_a, a), (order_b, b) in itertools.pairwise(new):
         step, gap = (b - a) % 65536, order_b - order_a
         step = step - 65536 if step > 32768 else step
-        if gap <= 0 or step % gap:
-            return None
-        deltas.add(step // gap)
-    return deltas.pop() if len(deltas) == 1 else None
+        steps.append(step // gap if gap > 0 and step % gap == 0 else None)
+    return steps
+
+
+def port_allocation_of(observations: Sequence[MappingObservation]) -> PortAllocation | None:
+    """How new public ports are allocated, from observations made from one local port (None: fewer than two).
+
+    No new port beyond the first: reused. At least :data:`MIN_AGREEING_STEPS` steps, all the same:
+    sequential. Steps that disagree: random. Anything less (one step, as a one-address server gives): unknown.
+    """
+    if len(observations) < 2:
+        return None
+    steps = _steps(observations)
+    if not steps:
+        return PortAllocation.REUSED
+    if len(steps) >= 2 and (None in steps or len(set(steps)) > 1):
+        return PortAllocation.RANDOM
+    return PortAllocation.SEQUENTIAL if len(steps) >= MIN_AGREEING_STEPS else PortAllocation.UNKNOWN
+
+
+def port_delta_of(observations: Sequence[MappingObservation]) -> int | None:
+    """The allocation step between consecutive new mappings: 0 when the mapping is reused, the step when
+    :func:`port_allocation_of` says sequential, None otherwise (random, unknown, too few observations)."""
+    allocation = port_allocation_of(observations)
+    if allocation is PortAllocation.REUSED:
+        return 0
+    if allocation is PortAllocation.SEQUENTIAL:
+        return _steps(observations)[0]
+    return None
 
 
 # ------------------------------------------------------------------------------------- filtering

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, SynResponse, TcpBehaviour
+from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, PortAllocation, SynResponse, TcpBehaviour
 
 
 def verdict(tcp: TcpBehaviour, behind_nat: bool | None, untested: Sequence[str] = ()) -> str:
@@ -57,6 +57,13 @@ def verdict(tcp: TcpBehaviour, behind_nat: bool | None, untested: Sequence[str] 
                 f"{tcp.port_delta:+d}): peers must aim at a predicted port, which tcppunch does. Direct TCP "
                 "works with peers that have no NAT, a full-cone NAT, or a cone NAT (with prediction); with "
                 "another symmetric NAT it is unlikely, so expect the relay."
+            )
+        elif tcp.port_allocation is PortAllocation.UNKNOWN:
+            parts.append(
+                "Symmetric NAT whose port allocation could not be measured (too few samples to tell a fixed "
+                "step from random ports), so tcppunch predicts nothing and treats it as random: direct TCP "
+                "works with peers that have no NAT, a full-cone or a restricted-cone NAT; with a port-restricted "
+                "cone NAT (or CGNAT) by birthday punching; with another symmetric NAT only the relay will do."
             )
         else:
             parts.append(

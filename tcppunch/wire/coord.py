@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 
 from tcppunch.wire.endpoint import Endpoint, routable_ipv6
 from tcppunch.wire.framing import ProtocolError, encode_frame
-from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, PortMappingProtocol, SynResponse
+from tcppunch.wire.natreport import (
+    FilteringBehaviour,
+    MappingBehaviour,
+    NatReport,
+    PortAllocation,
+    PortMappingProtocol,
+    SynResponse,
+)
 
 
 class ErrorCode(StrEnum):
@@ -283,7 +290,7 @@ def _check_nat_shape(name: str, value: dict[str, Any]) -> None:
     _nullable_str(f"{name}.udp", udp, "nat_type", MAX_NAT_LABEL)
     tcp = _sub_object(name, value, "tcp")
     for key, kind in (("mapping", MappingBehaviour), ("filtering", FilteringBehaviour),
-                      ("unsolicited_syn", SynResponse)):
+                      ("unsolicited_syn", SynResponse), ("port_allocation", PortAllocation)):
         if tcp.get(key) is not None:
             _enum(tcp, key, kind)
     for key in ("port_preservation", "hairpin"):

@@ -39,6 +39,19 @@ class SynResponse(StrEnum):
     ACCEPT = "accept"
 
 
+class PortAllocation(StrEnum):
+    """How the NAT picks the public port of each new mapping, and how sure the measurement is of it.
+
+    A fixed step is claimed only when two or more steps between new public ports agree: one step is
+    what any allocator, random ones included, produces, so it is ``unknown``, not a step.
+    """
+
+    REUSED = "reused"  # one public port for every destination: nothing new to predict
+    SEQUENTIAL = "sequential"  # new ports a fixed step apart (port_delta), seen in two or more steps
+    RANDOM = "random"  # the steps between new ports disagree
+    UNKNOWN = "unknown"  # fewer than two steps seen: a fixed step cannot be told from chance
+
+
 class PortMappingProtocol(StrEnum):
     """How a host asks its gateway for an inbound mapping (tcppunch.portmap speaks all three)."""
 
@@ -124,6 +137,8 @@ class TcpBehaviour:
     port_delta: int | None = None
     unsolicited_syn: SynResponse | None = None
     hairpin: bool | None = None
+    # Which of random and unknown a None port_delta means (None: not measured, or a report from before).
+    port_allocation: PortAllocation | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +148,7 @@ class TcpBehaviour:
             "port_delta": self.port_delta,
             "unsolicited_syn": _value(self.unsolicited_syn),
             "hairpin": self.hairpin,
+            "port_allocation": _value(self.port_allocation),
         }
 
     @classmethod
@@ -144,6 +160,7 @@ class TcpBehaviour:
             port_delta=None if data.get("port_delta") is None else int(data["port_delta"]),
             unsolicited_syn=_enum(SynResponse, data.get("unsolicited_syn")),
             hairpin=_opt_bool(data.get("hairpin")),
+            port_allocation=_enum(PortAllocation, data.get("port_allocation")),
         )
 
 

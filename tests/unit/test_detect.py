@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tcppunch.cli.detect_cmd import render_table
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
 from tcppunch.nat.tcp_tests import (
@@ -17,6 +18,7 @@ from tcppunch.nat.tcp_tests import (
     MappingObservation,
     classify_filtering,
     classify_mapping,
+    port_allocation_of,
     port_delta_of,
 )
 from tcppunch.nat.udp import classic_udp_nat_type
@@ -25,6 +27,8 @@ from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.natreport import (
     FilteringBehaviour,
     MappingBehaviour,
+    NatReport,
+    PortAllocation,
     SynResponse,
     TcpBehaviour,
 )
@@ -79,7 +83,49 @@ def test_port_delta() -> None:
     assert port_delta_of(obs((S1, 20000), (S2, 20002), (S1P2, 20004))) == 2
     assert port_delta_of(obs((S1, 65535), (S2, 1), (S1P2, 3))) == 2  # wraps around
     assert port_delta_of(obs((S1, 40000), (S2, 1234), (S1P2, 50321), (S2P2, 7))) is None
-    assert port_delta_of(obs((S1, 5000), (S2, 6000), (S1P2, 5000), (S2P2, 6000))) == 1000  # ADM: one new port
+    # address-dependent: two new ports, one step of 1000, which any allocator could have made
+    assert port_delta_of(obs((S1, 5000), (S2, 6000), (S1P2, 5000), (S2P2, 6000))) is None
+
+
+# What a one-address server gives: (A1,P1) then (A1,P2), two new ports and so one step between them.
+ONE_ADDRESS_SEQUENTIAL = obs((S1, 20000), (S1P2, 20001))
+ONE_ADDRESS_RANDOM = obs((S1, 40321), (S1P2, 51234))  # two ports of a random allocator: "a step" of 10913
+ONE_ADDRESS_RANDOM_ADJACENT = obs((S1, 33000), (S1P2, 33001))  # random ports can be neighbours too
+
+
+@pytest.mark.parametrize("sample", [ONE_ADDRESS_SEQUENTIAL, ONE_ADDRESS_RANDOM, ONE_ADDRESS_RANDOM_ADJACENT])
+def test_one_step_is_unknown_not_sequential(sample: list[MappingObservation]) -> None:
+    """One step cannot tell a sequential allocator from a random one (the two look the same), so neither
+    is claimed: no delta, allocation unknown."""
+    assert port_allocation_of(sample) is PortAllocation.UNKNOWN
+    assert port_delta_of(sample) is None
+
+
+def test_port_allocation_from_sample_sequences() -> None:
+    assert port_allocation_of(obs((S1, 5000), (S2, 5000), (S1P2, 5000), (S2P2, 5000))) is PortAllocation.REUSED
+    assert port_allocation_of(obs((S1, 20000), (S2, 20001), (S1P2, 20002), (S2P2, 20003))) is (
+        PortAllocation.SEQUENTIAL
+    )
+    assert port_allocation_of(obs((S1, 20000), (S2, 20002), (S1P2, 20004))) is PortAllocation.SEQUENTIAL
+    assert port_allocation_of(obs((S1, 40321), (S2, 51234), (S1P2, 2231), (S2P2, 61000))) is PortAllocation.RANDOM
+    # two steps agreeing by chance, the third not: random, not a step of 5
+    assert port_allocation_of(obs((S1, 1000), (S2, 1005), (S1P2, 1010), (S2P2, 3000))) is PortAllocation.RANDOM
+    assert port_delta_of(obs((S1, 1000), (S2, 1005), (S1P2, 1010), (S2P2, 3000))) is None
+    assert port_allocation_of(obs((S1, 5000), (S2, 6000), (S1P2, 5000), (S2P2, 6000))) is PortAllocation.UNKNOWN
+    assert port_allocation_of(obs((S1, 5000))) is None
+
+
+def test_an_unknown_allocation_is_said_so_not_called_random_or_sequential() -> None:
+    tcp = TcpBehaviour(MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT, FilteringBehaviour.ADDRESS_AND_PORT_DEPENDENT,
+                       False, None, SynResponse.DROP, False, PortAllocation.UNKNOWN)
+    text = verdict(tcp, True)
+    assert "could not be measured" in text and "predicts nothing" in text
+    assert "random port allocation" not in text and "sequential" not in text
+    table = render_table(NatReport(tcp=tcp, verdict=text), S1)
+    assert "port delta         unknown" in table
+    random = TcpBehaviour(MappingBehaviour.ADDRESS_AND_PORT_DEPENDENT, None, False, None,
+                          port_allocation=PortAllocation.RANDOM)
+    assert "port delta         random" in render_table(NatReport(tcp=random, verdict=""), S1)
 
 
 def test_port_delta_counts_a_connection_that_got_no_answer() -> None:

@@ -26,7 +26,8 @@ def test_json_output_is_one_nat_report(service: ServiceThread) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) >= {"udp", "tcp", "public", "local", "verdict"}
-    assert set(data["tcp"]) == {"mapping", "filtering", "port_preservation", "port_delta", "unsolicited_syn", "hairpin"}
+    assert set(data["tcp"]) == {"mapping", "filtering", "port_preservation", "port_delta", "unsolicited_syn", "hairpin",
+                                "port_allocation"}
     report = NatReport.from_json(data)
     assert report.tcp.mapping is not None and report.tcp.mapping.value == "endpoint-independent"
     assert data["udp"]["nat_type"] == "Open Internet"

@@ -10,6 +10,7 @@ from tcppunch.wire.natreport import (
     Ipv6Support,
     MappingBehaviour,
     NatReport,
+    PortAllocation,
     SynResponse,
     TcpBehaviour,
 )
@@ -24,6 +25,7 @@ def test_round_trip_through_json_text() -> None:
             port_delta=1,
             unsolicited_syn=SynResponse.RST,
             hairpin=None,
+            port_allocation=PortAllocation.SEQUENTIAL,
         ),
         public=Endpoint("198.51.100.101", 20001),
         local=("10.0.1.2",),
@@ -41,6 +43,14 @@ def test_round_trip_through_json_text() -> None:
 def test_unknown_mapping_value_is_an_error() -> None:
     with pytest.raises(ValueError):
         TcpBehaviour.from_json({"mapping": "sideways"})
+    with pytest.raises(ValueError):
+        TcpBehaviour.from_json({"port_allocation": "lucky"})
+
+
+def test_a_report_without_port_allocation_reads_as_not_measured() -> None:
+    data = NatReport(tcp=TcpBehaviour(port_delta=1)).to_json()
+    del data["tcp"]["port_allocation"]  # an older peer's report
+    assert NatReport.from_json(data).tcp == TcpBehaviour(port_delta=1)
 
 
 def test_endpoint_formats_ipv6_with_brackets() -> None:
