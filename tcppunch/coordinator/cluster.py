@@ -13,8 +13,10 @@ emits :mod:`.directory` actions and takes their answers. In Redis:
   sender for the session that node holds (its RESULT).
 
 Writes (claims, releases, forwards) go out in order through one queue, in pipelines of up to
-``BATCH`` commands. When Redis fails, the node keeps serving its own peers; cluster operations fail
-(logged) and the next refresh claims every local id again once Redis is back.
+``BATCH`` commands. When Redis fails, the node keeps serving the peers registered at it, but grants no new
+id (a claim that cannot be made is answered :attr:`.ClaimAnswer.UNAVAILABLE`, so ids stay unique across
+the cluster) and cannot look up another node's peers (:class:`ClusterUnavailable`); the next refresh
+claims every local id again once Redis is back.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from .directory import Claim, Forward, Release, RemotePeer
+from .directory import Claim, ClaimAnswer, Forward, Release, RemotePeer
 
 log = structlog.get_logger()
 
 BATCH = 500
 PREFIX = "tcppunch"
+# Seconds to reach Redis and for one command or pipeline: a registration waiting on its claim is answered
+# (cluster-unavailable at worst) well within a client's 10 s request timeout.
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 4.0
 
 # KEYS[1] peer key; ARGV: node, record JSON, TTL ms. Writes if the key is free or this node's; 1 if written.
 _CLAIM = """
@@ -51,8 +57,12 @@ return 0
 """
 
 Op = Claim | Release | Forward
-# (peer id, the registration's connection or None for a refresh, granted?)
-Claimed = Callable[[str, int | None, bool], None]
+# (peer id, the registration's connection or None for a refresh, the answer)
+Claimed = Callable[[str, int | None, ClaimAnswer], None]
+
+
+class ClusterUnavailable(Exception):
+    """Redis could not be asked (down, unreachable, timed out)."""
 
 
 def peer_key(peer_id: str) -> str:
@@ -89,11 +99,13 @@ class RedisCluster:
         """Connect (raises OSError/RedisError if Redis does not answer), subscribe, start the workers.
 
         ``deliver(forward)``: a frame another node forwarded to this one. ``claimed(peer_id, conn, ok)``: the
-        answer to a registration's :class:`Claim` (``conn``), or ``conn`` None and ``ok`` False when a
-        refresh finds an id of this node taken by another. While Redis fails, claims count as granted
-        (this node keeps serving its own peers). ``local_peers()``: this node's peers, for the refresh.
+        answer to a registration's :class:`Claim` (``conn``), or ``conn`` None and ``TAKEN`` when a
+        refresh finds an id of this node taken by another. While Redis fails, a registration's claim is
+        answered ``UNAVAILABLE`` and a refresh not at all (the ids this node holds stay registered).
+        ``local_peers()``: this node's peers, for the refresh.
         """
-        self._redis = aioredis.from_url(self.url, socket_connect_timeout=5.0, socket_timeout=10.0)
+        self._redis = aioredis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                         socket_timeout=COMMAND_TIMEOUT)
         await self._redis.ping()
         self._claim = self._redis.register_script(_CLAIM)
         self._release = self._redis.register_script(_RELEASE)
@@ -125,14 +137,15 @@ class RedisCluster:
         self._queue.put_nowait(op)
 
     async def lookup(self, peer_id: str) -> RemotePeer | None:
-        """The cluster's record of ``peer_id`` (None: not registered anywhere, or Redis unavailable)."""
+        """The cluster's record of ``peer_id`` (None: not registered anywhere); raises
+        :class:`ClusterUnavailable` when Redis cannot be asked."""
         if self._redis is None:
-            return None
+            raise ClusterUnavailable("not connected")
         try:
             raw = await self._redis.get(peer_key(peer_id))
         except (RedisError, OSError) as exc:
             self._failed("lookup", exc)
-            return None
+            raise ClusterUnavailable(repr(exc)) from exc
         if raw is None:
             return None
         _, _, record = (raw if isinstance(raw, bytes) else str(raw).encode()).partition(b"|")
@@ -171,7 +184,7 @@ class RedisCluster:
                 self._failed("write", exc, ops=len(batch))
                 for op in batch:
                     if isinstance(op, Claim) and op.conn:
-                        claimed(op.peer.id, op.conn, True)
+                        claimed(op.peer.id, op.conn, ClaimAnswer.UNAVAILABLE)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -195,13 +208,13 @@ class RedisCluster:
                 self._failed("write", result)
             if not isinstance(op, Claim):
                 continue
-            ok = failed or result == 1
-            if not ok:
+            answer = ClaimAnswer.UNAVAILABLE if failed else ClaimAnswer.GRANTED if result == 1 else ClaimAnswer.TAKEN
+            if answer is ClaimAnswer.TAKEN:
                 self._log.info("cluster.id_taken_elsewhere", peer=op.peer.id)
             if op.conn:
-                claimed(op.peer.id, op.conn, ok)
-            elif not ok:
-                claimed(op.peer.id, None, False)
+                claimed(op.peer.id, op.conn, answer)
+            elif answer is ClaimAnswer.TAKEN:
+                claimed(op.peer.id, None, answer)
 
     async def _refresh(self, local_peers: Callable[[], Iterable[RemotePeer]], claimed: Claimed) -> None:
         """Every refresh_interval: re-claim every local id (a periodic sweep, in batches)."""

@@ -72,10 +72,18 @@ class RemotePeer:
             raise ValueError(f"not a peer record: {exc!r}") from exc
 
 
+class ClaimAnswer(StrEnum):
+    """The cluster's answer to a :class:`Claim` (``CoordinatorProtocol.claim_result``)."""
+
+    GRANTED = "granted"
+    TAKEN = "taken"  # another node holds the id
+    UNAVAILABLE = "unavailable"  # the registry could not be asked (Redis unreachable): not granted
+
+
 @dataclass(frozen=True)
 class Claim:
-    """Claim ``peer`` cluster-wide (the id is registered here now); a refusal comes back as
-    ``CoordinatorProtocol.claim_refused``."""
+    """Claim ``peer`` cluster-wide (the id is registered here now); the answer comes back as
+    ``CoordinatorProtocol.claim_result``."""
 
     conn: int
     peer: RemotePeer
@@ -90,7 +98,8 @@ class Release:
 
 @dataclass(frozen=True)
 class LookupPeer:
-    """CONNECT to an id this node does not have: find it in the cluster, answer with ``remote_found``."""
+    """CONNECT to an id this node does not have: find it in the cluster, answer with ``remote_found``
+    (``unavailable=True`` when the registry could not be asked)."""
 
     conn: int
     request: Connect

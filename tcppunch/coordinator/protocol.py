@@ -66,7 +66,7 @@ from tcppunch.wire.framing import MAX_FRAME_SIZE, FrameDecoder, ProtocolError
 from tcppunch.wire.natreport import NatReport
 
 from .auth import Tokens
-from .directory import Claim, ClusterAction, Forward, LookupPeer, Release, RemotePeer, Way
+from .directory import Claim, ClaimAnswer, ClusterAction, Forward, LookupPeer, Release, RemotePeer, Way
 from .expose import ClosePort, ExposeConfig, ExposeTable, OpenPort, Refusal
 from .registry import ConnId, PeerRecord, Registry
 from .session import Session, relay_advice, schedule_fire
@@ -715,14 +715,20 @@ class CoordinatorProtocol:
                     f"(limit {cfg.max_sessions_per_source_pair})")
         return ""
 
-    def remote_found(self, conn: ConnId, request: Connect, remote: RemotePeer | None, now: float) -> list[Action]:
-        """The cluster's answer to :class:`LookupPeer`: open the session with a peer of another node."""
+    def remote_found(self, conn: ConnId, request: Connect, remote: RemotePeer | None, now: float,
+                     *, unavailable: bool = False) -> list[Action]:
+        """The cluster's answer to :class:`LookupPeer`: open the session with a peer of another node
+        (``unavailable``: the registry could not be asked, so whether it is registered is unknown)."""
         c = self._conns.get(conn)
         me = self.registry.by_conn(conn)
         if c is None or me is None or c.state is not ConnState.PEER:
             return []
         if self.registry.get(request.peer) is not None:  # it registered here meanwhile
             return self._connect(c, me, request, now)
+        if unavailable:
+            return self._request_error(c, request.request_id, ErrorCode.CLUSTER_UNAVAILABLE,
+                                       f"{request.peer!r} is not registered here and the cluster's registry "
+                                       "cannot be reached; retry later")
         if remote is None or remote.node == self.node:
             return self._request_error(
                 c, request.request_id, ErrorCode.UNKNOWN_PEER, f"no peer {request.peer!r} is registered"
@@ -734,15 +740,24 @@ class CoordinatorProtocol:
             )
         return self._open_session(c, me, remote, request, now)
 
-    def claim_result(self, conn: ConnId, ok: bool, now: float) -> list[Action]:
-        """The cluster's answer to :class:`Claim`: REGISTERED, or ``id-taken`` when another node holds
-        the id (also when a refresh finds it taken: the id then belongs to the other node)."""
+    def claim_result(self, conn: ConnId, answer: ClaimAnswer, now: float) -> list[Action]:
+        """The cluster's answer to :class:`Claim`: REGISTERED, ``id-taken`` when another node holds the id
+        (also when a refresh finds it taken: the id then belongs to the other node), or
+        ``cluster-unavailable`` when the claim could not be made: a new id is never granted on this
+        node's word alone, so that it stays unique across the cluster (a refresh that cannot reach
+        Redis is not answered at all: registrations already held go on)."""
         c = self._conns.get(conn)
         record = self.registry.by_conn(conn)
         if c is None or record is None or c.state is not ConnState.PEER:
             return []
-        if not ok:
+        if answer is ClaimAnswer.TAKEN:
             return self._fail(c, ErrorCode.ID_TAKEN, f"id {c.peer_id!r} is registered at another coordinator")
+        if answer is ClaimAnswer.UNAVAILABLE:
+            if record.next_seq:  # granted before (REGISTERED sent): an unanswered refresh changes nothing
+                return []
+            return self._fail(c, ErrorCode.CLUSTER_UNAVAILABLE,
+                              "the cluster's registry cannot be reached, so the id cannot be claimed; retry later "
+                              "or at another coordinator")
         return [] if record.next_seq else self._registered(c, record, now)
 
     def deliver(self, forward: Forward, now: float) -> list[Action]:

@@ -32,8 +32,8 @@ from tcppunch.wire.framing import PREAMBLE_SIZE
 from tcppunch.wire.stun import looks_like_stun
 
 from .auth import Tokens
-from .cluster import RedisCluster
-from .directory import Forward, LookupPeer, RemotePeer
+from .cluster import ClusterUnavailable, RedisCluster
+from .directory import ClaimAnswer, Forward, LookupPeer, RemotePeer
 from .expose import ClosePort, OpenPort
 from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
 
@@ -355,9 +355,12 @@ class CoordinatorServer:
     def _lookup(self, action: LookupPeer) -> None:
         async def run() -> None:
             assert self.cluster is not None
-            remote = await self.cluster.lookup(action.request.peer)
+            try:
+                remote, unavailable = await self.cluster.lookup(action.request.peer), False
+            except ClusterUnavailable:
+                remote, unavailable = None, True
             now = asyncio.get_running_loop().time()
-            self._apply(self.protocol.remote_found(action.conn, action.request, remote, now))
+            self._apply(self.protocol.remote_found(action.conn, action.request, remote, now, unavailable=unavailable))
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -366,11 +369,11 @@ class CoordinatorServer:
     def _deliver(self, forward: Forward) -> None:
         self._apply(self.protocol.deliver(forward, asyncio.get_running_loop().time()))
 
-    def _claimed(self, peer_id: str, conn: int | None, ok: bool) -> None:
+    def _claimed(self, peer_id: str, conn: int | None, answer: ClaimAnswer) -> None:
         """A claim's answer (``conn`` None: a refresh, which only reports an id taken elsewhere)."""
         record = self.protocol.registry.get(peer_id)
         if record is not None and (conn is None or record.conn == conn):
-            self._apply(self.protocol.claim_result(record.conn, ok, asyncio.get_running_loop().time()))
+            self._apply(self.protocol.claim_result(record.conn, answer, asyncio.get_running_loop().time()))
 
     def _local_peers(self) -> list[RemotePeer]:
         return [self.protocol.remote_view(record) for record in self.protocol.registry]

@@ -68,6 +68,9 @@ class ErrorCode(StrEnum):
     EXPOSE_LIMIT = "expose-limit"
     # server side
     SHUTTING_DOWN = "shutting-down"
+    # a cluster node cannot reach the shared registry (Redis): a registration is refused (fatal), a connect
+    # to a peer of another node too (not fatal); retry later or at another coordinator
+    CLUSTER_UNAVAILABLE = "cluster-unavailable"
     # client side only, never in an ERROR frame: the connection ended without one
     CLOSED = "closed"
 

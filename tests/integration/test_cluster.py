@@ -2,8 +2,9 @@
 
 alice registers at A, bob at B: a relayed connect through the cluster carries bytes intact (SHA-256);
 a direct one ends its session at A at once, with its outcome in A's metrics, once both RESULTs (bob's
-through B) arrived; ids are unique across the cluster; a node that dies (no clean shutdown) frees its ids within the
-keepalive timeout, and its peer registers at the other node.
+through B) arrived; ids are unique across the cluster, also while Redis is down (new claims fail closed) and after it
+comes back; a node that dies (no clean shutdown) frees its ids within the keepalive timeout, and its peer
+registers at the other node.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tcppunch.coordinator.auth import Tokens
-from tcppunch.coordinator.cluster import RedisCluster
+from tcppunch.coordinator.cluster import RedisCluster, peer_key
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError
 from tcppunch.coordinator.metrics import MetricsEndpoint
 from tcppunch.coordinator.protocol import CoordinatorConfig
@@ -28,7 +29,7 @@ from tcppunch.peer import Method, Peer
 from tcppunch.wire.coord import ErrorCode, RelayAdvice
 from tcppunch.wire.endpoint import Endpoint
 
-from ..redis_server import redis_server
+from ..redis_server import redis_process, redis_server
 from .test_metrics import scrape
 
 TOKEN = "cluster-test-token"
@@ -237,20 +238,73 @@ def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_nodes_keep_serving_their_own_peers_while_redis_is_down() -> None:
+def test_while_redis_is_down_new_claims_fail_closed_and_held_ones_keep_working() -> None:
+    """Redis is stopped (by PID) and restarted empty on the same port. Meanwhile: a new registration gets
+    ``cluster-unavailable`` (also for an id live at another node, which a local grant would duplicate),
+    registrations already held keep working, a connect within one node works and one to another node's
+    peer gets ``cluster-unavailable`` (not fatal). erin's node dies meanwhile: she is refused at B and
+    retries with her back-off until Redis is back. Then every node claims its ids again, and new
+    registrations and cross-node connects work."""
     async def main() -> None:
-        started: list[subprocess.Popen[bytes]] = []
-        with redis_server(started=started) as url:
-            async with node(url) as a, ControlChannel(a.address, "alice", TOKEN) as alice:
-                started[0].terminate()  # Redis goes away
-                started[0].wait(10)
-                async with ControlChannel(a.address, "carol", TOKEN) as carol:  # the claim counts as granted
-                    order = await alice.connect("carol", relay_only=True)
-                    theirs = await carol.next_order(timeout=5.0)
-                    assert theirs.session_id == order.session_id
-                    with pytest.raises(CoordinatorError) as unknown:  # another node's peers: not reachable
-                        await alice.connect("bob")
-                    assert unknown.value.code is ErrorCode.UNKNOWN_PEER
-                assert a.cluster is not None and a.cluster.errors > 0
+        with redis_process() as redis:
+            url = redis.url
+            async with node(url) as a, node(url) as b, ControlChannel(a.address, "alice", TOKEN) as alice, \
+                    ControlChannel(a.address, "dan", TOKEN) as dan, ControlChannel(b.address, "bob", TOKEN) as bob:
+                c = new_node(url)
+                await c.start()
+                registered_at_b = asyncio.Event()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+                def on_stage(stage: str, data: dict[str, object]) -> None:
+                    if stage == "registered" and data.get("coordinator") == str(b.address):
+                        registered_at_b.set()
+
+                async with Peer([c.address, b.address], "erin", TOKEN, detect_nat=False, on_stage=on_stage) as erin:
+                    assert erin.coordinator == c.address
+                    redis.stop()
+                    for where, peer_id in ((a.address, "carol"), (a.address, "bob")):
+                        with pytest.raises(CoordinatorError) as refused:
+                            await ControlChannel(where, peer_id, TOKEN).register()
+                        assert refused.value.code is ErrorCode.CLUSTER_UNAVAILABLE and refused.value.fatal
+                    assert a.protocol.registry.get("bob") is None
+                    # held registrations keep working; a connect within node A works
+                    assert await alice.ping() >= 0 and await bob.ping() >= 0
+                    order = await alice.connect("dan", relay_only=True)
+                    assert (await dan.next_order(timeout=5.0)).session_id == order.session_id
+                    with pytest.raises(CoordinatorError) as unreachable:
+                        await alice.connect("bob")
+                    assert unreachable.value.code is ErrorCode.CLUSTER_UNAVAILABLE and not unreachable.value.fatal
+                    # erin's node dies: B refuses her while Redis is down, she backs off and tries again
+                    await die(c)
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 10.0
+                    while b.protocol.stats.errors.get(ErrorCode.CLUSTER_UNAVAILABLE, 0) < 1 and loop.time() < deadline:
+                        await asyncio.sleep(0.05)  # bounded polling: erin's retry runs in her own task
+                    assert b.protocol.stats.errors.get(ErrorCode.CLUSTER_UNAVAILABLE, 0) >= 1
+                    assert not registered_at_b.is_set()
+                    redis.start()  # empty: every key is gone
+                    await asyncio.wait_for(registered_at_b.wait(), 15.0)
+                    assert erin.coordinator == b.address
+
+                    client = aioredis.from_url(url)
+                    try:
+                        assert a.cluster is not None and b.cluster is not None
+                        holders = {"alice": a.cluster.node, "dan": a.cluster.node, "bob": b.cluster.node,
+                                   "erin": b.cluster.node}
+
+                        async def reclaimed() -> bool:
+                            owners = {p: await client.get(peer_key(p)) for p in holders}
+                            return all(o is not None and o.startswith(holders[p].encode() + b"|")
+                                       for p, o in owners.items())
+
+                        await wait_until(reclaimed, 3 * CONFIG.keepalive_interval + 2.0)
+                    finally:
+                        await client.aclose()
+                    async with ControlChannel(a.address, "carol", TOKEN):
+                        pass
+                    with pytest.raises(CoordinatorError) as taken:  # unique again
+                        await ControlChannel(a.address, "bob", TOKEN).register()
+                    assert taken.value.code is ErrorCode.ID_TAKEN
+                    order = await alice.connect("bob", relay_only=True)  # B's subscription is back too
+                    assert (await bob.next_order(timeout=5.0)).session_id == order.session_id
+
+    asyncio.run(asyncio.wait_for(main(), 90))

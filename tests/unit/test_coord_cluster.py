@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from tcppunch.coordinator.auth import Tokens
-from tcppunch.coordinator.directory import Claim, Forward, LookupPeer, Release, RemotePeer, Way
+from tcppunch.coordinator.directory import Claim, ClaimAnswer, Forward, LookupPeer, Release, RemotePeer, Way
 from tcppunch.coordinator.protocol import Action, CoordinatorConfig, CoordinatorProtocol, Send
 from tcppunch.wire.coord import (
     Cancel,
@@ -67,11 +67,11 @@ def test_registered_only_after_the_cluster_granted_the_claim() -> None:
     claims = [a for a in actions if isinstance(a, Claim)]
     assert len(claims) == 1 and claims[0].peer.id == "alice" and claims[0].peer.node == "A"
     assert frames(actions, 1) == []
-    granted = proto.claim_result(1, True, 100.1)
+    granted = proto.claim_result(1, ClaimAnswer.GRANTED, 100.1)
     assert next(type(m) for m in frames(granted, 1)) is Registered
-    assert proto.claim_result(1, True, 100.2) == []  # a second answer changes nothing
+    assert proto.claim_result(1, ClaimAnswer.GRANTED, 100.2) == []  # a second answer changes nothing
     refused = register(proto, 2, "bob")
-    actions = proto.claim_result(2, False, 100.3)
+    actions = proto.claim_result(2, ClaimAnswer.TAKEN, 100.3)
     error = frames(actions, 2)[0]
     assert getattr(error, "code", None) == "id-taken"
     assert proto.registry.get("bob") is None
@@ -81,7 +81,7 @@ def test_registered_only_after_the_cluster_granted_the_claim() -> None:
 def test_connect_to_a_peer_of_another_node_forwards_its_punch() -> None:
     proto = node_a()
     register(proto, 1, "alice")
-    proto.claim_result(1, True, 100.0)
+    proto.claim_result(1, ClaimAnswer.GRANTED, 100.0)
     connect = Connect("r1", "bob")
     actions = proto.data_received(1, encode_message(connect), 100.5)
     assert actions == [LookupPeer(1, connect)]
@@ -103,7 +103,7 @@ def test_connect_to_a_peer_of_another_node_forwards_its_punch() -> None:
 def test_unknown_everywhere_and_delivery_to_local_peers() -> None:
     proto = node_a()
     register(proto, 1, "alice")
-    proto.claim_result(1, True, 100.0)
+    proto.claim_result(1, ClaimAnswer.GRANTED, 100.0)
     connect = Connect("r2", "nobody")
     error = frames(proto.remote_found(1, connect, None, 100.1), 1)[0]
     assert getattr(error, "code", None) == "unknown-peer"
@@ -137,9 +137,9 @@ def two_nodes() -> tuple[CoordinatorProtocol, CoordinatorProtocol, Punch, list[F
     """alice registered at A, bob at B, alice CONNECTs to bob: (A, B, bob's PUNCH, A's forwards so far)."""
     a, b = node_a("A"), node_a("B")
     register(a, 1, "alice")
-    a.claim_result(1, True, 100.0)
+    a.claim_result(1, ClaimAnswer.GRANTED, 100.0)
     register(b, 7, "bob")
-    b.claim_result(7, True, 100.0)
+    b.claim_result(7, ClaimAnswer.GRANTED, 100.0)
     connect = Connect("r1", "bob")
     assert a.data_received(1, encode_message(connect), 100.5) == [LookupPeer(1, connect)]
     bob = b.remote_view(b.registry.get("bob"))  # type: ignore[arg-type]
@@ -210,3 +210,20 @@ def test_routes_expire_with_the_session() -> None:
     assert b.registry.get("bob") is bob and punch.session_id not in bob.sessions
     late = encode_message(Result(punch.session_id, Outcome.DIRECT))
     assert carried(b.data_received(7, late, 200.0), "A") == []
+
+
+def test_claims_fail_closed_while_the_registry_is_unreachable() -> None:
+    proto = node_a()
+    register(proto, 1, "alice")
+    assert next(type(m) for m in frames(proto.claim_result(1, ClaimAnswer.GRANTED, 100.1), 1)) is Registered
+    assert proto.claim_result(1, ClaimAnswer.UNAVAILABLE, 100.2) == []  # held: a failed refresh changes nothing
+    assert proto.registry.get("alice") is not None
+    register(proto, 2, "bob")
+    actions = proto.claim_result(2, ClaimAnswer.UNAVAILABLE, 100.3)
+    [error] = frames(actions, 2)
+    assert (getattr(error, "code", None), getattr(error, "fatal", None)) == ("cluster-unavailable", True)
+    assert proto.registry.get("bob") is None and Release("bob") in actions
+    connect = Connect("r3", "carol")
+    [answer] = frames(proto.remote_found(1, connect, None, 100.4, unavailable=True), 1)
+    assert (getattr(answer, "code", None), getattr(answer, "fatal", None)) == ("cluster-unavailable", False)
+    assert proto.conn_state(1) is not None and proto.registry.get("alice") is not None
