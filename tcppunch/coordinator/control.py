@@ -28,7 +28,7 @@ import structlog
 from tcppunch.nat.retry import ConnectBudget, connect_retrying
 from tcppunch.nat.sockets import endpoint_of, family_of, reuse_port_socket
 from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan, birthday_candidates, birthday_side
-from tcppunch.punch.plan import PunchPlan
+from tcppunch.punch.plan import PunchPlan, peer_rtt_bound, resyn_delay
 from tcppunch.punch.prediction import build_candidates, ipv6_candidates, retry_policy_for
 from tcppunch.session.identity import Identity
 from tcppunch.session.secure import (
@@ -167,13 +167,15 @@ class PeerList(list[PeerInfo]):
 
 
 def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None, own_public_ip: str,
-               local6: Endpoint | None = None, birthday: BirthdayLimits | None = DEFAULT_LIMITS) -> PunchPlan:
+               local6: Endpoint | None = None, birthday: BirthdayLimits | None = DEFAULT_LIMITS,
+               coordinator_rtt: float | None = None) -> PunchPlan:
     """The punch engine's plan for ``order``: fire from ``local`` at the peer's candidates (its IPv6
     endpoints first when we have ``local6`` to send from, its private endpoints when we share its public
     address, its observed endpoint, or predicted ports for a sequential NAT), retrying as fast as our own
     NAT allows. A control connection over IPv6 makes ``local`` itself the IPv6 endpoint. When the
     coordinator advises ``birthday`` (and ``birthday`` limits are given: None is the opt-out), a birthday
-    punch instead."""
+    punch instead. ``coordinator_rtt`` (our round trip to the coordinator, :attr:`ControlChannel.rtt`)
+    bounds the round trip to the peer, which sets how long an unanswered SYN waits before it is re-sent."""
     if local6 is None and family_of(local.ip) == socket.AF_INET6:
         local6 = local
     side = birthday_side(own_nat, order.peer_nat) if order.relay_advice is RelayAdvice.BIRTHDAY else None
@@ -197,6 +199,7 @@ def punch_plan(order: PunchOrder, *, local: Endpoint, own_nat: NatReport | None,
         deadline=order.deadline,
         retry=retry_policy_for(own_nat),
         birthday=spray,
+        resyn_after=resyn_delay(peer_rtt_bound(coordinator_rtt, order.fire_at - order.received_at)),
     )
 
 
@@ -258,6 +261,10 @@ class ControlChannel:
         self.birthday = birthday
         self.request_timeout = request_timeout
         self.registration: Registration | None = None
+        # Our smallest round trip to the coordinator seen (REGISTER -> REGISTERED, our PINGs): the punch
+        # bounds the round trip to a peer with it (punch_plan). A minimum, so a retransmission under loss
+        # does not stretch it.
+        self.rtt: float | None = None
         self.error: CoordinatorError | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -325,11 +332,13 @@ class ControlChannel:
         ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
         hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6, self.birthday)
         self._writer.write(PREAMBLE + encode_message(hello))
+        sent = loop.time()
         try:
             reply = await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)
         except BaseException:
             await self.close()
             raise
+        self._note_rtt(loop.time() - sent)
         self.registration = Registration(
             id=reply.id,
             local=local,
@@ -424,9 +433,14 @@ class ControlChannel:
         self._pings[seq] = (loop.time(), future)
         try:
             self._send(Ping(seq))
-            return await asyncio.wait_for(future, self.request_timeout)
+            rtt = await asyncio.wait_for(future, self.request_timeout)
         finally:
             self._pings.pop(seq, None)
+        self._note_rtt(rtt)
+        return rtt
+
+    def _note_rtt(self, sample: float) -> None:
+        self.rtt = sample if self.rtt is None else min(self.rtt, sample)
 
     async def open_relay(
         self, order: PunchOrder, *, timeout: float = 30.0

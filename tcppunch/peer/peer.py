@@ -824,7 +824,7 @@ class Peer:
         # whose NAT entry may still be alive with last session's public port: use a fresh local port.
         local = Endpoint(self.local.ip, 0) if self.sequential_nat else self.local
         return punch_plan(order, local=local, own_nat=self.nat, own_public_ip=self.observed.ip, local6=self._local6,
-                          birthday=self._birthday)
+                          birthday=self._birthday, coordinator_rtt=self._control.rtt)
 
     async def _report(self, order: PunchOrder, outcome: Outcome, details: dict[str, Any]) -> None:
         with contextlib.suppress(CoordinatorError, ConnectionError, OSError):

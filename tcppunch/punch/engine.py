@@ -14,8 +14,10 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
    simultaneous open carry the normal one).
 3. A candidate whose SYN meets a RST is retried (``plan.retry_for``) until the deadline. A SYN without any
    answer after ``plan.resyn_after`` is sent again from a fresh socket on the same 4-tuple (instead of
-   waiting for the kernel's 1 s retransmission) — but only while the socket is still in ``SYN_SENT``,
-   where closing sends nothing; a socket further into a simultaneous open is never abandoned.
+   waiting for the kernel's 1 s retransmission), at most ``plan.max_resyns`` times — but only while the
+   socket is still in ``SYN_SENT``, where closing sends nothing; a socket further into a simultaneous open
+   is never abandoned. (The peer may hold our first SYN in SYN_RECV while its SYN-ACK is lost: the fresh
+   socket would reset that, hence few re-sends, a few round trips apart; see plan.resyn_delay.)
 4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
    SELECT on the first verified one; the responder's winner is where SELECT arrives.
 5. Everything else is closed quietly (no SO_LINGER 0, see :func:`close_quietly`); our own listener too.
@@ -456,13 +458,15 @@ class _Punch:
         plan = self.plan
         retry = plan.retry_for(cand)
         tries = 1
+        resyns = 0
         while True:
-            outcome, detail = await self._await_connect(sock, err)
+            outcome, detail = await self._await_connect(sock, err, resyn=resyns < plan.max_resyns)
             if outcome is AttemptOutcome.SILENT and sock is not None:  # still SYN_SENT: closing sends nothing
                 self._record(cand.endpoint, cand, tries, outcome, detail)
                 self.pending.pop(cand, None)
                 sock.close()
                 tries += 1
+                resyns += 1
                 sock, err = self._syn(cand, None)  # same 4-tuple, same NAT mapping, new SYN
                 continue
             if outcome is AttemptOutcome.CONNECTED and sock is not None:
@@ -497,13 +501,18 @@ class _Punch:
             return _classify(code), os.strerror(code)
         return AttemptOutcome.CONNECTED, ""
 
-    async def _await_connect(self, sock: socket.socket | None, err: int) -> tuple[AttemptOutcome, str]:
+    async def _await_connect(
+        self, sock: socket.socket | None, err: int, *, resyn: bool = True
+    ) -> tuple[AttemptOutcome, str]:
+        """The fate of one SYN: connected, an error, the deadline, or (``resyn``) SILENT after
+        ``plan.resyn_after`` in SYN_SENT; after the last re-send the kernel's own retransmissions (same
+        sequence number) carry on until the deadline."""
         if sock is None or err not in (0, errno.EINPROGRESS):
             return _classify(err), os.strerror(err)
         plan = self.plan
         while True:
             limit = plan.deadline
-            if plan.resyn_after is not None:
+            if plan.resyn_after is not None and resyn:
                 limit = min(limit, self.loop.time() + plan.resyn_after)
             try:
                 async with asyncio.timeout_at(limit):

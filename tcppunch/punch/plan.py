@@ -98,6 +98,40 @@ class RetryPolicy:
 # shift the peer's prediction); those sides retry slowly.
 SLOW_RETRY = RetryPolicy(base=0.2, fast_window=0.0, cap=1.0, jitter=0.5, max_tries=50)
 
+# Re-sending a SYN that got no answer (``PunchPlan.resyn_after``) needs a fresh socket with a new initial
+# sequence number: two sockets cannot hold one 4-tuple, so the first must be closed. If our first SYN did
+# reach the peer and only its SYN-ACK is late or lost, the peer sits in SYN_RECV with our old sequence
+# number: our new socket answers its SYN-ACK (or challenge ACK) with a RST and kills that simultaneous
+# open (on a path with 5 % loss this sent 3 of 21 direct pairs to the relay). So the re-send waits a few
+# round trips to the peer (a SYN-ACK that is merely late has arrived by then), happens at most
+# ``MAX_RESYNS`` times per candidate, and not at all when it would come close to the kernel's own
+# retransmission (1 s after the SYN, same sequence number: always safe).
+RESYN_FLOOR = 0.25  # never sooner: fire-time skew on short paths
+RESYN_RTTS = 2.0  # round trips to the peer (an upper bound of it, see peer_rtt_bound) before re-sending
+RESYN_CEILING = 0.75  # later than this the kernel's retransmission at 1 s does the job without the risk
+MAX_RESYNS = 1
+
+
+def peer_rtt_bound(coordinator_rtt: float | None, fire_in: float) -> float | None:
+    """An upper bound of the round trip between two peers, from what one of them knows: its own round trip
+    to the coordinator and how long the PUNCH told it to wait before firing (``fire_in``: the other peer's
+    one-way delay to the coordinator minus ours when it is positive, see coordinator.session.schedule_fire).
+    The path through the coordinator is at most the sum of both one-way delays. None when unknown."""
+    if coordinator_rtt is None or coordinator_rtt <= 0:
+        return None
+    own = coordinator_rtt / 2
+    other = own + max(0.0, fire_in)  # fire_in 0: the other peer is at most as far from the coordinator
+    return 2 * (own + other)
+
+
+def resyn_delay(peer_rtt: float | None) -> float | None:
+    """``PunchPlan.resyn_after`` for a peer round trip of (at most) ``peer_rtt`` seconds: RESYN_RTTS of
+    them, at least RESYN_FLOOR; None (leave it to the kernel) beyond RESYN_CEILING. Unknown: the floor."""
+    if peer_rtt is None:
+        return RESYN_FLOOR
+    delay = max(RESYN_FLOOR, RESYN_RTTS * peer_rtt)
+    return None if delay > RESYN_CEILING else round(delay, 4)
+
 
 @dataclass(frozen=True)
 class PunchPlan:
@@ -114,8 +148,9 @@ class PunchPlan:
     ``birthday``: set for a birthday punch (its candidates are ``CandidateKind.BIRTHDAY``): they leave
     paced and within the SYN budget, are never re-sent after silence, and on the hard side each gets its
     own local port.
-    ``resyn_after``: send a SYN that got no answer at all again after this long (set it to a few round
-    trips to the peer; None = leave it to the kernel's retransmission, 1 s, 3 s, ...).
+    ``resyn_after``: send a SYN that got no answer at all again after this long, at most ``max_resyns``
+    times per candidate (set it with :func:`resyn_delay`: a few round trips to the peer; None = leave it
+    to the kernel's retransmission, 1 s, 3 s, ...).
     ``local6``: the IPv6 endpoint (our own global address, same port as ``local`` by convention) that
     IPv6 candidates' sockets are bound to; required when there are IPv6 candidates.
     ``retry6``: the retry policy of IPv6 candidates (no NAT66: a retry costs no mapping, so the fast
@@ -133,7 +168,8 @@ class PunchPlan:
     fire_at: float
     deadline: float
     low_ttl: int | None = None
-    resyn_after: float | None = 0.25
+    resyn_after: float | None = RESYN_FLOOR
+    max_resyns: int = MAX_RESYNS
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     select_grace: float = 1.0
     backlog: int = 16
@@ -155,6 +191,8 @@ class PunchPlan:
             raise ValueError("select_grace must not be negative")
         if self.resyn_after is not None and self.resyn_after <= 0:
             raise ValueError("resyn_after must be positive or None")
+        if self.max_resyns < 0:
+            raise ValueError("max_resyns must not be negative")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates must be distinct")
         if self.birthday is None and any(c.kind is CandidateKind.BIRTHDAY for c in self.candidates):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tcppunch.punch.plan import (
+    RESYN_CEILING,
+    RESYN_FLOOR,
     AttemptOutcome,
     Candidate,
     CandidateKind,
@@ -14,6 +16,8 @@ from tcppunch.punch.plan import (
     Role,
     Wave,
     explain_failure,
+    peer_rtt_bound,
+    resyn_delay,
     waves,
 )
 from tcppunch.wire.endpoint import Endpoint
@@ -51,6 +55,7 @@ def test_roles_are_opposites() -> None:
         ({"low_ttl": 0}, "low_ttl"),
         ({"select_grace": -1.0}, "negative"),
         ({"resyn_after": 0.0}, "resyn_after"),
+        ({"max_resyns": -1}, "max_resyns"),
         ({"candidates": (C1, C1)}, "distinct"),
     ],
 )
@@ -123,3 +128,19 @@ def test_ipv6_candidates_retry_by_their_own_policy() -> None:
     p = plan(candidates=(C1, V6), local6=LOCAL6, retry=slow)
     assert p.retry_for(C1) is slow
     assert p.retry_for(V6) == RetryPolicy()  # no NAT66: a retry costs no mapping
+
+
+def test_peer_rtt_bound_sums_both_one_way_delays_to_the_coordinator() -> None:
+    # we are 60 ms from the coordinator; fire_in 0: the other peer is no farther than we are
+    assert peer_rtt_bound(0.12, 0.0) == pytest.approx(0.24)
+    # told to wait 40 ms: the other peer is 40 ms farther (its one-way delay 100 ms)
+    assert peer_rtt_bound(0.12, 0.04) == pytest.approx(2 * (0.06 + 0.10))
+    assert peer_rtt_bound(None, 0.0) is None and peer_rtt_bound(0.0, 0.0) is None
+
+
+def test_resyn_delay_is_a_few_peer_round_trips_between_floor_and_ceiling() -> None:
+    assert resyn_delay(None) == RESYN_FLOOR  # unknown path: as before
+    assert resyn_delay(0.001) == RESYN_FLOOR  # a LAN or the lab without delay: fire skew dominates
+    assert resyn_delay(0.24) == pytest.approx(0.48)  # 30 ms per WAN link through the coordinator
+    assert resyn_delay(RESYN_CEILING) is None  # the kernel's own retransmission (1 s) is as early: no re-send
+    assert resyn_delay(RESYN_CEILING / 2) == pytest.approx(RESYN_CEILING)

@@ -1,11 +1,15 @@
-"""punch_plan with IPv6 candidates: raced first, the birthday spray (the IPv4 path) in the second wave."""
+"""punch_plan with IPv6 candidates: raced first, the birthday spray (the IPv4 path) in the second wave;
+and its SYN re-send delay from our round trip to the coordinator."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+
+import pytest
 
 from tcppunch.coordinator.control import PunchOrder, punch_plan
-from tcppunch.punch.plan import CandidateKind, waves
+from tcppunch.punch.plan import RESYN_FLOOR, CandidateKind, waves
 from tcppunch.wire.coord import RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
@@ -37,3 +41,15 @@ def test_without_an_own_ipv6_endpoint_the_peer_ipv6_is_not_raced() -> None:
     plan = punch_plan(_order(RelayAdvice.PUNCH), local=Endpoint("10.0.1.2", 4000), own_nat=PORT_RESTRICTED,
                       own_public_ip="198.51.100.101")
     assert all(not c.is_ipv6 for c in plan.candidates) and len(waves(plan)) == 1
+
+
+def test_the_resend_delay_follows_the_round_trip_to_the_coordinator() -> None:
+    def resyn(rtt: float | None, fire_in: float = 0.0) -> float | None:
+        order = dataclasses.replace(_order(RelayAdvice.PUNCH), received_at=10.0 - fire_in)
+        return punch_plan(order, local=Endpoint("10.0.1.2", 4000), own_nat=PORT_RESTRICTED,
+                          own_public_ip="198.51.100.101", coordinator_rtt=rtt).resyn_after
+
+    assert resyn(None) == resyn(0.002) == RESYN_FLOOR
+    assert resyn(0.12) == pytest.approx(2 * 2 * (0.06 + 0.06))  # two bounds of the peer round trip
+    # told to wait 200 ms for a farther peer: it is so far that the kernel's retransmission comes first
+    assert resyn(0.12, fire_in=0.2) is None
