@@ -316,6 +316,9 @@ class ControlChannel:
             self._reader, self._writer = await asyncio.open_connection(
                 sock=sock, limit=MAX_FRAME_SIZE * 2, ssl=context(self.identity, server_side=False),
                 server_hostname="", ssl_handshake_timeout=self.request_timeout)
+        except ssl.SSLEOFError as exc:  # the connection ended mid-handshake (e.g. the server's hello deadline)
+            sock.close()
+            raise ConnectionResetError(f"the coordinator closed the connection during TLS: {exc}") from None
         except ssl.SSLError as exc:
             sock.close()
             raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"TLS to the coordinator failed: {exc}") from None

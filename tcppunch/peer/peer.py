@@ -28,7 +28,7 @@ from tcppunch.coordinator.control import (
 )
 from tcppunch.nat.detect import ServerUnreachable, detect
 from tcppunch.nat.local import local_network
-from tcppunch.nat.retry import ConnectBudget
+from tcppunch.nat.retry import ConnectBudget, ConnectRetryError
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
 from tcppunch.peer.race import RELAY_AFTER, ConnectionRace, Established
@@ -67,6 +67,12 @@ REREGISTER_ATTEMPTS = 55
 PREDICTION_MAX_AGE = 20.0
 # How long a relay join refused for an unknown session waits for the CANCEL that says why.
 CANCEL_GRACE = 1.0
+# start(): a detection or registration that reached the coordinator but broke off (a TLS flight or the
+# REGISTERED lost to retransmission back-off past the server's 5 s hello deadline or our 10 s waits, the
+# connection reset mid-handshake) is tried again, 0.5 s doubling to 4 s apart, while this many seconds of
+# start-up are left. TCP connects have their own budget (nat/retry.py); an exhausted one, a refusal or a
+# coordinator's answer (bad token, ...) ends start() at once.
+START_BUDGET = 30.0
 
 
 class Peer:
@@ -204,7 +210,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self._detect:
-            nat = self.nat = await self._detect_at_any()
+            nat = self.nat = await self._within_start_budget(self._detect_at_any, started)
             self.timings["detect"] = loop.time() - started
             self._stage("detected", {"mapping": _value(nat.tcp.mapping), "verdict": nat.verdict})
         port = self._port or _free_port(self._bind)
@@ -214,7 +220,7 @@ class Peer:
         # every peer is on this host and IPv6 adds nothing.
         v4_coordinator = family_of(self.coordinator.ip) == socket.AF_INET and not self.coordinator.ip.startswith("127.")
         self._local6 = _ipv6_endpoint(port) if self._ipv6 and v4_coordinator else None
-        registration = await self._register(Endpoint(self._bind, port))
+        registration = await self._within_start_budget(lambda: self._register(Endpoint(self._bind, port)), started)
         if not self.sequential_nat:
             # Many punches share our one punch port: one listener routes incoming connections by session.
             self._dispatcher = PortDispatcher(registration.local, also=[self._local6] if self._local6 else [])
@@ -222,6 +228,24 @@ class Peer:
         self._serving = loop.create_task(self._serve())
         if self.sequential_nat:
             self._spawn(self._keep_prediction_fresh())
+
+    async def _within_start_budget(self, step: Callable[[], Coroutine[Any, Any, T]], started: float) -> T:
+        """``step()``, tried again after a transient failure (:func:`_transient`) while START_BUDGET lasts;
+        each retry is a stage (``start_retry``: the step's error, the attempt, the delay)."""
+        loop = asyncio.get_running_loop()
+        delay, attempt = 0.5, 1
+        while True:
+            try:
+                return await step()
+            except (ConnectFailed, CoordinatorError, OSError, TimeoutError, SecureError) as exc:
+                # our own broken-off registration may hold the id until the server sees its close
+                ghost = attempt > 1 and isinstance(exc, CoordinatorError) and exc.code is ErrorCode.ID_TAKEN
+                if not (_transient(exc) or ghost) or loop.time() + delay - started > START_BUDGET:
+                    raise
+                self._stage("start_retry", {"attempt": attempt, "error": f"{type(exc).__name__}: {exc}",
+                                            "in_seconds": delay})
+            await asyncio.sleep(delay)  # back-off between attempts, not a synchronisation
+            delay, attempt = min(delay * 2, 4.0), attempt + 1
 
     async def _map_port(self, port: int) -> None:
         """Ask our router for an inbound mapping of the punch port (PCP, NAT-PMP, UPnP-IGD); the NAT report
@@ -247,14 +271,19 @@ class Peer:
     async def _detect_at_any(self) -> NatReport:
         """Measure the NAT against the first coordinator that answers (each in turn)."""
         turn = 0
+        loop = asyncio.get_running_loop()
         while True:
             self._stage("detect", {"server": str(self.coordinator)})
+            began = loop.time()
             try:
                 return await detect(server=self.coordinator, timeout=2.0)
             except ServerUnreachable as exc:
                 if turn == len(self.coordinators) - 1:
-                    raise ConnectFailed(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
-                                        code=FailureCode.UNREACHABLE) from exc
+                    # Within the TCP connect budget the server was reached (or refused at once): a STUN
+                    # answer lost under loss, worth another try; a spent connect budget is not.
+                    kind = ConnectFailed if loop.time() - began >= ConnectBudget().budget else _DetectBrokenOff
+                    raise kind(f"coordinator {self.coordinator} unreachable: {exc}", peer="",
+                               code=FailureCode.UNREACHABLE) from exc
                 self._log.info("peer.coordinator_unreachable", coordinator=str(self.coordinator), error=str(exc))
                 self._current = (self._current + 1) % len(self.coordinators)
                 turn += 1
@@ -917,3 +946,21 @@ def _value(member: StrEnum | None) -> str | None:
     return None if member is None else member.value
 
 
+
+
+class _DetectBrokenOff(ConnectFailed):
+    """Detection reached the coordinator (within the TCP connect budget) and then broke off."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """A start-up step that reached the coordinator and broke off: worth another try. Not: a spent TCP
+    connect budget, a refusal or unreachable network, a coordinator's answer, a wrong key."""
+    if isinstance(exc, ConnectFailed):
+        return isinstance(exc, _DetectBrokenOff)
+    if isinstance(exc, CoordinatorError):
+        return exc.code in (ErrorCode.CLOSED, ErrorCode.KEEPALIVE_TIMEOUT, ErrorCode.SERVER_BUSY)
+    if isinstance(exc, SecureError):
+        return exc.code is SecureErrorCode.TIMEOUT
+    if isinstance(exc, ConnectRetryError | ConnectionRefusedError):
+        return False
+    return isinstance(exc, TimeoutError | ConnectionError)

@@ -9,7 +9,7 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -248,3 +248,61 @@ def test_peers_register_again_after_the_coordinator_restarts() -> None:
     method, size = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert method is Method.DIRECT
     assert size == len(b"after the restart")
+
+
+@contextlib.asynccontextmanager
+async def cut_first(target: Endpoint, cuts: int) -> AsyncIterator[tuple[Endpoint, list[int]]]:
+    """A TCP forwarder to ``target`` on loopback that ends its first ``cuts`` connections after the
+    client's first bytes (the coordinator closing a TLS handshake that missed its hello deadline under
+    loss), and forwards the rest; yields its address and the count of connections it cut."""
+    cut: list[int] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(cut) < cuts:
+            cut.append(len(cut) + 1)
+            await reader.read(1)  # the ClientHello began
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(target.ip, target.port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1]), cut
+
+
+def test_a_registration_broken_off_mid_tls_is_tried_again_within_the_start_budget() -> None:
+    async def scenario() -> None:
+        stages: list[tuple[str, dict[str, object]]] = []
+        async with coordinator() as where, cut_first(where, 2) as (front, cut), \
+                Peer(front, "carol", TOKEN, detect_nat=False,
+                     on_stage=lambda name, data: stages.append((name, data))) as carol:
+            assert len(cut) == 2
+            retries = [data for name, data in stages if name == "start_retry"]
+            assert [r["attempt"] for r in retries] == [1, 2], stages
+            assert all("closed" in str(r["error"]) or "reset" in str(r["error"]).lower() for r in retries)
+            assert [name for name, _ in stages].count("registered") == 1
+            assert await carol.ping() >= 0  # the registration is live
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_spent_connect_budget_is_not_tried_again() -> None:
+    async def scenario() -> None:
+        stages: list[str] = []
+        port = free_port()  # nobody listens: refused at once, an answer
+        peer = Peer(Endpoint("127.0.0.1", port), "dave", TOKEN, detect_nat=False,
+                    on_stage=lambda name, data: stages.append(name))
+        with pytest.raises(ConnectionRefusedError):
+            await peer.start()
+        await peer.close()
+        assert "start_retry" not in stages
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

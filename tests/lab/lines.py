@@ -8,18 +8,24 @@ from typing import IO
 
 def wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str]) -> bool:
     """Read lines (in a helper thread, bounded by ``timeout``) until one contains ``needle``; every line
-    read is appended to ``seen`` (for the failure message)."""
-    found = threading.Event()
+    read is appended to ``seen`` (for the failure message). False at once when the stream ends first
+    (the process exited)."""
+    over = threading.Event()
+    found: list[bool] = []
 
     def reader() -> None:
-        for line in stream:
-            seen.append(line)
-            if needle in line:
-                found.set()
-                return
+        try:
+            for line in stream:
+                seen.append(line)
+                if needle in line:
+                    found.append(True)
+                    return
+        finally:
+            over.set()
 
     threading.Thread(target=reader, daemon=True).start()
-    return found.wait(timeout)
+    over.wait(timeout)
+    return bool(found)
 
 
 class Tail:

@@ -80,7 +80,11 @@ def test_direct_pairs_connect_directly_and_10_mb_arrive_intact(lab: Lab, a: str,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         seen: list[str] = []
-        assert receiver.stdout is not None and wait_for_line(receiver.stdout, "registered", 90, seen), seen
+        assert receiver.stdout is not None and receiver.stderr is not None
+        if not wait_for_line(receiver.stdout, "registered", 90, seen):
+            stop(receiver)
+            pytest.fail(f"receiver not registered (exit {receiver.returncode}): {seen}\n"
+                        f"{receiver.stderr.read()[-3000:]}")
         sender = lab.host(a).run([sys.executable, "-c", PEER, "connect", COORD, f"{a}-s", f"{b}-r", str(SIZE)],
                                  timeout=220, env=env)
         assert sender.returncode == 0, sender.stderr[-3000:]
