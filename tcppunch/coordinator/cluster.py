@@ -8,6 +8,9 @@ emits :mod:`.directory` actions and takes their answers. In Redis:
   when the key is free or already this node's, so an id is registered at one node of the cluster at a
   time. Every node refreshes its own keys each ``refresh_interval``; a node that dies stops refreshing
   and its peers' ids become free within ``keepalive_timeout``.
+* ``tcppunch:relay:<account>[:<window>]``: bytes the cluster's relays reserved from the relay budget of
+  an account (``source:<address>``, ``token:<holder>`` per window of ``RelayLimits.window``, numbered
+  from the epoch; ``peer:<id>`` for ``--relay-max-mb``), with a TTL. See :class:`SharedBudget`.
 * channel ``tcppunch:node:<node>``: frames for that node (:meth:`.Forward.encode`): for a peer registered
   there (the PUNCH of a session opened at another node, a CANCEL), or from a peer registered at the
   sender for the session that node holds (its RESULT).
@@ -24,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+
+from tcppunch.relay.limits import BudgetFactory, ByteBudget
 
 from .directory import Claim, ClaimAnswer, Forward, Release, RemotePeer
 
@@ -49,6 +55,27 @@ if cur and string.sub(cur, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
 return 1
 """
+# KEYS[1] relay budget counter; ARGV: bytes wanted, limit, TTL ms. Reserves up to the wanted bytes below
+# the limit and returns how many it reserved (0: the budget is used up).
+_LEASE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local grant = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - used)
+if grant <= 0 then return 0 end
+redis.call('INCRBY', KEYS[1], grant)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return grant
+"""
+# KEYS[1] relay budget counter; ARGV[1] bytes reserved but not spent: given back (never below 0).
+_UNLEASE = """
+local back = math.min(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or '0'))
+if back > 0 then redis.call('DECRBY', KEYS[1], back) end
+return back
+"""
+# Largest lease of a relay budget (smaller for small budgets: a sixteenth of the limit, at least 64 KiB).
+LEASE = 4 << 20
+MIN_LEASE = 64 << 10
+# A peer id's budget (--relay-max-mb) has no window: its counter lives this long after its last lease.
+PEER_BUDGET_TTL = 30 * 86400.0
 # KEYS[1] peer key; ARGV[1] node. Deletes the key only if this node holds it.
 _RELEASE = """
 local cur = redis.call('GET', KEYS[1])
@@ -88,6 +115,7 @@ class RedisCluster:
         self._redis: aioredis.Redis | None = None
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self._log = log.bind(component="cluster", node=self.node)
 
     async def start(
@@ -109,6 +137,8 @@ class RedisCluster:
         await self._redis.ping()
         self._claim = self._redis.register_script(_CLAIM)
         self._release = self._redis.register_script(_RELEASE)
+        self._lease = self._redis.register_script(_LEASE)
+        self._unlease = self._redis.register_script(_UNLEASE)
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(node_channel(self.node))
         loop = asyncio.get_running_loop()
@@ -123,9 +153,11 @@ class RedisCluster:
         """Send what is queued (releases of this node's ids at shutdown), then disconnect."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), flush_timeout)
-        for task in self._tasks:
+        if self._background:  # leases being given back
+            await asyncio.wait(self._background, timeout=flush_timeout)
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -154,6 +186,35 @@ class RedisCluster:
         except ValueError as exc:
             self._log.warning("cluster.bad_record", peer=peer_id, error=str(exc))
             return None
+
+    def budgets(self, window: float | None) -> BudgetFactory:
+        """Relay budgets the cluster shares: accounts counted per ``window`` (s; None: no window)."""
+        return lambda account, limit: SharedBudget(self, account, limit, window)
+
+    async def lease(self, key: str, want: int, limit: int, ttl: float) -> int:
+        """Reserve up to ``want`` bytes of the budget counted at ``key``; raises ClusterUnavailable."""
+        if self._redis is None:
+            raise ClusterUnavailable("not connected")
+        try:
+            return int(await self._lease(keys=[key], args=[want, limit, round(ttl * 1000)]))
+        except (RedisError, OSError) as exc:
+            self._failed("lease", exc, key=key)
+            raise ClusterUnavailable(repr(exc)) from exc
+
+    async def unlease(self, key: str, unspent: int) -> None:
+        """Give back bytes reserved at ``key`` and not spent (best effort: logged when it fails)."""
+        if self._redis is None:
+            return
+        try:
+            await self._unlease(keys=[key], args=[unspent])
+        except (RedisError, OSError) as exc:
+            self._failed("unlease", exc, key=key)
+
+    def spawn(self, coro: Any) -> None:
+        """Run a short cluster operation in the background (kept until done, cancelled at close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -------------------------------------------------------------------------------------- workers
 
@@ -231,6 +292,101 @@ class RedisCluster:
     def _failed(self, what: str, exc: BaseException, **kw: Any) -> None:
         self.errors += 1
         self._log.warning("cluster.redis_failed", what=what, error=repr(exc), **kw)
+
+
+class SharedBudget(ByteBudget):
+    """A relay byte budget the whole cluster shares: one counter in Redis per account (and window).
+
+    The relay pump never waits on Redis while a lease lasts: the budget reserves bytes in Redis ahead of
+    use, ``lease_size`` at a time (4 MiB, or a sixteenth of a small limit), asking for the next lease when
+    less than half of one is left, and the pump spends from that local lease. What the granularity costs:
+    a node holds at most 1.5 leases of an account reserved and not yet spent, and gives back what is
+    unspent when its last relay on the account ends; so other nodes may be refused up to that much before
+    the limit is really spent, and a node that dies holding a lease takes it with it until the counter
+    expires. While Redis answers, the cluster never carries more than the limit. While it does not, the
+    node leases locally (one lease at a time, logged), bounded by its own count of the same limit, as a
+    single server is.
+    """
+
+    def __init__(self, cluster: RedisCluster, account: str, limit: int, window: float | None) -> None:
+        super().__init__(limit)  # this node's own count: the bound while Redis is unreachable
+        self._cluster = cluster
+        self.account = account
+        self.limit = limit
+        self._window = window
+        self.lease_size = max(1, min(LEASE, max(MIN_LEASE, limit // 16), limit))
+        self._lease = 0  # reserved and not spent
+        self._lease_key: str | None = None  # where it was reserved (None: leased locally)
+        self._spent_key: str | None = None  # the counter that said no more
+        self._asking: asyncio.Future[None] | None = None  # done when the lease being asked for arrived
+        self._holders = 0
+
+    def key(self) -> str:
+        base = f"{PREFIX}:relay:{self.account}"
+        return base if self._window is None else f"{base}:{int(time.time() // self._window)}"
+
+    @property
+    def remaining(self) -> int | None:
+        if self._lease == 0 and self._spent_key == self.key():
+            return 0
+        return super().remaining
+
+    def allowance(self, want: int) -> int:
+        if self._lease < self.lease_size // 2 + 1:
+            self._ask()
+        return min(super().allowance(want), self._lease)
+
+    def charge(self, n: int) -> None:
+        super().charge(n)
+        self._lease -= n
+
+    def refill(self) -> Awaitable[object] | None:
+        if super().allowance(1) == 0 or self.remaining == 0:
+            return None
+        asking = self._ask()
+        return None if asking is None else asyncio.shield(asking)  # a waiter that gives up cancels only itself
+
+    def hold(self) -> None:
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders = max(0, self._holders - 1)
+        if self._holders == 0:
+            self._give_back()
+
+    def _ask(self) -> asyncio.Future[None] | None:
+        """Ask for the next lease unless one is on its way or the counter said no more."""
+        if self._asking is None and self._spent_key != self.key():
+            self._asking = asyncio.get_running_loop().create_future()
+            self._cluster.spawn(self._lease_more(self._asking))
+        return self._asking
+
+    async def _lease_more(self, done: asyncio.Future[None]) -> None:
+        key: str | None = self.key()
+        try:
+            try:
+                got = await self._cluster.lease(key or "", self.lease_size, self.limit,
+                                                PEER_BUDGET_TTL if self._window is None else 2 * self._window)
+            except ClusterUnavailable:
+                key, got = None, self.lease_size  # bounded by this node's own count (super())
+            if got == 0:
+                self._spent_key = key
+            if key != self._lease_key:
+                self._give_back()
+                self._lease_key = key
+            self._lease += got
+        finally:  # waiters always wake (and ask again, or see the limit)
+            self._asking = None
+            if not done.done():
+                done.set_result(None)
+        if self._holders == 0:  # the last relay ended while the lease was on its way
+            self._give_back()
+
+    def _give_back(self) -> None:
+        unspent, key = self._lease, self._lease_key
+        self._lease = 0
+        if unspent > 0 and key is not None:
+            self._cluster.spawn(self._cluster.unlease(key, unspent))
 
 
 def _redacted(url: str) -> str:

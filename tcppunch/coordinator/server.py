@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from tcppunch.relay import ByteBudget, RelayEnd, RelayStats, detach, relay
+from tcppunch.relay import ByteBudget, RelayAccounting, RelayEnd, RelayStats, detach, relay
 from tcppunch.session.identity import Identity, config_dir
 from tcppunch.session.secure import SecureError, TlsEngine, context, peer_fingerprint
 from tcppunch.wire.coord import Error, ErrorCode, encode_message
@@ -126,6 +126,9 @@ class CoordinatorServer:
         self.cluster = cluster
         self.protocol = CoordinatorProtocol(tokens, config, node=None if cluster is None else cluster.node,
                                             authorized_keys=authorized_keys)
+        if cluster is not None:  # relay budgets counted for the whole cluster (cluster.SharedBudget)
+            limits = self.protocol.config.relay_limits
+            self.protocol.relay_accounting = RelayAccounting(limits, now=0.0, make=cluster.budgets(limits.window))
         # The key clients pin (tcppunch server prints its fingerprint). Default: this user's server key
         # file, created on first use, so that a restarted server (in-process or CLI) keeps its key.
         self.identity = identity or Identity.load(config_dir() / "server.key")
@@ -513,7 +516,11 @@ class CoordinatorServer:
     def _budget(self, peer_id: str) -> ByteBudget:
         budget = self._budgets.get(peer_id)
         if budget is None:
-            budget = self._budgets[peer_id] = ByteBudget(self._relay_bytes)
+            if self.cluster is not None and self._relay_bytes is not None:
+                budget = self.cluster.budgets(None)(f"peer:{peer_id}", self._relay_bytes)
+            else:
+                budget = ByteBudget(self._relay_bytes)
+            self._budgets[peer_id] = budget
         return budget
 
     def _budgets_of(self, action: StartRelay) -> list[ByteBudget]:

@@ -5,11 +5,14 @@ The coordinator names the accounts a relay is charged to (``source:<address>`` f
 :class:`ByteBudget` objects; the pump charges every byte it moves against all of them, so concurrent
 relays of one source draw on one budget and none can overspend it. Per-id budgets alone would not do:
 with a shared token a fresh id is free, but a fresh source address or token is not. Sans-I/O: plain
-counters, ``now`` passed in.
+counters, ``now`` passed in. A budget shared with other processes (a cluster of coordinators) is a
+subclass that leases bytes in chunks: it answers :meth:`ByteBudget.refill` with something to wait for
+instead of ``None`` while more bytes may come.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -75,13 +78,30 @@ class ByteBudget:
         """Record ``n`` bytes taken (callers take at most :meth:`allowance`)."""
         self.used += n
 
+    def refill(self) -> Awaitable[object] | None:
+        """When :meth:`allowance` is 0: something to wait for before asking again (a shared budget's next
+        lease), or ``None`` when no more bytes will come (this budget: used up)."""
+        return None
+
+    def hold(self) -> None:
+        """A relay starts drawing on this budget (a shared budget counts its users)."""
+
+    def release(self) -> None:
+        """A relay stopped drawing on this budget (a shared budget gives back what it leased unspent)."""
+
+
+BudgetFactory = Callable[[str, int], ByteBudget]
+"""Makes the budget of an account (name, limit): plain :class:`ByteBudget` in one process, a shared one
+in a cluster."""
+
 
 class RelayAccounting:
     """The budgets of every account in the current window; a new window starts with fresh budgets
     (relays still running keep charging the budgets they started with)."""
 
-    def __init__(self, limits: RelayLimits, now: float) -> None:
+    def __init__(self, limits: RelayLimits, now: float, make: BudgetFactory | None = None) -> None:
         self.limits = limits
+        self._make: BudgetFactory = make or (lambda _account, limit: ByteBudget(limit))
         self._window_start = now
         self._budgets: dict[str, ByteBudget] = {}
 
@@ -96,7 +116,7 @@ class RelayAccounting:
                 continue
             budget = self._budgets.get(account)
             if budget is None:
-                budget = self._budgets[account] = ByteBudget(limit)
+                budget = self._budgets[account] = self._make(account, limit)
             out.append(budget)
         return out
 

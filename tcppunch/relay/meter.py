@@ -7,7 +7,7 @@ rules be tested without sockets and keeps the pump a thin mover of bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -74,6 +74,20 @@ class RelayMeter:
         for budget in self.budgets:
             allowed = budget.allowance(allowed)
         return max(0, allowed)
+
+    def refill(self) -> Awaitable[object] | None:
+        """When :meth:`allowance` is 0: what to wait for before asking again (a shared budget's next lease),
+        or ``None`` when the relay is at a limit for good."""
+        if self.max_bytes is not None and self.taken_total >= self.max_bytes:
+            return None
+        waits = []
+        for budget in self.budgets:
+            if budget.allowance(1) == 0:
+                wait = budget.refill()
+                if wait is None:
+                    return None
+                waits.append(wait)
+        return waits[0] if waits else None
 
     @property
     def exhausted(self) -> bool:

@@ -35,6 +35,8 @@ PumpMethod = Literal["auto", "splice", "copy"]
 # A direction that keeps moving bytes without ever waiting yields to the event loop after this many
 # turns (up to 16 x 1 MiB), so one fast relay cannot starve the others and the coordinator.
 _TURNS_PER_YIELD = 16
+# Longest wait for a shared budget's next lease (it answers within its store's timeouts, or leases locally).
+REFILL_WAIT = 10.0
 # When several things end a relay in the same loop turn, report the most telling one.
 _PRECEDENCE = (EndReason.ERROR, EndReason.LIMIT, EndReason.IDLE, EndReason.EOF)
 
@@ -72,6 +74,8 @@ async def relay(
     watchdog: asyncio.Task[EndReason] | None = None
     reasons: set[EndReason] = set()
     error: str | None = None
+    for budget in meter.budgets:
+        budget.hold()
     try:
         for end in (a, b):
             end.sock.setblocking(False)
@@ -107,6 +111,8 @@ async def relay(
             conduit.close()
         for end in (a, b):
             end.sock.close()
+        for budget in meter.budgets:
+            budget.release()
     reason = next(r for r in _PRECEDENCE if r in reasons)
     used_method = "+".join(sorted({c.method for c in conduits}))
     stats = meter.stats(loop.time(), reason, used_method, error)
@@ -167,15 +173,15 @@ async def _one_way(
             moved = False
             if not (eof or limited) and (room := conduit.room) > 0:
                 want = meter.allowance(room)
-                if want == 0:
-                    limited = True
-                else:
-                    n = conduit.fill(src, want)
-                    if n == 0:
-                        eof = True
-                    elif n is not None:
-                        meter.took(n, loop.time())
-                        moved = True
+                if want == 0:  # at a limit, unless a shared budget's next lease comes
+                    limited = not await _refilled(meter)
+                    continue
+                n = conduit.fill(src, want)
+                if n == 0:
+                    eof = True
+                elif n is not None:
+                    meter.took(n, loop.time())
+                    moved = True
             if conduit.buffered:
                 n = conduit.drain(dst)
                 if n:
@@ -204,18 +210,36 @@ async def _send_pending(
     data: bytes, dst: socket.socket, ready: _Readiness, meter: RelayMeter, direction: Direction
 ) -> bool:
     """Send bytes read before the relay started; True if the byte limits cut them short."""
-    allowed = meter.allowance(len(data))
-    meter.took(allowed, asyncio.get_running_loop().time())
-    view = memoryview(data)[:allowed]
+    view = memoryview(data)
+    allowed = 0
     while view:
+        if not allowed:
+            allowed = meter.allowance(len(view))
+            if not allowed:
+                if await _refilled(meter):
+                    continue
+                return True
+            meter.took(allowed, asyncio.get_running_loop().time())
         try:
-            n = dst.send(view)
+            n = dst.send(view[:allowed])
         except BlockingIOError:
             await ready.writable()
             continue
         meter.gave(direction, n, asyncio.get_running_loop().time())
-        view = view[n:]
-    return allowed < len(data)
+        view, allowed = view[n:], allowed - n
+    return False
+
+
+async def _refilled(meter: RelayMeter) -> bool:
+    """At a limit: wait for a shared budget's next lease (True: ask again), or False: the limit holds."""
+    wait = meter.refill()
+    if wait is None:
+        return False
+    try:
+        await asyncio.wait_for(wait, REFILL_WAIT)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _watch_idle(meter: RelayMeter) -> EndReason:

@@ -26,6 +26,7 @@ from tcppunch.coordinator.metrics import MetricsEndpoint
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.peer import Method, Peer
+from tcppunch.relay import EndReason
 from tcppunch.wire.coord import ErrorCode, RelayAdvice
 from tcppunch.wire.endpoint import Endpoint
 
@@ -38,14 +39,15 @@ CONFIG = CoordinatorConfig(keepalive_interval=KEEPALIVE, stale_after=1.5 * KEEPA
                            keepalive_timeout=3 * KEEPALIVE)
 
 
-def new_node(url: str) -> CoordinatorServer:
+def new_node(url: str, relay_bytes_per_peer: int | None = None) -> CoordinatorServer:
     cluster = RedisCluster(url, ttl=CONFIG.keepalive_timeout, refresh_interval=CONFIG.keepalive_interval)
-    return CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster)
+    return CoordinatorServer("127.0.0.1", 0, Tokens(shared=TOKEN), config=CONFIG, cluster=cluster,
+                             relay_bytes_per_peer=relay_bytes_per_peer)
 
 
 @contextlib.asynccontextmanager
-async def node(url: str) -> AsyncIterator[CoordinatorServer]:
-    async with new_node(url) as server:
+async def node(url: str, relay_bytes_per_peer: int | None = None) -> AsyncIterator[CoordinatorServer]:
+    async with new_node(url, relay_bytes_per_peer) as server:
         yield server
 
 
@@ -138,6 +140,63 @@ def test_a_direct_connect_across_nodes_ends_at_the_session_node_with_both_result
                 theirs.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_peers_relay_budget_holds_across_the_nodes_it_relays_through() -> None:
+    """--relay-max-mb (1 MiB per peer id) in a cluster: alice (at A) and bob (at B) relay once through A
+    (alice asks) and once through B (bob asks). The two relays share one budget per peer: the second
+    carries exactly what the first left and ends at the limit (two nodes used to give two budgets). The
+    counters in Redis show every byte once, unspent leases given back; the per-token budget (per hour)
+    is counted for the cluster the same way."""
+    budget = 1 << 20
+    first_size, second_size = 600_000, 600_000
+
+    async def relayed(sender: ControlChannel, receiver: ControlChannel, target: str, data: bytes) -> bytes:
+        order = await sender.connect(target, relay_only=True)
+        theirs = await receiver.next_order(timeout=5.0)
+        (_, ws), (rr, wr) = await asyncio.gather(sender.open_relay(order, timeout=10.0),
+                                                  receiver.open_relay(theirs, timeout=10.0))
+        with contextlib.suppress(ConnectionError):  # the relay may cut the sender off at the limit
+            ws.write(data)
+            ws.write_eof()
+            await ws.drain()
+        wr.write_eof()
+        got = await asyncio.wait_for(rr.read(), 20.0)
+        for w in (ws, wr):
+            w.close()
+        return got
+
+    async def main() -> None:
+        with redis_server() as url:
+            client = aioredis.from_url(url)
+            async with node(url, budget) as a, node(url, budget) as b, \
+                    ControlChannel(a.address, "alice", TOKEN) as alice, ControlChannel(b.address, "bob", TOKEN) as bob:
+
+                async def counted(account: str, expected: int) -> None:
+                    async def check() -> bool:
+                        keys = [k async for k in client.scan_iter(f"tcppunch:relay:{account}*")]
+                        return len(keys) == 1 and int(await client.get(keys[0]) or 0) == expected
+
+                    await wait_until(check, 10.0)
+
+                first = os.urandom(first_size)
+                got = await relayed(alice, bob, "bob", first)  # through A
+                assert hashlib.sha256(got).digest() == hashlib.sha256(first).digest()
+                for account in ("peer:alice", "peer:bob", "token:shared"):
+                    await counted(account, first_size)  # A gave its unspent leases back
+                second = os.urandom(second_size)
+                got = await relayed(bob, alice, "alice", second)  # through B
+                left = budget - first_size
+                assert len(got) == left and hashlib.sha256(got).digest() == hashlib.sha256(second[:left]).digest()
+                for account in ("peer:alice", "peer:bob"):
+                    await counted(account, budget)
+                await counted("token:shared", budget)
+                await wait_until(lambda: asyncio.sleep(0, bool(b.relay_stats)), 10.0)
+                assert b.relay_stats[-1].reason is EndReason.LIMIT
+                assert [s.a_to_b + s.b_to_a for s in (*a.relay_stats, *b.relay_stats)] == [first_size, left]
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
 
 
 def test_ids_are_unique_across_the_cluster() -> None:
