@@ -50,6 +50,7 @@ from tcppunch.punch.plan import CandidateKind, PunchAttempt, PunchFailed, PunchP
 from tcppunch.punch.sockets import reuse_listener
 from tcppunch.session.driver import MuxStream
 from tcppunch.session.identity import Identity, KnownPeers, TrustPolicy, parse_fingerprint
+from tcppunch.session.mux import DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT
 from tcppunch.session.secure import ChannelSpec, SecureError, SecureErrorCode, secure_streams
 from tcppunch.wire.coord import ErrorCode, Outcome, RelayAdvice, Role
 from tcppunch.wire.endpoint import Endpoint
@@ -102,7 +103,9 @@ class Peer:
     id's first key and refuses a changed one; ``trust_coordinator`` also requires a first-seen key to be
     the one the coordinator bound to that id. ``coordinator_key`` pins the coordinator (else the
     known-peers file). ``encrypt=False`` is for measurements only: both peers must use it, and every
-    byte then crosses the network in clear and unauthenticated.
+    byte then crosses the network in clear and unauthenticated. ``session_keepalive``: (interval, timeout)
+    of every session's keepalive: a path that went silent (an expired NAT mapping) ends its session within
+    their sum, reported as the ``session_lost`` stage; the next stream to that peer punches again.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Peer:
         trust_coordinator: bool = False,
         coordinator_key: str | None = None,
         encrypt: bool = True,
+        session_keepalive: tuple[float, float] = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT),
     ) -> None:
         # Several coordinators (a cluster): register at the first that answers, fail over to the next.
         listed = [coordinator] if isinstance(coordinator, (str, Endpoint)) else list(coordinator)
@@ -184,7 +188,11 @@ class Peer:
         # relay join has moved the NAT's counter past it.
         self._prediction_at: float | None = None
         self._log = log.bind(peer=peer_id)
-        self._sessions = SessionPool(self._connect_session, self._session_started)
+        interval, timeout = session_keepalive
+        if not (interval > 0 and timeout > 0):
+            raise ValueError("session_keepalive: interval and timeout must be positive seconds")
+        self._sessions = SessionPool(self._connect_session, self._session_started, on_lost=self._session_lost,
+                                     keepalive=(interval, timeout))
 
     @property
     def coordinator(self) -> Endpoint:
@@ -479,6 +487,18 @@ class Peer:
 
     def _session_started(self, entry: PeerSession) -> None:
         self._stage("session", entry.to_json())
+
+    def _session_lost(self, entry: PeerSession) -> None:
+        """A session died under us (its path went silent past the keepalive, or broke): say so. Its
+        streams have failed with the reason; the next open_stream() to that peer sets up a new one."""
+        code = entry.session.close_code
+        interval, timeout = self._sessions.keepalive
+        data = {"peer": entry.peer, "session": entry.info.session_id, "method": entry.session.path,
+                "code": None if code is None else code.name, "reason": str(entry.session.error),
+                "bound_s": interval + timeout}
+        self._log.warning("peer.session_lost", **{("remote_peer" if k == "peer" else k): v for k, v in data.items()})
+        if self._on_stage is not None:
+            self._on_stage("session_lost", data)
 
     async def _abandon(self, order: PunchOrder) -> None:
         """Tell the coordinator we gave up, so that the other peer stops at once (shielded: runs while
@@ -958,7 +978,8 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectFailed):
         return isinstance(exc, _DetectBrokenOff)
     if isinstance(exc, CoordinatorError):
-        return exc.code in (ErrorCode.CLOSED, ErrorCode.KEEPALIVE_TIMEOUT, ErrorCode.SERVER_BUSY)
+        return exc.code in (ErrorCode.CLOSED, ErrorCode.KEEPALIVE_TIMEOUT, ErrorCode.SERVER_BUSY,
+                            ErrorCode.CLUSTER_UNAVAILABLE)
     if isinstance(exc, SecureError):
         return exc.code is SecureErrorCode.TIMEOUT
     if isinstance(exc, ConnectRetryError | ConnectionRefusedError):

@@ -24,7 +24,8 @@ import structlog
 from tcppunch.nat.sockets import endpoint_of
 from tcppunch.peer.types import Connection, ConnectionInfo
 from tcppunch.session.driver import MuxStream, Session
-from tcppunch.session.mux import SessionClosedError
+from tcppunch.session.frames import MuxErrorCode
+from tcppunch.session.mux import DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, Multiplexer, SessionClosedError
 
 log = structlog.get_logger("tcppunch.peer")
 
@@ -62,9 +63,13 @@ class SessionPool:
     """Sessions by peer id; ``connect(peer_id)`` makes a new one (a Connection that sent the preface)."""
 
     def __init__(self, connect: Callable[[str], Awaitable[Connection]],
-                 on_session: Callable[[PeerSession], None] | None = None) -> None:
+                 on_session: Callable[[PeerSession], None] | None = None, *,
+                 on_lost: Callable[[PeerSession], None] | None = None,
+                 keepalive: tuple[float, float] = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT)) -> None:
         self._connect = connect
         self._on_session = on_session
+        self._on_lost = on_lost  # a session ended by an error (keepalive timeout, lost transport), not a close
+        self.keepalive = keepalive  # (interval, timeout): a dead path is noticed within their sum
         self._sessions: dict[str, PeerSession] = {}  # the one new streams to that peer go on
         self._all: list[PeerSession] = []
         self._locks: dict[str, asyncio.Lock] = {}
@@ -109,7 +114,11 @@ class SessionPool:
 
     def add(self, conn: Connection) -> PeerSession:
         """Run a session on ``conn`` (ours or one the peer opened) and serve the streams the peer opens."""
-        session = Session(conn.reader, conn.writer, conn.info.role, path=conn.info.method.value, peer=conn.peer)
+        interval, timeout = self.keepalive
+        mux = Multiplexer(conn.info.role, asyncio.get_running_loop().time(), keepalive_interval=interval,
+                          keepalive_timeout=timeout, measure_rtt=True)
+        session = Session(conn.reader, conn.writer, conn.info.role, path=conn.info.method.value, peer=conn.peer,
+                          mux=mux)
         entry = PeerSession(conn.peer, session, conn.info)
         self._all = [e for e in self._all if not e.session.closed] + [entry]
         # The newest session takes new streams: the peer set one up because it had none it trusted (ours
@@ -129,6 +138,10 @@ class SessionPool:
         with contextlib.suppress(SessionClosedError):
             while True:
                 self._incoming.put_nowait(await entry.session.accept_stream())
+        code = entry.session.close_code
+        lost = code is not None and code is not MuxErrorCode.NO_ERROR
+        if lost and not self._closed and self._on_lost is not None:
+            self._on_lost(entry)
 
     async def accept_stream(self, timeout: float | None = None) -> MuxStream:
         """The next stream any peer opened to us (``stream.peer`` says who)."""

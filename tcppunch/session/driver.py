@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections import deque
 from dataclasses import dataclass
 
@@ -255,6 +256,7 @@ class Session:
         self._switch_sent = asyncio.Event()
         self._writer_before_switch: asyncio.StreamWriter | None = None
         self._goaway_received = False
+        self._goaway_code: MuxErrorCode | None = None
         self._closed = asyncio.Event()
         self._graceful = False  # our close(NO_ERROR): drain and wait for the other side's end
         self._drain_timeout = CLOSE_DRAIN_TIMEOUT
@@ -273,6 +275,18 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def close_code(self) -> MuxErrorCode | None:
+        """Why the session ended, None while it runs: ``NO_ERROR`` for a close by either side (ours, or the
+        peer's GO_AWAY and end), ``KEEPALIVE_TIMEOUT`` when the path went silent, ``INTERNAL_ERROR`` when
+        the transport failed or the peer hung up without GO_AWAY, or the peer's error code."""
+        reason = self._mux.close_reason
+        if reason is None or not self.closed:
+            return None
+        if reason.code is MuxErrorCode.INTERNAL_ERROR and self._goaway_code is MuxErrorCode.NO_ERROR:
+            return MuxErrorCode.NO_ERROR  # the peer said goodbye, then ended the transport
+        return reason.code
 
     @property
     def path(self) -> str:
@@ -523,9 +537,12 @@ class Session:
                 waiter.set_result(event.rtt)
         elif isinstance(event, GoAwayReceived):
             self._goaway_received = True
+            self._goaway_code = event.code
             self._log.info("session.go_away", code=event.code.name, last_stream_id=event.last_stream_id)
         elif isinstance(event, SessionTerminated):
             self._end(f"session ended: {event.message} ({event.code.name})")
+            if event.code is MuxErrorCode.KEEPALIVE_TIMEOUT:
+                self._drop_dead_path()
         # PathSwitched is the read loop's (it asks mux.switch_received); data, ends and resets for a stream
         # this side already closed and forgot need nothing.
 
@@ -558,6 +575,20 @@ class Session:
         if self._tasks and self._tasks[0] is not asyncio.current_task():
             self._tasks[0].cancel()  # the reader: nothing more is read
         self._loop.call_later(CLOSE_FLUSH_TIMEOUT + 0.5, self._abort)
+
+    def _drop_dead_path(self) -> None:
+        """The path went silent past the keepalive: nothing (not even GO_AWAY) will get through it. Drop
+        the transports at once with a RST (SO_LINGER 0) so that the kernel frees the 4-tuple now: a
+        punched connection's 4-tuple is exactly what the next punch to this peer connects on, and a
+        socket left retransmitting into a dead NAT mapping would hold it for minutes ("busy")."""
+        for writer in (self._writer, self._writer_before_switch):
+            if writer is None:
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None and sock.type == socket.SOCK_STREAM:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
 
     def _abort(self) -> None:
         """The writer is stuck (a dead peer stopped reading): drop the transports."""

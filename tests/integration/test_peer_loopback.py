@@ -306,3 +306,8 @@ def test_a_spent_connect_budget_is_not_tried_again() -> None:
         assert "start_retry" not in stages
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_session_keepalive_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="session_keepalive"):
+        Peer(Endpoint("127.0.0.1", 3478), "erin", TOKEN, session_keepalive=(0.0, 3.0))
