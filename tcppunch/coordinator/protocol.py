@@ -658,10 +658,13 @@ class CoordinatorProtocol:
 
     def _list(self, c: _Conn, record: PeerRecord, msg: ListPeers) -> list[Action]:
         """PEERS, bounded by count and by bytes: entries that do not fit are left out, ``truncated``."""
-        others = [p for p in self.registry.in_swarm(msg.swarm) if p.id != record.id]
+        # The first MAX_PEERS_LISTED others: one more than that, in case the asker is among them.
+        listed = self.registry.in_swarm(msg.swarm, MAX_PEERS_LISTED + 1)
+        others = [p for p in listed if p.id != record.id][:MAX_PEERS_LISTED]
+        total = self.registry.swarm_size(msg.swarm) - (1 if msg.swarm in (None, record.swarm) else 0)
         budget = self.config.max_frame_size - len(encode_message(Peers(msg.request_id, (), truncated=True)))
         infos: list[PeerInfo] = []
-        for p in others[:MAX_PEERS_LISTED]:
+        for p in others:
             info = PeerInfo(
                 id=p.id,
                 swarm=p.swarm,
@@ -673,7 +676,7 @@ class CoordinatorProtocol:
                 break
             budget -= size
             infos.append(info)
-        reply = Peers(msg.request_id, tuple(infos), truncated=len(infos) < len(others))
+        reply = Peers(msg.request_id, tuple(infos), truncated=len(infos) < total)
         return [Send(c.id, encode_message(reply))]
 
     # ------------------------------------------------------------------------------------ sessions

@@ -5,6 +5,7 @@ Sans-I/O: every method that depends on time takes ``now`` (seconds on any monoto
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -71,11 +72,18 @@ class PeerRecord:
 
 
 class Registry:
-    """Peers by id and by control connection."""
+    """Peers by id and by control connection, and each swarm's ids in order (LIST's answer).
+
+    The sorted id lists make a LIST cost what it answers (at most ``limit`` entries), not a sort of every
+    registered peer: inserting or removing an id moves pointers in one list (a memmove), which stays far
+    below a sort however many peers register.
+    """
 
     def __init__(self) -> None:
         self._by_id: dict[str, PeerRecord] = {}
         self._by_conn: dict[ConnId, PeerRecord] = {}
+        # None: every peer; otherwise one swarm. Sorted ids; an empty swarm's list is dropped.
+        self._ordered: dict[str | None, list[str]] = {None: []}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -94,15 +102,34 @@ class Registry:
             raise KeyError(f"peer {record.id!r} is already registered")
         self._by_id[record.id] = record
         self._by_conn[record.conn] = record
+        bisect.insort(self._ordered[None], record.id)
+        if record.swarm is not None:
+            bisect.insort(self._ordered.setdefault(record.swarm, []), record.id)
 
     def remove(self, peer_id: str) -> PeerRecord | None:
         record = self._by_id.pop(peer_id, None)
         if record is not None:
             self._by_conn.pop(record.conn, None)
+            _discard_sorted(self._ordered[None], peer_id)
+            if record.swarm is not None:
+                members = self._ordered[record.swarm]
+                _discard_sorted(members, peer_id)
+                if not members:
+                    del self._ordered[record.swarm]
         return record
 
-    def in_swarm(self, swarm: str | None) -> list[PeerRecord]:
-        """Peers of ``swarm`` (all peers when ``swarm`` is None), in id order."""
-        return sorted(
-            (p for p in self._by_id.values() if swarm is None or p.swarm == swarm), key=lambda p: p.id
-        )
+    def swarm_size(self, swarm: str | None) -> int:
+        """How many peers ``swarm`` has (every registered peer when ``swarm`` is None)."""
+        return len(self._ordered.get(swarm, ()))
+
+    def in_swarm(self, swarm: str | None, limit: int | None = None) -> list[PeerRecord]:
+        """The first ``limit`` peers of ``swarm`` (all peers when ``swarm`` is None) in id order; every one
+        when ``limit`` is None."""
+        ids = self._ordered.get(swarm, [])
+        return [self._by_id[peer_id] for peer_id in (ids if limit is None else ids[:limit])]
+
+
+def _discard_sorted(ids: list[str], peer_id: str) -> None:
+    at = bisect.bisect_left(ids, peer_id)
+    if at < len(ids) and ids[at] == peer_id:
+        del ids[at]

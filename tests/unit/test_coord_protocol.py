@@ -24,6 +24,7 @@ from tcppunch.coordinator.protocol import (
     Send,
     StartRelay,
 )
+from tcppunch.coordinator.registry import PeerRecord, Registry
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -868,3 +869,49 @@ def test_finding_2_a_replayed_relay_join_gets_an_error_and_no_bytes() -> None:
     partner = _join(h, punch, Role.RESPONDER, tls_key=BOB_KEY)
     assert h.error(partner).code == "unknown-session"
     assert h.relays == []  # nobody was paired: no bytes reach the replayer
+
+
+def test_list_counts_the_asker_out_of_its_own_swarm() -> None:
+    """100 others fit exactly: not truncated, whether the asker sorts among the first 100 or not."""
+    h = Harness(tokens=Tokens(shared="tok"))
+    for i in range(100):
+        h.register(f"p{i:03d}", swarm="s")
+    for asker_id in ("a", "zz"):
+        asker = h.register(asker_id, swarm="s")
+        h.take(asker)
+        h.send(asker, ListPeers("r", "s"))
+        (peers,) = h.take(asker)
+        assert isinstance(peers, Peers) and len(peers.peers) == 100 and not peers.truncated
+        assert asker_id not in [p.id for p in peers.peers]
+        h.lose(asker)
+    h.register("p100", swarm="s")
+    asker = h.register("b", swarm="other")
+    h.take(asker)
+    h.send(asker, ListPeers("r", "s"))
+    (peers,) = h.take(asker)
+    assert isinstance(peers, Peers) and len(peers.peers) == 100 and peers.truncated
+    assert [p.id for p in peers.peers] == [f"p{i:03d}" for i in range(100)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from("abcdefgh"), st.sampled_from([None, "x", "y"])),
+                max_size=60))
+def test_registry_lists_each_swarm_in_id_order_through_adds_and_removes(
+    ops: list[tuple[bool, str, str | None]],
+) -> None:
+    """The registry's ordered id lists agree with sorting a filter of every peer, after any adds and removes."""
+    registry = Registry()
+    model: dict[str, str | None] = {}
+    for conn, (add, peer_id, swarm) in enumerate(ops):
+        if add and peer_id not in model:
+            observed = Endpoint("203.0.113.5", 1000 + conn)
+            registry.add(PeerRecord(peer_id, conn, observed, None, (), swarm, 0.0, 0.0, 0.0))
+            model[peer_id] = swarm
+        elif not add:
+            assert (registry.remove(peer_id) is None) == (peer_id not in model)
+            model.pop(peer_id, None)
+    for swarm in (None, "x", "y"):
+        expected = sorted(p for p, s in model.items() if swarm is None or s == swarm)
+        assert [p.id for p in registry.in_swarm(swarm)] == expected
+        assert [p.id for p in registry.in_swarm(swarm, 2)] == expected[:2]
+        assert registry.swarm_size(swarm) == len(expected)
