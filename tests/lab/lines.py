@@ -46,6 +46,11 @@ class Tail:
         with self._changed:
             return self._changed.wait_for(lambda: any(needle in line for line in self.lines), timeout)
 
+    def wait_for_any(self, needles: tuple[str, ...], timeout: float) -> bool:
+        """Wait (bounded) until a line contains one of ``needles``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: any(n in line for line in self.lines for n in needles), timeout)
+
     def wait_for_count(self, needle: str, count: int, timeout: float) -> bool:
         """Wait (bounded) until ``count`` lines contain ``needle``."""
         with self._changed:

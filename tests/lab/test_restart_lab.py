@@ -1,6 +1,7 @@
-"""The coordinator restarts while a punch is in flight (30 ms per WAN link): the punch completes or fails
-cleanly (the fetch through it either gets the page intact or an error, never hangs), both peers register
-at the new coordinator process, and the next connect works (SHA-256)."""
+"""The coordinator restarts while a punch is in flight (30 ms per WAN link): it is SIGKILLed as soon as
+alice's PUNCH arrived, before either side has a connection; the punch completes or fails cleanly on both
+sides (a direct/relayed line or an error line; the fetch through it gets the page intact or an error, never
+hangs), both peers register at the new coordinator process, and the next connect works (SHA-256)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from tests.lab.processes import COORD, PY, stop, token_env
 
 TOKEN = "restart-lab-token"
 DELAY = LinkShape(delay_ms=30)
+PUNCH_ARRIVED = "tcppunch: punch: peer=bob"  # alice's stage line: the PUNCH order is here, she fires
+# How a connection attempt ends, in each side's stage lines: direct, relayed, or a clear error.
+ENDED = {"alice": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: local client dropped:"),
+         "bob": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: incoming_failed:")}
 FETCH = ("import hashlib,sys,urllib.request;"
          "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=20).read()).hexdigest())")
 
@@ -73,14 +78,23 @@ def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
 
         first = fetch(alice_host, 9000)
         procs.append(first)
-        assert alice_log.wait_for("punch:", 20), alice_log.text  # the PUNCH arrived: the punch is in flight
+        # The PUNCH reached alice (so bob's copy left too): kill the coordinator while the SYNs are still to
+        # cross (fire time, then 1.5 round trips of 120 ms between the peers).
+        assert alice_log.wait_for(PUNCH_ARRIVED, 20), alice_log.text
         server.kill()
+        assert not any(alice_log.count(done) for done in (*ENDED["alice"], "tcppunch: relay:")), \
+            alice_log.text  # the punch was still in flight
         server.wait(10)
         server = start_server(lab)
         procs.append(server)
 
         out, err = first.communicate(timeout=40)  # never hangs: the page, or an error
         assert (first.returncode == 0 and out.strip() == want) or (first.returncode != 0 and err), (out, err)
+        # The punch in flight ended: it completed (the peers need no coordinator for it) or failed with an
+        # error line, on both sides.
+        assert bob_log.wait_for("tcppunch: punch: peer=alice", 20), bob_log.text
+        for name, log in (("alice", alice_log), ("bob", bob_log)):
+            assert log.wait_for_any(ENDED[name], 30), log.text
         # Both register again at the new process, and the next connect works.
         assert alice_log.wait_for("reconnecting", 20), alice_log.text
         assert bob_log.wait_for("reconnecting", 20), bob_log.text
