@@ -9,6 +9,7 @@
 * bench_vpn.py: TCP over `tcppunch vpn` vs a raw stream on the same session; ping over the VPN vs the direct path.
 * bench_coordinator.py: one coordinator's rendezvous rate at 50,000 registered peers vs at 200 (loopback).
 * bench_session.py: streams on a live session vs RTT_peer and vs a raw connection; fairness of 100 streams.
+* bench_cluster_budget.py: the relay pump charged to budgets shared through Redis vs in-process ones.
 
 Figures and the exact commands are kept in docs/benchmarks.md.
 """
@@ -30,6 +31,7 @@ RUNS = [
     ["bench_vpn.py", "--bytes", str(200 * 1024 * 1024), "--reps", "5", "--delay-ms", "10"],
     ["bench_coordinator.py"],
     ["bench_session.py"],
+    ["bench_cluster_budget.py", "--reps", "7"],
 ]
 
 

@@ -71,9 +71,15 @@ local back = math.min(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or 
 if back > 0 then redis.call('DECRBY', KEYS[1], back) end
 return back
 """
-# Largest lease of a relay budget (smaller for small budgets: a sixteenth of the limit, at least 64 KiB).
+# A relay budget's first lease (smaller for small budgets: a sixteenth of the limit, at least 64 KiB). A
+# lease used up within LEASE_FAST seconds makes the next twice as big, up to a sixteenth of the limit and
+# MAX_LEASE: a fast relay then costs a few Redis round trips per second, not hundreds (each costs the
+# node ~0.17 ms of CPU; scripts/bench_cluster_budget.py); one idle for LEASE_SLOW halves it again.
 LEASE = 4 << 20
 MIN_LEASE = 64 << 10
+MAX_LEASE = 64 << 20
+LEASE_FAST = 1.0
+LEASE_SLOW = 4.0
 # A peer id's budget (--relay-max-mb) has no window: its counter lives this long after its last lease.
 PEER_BUDGET_TTL = 30 * 86400.0
 # KEYS[1] peer key; ARGV[1] node. Deletes the key only if this node holds it.
@@ -298,9 +304,10 @@ class SharedBudget(ByteBudget):
     """A relay byte budget the whole cluster shares: one counter in Redis per account (and window).
 
     The relay pump never waits on Redis while a lease lasts: the budget reserves bytes in Redis ahead of
-    use, ``lease_size`` at a time (4 MiB, or a sixteenth of a small limit), asking for the next lease when
-    less than half of one is left, and the pump spends from that local lease. What the granularity costs:
-    a node holds at most 1.5 leases of an account reserved and not yet spent, and gives back what is
+    use, ``lease_size`` at a time (4 MiB, or a sixteenth of a small limit, growing while leases go fast:
+    see ``LEASE``), asking for the next lease when half of one is left, and the pump spends from that
+    local lease. What the granularity costs: a node holds at most 1.5 leases of an account reserved and
+    not yet spent, and gives back what is
     unspent when its last relay on the account ends; so other nodes may be refused up to that much before
     the limit is really spent, and a node that dies holding a lease takes it with it until the counter
     expires. While Redis answers, the cluster never carries more than the limit. While it does not, the
@@ -314,12 +321,16 @@ class SharedBudget(ByteBudget):
         self.account = account
         self.limit = limit
         self._window = window
-        self.lease_size = max(1, min(LEASE, max(MIN_LEASE, limit // 16), limit))
+        self._base_lease = max(1, min(LEASE, max(MIN_LEASE, limit // 16), limit))
+        self._max_lease = max(self._base_lease, min(MAX_LEASE, limit // 16))
+        self.lease_size = self._base_lease
+        self._asked_at: float | None = None  # time.monotonic() of the last lease asked for
         self._lease = 0  # reserved and not spent
         self._lease_key: str | None = None  # where it was reserved (None: leased locally)
         self._spent_key: str | None = None  # the counter that said no more
         self._asking: asyncio.Future[None] | None = None  # done when the lease being asked for arrived
         self._holders = 0
+        self.leases = 0  # leases reserved in Redis so far (round trips the relays' budget cost)
 
     def key(self) -> str:
         base = f"{PREFIX}:relay:{self.account}"
@@ -331,10 +342,10 @@ class SharedBudget(ByteBudget):
             return 0
         return super().remaining
 
-    def allowance(self, want: int) -> int:
-        if self._lease < self.lease_size // 2 + 1:
+    def allowance(self, want: int) -> int:  # the relay's hot path: plain arithmetic while the lease lasts
+        if self._lease <= self.lease_size // 2:
             self._ask()
-        return min(super().allowance(want), self._lease)
+        return max(0, min(want, self._lease, self.limit - self.used))
 
     def charge(self, n: int) -> None:
         super().charge(n)
@@ -357,9 +368,20 @@ class SharedBudget(ByteBudget):
     def _ask(self) -> asyncio.Future[None] | None:
         """Ask for the next lease unless one is on its way or the counter said no more."""
         if self._asking is None and self._spent_key != self.key():
+            self._adapt(time.monotonic())
             self._asking = asyncio.get_running_loop().create_future()
             self._cluster.spawn(self._lease_more(self._asking))
         return self._asking
+
+    def _adapt(self, now: float) -> None:
+        """Leases spent fast grow (fewer round trips), slow ones shrink (less held unspent)."""
+        if self._asked_at is not None:
+            gap = now - self._asked_at
+            if gap < LEASE_FAST:
+                self.lease_size = min(self._max_lease, self.lease_size * 2)
+            elif gap > LEASE_SLOW:
+                self.lease_size = max(self._base_lease, self.lease_size // 2)
+        self._asked_at = now
 
     async def _lease_more(self, done: asyncio.Future[None]) -> None:
         key: str | None = self.key()
@@ -371,6 +393,8 @@ class SharedBudget(ByteBudget):
                 key, got = None, self.lease_size  # bounded by this node's own count (super())
             if got == 0:
                 self._spent_key = key
+            elif key is not None:
+                self.leases += 1
             if key != self._lease_key:
                 self._give_back()
                 self._lease_key = key

@@ -300,10 +300,10 @@ def test_a_peer_fails_over_to_the_next_coordinator_and_connects_again() -> None:
 def test_while_redis_is_down_new_claims_fail_closed_and_held_ones_keep_working() -> None:
     """Redis is stopped (by PID) and restarted empty on the same port. Meanwhile: a new registration gets
     ``cluster-unavailable`` (also for an id live at another node, which a local grant would duplicate),
-    registrations already held keep working, a connect within one node works and one to another node's
-    peer gets ``cluster-unavailable`` (not fatal). erin's node dies meanwhile: she is refused at B and
-    retries with her back-off until Redis is back. Then every node claims its ids again, and new
-    registrations and cross-node connects work."""
+    registrations already held keep working, a connect within one node works (and its relay carries
+    bytes) and one to another node's peer gets ``cluster-unavailable`` (not fatal). erin's node dies
+    meanwhile: she is refused at B and retries with her back-off until Redis is back. Then every node
+    claims its ids again, and new registrations and cross-node connects work."""
     async def main() -> None:
         with redis_process() as redis:
             url = redis.url
@@ -328,7 +328,19 @@ def test_while_redis_is_down_new_claims_fail_closed_and_held_ones_keep_working()
                     # held registrations keep working; a connect within node A works
                     assert await alice.ping() >= 0 and await bob.ping() >= 0
                     order = await alice.connect("dan", relay_only=True)
-                    assert (await dan.next_order(timeout=5.0)).session_id == order.session_id
+                    theirs = await dan.next_order(timeout=5.0)
+                    assert theirs.session_id == order.session_id
+                    # ... and its relay carries bytes: budgets are leased locally while Redis is down
+                    (_, wa), (rd, wd) = await asyncio.gather(alice.open_relay(order, timeout=10.0),
+                                                             dan.open_relay(theirs, timeout=10.0))
+                    payload = os.urandom(300_000)
+                    wa.write(payload)
+                    wa.write_eof()
+                    wd.write_eof()
+                    got = await asyncio.wait_for(rd.read(), 20.0)
+                    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+                    wa.close()
+                    wd.close()
                     with pytest.raises(CoordinatorError) as unreachable:
                         await alice.connect("bob")
                     assert unreachable.value.code is ErrorCode.CLUSTER_UNAVAILABLE and not unreachable.value.fatal
