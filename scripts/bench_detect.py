@@ -19,36 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import select
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.server_process import lab_server
 from tcppunch.lab.topology import SHORT_NAMES
 
-SERVER, ALT, PORT = "198.51.100.10", "198.51.100.11", 3478
+SERVER, PORT = "198.51.100.10", 3478
 PYSTUN3 = str(Path(sys.executable).with_name("pystun3"))
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout: float = 15.0) -> None:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stderr.readline()
-        if not line:
-            break
-        if line.startswith("listening on"):
-            return
-    raise SystemExit("tcppunch server did not become ready")
 
 
 def _detect_seconds(stderr: str) -> list[float]:
@@ -77,92 +60,66 @@ def main() -> None:
     types = list(NatType)
     spec = LabSpec([RouterSpec(SHORT_NAMES[t], t, policy) for t in types])
     results: dict[str, dict[str, object]] = {}
-    with Lab(spec) as lab:
-        server = lab.server.popen(
-            [
-                sys.executable,
-                "-m",
-                "tcppunch",
-                "server",
-                "--listen",
-                f"{SERVER}:{PORT}",
-                "--alt-address",
-                ALT,
-            ],
-            env={**os.environ, "TCPPUNCH_TOKEN": "bench"},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _wait_ready(server)
-            for nat in types:
-                host = lab.host(SHORT_NAMES[nat])
-                ours: list[float] = []
-                inside: list[float] = []
-                theirs: list[float] = []
-                our_labels: set[str] = set()
-                their_labels: set[str] = set()
-                for _ in range(args.runs):
-                    started = time.monotonic()
-                    done = host.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "tcppunch",
-                            "--log-level",
-                            "debug",
-                            "--log-json",
-                            "detect",
-                            "--server",
-                            f"{SERVER}:{PORT}",
-                            "--json",
-                        ],
-                        timeout=60,
-                    )
-                    ours.append(time.monotonic() - started)
-                    inside.extend(_detect_seconds(done.stderr))
-                    if done.returncode == 0:
-                        report = json.loads(done.stdout)
-                        tcp = report["tcp"]
-                        our_labels.add(f"{tcp['mapping']}/{tcp['filtering']}/udp={report['udp']['nat_type']}")
-                    else:
-                        our_labels.add(f"exit {done.returncode}")
-                    started = time.monotonic()
-                    done = host.run(
-                        [
-                            PYSTUN3,
-                            "-H",
-                            SERVER,
-                            "-P",
-                            str(PORT),
-                            "-i",
-                            host.address,
-                            "-p",
-                            str(random.randrange(40000, 60000)),
-                        ],
-                        timeout=120,
-                    )
-                    theirs.append(time.monotonic() - started)
-                    first = done.stdout.splitlines()[0] if done.stdout else f"exit {done.returncode}"
-                    their_labels.add(first.removeprefix("NAT Type: "))
-                ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-                results[nat.value] = {
-                    "ours_s": round(ours_median, 3),
-                    "ours_in_process_s": round(statistics.median(inside), 3) if inside else None,
-                    "pystun3_s": round(theirs_median, 3),
-                    "ratio": round(theirs_median / ours_median, 1),
-                    "ours_result": sorted(our_labels),
-                    "pystun3_result": sorted(their_labels),
-                }
-        finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(5)
-            if server.stderr is not None:
-                server.stderr.close()
+    with Lab(spec) as lab, lab_server(lab, "bench"):
+        for nat in types:
+            host = lab.host(SHORT_NAMES[nat])
+            ours: list[float] = []
+            inside: list[float] = []
+            theirs: list[float] = []
+            our_labels: set[str] = set()
+            their_labels: set[str] = set()
+            for _ in range(args.runs):
+                started = time.monotonic()
+                done = host.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tcppunch",
+                        "--log-level",
+                        "debug",
+                        "--log-json",
+                        "detect",
+                        "--server",
+                        f"{SERVER}:{PORT}",
+                        "--json",
+                    ],
+                    timeout=60,
+                )
+                ours.append(time.monotonic() - started)
+                inside.extend(_detect_seconds(done.stderr))
+                if done.returncode == 0:
+                    report = json.loads(done.stdout)
+                    tcp = report["tcp"]
+                    our_labels.add(f"{tcp['mapping']}/{tcp['filtering']}/udp={report['udp']['nat_type']}")
+                else:
+                    our_labels.add(f"exit {done.returncode}")
+                started = time.monotonic()
+                done = host.run(
+                    [
+                        PYSTUN3,
+                        "-H",
+                        SERVER,
+                        "-P",
+                        str(PORT),
+                        "-i",
+                        host.address,
+                        "-p",
+                        str(random.randrange(40000, 60000)),
+                    ],
+                    timeout=120,
+                )
+                theirs.append(time.monotonic() - started)
+                first = done.stdout.splitlines()[0] if done.stdout else f"exit {done.returncode}"
+                their_labels.add(first.removeprefix("NAT Type: "))
+            ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+            results[nat.value] = {
+                "ours_s": round(ours_median, 3),
+                "ours_in_process_s": round(statistics.median(inside), 3) if inside else None,
+                "pystun3_s": round(theirs_median, 3),
+                "ratio": round(theirs_median / ours_median, 1),
+                "ours_result": sorted(our_labels),
+                "pystun3_result": sorted(their_labels),
+            }
     print(f"detect benchmark: {args.runs} runs per tool and type, SYN policy {policy.value}, no added delay")
     print(
         f"{'NAT type':18} {'ours (s)':>9} {'in-process':>10} {'pystun3 (s)':>12} {'ratio':>7}  results (ours | pystun3)"

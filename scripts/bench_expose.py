@@ -32,7 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchutil import parse_size, stop_process
+from benchutil import parse_size
+
+from tcppunch.lab.server_process import stop_process
 
 SCRIPT = str(Path(__file__).resolve())
 SERVER = "198.51.100.10"
@@ -149,16 +151,13 @@ VARIANTS = (("expose", run_expose), ("socat", run_socat), ("socat-b1m", run_soca
 
 def benchmark(total: int, reps: int) -> dict[str, Any]:
     from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
+    from tcppunch.lab.server_process import lab_server
 
     spec = LabSpec([RouterSpec("rnd", NatType.SYMMETRIC_RANDOM, SynPolicy.DROP), RouterSpec("pub", NatType.NONE)])
-    with Lab(spec) as lab:
-        server = lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
-                                   "--alt-address", "198.51.100.11", "--expose-ports", "8080"],
-                                  stderr=subprocess.PIPE, text=True)
+    with Lab(spec) as lab, lab_server(lab, TOKEN, "--expose-ports", "8080"):
         source = lab.host("rnd").popen([sys.executable, SCRIPT, "--role", "source", "--port", str(SERVICE_PORT),
                                         "--bytes", str(total)], stdout=subprocess.PIPE, text=True)
         try:
-            _wait_line(server, "listening on")
             _wait_line(source, "ready", "stdout")
             runs: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
             for rep in range(reps):
@@ -168,7 +167,6 @@ def benchmark(total: int, reps: int) -> dict[str, Any]:
                     print(f"  rep {rep + 1}/{reps} {name:9s} {mbps:8.0f} MB/s", flush=True)
         finally:
             stop_process(source)
-            stop_process(server)
     medians = {name: statistics.median(values) for name, values in runs.items()}
     ratios = {ref: medians["expose"] / medians[ref] for ref in medians if ref != "expose"}
     return {"bytes": total, "reps": reps, "runs": runs, "medians": medians, "ratios": ratios}

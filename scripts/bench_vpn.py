@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -218,8 +219,12 @@ class VpnLab:
                                 RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, link=link)]))
 
     def __enter__(self) -> VpnLab:
-        self.lab.__enter__()
+        from tcppunch.lab.server_process import lab_server
+
+        self._stack = contextlib.ExitStack()
         try:
+            self._stack.enter_context(self.lab)
+            self._stack.enter_context(lab_server(self.lab, TOKEN))
             self._start()
         except BaseException:
             self.__exit__(None, None, None)
@@ -227,11 +232,6 @@ class VpnLab:
         return self
 
     def _start(self) -> None:
-        self.server = self.lab.server.popen([sys.executable, "-m", "tcppunch", "server", "--listen", f"{SERVER}:3478",
-                                             "--alt-address", "198.51.100.11"],
-                                            stderr=subprocess.PIPE, text=True)
-        assert self.server.stderr is not None
-        _wait_line(self.server.stderr, "listening on")
         self.hosts = {name: self.lab.host(name) for name in ("pr", "seq")}
         self.a = Side(self.hosts["pr"], "a", "b", ADDRESSES[0])
         self.b = Side(self.hosts["seq"], "b", "a", ADDRESSES[1])
@@ -242,11 +242,7 @@ class VpnLab:
         for side in (getattr(self, "a", None), getattr(self, "b", None)):
             if side is not None:
                 side.stop()
-        server = getattr(self, "server", None)
-        if server is not None and server.poll() is None:
-            server.terminate()
-            server.wait(10)
-        self.lab.__exit__(*exc)
+        self._stack.close()  # the server, then the lab
 
     def raw(self, total: int) -> float:
         self.b.send("recv")

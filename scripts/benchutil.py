@@ -1,11 +1,10 @@
-"""Small pieces the benchmark scripts share: sizes on the command line, stopping a helper process."""
+"""Small pieces the benchmark scripts share: sizes on the command line. (Starting the lab's server and
+stopping a process by PID: :mod:`tcppunch.lab.server_process`, which the tests use too.)"""
 
 from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-from typing import Any
 
 
 def parse_size(text: str) -> int:
@@ -15,14 +14,3 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 512MiB, 1000000)")
     unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
     return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit])
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

@@ -17,20 +17,20 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import IO
 
 from tcppunch.cli.logging import configure_logging
 from tcppunch.lab import Lab, LabError, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.lines import LineTimeout, wait_for_line
 from tcppunch.lab.matrix import direct_expected
 from tcppunch.lab.probe import probe_all
+from tcppunch.lab.server_process import LAB_COORDINATOR, lab_server, stop_process
 
 TOKEN = "demo"
 # The token travels in the environment of each process, never on its command line.
 TOKEN_ENV = {**os.environ, "TCPPUNCH_TOKEN": TOKEN}
-COORD = "198.51.100.10:3478"
+COORD = str(LAB_COORDINATOR)
 PY = [sys.executable, "-m", "tcppunch"]
 PAIRS = [("pr", "cgn"), ("seq", "pr"), ("seq", "seqb"), ("rnd", "fc"), ("rnd", "pr")]
 
@@ -50,16 +50,12 @@ def main() -> int:
         print(f"NAT lab {lab.prefix} up in {time.monotonic() - started:.2f}s: server {lab.server.address} "
               f"(+198.51.100.11), one router of each type, unsolicited SYNs dropped\n")
         bad += show_probes(lab)
-        server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
-                                  stderr=subprocess.PIPE, text=True, env=TOKEN_ENV)
-        assert server.stderr is not None
-        if not wait_for_line(server.stderr, "listening on", 20):
-            print("demo: tcppunch server did not start", file=sys.stderr)
-            return 1
-        bad += show_detect(lab)
-        bad += show_connections(lab)
-        server.terminate()
-        server.wait(10)
+        with lab_server(lab, TOKEN):
+            bad += show_detect(lab)
+            bad += show_connections(lab)
+    except LineTimeout as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
     finally:
         lab.down()
     print(f"\nlab removed; {'all as expected' if not bad else f'{bad} unexpected result(s)'} "
@@ -130,8 +126,10 @@ def run_pair(a: LabHost, b: LabHost, tmp: Path, n: int) -> tuple[str, str, bool,
                        stdin=(tmp / f"{n}b.in").open("rb"), stdout=(tmp / f"{n}b.out").open("wb"),
                        stderr=subprocess.PIPE, text=True, env=TOKEN_ENV)
     assert listener.stderr is not None
-    if not wait_for_line(listener.stderr, "listening as", 30):
-        listener.kill()
+    try:
+        wait_for_line(listener.stderr, "listening as", 30)
+    except LineTimeout:
+        stop_process(listener)
         return "FAIL", "-", False, "listener did not register"
     report = tmp / f"{n}.json"
     done = a.run([*PY, "connect", listen_id, "--coordinator", COORD, "--id", connect_id,
@@ -147,20 +145,6 @@ def run_pair(a: LabHost, b: LabHost, tmp: Path, n: int) -> tuple[str, str, bool,
     ok = all(hashlib.sha256((tmp / f"{n}{x}.in").read_bytes()).digest()
              == hashlib.sha256((tmp / f"{n}{y}.out").read_bytes()).digest() for x, y in (("a", "b"), ("b", "a")))
     return info["method"], f"{info['timings']['total'] * 1000:.0f}", ok, (info.get("relay_reason") or "")[:70]
-
-
-def wait_for_line(stream: IO[str], needle: str, timeout: float) -> bool:
-    """Wait (bounded) for a line containing ``needle`` on a child's stderr, read in a helper thread."""
-    found = threading.Event()
-
-    def reader() -> None:
-        for line in stream:
-            if needle in line:
-                found.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    return found.wait(timeout)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import threading
 from typing import IO
 
+from tcppunch.lab.lines import Tail
+
+__all__ = ["Tail", "wait_for_line"]
+
 
 def wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str]) -> bool:
     """Read lines (in a helper thread, bounded by ``timeout``) until one contains ``needle``; every line
@@ -26,41 +30,3 @@ def wait_for_line(stream: IO[str], needle: str, timeout: float, seen: list[str])
     threading.Thread(target=reader, daemon=True).start()
     over.wait(timeout)
     return bool(found)
-
-
-class Tail:
-    """Every line of a process's text stream, read by a thread; wait (bounded) for one to appear."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, needle: str, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: any(needle in line for line in self.lines), timeout)
-
-    def wait_for_any(self, needles: tuple[str, ...], timeout: float) -> bool:
-        """Wait (bounded) until a line contains one of ``needles``."""
-        with self._changed:
-            return self._changed.wait_for(lambda: any(n in line for line in self.lines for n in needles), timeout)
-
-    def wait_for_count(self, needle: str, count: int, timeout: float) -> bool:
-        """Wait (bounded) until ``count`` lines contain ``needle``."""
-        with self._changed:
-            return self._changed.wait_for(lambda: sum(needle in line for line in self.lines) >= count, timeout)
-
-    def count(self, needle: str) -> int:
-        with self._changed:
-            return sum(needle in line for line in self.lines)
-
-    @property
-    def text(self) -> str:
-        with self._changed:
-            return "".join(self.lines)

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from tcppunch.lab import Lab, LabHost
+from tcppunch.lab.lines import LineTimeout
+from tcppunch.wire.endpoint import Endpoint
 from tests.lab.lines import wait_for_line
 from tests.lab.processes import COORD, PY, four_nats, lab_server, token_env
 
@@ -148,3 +150,11 @@ def test_wrong_token_is_refused_cleanly(lab: Lab) -> None:
     assert done.returncode != 0
     assert "bad-token" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_lab_server_that_cannot_start_says_why(lab: Lab) -> None:
+    """The shared start-up stops waiting when the server exits and quotes its own error (it used to wait
+    out the whole ready timeout and fail with no reason)."""
+    with pytest.raises(LineTimeout, match=r"tcppunch server ended: .*--expose-ports"), \
+            lab_server(lab, TOKEN, "--expose-ports", "9000-8000", listen=Endpoint("198.51.100.10", 3495)):
+        pass

@@ -7,12 +7,9 @@ and coturn), so the suite costs one lab build and one detect run per case.
 from __future__ import annotations
 
 import json
-import os
-import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +19,16 @@ import pytest
 import stun as pystun
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.lines import Tail
+from tcppunch.lab.server_process import lab_server, stop_process
 from tcppunch.nat.udp import REQUEST_SIZE
 from tcppunch.wire.stun import padded
-from tests.lab.processes import stop
 
 SERVER = "198.51.100.10"
 ALT = "198.51.100.11"
 PORT = 3478
 COTURN_PORT = 3480
+TOKEN = "lab-secret"
 CASES = [(t, p) for t in NatType for p in SynPolicy]
 READY_TIMEOUT = 15.0
 
@@ -49,26 +48,6 @@ def router_name(nat: NatType, policy: SynPolicy) -> str:
     return f"d{list(NatType).index(nat)}{policy.value[0]}"
 
 
-def _wait_for_lines(proc: subprocess.Popen[str], *needles: str) -> None:
-    """Read the process's output until every needle has appeared in some line (bounded in time)."""
-    stream = proc.stderr if proc.stderr is not None else proc.stdout
-    assert stream is not None
-    missing = set(needles)
-    deadline = time.monotonic() + READY_TIMEOUT
-    seen: list[str] = []
-    while missing and time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = stream.readline()
-        if not line:
-            break
-        seen.append(line)
-        missing -= {needle for needle in missing if needle in line}
-    if missing:
-        raise AssertionError(f"never saw {sorted(missing)}; output: {''.join(seen[-10:])}")
-
-
 @dataclass
 class DetectLab:
     lab: Lab
@@ -85,70 +64,29 @@ class DetectLab:
         return self.reports[key]
 
 
+def _coturn(workdir: Path) -> list[str]:
+    return ["turnserver", "-n", "--no-auth", "--stun-only", "--listening-ip", SERVER, "--listening-ip", ALT,
+            "--listening-port", str(COTURN_PORT), "--alt-listening-port", str(COTURN_PORT + 1), "--no-tls",
+            "--no-dtls", "--no-cli", "--log-file", "stdout", "--simple-log",
+            "--pidfile", str(workdir / "turnserver.pid"), "--userdb", str(workdir / "turndb"), "-v"]
+
+
 @pytest.fixture(scope="module")
 def detect_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
     spec = LabSpec([RouterSpec(router_name(t, p), t, p) for t, p in CASES])
     workdir = Path(tmp_path_factory.mktemp("coturn"))
-    with Lab(spec) as lab:
-        ours = lab.server.popen(
-            [
-                sys.executable,
-                "-m",
-                "tcppunch",
-                "server",
-                "--listen",
-                f"{SERVER}:{PORT}",
-                "--alt-address",
-                ALT,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TCPPUNCH_TOKEN": "lab-secret"},
-        )
-        _wait_for_lines(ours, "listening on")
-        coturn = lab.server.popen(
-            [
-                "turnserver",
-                "-n",
-                "--no-auth",
-                "--stun-only",
-                "--listening-ip",
-                SERVER,
-                "--listening-ip",
-                ALT,
-                "--listening-port",
-                str(COTURN_PORT),
-                "--alt-listening-port",
-                str(COTURN_PORT + 1),
-                "--no-tls",
-                "--no-dtls",
-                "--no-cli",
-                "--log-file",
-                "stdout",
-                "--simple-log",
-                "--pidfile",
-                str(workdir / "turnserver.pid"),
-                "--userdb",
-                str(workdir / "turndb"),
-                "-v",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        _wait_for_lines(
-            coturn,
-            *[f"TCP listener opened on : {a}:{p}" for a in (SERVER, ALT) for p in (COTURN_PORT, COTURN_PORT + 1)],
-            *[f"UDP listener opened on: {a}:{p}" for a in (SERVER, ALT) for p in (COTURN_PORT, COTURN_PORT + 1)],
-        )
+    with Lab(spec) as lab, lab_server(lab, TOKEN):
+        coturn = lab.server.popen(_coturn(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
+            assert coturn.stdout is not None
+            log = Tail(coturn.stdout)
+            listeners = [f"{a}:{p}" for a in (SERVER, ALT) for p in (COTURN_PORT, COTURN_PORT + 1)]
+            for needle in [*(f"TCP listener opened on : {x}" for x in listeners),
+                           *(f"UDP listener opened on: {x}" for x in listeners)]:
+                assert log.wait_for(needle, READY_TIMEOUT), f"never saw {needle!r}: {log.text[-2000:]}"
             yield DetectLab(lab, {})
         finally:
-            for proc in (ours, coturn):
-                stop(proc)
-                for stream in (proc.stdout, proc.stderr):
-                    if stream is not None:
-                        stream.close()
+            stop_process(coturn)
 
 
 @pytest.mark.parametrize(("nat", "policy"), CASES, ids=[f"{t.value}-{p.value}" for t, p in CASES])

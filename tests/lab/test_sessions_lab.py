@@ -18,7 +18,7 @@ import pytest
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.netns import in_netns, run
 from tests.lab.lines import Tail
-from tests.lab.processes import COORD, PY, stop, token_env
+from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "sessions-lab-token"
 SERVER_IPS = "{ 198.51.100.10, 198.51.100.11 }"
@@ -63,17 +63,8 @@ def lab() -> Iterator[Lab]:
     spec = LabSpec([RouterSpec("pr", NatType.PORT_RESTRICTED, SynPolicy.DROP, link=link),
                     RouterSpec("seq", NatType.SYMMETRIC_SEQ, SynPolicy.DROP, link=link),
                     RouterSpec("prb", NatType.PORT_RESTRICTED, SynPolicy.DROP)])
-    with Lab(spec) as the_lab:
-        # the server's log is read to the end (a Tail), so that a long run never fills its stderr pipe
-        server = the_lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
-                                      stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
-        try:
-            assert server.stderr is not None
-            tail = Tail(server.stderr)
-            assert tail.wait_for("listening on", 20), tail.text
-            yield the_lab
-        finally:
-            stop(server)
+    with Lab(spec) as the_lab, lab_server(the_lab, TOKEN):
+        yield the_lab
 
 
 def _start(host: LabHost, argv: list[str], needle: str, **kwargs: Any) -> tuple[subprocess.Popen[str], Tail]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tcppunch.lab.lines import LineTimeout, wait_for_line
+from tcppunch.lab.lines import LineTimeout, Tail, wait_for_line
 
 
 def _proc(code: str) -> subprocess.Popen[str]:
@@ -35,3 +35,16 @@ def test_eof_and_silence_are_errors_that_quote_the_output() -> None:
     finally:
         silent.kill()
         silent.wait(5)
+
+
+def test_a_tail_stops_waiting_when_the_stream_ends() -> None:
+    """A wait for a line that can no longer come ends with the stream, not with its timeout."""
+    ended = _proc("print('Error: no such option')")
+    try:
+        assert ended.stdout is not None
+        tail = Tail(ended.stdout)
+        assert tail.wait_for("listening on", 30) is False
+        assert tail.ended and tail.text == "Error: no such option\n"
+        assert tail.wait_for("no such option", 30) is True
+    finally:
+        ended.wait(5)
