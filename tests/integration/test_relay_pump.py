@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tcppunch.relay import EndReason, RelayEnd, RelayStats, relay
+from tcppunch.relay import ByteBudget, EndReason, RelayEnd, RelayStats, relay
 from tcppunch.relay.conduit import splice_available
 
 METHODS = [
@@ -218,6 +218,67 @@ def test_max_bytes_counts_both_directions_and_pending(method: str) -> None:
         stats = await rig.stats()
         assert stats.reason is EndReason.LIMIT
         assert (stats.a_to_b, stats.b_to_a) == (4, 6)
+        rig.a.close()
+        rig.b.close()
+
+    asyncio.run(main())
+
+
+class LeasingBudget(ByteBudget):
+    """A budget that another party grants in leases, as the pump sees one (what cluster.SharedBudget does
+    with Redis): no byte until a lease came, each asked for through refill() and granted later on the
+    loop, ``total`` bytes in all."""
+
+    def __init__(self, lease: int, total: int) -> None:
+        super().__init__(None)
+        self.lease_size, self.left, self.lease = lease, total, 0
+        self.asked = 0
+        self.holders = self.most_holders = 0
+
+    def allowance(self, want: int) -> int:
+        return min(want, self.lease)
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        self.lease -= n
+
+    def refill(self) -> asyncio.Future[None] | None:
+        if self.left == 0:
+            return None
+        self.asked += 1
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def grant() -> None:
+            n = min(self.lease_size, self.left)
+            self.left, self.lease = self.left - n, self.lease + n
+            granted.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.002, grant)
+        return granted
+
+    def hold(self) -> None:
+        self.holders += 1
+        self.most_holders = max(self.most_holders, self.holders)
+
+    def release(self) -> None:
+        self.holders -= 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_leased_budget_is_waited_for_and_ends_the_relay_exactly_at_its_total(method: str) -> None:
+    async def main() -> None:
+        budget = LeasingBudget(lease=64 << 10, total=300_000)
+        rig = await start(method, pending_a=b"p" * 1000, budgets=[budget])
+        data = payload(1 << 20, 9)
+        sender = asyncio.create_task(send_then_eof(rig.a, data))
+        got = await rig.b.read_to_eof()
+        stats = await rig.stats()
+        assert stats.reason is EndReason.LIMIT
+        assert digest(got) == digest(b"p" * 1000 + data[: 300_000 - 1000])
+        assert budget.used == 300_000 and budget.asked >= 300_000 // (64 << 10)  # it waited for every lease
+        assert (budget.most_holders, budget.holders) == (1, 0)  # held while the relay ran, then released
+        await connection_ended(rig.a)
+        await asyncio.wait_for(asyncio.gather(sender, return_exceptions=True), PROMPT)
         rig.a.close()
         rig.b.close()
 
