@@ -1,7 +1,8 @@
 """``tcppunch detect`` in the NAT lab: every NAT type x SYN policy against ground truth, plus interop.
 
-One lab for the whole module (one router per type x policy, one server running both ``tcppunch server``
-and coturn), so the suite costs one lab build and one detect run per case.
+One lab for the whole module (one router per type x policy, one server running ``tcppunch server`` on
+both addresses, a second one on one address only, and coturn), so the suite costs one lab build and one
+detect run per case.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.lines import Tail
 from tcppunch.lab.server_process import lab_server, stop_process
 from tcppunch.nat.udp import REQUEST_SIZE
+from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.stun import padded
 
 SERVER = "198.51.100.10"
 ALT = "198.51.100.11"
 PORT = 3478
 COTURN_PORT = 3480
+ONE_ADDRESS_PORT = 3490  # a second `tcppunch server`, without --alt-address
 TOKEN = "lab-secret"
 CASES = [(t, p) for t in NatType for p in SynPolicy]
 READY_TIMEOUT = 15.0
@@ -75,7 +78,8 @@ def _coturn(workdir: Path) -> list[str]:
 def detect_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectLab]:
     spec = LabSpec([RouterSpec(router_name(t, p), t, p) for t, p in CASES])
     workdir = Path(tmp_path_factory.mktemp("coturn"))
-    with Lab(spec) as lab, lab_server(lab, TOKEN):
+    with Lab(spec) as lab, lab_server(lab, TOKEN), \
+            lab_server(lab, TOKEN, listen=Endpoint(SERVER, ONE_ADDRESS_PORT), alt_address=None):
         coturn = lab.server.popen(_coturn(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert coturn.stdout is not None
@@ -98,6 +102,7 @@ def test_detect_matches_ground_truth(detect_lab: DetectLab, nat: NatType, policy
     assert tcp["filtering"] == nat.filtering.value
     assert tcp["port_preservation"] is nat.port_preservation
     assert tcp["port_delta"] == nat.port_delta
+    assert tcp["port_allocation"] == {0: "reused", 1: "sequential", None: "random"}[nat.port_delta]
     assert tcp["unsolicited_syn"] == nat.unsolicited_syn(policy).value
     assert tcp["hairpin"] is nat.truth.hairpin
     assert report["public"]["ip"] == host.public_address
@@ -108,12 +113,25 @@ def test_detect_matches_ground_truth(detect_lab: DetectLab, nat: NatType, policy
     assert report["verdict"]
 
 
+@pytest.mark.parametrize("nat", [NatType.SYMMETRIC_SEQ, NatType.SYMMETRIC_RANDOM], ids=lambda t: t.value)
+def test_one_address_server_does_not_guess_a_port_step(detect_lab: DetectLab, nat: NatType) -> None:
+    """A server without --alt-address gives the mapping test two new ports, one step apart, whichever
+    allocator made them: no step is claimed (a random NAT used to read as "sequential, +N")."""
+    host = detect_lab.lab.host(router_name(nat, SynPolicy.DROP))
+    report = detect_lab.detect(host, f"--server {SERVER}:{ONE_ADDRESS_PORT}")
+    tcp = report["tcp"]
+    assert tcp["mapping"] == "address-and-port-dependent"
+    assert tcp["port_delta"] is None and tcp["port_allocation"] == "unknown", tcp
+    assert any(item.startswith("port allocation") for item in report["untested"]), report["untested"]
+    assert "could not be measured" in report["verdict"]
+
+
 @pytest.mark.parametrize("nat", list(NatType), ids=[t.value for t in NatType])
 def test_coturn_gives_the_same_mapping(detect_lab: DetectLab, nat: NatType) -> None:
     host = detect_lab.lab.host(router_name(nat, SynPolicy.DROP))
     theirs = detect_lab.detect(host, f"--stun {SERVER}:{COTURN_PORT}")
     ours = detect_lab.detect(host, f"--server {SERVER}:{PORT}")
-    for key in ("mapping", "port_preservation", "port_delta"):
+    for key in ("mapping", "port_preservation", "port_delta", "port_allocation"):
         assert theirs["tcp"][key] == ours["tcp"][key], key
     assert theirs["tcp"]["mapping"] == nat.mapping.value
     assert theirs["tcp"]["filtering"] is None  # coturn cannot run our TCP connect-back
