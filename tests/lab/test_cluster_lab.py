@@ -2,7 +2,8 @@
 namespace by this test, stopped by PID): alice at A, bob at B.
 
 * a direct connect (alice's forwarder) and a relayed one (carol, also at A; the relay is A's) carry a page
-  from bob's host intact (SHA-256);
+  from bob's host intact (SHA-256); the relayed bytes are counted in Redis against carol's relay budget
+  (``--relay-max-mb``), the unspent part of the lease given back;
 * A is killed (SIGKILL) mid-session: the punched connection carries on, alice registers at B within
   keepalive_timeout + 1 s, and a new alice process (given A then B) connects again.
 """
@@ -28,6 +29,7 @@ TOKEN = "cluster-lab-token"
 A, B = "198.51.100.10:3478", "198.51.100.11:4478"
 REDIS_PORT = 6390
 KEEPALIVE = 1.0  # server --keepalive-interval; the keepalive timeout (an id's TTL in Redis) is 3x
+RELAY_MB = 100  # server --relay-max-mb: a budget per peer id, counted for the cluster in Redis (leases of 4 MiB)
 FETCH = ("import hashlib,sys,urllib.request;"
          "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=30).read()).hexdigest())")
 
@@ -50,7 +52,7 @@ def redis_in(host: LabHost) -> Iterator[str]:
 
 def coordinator(host: LabHost, listen: str, alt: str, alt_port: int, url: str) -> subprocess.Popen[str]:
     proc = host.popen([*PY, "server", "--listen", listen, "--alt-address", alt, "--alt-port", str(alt_port),
-                       "--redis", url, "--keepalive-interval", str(KEEPALIVE)],
+                       "--redis", url, "--keepalive-interval", str(KEEPALIVE), "--relay-max-mb", str(RELAY_MB)],
                       stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
     seen: list[str] = []
     assert proc.stderr is not None and wait_for_line(proc.stderr, "cluster node", 20, seen), seen
@@ -115,6 +117,16 @@ def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) ->
             assert fetch(alice_host, 9001) == want
             assert carol_log.wait_for("relayed:", 10), carol_log.text
             stop(carol)
+            # carol's relay was charged to the cluster's budget of her id: the page and its overhead, with
+            # the rest of A's 4 MiB lease given back once the relay ended
+            used = 0
+            deadline = time.monotonic() + 10.0
+            while not len(page) < used < 1 << 20 and time.monotonic() < deadline:
+                reply = lab.server.run(["redis-cli", "-p", str(REDIS_PORT), "GET", "tcppunch:relay:peer:carol"],
+                                       timeout=5).stdout.strip()
+                used = int(reply) if reply.isdigit() else 0
+                time.sleep(0.05)  # polling another process's state with a deadline
+            assert len(page) < used < 1 << 20, used
 
             # A dies without a word: its peers' ids stay claimed in Redis until their TTL.
             a.kill()
