@@ -17,7 +17,9 @@ EXIT_UNREACHABLE = 3
 
 
 @click.command("detect")
-@click.option("--server", type=EndpointType(), help="A tcppunch server (all tests). Port defaults to 3478.")
+@click.option("--server", type=EndpointType(),
+              help="A tcppunch server (all tests; all answers need one started with --alt-address). Port "
+                   "defaults to 3478.")
 @click.option(
     "--stun",
     "stun",
@@ -47,7 +49,11 @@ def detect_command(
 ) -> None:
     """Measure the NAT in front of this host over TCP and say what it means for direct connections.
 
+    What the server's setup or the evidence cannot tell is listed as "not measured" with the reason
+    ("untested" in --json), never guessed.
+
     \b
+    tcppunch detect --server 198.51.100.10:3478
     Exit status: 0 measured, 2 usage error, 3 server unreachable.
     """
     if server is None and not stun:

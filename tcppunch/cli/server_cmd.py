@@ -89,8 +89,9 @@ def _mib(value: float) -> int | None:
     "to serve IPv4 and IPv6 (e.g. --listen [2001:db8::10]:3478; the first is the primary); [::]:PORT alone "
     "listens on both families.",
 )
-@click.option("--alt-address", "alt_addresses", multiple=True,
-              help="A second address of this host (RFC 5780 tests need two); one per --listen family.")
+@click.option("--alt-address", "alt_addresses", multiple=True, metavar="ADDR",
+              help="A second address of this host, one per --listen family. Without it `tcppunch detect` "
+                   "cannot tell some NAT types apart (mapping, filtering and port allocation stay unknown).")
 @click.option("--alt-port", type=click.IntRange(1, 65535), help="Second port. Default: the listen port + 1.")
 @token_options
 @click.option("--tokens-file", type=click.Path(dir_okay=False),

@@ -61,3 +61,10 @@ def test_unreachable_server_exits_3_with_one_line() -> None:
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert CliRunner().invoke(main, args).exit_code == 2
+
+
+def test_help_says_what_a_one_address_server_cannot_tell() -> None:
+    detect_help = " ".join(CliRunner().invoke(main, ["detect", "--help"]).output.split())
+    assert "--alt-address" in detect_help and "not measured" in detect_help and "never guessed" in detect_help
+    server_help = " ".join(CliRunner().invoke(main, ["server", "--help"]).output.split())
+    assert "--alt-address ADDR" in server_help and "port allocation stay unknown" in server_help
