@@ -1,12 +1,14 @@
 """The asyncio driver of the coordinator: sockets and one timer around :class:`CoordinatorProtocol`.
 
-Per accepted connection: read the first 8 bytes (the protocol's handshake timer bounds the wait); STUN
-(magic cookie) goes to ``stun_handler`` when one is configured, anything else is fed to the protocol,
-whose actions are carried out in order: write, close (lingering after an error so the client reads the
-ERROR frame instead of a RST), or hand two relay connections to the relay pump. Reads are bounded
-(64 KiB at a time; the frame decoder refuses oversize frames from their header) and so are writes (a
-client that stops reading is cut off), so one misbehaving client never holds up the others.
-"""
+Every accepted connection is a :class:`_Link`, an ``asyncio.Protocol`` (callbacks, no task per
+connection: an idle peer costs its transport, its TLS state and a few slotted objects). Its first 8
+bytes decide (the protocol's handshake timer bounds the wait): STUN (magic cookie) goes to
+``stun_handler`` when one is configured, a TLS ClientHello starts the TLS engine, anything else is fed
+to the protocol in clear (which can only answer errors). The protocol's actions are carried out in
+order: write, close (lingering after an error so the client reads the ERROR frame instead of a RST), or
+hand two relay connections to the relay pump. Writes are bounded (a client that stops reading is cut
+off) and the frame decoder refuses oversize frames from their header, so one misbehaving client never
+holds up the others. Beyond ``max_connections`` a client hears server-busy in the language it speaks."""
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import itertools
 import resource
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -51,8 +52,12 @@ RELAY_FLUSH_TIMEOUT = 5.0
 TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a ClientHello (STUN's is 0x00/0x01, ours 'T')
 # Default of --max-connections (control, relay and STUN-over-TCP connections together).
 MAX_CONNECTIONS = 4096
-# File descriptors kept free beyond max_connections: listeners, UDP sockets, connect-backs, logs.
+# File descriptors kept free beyond max_connections: listeners, UDP sockets, connect-backs, logs, and
+# the BUSY_ANSWERS connections beyond the limit that are being told server-busy.
 FD_RESERVE = 64
+BUSY_ANSWERS = 16
+# A connection beyond the limit gets this long for its TLS handshake (or first byte) and our answer.
+BUSY_TIMEOUT = 2.0
 
 
 def raise_fd_limit(want: int) -> int:
@@ -75,25 +80,92 @@ def endpoint_of(sockaddr: Any) -> Endpoint:
     return Endpoint(ip, port)
 
 
-@dataclass
-class _Link:
-    id: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    task: asyncio.Task[Any] | None
-    closing: bool = False
-    handed_off: bool = False
-    # Bytes this connection's read loop took off the socket after the hand-over was decided.
-    stash: bytes = b""
-    # TLS (every client but a plain-TCP one, which can only hear errors): raw bytes go through it.
-    tls: TlsEngine | None = None
+class _Link(asyncio.Protocol):
+    """One accepted connection, driven by the event loop's callbacks: no task, no streams, ``__slots__``.
 
-    def keep(self, data: bytes) -> bool:
-        """After the hand-over (decided by another connection's event), bytes read go to the relay."""
-        if self.handed_off:
-            self.stash += data
-        return self.handed_off
-    linger_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
+    An idle registered peer costs its transport, this object and the TLS engine; a task with a stream
+    reader and writer per connection cost ~6 KiB more of Python objects (docs/benchmarks.md). The rare
+    paths that want streams (a STUN connection, a relay hand-over) get them from :meth:`to_streams`.
+    """
+
+    __slots__ = (
+        "busy",
+        "closing",
+        "eof",
+        "handed_off",
+        "id",
+        "linger_handle",
+        "prefix",
+        "reader",
+        "server",
+        "stash",
+        "tls",
+        "transport",
+        "visitor_port",
+        "writer",
+    )
+
+    def __init__(self, server: CoordinatorServer, visitor_port: int | None = None) -> None:
+        self.server = server
+        self.id = 0  # set once admitted
+        self.transport: asyncio.Transport | None = None
+        # An exposed port's visitor: kept unread until its owner joins.
+        self.visitor_port = visitor_port
+        # The first bytes, until there are PREAMBLE_SIZE of them to tell STUN, TLS and plain TCP apart.
+        self.prefix: bytes | None = b""
+        # TLS (every client but a plain-TCP one, which can only hear errors): raw bytes go through it.
+        self.tls: TlsEngine | None = None
+        self.closing = False
+        self.handed_off = False
+        # Bytes received after the hand-over to the relay was decided (by another connection's event).
+        self.stash = b""
+        self.eof = False
+        self.linger_handle: asyncio.TimerHandle | None = None
+        # Accepted beyond max_connections: it only hears server-busy (in TLS if it speaks TLS).
+        self.busy = False
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server._link_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.server._link_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.server._link_eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._link_lost(self)
+
+    def to_streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Hand the connection to a stream reader and writer (reading resumes; bytes not yet read wait
+        in the socket; an EOF already seen is passed on)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if self.eof:
+            reader.feed_eof()
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+        self.reader, self.writer = reader, asyncio.StreamWriter(self.transport, protocol, reader, loop)
+        return self.reader, self.writer
+
+    def write(self, data: bytes) -> None:
+        """Application bytes to the client (encrypted on a TLS link)."""
+        assert self.transport is not None
+        if self.tls is None:
+            self.transport.write(data)
+        elif self.tls.established:
+            self.tls.write(data)
+            self.transport.write(self.tls.outgoing())
+        # else: mid-handshake (a handshake timeout): nothing can be said, the close follows
 
 
 class CoordinatorServer:
@@ -152,6 +224,8 @@ class CoordinatorServer:
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stun_active = 0
+        self._busy = 0  # connections beyond max_connections being told server-busy
+        self._all_closed: asyncio.Future[None] | None = None  # stop(): set when the last link ended
         self._log = log.bind(component="coordinator")
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -190,8 +264,8 @@ class CoordinatorServer:
         self._log.info("coordinator.listening")
 
     async def _listen(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(
-            self._accepted, host, port, reuse_address=True, reuse_port=self.reuse_port, backlog=256
+        return await asyncio.get_running_loop().create_server(
+            lambda: _Link(self), host, port, reuse_address=True, reuse_port=self.reuse_port, backlog=256
         )
 
     @property
@@ -228,16 +302,16 @@ class CoordinatorServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [link.task for link in self._links.values() if link.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=LINGER_TIMEOUT + 1.0)
-            for task in pending:
-                task.cancel()
+        if self._lingering():  # each lingers until its client closes, at most LINGER_TIMEOUT
+            self._all_closed = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._all_closed), LINGER_TIMEOUT + 1.0)
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for link in list(self._links.values()):
-            link.writer.transport.abort()
+            if link.transport is not None:
+                link.transport.abort()
         self._links.clear()
         for server in [*([self._server] if self._server is not None else []), *self._more]:
             with contextlib.suppress(Exception):
@@ -248,62 +322,166 @@ class CoordinatorServer:
 
     # --------------------------------------------------------------------------------- connections
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
+    def _link_made(self, link: _Link) -> None:
+        transport = link.transport
+        assert transport is not None
+        now = asyncio.get_running_loop().time()
         if len(self._links) + self._stun_active >= self.max_connections:
-            extra = self.protocol.log_limiter.check("coordinator.server_busy", loop.time())
-            if extra is not None:
-                self._log.warning("coordinator.server_busy", limit=self.max_connections, **extra)
-            writer.write(encode_message(Error(ErrorCode.SERVER_BUSY, "too many connections")))
-            writer.close()
+            self._refuse_busy(link, now)
             return
-        addresses = _addresses(writer)
+        addresses = _addresses(transport)
         if addresses is None:
-            writer.transport.abort()
+            transport.abort()
             return
         observed, local = addresses
-        conn = next(self._ids)
-        link = _Link(conn, reader, writer, asyncio.current_task())
+        link.id = conn = next(self._ids)
         self._links[conn] = link
-        try:
-            self._apply(self.protocol.connection_made(conn, observed, local, loop.time()))
-            if link.closing:  # refused (per-source limit)
-                return
-            prefix = await self._read_prefix(link)
-            if self.stun_handler is not None and looks_like_stun(prefix):
-                self.protocol.connection_forget(conn)
+        if link.visitor_port is not None:
+            if link.visitor_port not in self._exposed:
                 del self._links[conn]
-                self._stun_active += 1
-                try:
-                    await self.stun_handler(reader, writer, prefix)
-                finally:
-                    self._stun_active -= 1
+                transport.abort()
                 return
-            if prefix[:1] == TLS_HANDSHAKE_RECORD:
-                link.tls = TlsEngine(context(self.identity, server_side=True), server_side=True)
-            raw = prefix
-            while raw and not link.keep(raw):
-                data = self._decrypt(link, raw)
-                if data:
-                    self._apply(self.protocol.data_received(conn, data, loop.time()))
-                if link.handed_off or (link.tls is not None and link.tls.peer_closed):
-                    break
-                raw = await reader.read(READ_SIZE)
+            transport.pause_reading()  # its bytes wait in the socket until the owner joins
+            link.prefix = None
+            self._apply(self.protocol.visitor_arrived(conn, link.visitor_port, observed, local, now))
+            return
+        self._apply(self.protocol.connection_made(conn, observed, local, now))
+
+    def _link_data(self, link: _Link, data: bytes) -> None:
+        if link.busy:
+            self._busy_data(link, data)
+            return
+        if link.handed_off:
+            link.stash += data
+            return
+        if link.closing or link.id not in self._links:
+            return  # lingering after an ERROR: drained and dropped until the client closes
+        try:
+            if link.prefix is not None:
+                link.prefix += data
+                if len(link.prefix) < PREAMBLE_SIZE and not link.eof:
+                    return
+                data, link.prefix = link.prefix, None
+                if self.stun_handler is not None and looks_like_stun(data[:PREAMBLE_SIZE]):
+                    self._hand_to_stun(link, data)
+                    return
+                if data[:1] == TLS_HANDSHAKE_RECORD:
+                    link.tls = TlsEngine(context(self.identity, server_side=True), server_side=True)
+            plain = self._decrypt(link, data)
+            if plain:
+                self._apply(self.protocol.data_received(link.id, plain, asyncio.get_running_loop().time()))
+            if link.tls is not None and link.tls.peer_closed and not link.handed_off:
+                self._end(link)
         except (ConnectionError, OSError, SecureError) as exc:  # ssl.SSLError is an OSError
-            self._log.debug("coordinator.conn_error", conn=conn, error=repr(exc))
+            self._log.debug("coordinator.conn_error", conn=link.id, error=repr(exc))
+            self._end(link)
         except Exception:  # a bug: this connection ends, the server and every other client go on
-            self._log.exception("coordinator.conn_failed", conn=conn)
-        except asyncio.CancelledError:
-            # Only this server cancels a connection task: at a relay hand-over or at stop(). Ending
-            # normally keeps asyncio's client_connected_cb wrapper from reporting the cancellation.
-            pass
-        finally:
-            if conn in self._links and not link.handed_off:
-                self._links.pop(conn, None)
-                if link.linger_handle is not None:
-                    link.linger_handle.cancel()
-                self._apply(self.protocol.connection_lost(conn, loop.time()))
-                link.writer.close()
+            self._log.exception("coordinator.conn_failed", conn=link.id)
+            self._end(link)
+
+    def _link_eof(self, link: _Link) -> bool:
+        """The client half-closed: a relay end keeps its other direction (True); else the link ends."""
+        if link.handed_off:
+            return True
+        if link.prefix and not link.busy:  # fewer than PREAMBLE_SIZE bytes, then EOF: they are all there is
+            self._link_data(link, b"")
+        self._end(link)
+        return False
+
+    def _link_lost(self, link: _Link) -> None:
+        if link.busy:
+            self._busy -= 1
+            if link.linger_handle is not None:
+                link.linger_handle.cancel()
+            return
+        self._end(link)
+
+    def _end(self, link: _Link) -> None:
+        """Forget a connection (idempotent; a handed-off one belongs to the relay pump) and close it."""
+        if self._links.get(link.id) is not link or link.handed_off:
+            return
+        del self._links[link.id]
+        if link.linger_handle is not None:
+            link.linger_handle.cancel()
+        self._apply(self.protocol.connection_lost(link.id, asyncio.get_running_loop().time()))
+        assert link.transport is not None
+        link.transport.close()
+        if self._all_closed is not None and not self._all_closed.done() and not self._lingering():
+            self._all_closed.set_result(None)
+
+    def _lingering(self) -> bool:
+        """Whether a connection not handed to the relay pump is still open (stop() waits for them)."""
+        return any(not link.handed_off for link in self._links.values())
+
+    def _hand_to_stun(self, link: _Link, data: bytes) -> None:
+        """A STUN connection on the shared port: the STUN service reads it from streams from now on."""
+        assert self.stun_handler is not None
+        self.protocol.connection_forget(link.id)
+        del self._links[link.id]
+        reader, writer = link.to_streams()
+        reader.feed_data(data[PREAMBLE_SIZE:])
+        if link.eof:
+            reader.feed_eof()
+        self._stun_active += 1
+        handler, prefix = self.stun_handler, data[:PREAMBLE_SIZE]
+
+        async def serve() -> None:
+            await handler(reader, writer, prefix)
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._stun_done)
+
+    def _stun_done(self, task: asyncio.Task[Any]) -> None:
+        self._stun_active -= 1
+        self._tasks.discard(task)
+
+    def _refuse_busy(self, link: _Link, now: float) -> None:
+        """At max_connections: the client hears server-busy in the language it speaks. A TLS client gets
+        it inside TLS after the handshake (a plaintext frame would look like a broken handshake to it).
+        At most BUSY_ANSWERS such connections at once, each at most BUSY_TIMEOUT; beyond, a reset."""
+        assert link.transport is not None
+        extra = self.protocol.log_limiter.check("coordinator.server_busy", now)
+        if extra is not None:
+            self._log.warning("coordinator.server_busy", limit=self.max_connections, **extra)
+        if self._busy >= BUSY_ANSWERS:
+            link.transport.abort()
+            return
+        self._busy += 1
+        link.busy = True
+        link.linger_handle = asyncio.get_running_loop().call_later(BUSY_TIMEOUT, link.transport.abort)
+
+    def _busy_data(self, link: _Link, data: bytes) -> None:
+        """Answer server-busy (plain, or in TLS once the handshake is done), then half-close and drop what
+        the client still sends until it closes (closing with unread bytes would send a RST, which can
+        destroy the answer before the client read it); BUSY_TIMEOUT bounds it all."""
+        transport = link.transport
+        assert transport is not None
+        if link.closing or transport.is_closing():
+            return
+        busy = encode_message(Error(ErrorCode.SERVER_BUSY, f"too many connections (limit {self.max_connections})"))
+        if link.tls is None and not data.startswith(TLS_HANDSHAKE_RECORD):
+            transport.write(busy)
+        else:
+            if link.tls is None:
+                link.tls = TlsEngine(context(self.identity, server_side=True), server_side=True)
+            tls = link.tls
+            tls.feed(data)
+            try:
+                done = tls.handshake()
+                transport.write(tls.outgoing())
+                if not done:
+                    return
+                tls.write(busy)
+                tls.read()  # what came with the handshake's end (REGISTER): close_write needs it read
+                tls.close_write()
+                transport.write(tls.outgoing())
+            except (OSError, SecureError):  # a failed handshake: nothing can be said to this client
+                transport.abort()
+                return
+        link.closing = True
+        with contextlib.suppress(OSError):
+            transport.write_eof()
 
     def _decrypt(self, link: _Link, raw: bytes) -> bytes:
         """The application bytes in ``raw`` (as they are on a plain link). On a TLS link this advances the
@@ -311,27 +489,18 @@ class CoordinatorServer:
         tls = link.tls
         if tls is None:
             return raw
+        assert link.transport is not None
         tls.feed(raw)
         if not tls.established:
             if tls.handshake():
                 self.protocol.connection_authenticated(link.id, peer_fingerprint(tls.ssl))
-            link.writer.write(tls.outgoing())
+            link.transport.write(tls.outgoing())
             if not tls.established:
                 return b""
         data = tls.read()
         if out := tls.outgoing():
-            link.writer.write(out)
+            link.transport.write(out)
         return data
-
-    async def _read_prefix(self, link: _Link) -> bytes:
-        """Up to the first 8 bytes (fewer only at EOF); the protocol's handshake timer bounds the wait."""
-        prefix = b""
-        while len(prefix) < PREAMBLE_SIZE:
-            chunk = await link.reader.read(PREAMBLE_SIZE - len(prefix))
-            if not chunk:
-                break
-            prefix += chunk
-        return prefix
 
     # ------------------------------------------------------------------------------------- actions
 
@@ -383,38 +552,33 @@ class CoordinatorServer:
 
     def _send(self, action: Send) -> None:
         link = self._links.get(action.conn)
-        if link is None or link.closing or link.writer.is_closing():
+        if link is None or link.closing or link.transport is None or link.transport.is_closing():
             return
-        if link.tls is None:
-            link.writer.write(action.data)
-        elif link.tls.established:
-            link.tls.write(action.data)
-            link.writer.write(link.tls.outgoing())
-        # else: mid-handshake (a handshake timeout): nothing can be said, the close follows
-        if link.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+        link.write(action.data)
+        if link.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self._log.info("coordinator.slow_reader_cut", conn=link.id)
             link.closing = True
-            link.writer.transport.abort()
+            link.transport.abort()
 
     def _close(self, action: Close) -> None:
         link = self._links.get(action.conn)
         if link is None or link.closing:
             return
         link.closing = True
-        transport = link.writer.transport
+        transport = link.transport
+        assert transport is not None
         if action.linger and not transport.is_closing() and transport.can_write_eof():
             # Half-close: the client reads our ERROR, then EOF; its close ends our read loop.
             if link.tls is not None and link.tls.established:
                 with contextlib.suppress(OSError):  # ssl.SSLError: the client's records may be in the way
                     link.tls.unwrap()  # close_notify: the end of our TLS stream is not a truncation
-                link.writer.write(link.tls.outgoing())
+                transport.write(link.tls.outgoing())
             with contextlib.suppress(OSError):
                 transport.write_eof()
             link.linger_handle = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
-        else:
-            link.writer.close()
-        if link.task is None:  # a visitor: no read loop of ours will forget it
+        else:  # the protocol forgot it already; it no longer counts towards max_connections
             self._links.pop(link.id, None)
+            transport.close()
 
     # ------------------------------------------------------------------------------- exposed ports
 
@@ -429,9 +593,7 @@ class CoordinatorServer:
             self._apply(self.protocol.port_failed(action.port, exc.strerror or str(exc), loop.time()))
             return
         sock.setblocking(False)
-        server = loop.create_task(
-            asyncio.start_server(functools.partial(self._visitor, action.port), sock=sock)
-        )
+        server = loop.create_task(loop.create_server(functools.partial(_Link, self, action.port), sock=sock))
         server.add_done_callback(functools.partial(self._port_listening, action.port, sock))
         self._tasks.add(server)
         server.add_done_callback(self._tasks.discard)
@@ -449,20 +611,6 @@ class CoordinatorServer:
         if server is not None:
             server.close()
             self._log.info("coordinator.port_closed", port=action.port)
-
-    def _visitor(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A visitor on an exposed port: kept unread (its bytes wait in the reader) until the owner joins."""
-        if len(self._links) >= self.max_connections or port not in self._exposed:
-            writer.transport.abort()
-            return
-        addresses = _addresses(writer)
-        if addresses is None:
-            writer.transport.abort()
-            return
-        observed, local = addresses
-        conn = next(self._ids)
-        self._links[conn] = _Link(conn, reader, writer, None)
-        self._apply(self.protocol.visitor_arrived(conn, port, observed, local, asyncio.get_running_loop().time()))
 
     def _arm_timer(self) -> None:
         deadline = self.protocol.next_deadline()
@@ -493,6 +641,8 @@ class CoordinatorServer:
         for link in links:
             if link is not None:
                 link.handed_off = True
+                if link.transport is not None and not link.transport.is_closing():
+                    link.transport.pause_reading()  # what follows waits in the socket for the relay
         task = asyncio.get_running_loop().create_task(self._run_relay(action, links[0], links[1]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -503,6 +653,7 @@ class CoordinatorServer:
         tls = link.tls
         if tls is None:
             return
+        assert link.reader is not None and link.writer is not None
         tls.feed(link.stash)
         while not tls.unwrap():
             link.writer.write(tls.outgoing())
@@ -538,25 +689,25 @@ class CoordinatorServer:
         return shared + [self._budget(p) for p in self.protocol.relay_peers(action.session_id)]
 
     async def _run_relay(self, action: StartRelay, ini: _Link | None, resp: _Link | None) -> None:
-        current = asyncio.current_task()
         ends: list[RelayEnd] = []
         try:
             if ini is None or resp is None:
                 raise ConnectionError("a relay connection vanished before the hand-over")
             pair = ((ini, action.initiator_pending), (resp, action.responder_pending))
-            # Stop the read loops (a read cancelled while waiting loses no bytes).
-            readers = [lk.task for lk, _ in pair if lk.task is not None and lk.task is not current]
-            for task in readers:
-                task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            for lk, _ in pair:
+                if lk.transport is None or lk.transport.is_closing():
+                    raise ConnectionError("a relay connection closed before the hand-over")
+                lk.to_streams()
             # Both joins leave TLS (close_notify both ways): the peers' own end-to-end TLS follows in the
             # clear TCP stream, and the relay forwards it without touching it.
             await asyncio.wait_for(asyncio.gather(*(self._leave_tls(lk) for lk, _ in pair)), RELAY_FLUSH_TIMEOUT)
             for lk, _ in pair:
                 # RELAY-OK must be on the wire before the socket changes hands.
+                assert lk.writer is not None
                 lk.writer.transport.set_write_buffer_limits(0)
                 await asyncio.wait_for(lk.writer.drain(), RELAY_FLUSH_TIMEOUT)
             for lk, pending in pair:
+                assert lk.reader is not None and lk.writer is not None
                 end = detach(lk.reader, lk.writer)
                 # in arrival order: bytes the protocol held, bytes the read loop took, the reader's buffer
                 ends.append(RelayEnd(end.sock, pending + lk.stash + end.pending))
@@ -576,8 +727,8 @@ class CoordinatorServer:
             for sock_end in ends:
                 sock_end.sock.close()
             for maybe in (ini, resp):
-                if maybe is not None and not maybe.writer.transport.is_closing():
-                    maybe.writer.transport.abort()
+                if maybe is not None and maybe.transport is not None and not maybe.transport.is_closing():
+                    maybe.transport.abort()
         finally:
             for maybe in (ini, resp):
                 if maybe is not None:
@@ -585,9 +736,10 @@ class CoordinatorServer:
             self.protocol.relay_finished(action.session_id)
 
 
-def _addresses(writer: asyncio.StreamWriter) -> tuple[Endpoint, Endpoint] | None:
+def _addresses(transport: asyncio.BaseTransport) -> tuple[Endpoint, Endpoint] | None:
     """(the other side's endpoint, ours) of an accepted connection; None if it is already gone."""
     try:
-        return endpoint_of(writer.get_extra_info("peername")), endpoint_of(writer.get_extra_info("sockname"))
+        return (endpoint_of(transport.get_extra_info("peername")),
+                endpoint_of(transport.get_extra_info("sockname")))
     except (TypeError, IndexError, ValueError):
         return None

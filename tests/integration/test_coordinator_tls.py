@@ -52,3 +52,24 @@ def test_an_id_stays_with_its_key_after_its_owner_left() -> None:
         await again.close()
 
     run(with_server(body))
+
+
+def test_a_client_beyond_max_connections_hears_server_busy_in_the_language_it_speaks() -> None:
+    """At the connection limit a TLS client gets ERROR server-busy inside TLS (a plaintext frame made its
+    handshake fail), a plain-TCP client gets it in clear, and the peers already in are served on."""
+
+    async def body(server: CoordinatorServer) -> None:
+        async with channel(server, "alice") as alice, channel(server, "bob"):
+            carol = channel(server, "carol")
+            with pytest.raises(CoordinatorError) as info:
+                await carol.register()
+            assert (info.value.code, info.value.fatal) == ("server-busy", True), info.value
+            assert "limit 2" in str(info.value)
+            messages = await raw_session(server, PREAMBLE + encode_message(Register("dave", TOKEN)))
+            assert [m.code for m in messages if isinstance(m, Error)] == ["server-busy"]
+            assert await alice.list_peers() != []  # bob is listed: alice is still served
+        async with channel(server, "carol") as carol_again:  # room again
+            assert [p.id for p in await carol_again.list_peers()] == []
+        assert server.protocol.registry.get("carol") is None
+
+    run(with_server(body, max_connections=2))
