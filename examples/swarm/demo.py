@@ -25,11 +25,12 @@ from typing import IO, Any
 
 from examples.swarm.metainfo import create_metainfo
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.server_process import lab_server
+from tcppunch.wire.endpoint import Endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "swarm-demo"
 SERVER_PORT = 3478
-ALT_ADDRESS = "198.51.100.11"  # the lab server's second address (docs/lab.md)
 # Lab router names (1-8 characters) per NAT type; a peer's id is its router's name.
 ROUTER_NAMES = {
     NatType.NONE: "public", NatType.FULL_CONE: "fullcone", NatType.RESTRICTED: "restrict",
@@ -192,11 +193,10 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
     log_file = (workdir / "stderr.log").open("w")
     errors: list[str] = []
     processes: dict[str, _Process] = {}
+    server = contextlib.ExitStack()
     try:
-        server = lab.server.python(["-m", "tcppunch", "server", "--listen", coordinator, "--alt-address",
-                                    ALT_ADDRESS], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "TCPPUNCH_TOKEN": TOKEN})
-        _wait_listening(server, min(20.0, deadline - time.monotonic()))
+        server.enter_context(lab_server(lab, TOKEN, listen=Endpoint(lab.server.address, SERVER_PORT),
+                                        ready_timeout=min(20.0, deadline - time.monotonic())))
         progress(f"coordinator listening on {coordinator}")
 
         events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -221,6 +221,7 @@ def _run(lab: Lab, config: DemoConfig, nats: list[NatType], kill_nat: NatType | 
                 p.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.proc.wait(5)
+        server.close()
         log_file.close()
 
     peers = []
@@ -350,33 +351,6 @@ def _pairs(ids: list[str], nat_of: dict[str, NatType], state: _State) -> list[Pa
                                   int(sa.get("uploaded", 0) or sb.get("downloaded", 0)),
                                   int(sb.get("uploaded", 0) or sa.get("downloaded", 0))))
     return out
-
-
-def _wait_listening(server: subprocess.Popen[str], seconds: float) -> None:
-    """Block until the server prints its "listening on" line (bounded), then keep draining its stderr."""
-    assert server.stderr is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert server.stderr is not None
-        for line in server.stderr:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    end = time.monotonic() + seconds
-    seen: list[str] = []
-    while time.monotonic() < end:
-        try:
-            line = lines.get(timeout=max(0.01, end - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if "listening on" in line:
-            return
-    raise RuntimeError(f"tcppunch server did not start: {''.join(seen[-5:]) or 'no output'}")
 
 
 def format_table(result: DemoResult) -> str:

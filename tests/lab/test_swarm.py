@@ -9,7 +9,6 @@ docs/api.md run here too, as written.
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from examples.swarm.demo import DemoConfig, DemoResult, format_table, run_demo
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec
 from tcppunch.lab.matrix import direct_expected
+from tcppunch.lab.server_process import lab_server
 
 SIZE = 4_000_000
 
@@ -111,11 +111,7 @@ def test_api_walkthrough_programs_run(tmp_path: Path) -> None:
     py = sys.executable
     spec = LabSpec([RouterSpec("a", NatType.PORT_RESTRICTED), RouterSpec("b", NatType.SYMMETRIC_SEQ),
                     RouterSpec("c", NatType.SYMMETRIC_RANDOM)])
-    with Lab(spec) as lab:
-        server = lab.server.python(["-m", "tcppunch", "server", "--listen", "198.51.100.10:3478", "--alt-address",
-                                    "198.51.100.11"], stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "TCPPUNCH_TOKEN": "s3cret"})
-        _first_line_with(server.stderr, "listening on", 20)
+    with Lab(spec) as lab, lab_server(lab, "s3cret"):
         a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
         listener = b.python([str(files["echo_peer.py"]), "listen", "bob", "--count", "4"], cwd=tmp_path,
                             stdout=subprocess.PIPE, text=True)
