@@ -235,6 +235,8 @@ def test_unknown_type() -> None:
         {"type": "register", "id": "a", "token": "t", "private": [{"ip": "10.0.0.1", "port": 70000}]},
         {"type": "register", "id": "a", "token": "t", "private": [{"ip": "10.0.0.1", "port": 1}] * 17},
         {"type": "register", "id": "a", "token": "t", "nat": {"tcp": {"mapping": "sideways"}}},
+        {"type": "register", "id": "a", "token": "t", "nat": {"tcp": {"port_allocation": "lucky"}}},
+        {"type": "register", "id": "a", "token": "t", "nat": {"tcp": {"port_allocation": ["random"]}}},
         {"type": "register", "id": "a", "token": "t", "nat": []},
         {"type": "register", "id": "a", "token": "t", "nat": {"verdict": "v" * 20000}},
         {"type": "register", "id": "a", "token": "t", "birthday": "no"},
