@@ -776,6 +776,10 @@ class CoordinatorProtocol:
                 return [self._report(forward.origin, forward.peer_id, gone)]
             return []
         if forward.expires_in > 0 and forward.session_id and forward.origin:
+            limit = self.config.max_sessions_per_peer
+            if len(record.sessions) >= limit:  # the target's own limit, as for a session opened here
+                busy = Result(forward.session_id, Outcome.ABANDONED, {"reason": f"busy ({limit} open sessions)"})
+                return [self._report(forward.origin, record.id, busy)]
             self._routes[forward.session_id] = (forward.origin, record.id)
             record.sessions.add(forward.session_id)  # counts against its max_sessions_per_peer here too
             self._timers.schedule((_Timer.SESSION, forward.session_id), now + forward.expires_in)

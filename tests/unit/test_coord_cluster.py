@@ -47,10 +47,11 @@ def decoded(data: bytes) -> object:
     return decode_message(frame)
 
 
-def node_a(node: str = "A") -> CoordinatorProtocol:
+def node_a(node: str = "A", max_sessions: int = 64) -> CoordinatorProtocol:
     counter = itertools.count(1)
     # keepalives far apart: the peers stay registered while the tests move time past sessions' expiry
-    config = CoordinatorConfig(keepalive_interval=300.0, stale_after=450.0, keepalive_timeout=900.0)
+    config = CoordinatorConfig(keepalive_interval=300.0, stale_after=450.0, keepalive_timeout=900.0,
+                               max_sessions_per_peer=max_sessions)
     return CoordinatorProtocol(Tokens(shared="tok"), config, node=node,
                                random_bytes=lambda n: bytes([next(counter)]) * n)
 
@@ -133,9 +134,9 @@ def test_forward_messages_round_trip_and_refuse_garbage() -> None:
             Forward.decode("B", garbage)
 
 
-def two_nodes() -> tuple[CoordinatorProtocol, CoordinatorProtocol, Punch, list[Forward]]:
+def two_nodes(b_max_sessions: int = 64) -> tuple[CoordinatorProtocol, CoordinatorProtocol, Punch, list[Forward]]:
     """alice registered at A, bob at B, alice CONNECTs to bob: (A, B, bob's PUNCH, A's forwards so far)."""
-    a, b = node_a("A"), node_a("B")
+    a, b = node_a("A"), node_a("B", b_max_sessions)
     register(a, 1, "alice")
     a.claim_result(1, ClaimAnswer.GRANTED, 100.0)
     register(b, 7, "bob")
@@ -227,3 +228,17 @@ def test_claims_fail_closed_while_the_registry_is_unreachable() -> None:
     [answer] = frames(proto.remote_found(1, connect, None, 100.4, unavailable=True), 1)
     assert (getattr(answer, "code", None), getattr(answer, "fatal", None)) == ("cluster-unavailable", False)
     assert proto.conn_state(1) is not None and proto.registry.get("alice") is not None
+
+
+def test_a_peer_at_its_session_limit_is_not_handed_a_punch_from_another_node() -> None:
+    a, b, first, _ = two_nodes(b_max_sessions=1)
+    connect = Connect("r2", "bob")
+    a.data_received(1, encode_message(connect), 101.0)
+    bob = b.remote_view(b.registry.get("bob"))  # type: ignore[arg-type]
+    [second] = [x for x in a.remote_found(1, connect, bob, 101.0) if isinstance(x, Forward)]
+    delivered = b.deliver(Forward.decode("B", second.encode()), 101.0)
+    assert frames(delivered, 7) == []  # bob (one open session, the limit) never sees it
+    [report] = carried(delivered, "A")
+    told = frames(a.deliver(report, 101.0), 1)
+    assert told == [Cancel(second.session_id, "peer 'bob' gave up: busy (1 open sessions)")]
+    assert list(a.sessions) == [first.session_id]
