@@ -57,20 +57,27 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(("a", "b", "method"), [("pr", "seq", "direct"), ("seq", "pr", "direct"),
-                                                ("rnda", "rndb", "relay")])
-def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: str, method: str) -> None:
-    a_in, a_out = _files(tmp_path, "a", 10_000_000)
-    b_in, b_out = _files(tmp_path, "b", 10_000_000)
-    listener = _listen(lab.host(b), f"{b}-l", b_in, b_out, tmp_path / "b.json")
-    done = lab.host(a).run([*PY, "connect", f"{b}-l", "--coordinator", COORD, "--id", f"{a}-c",
-                            "--report", str(tmp_path / "a.json")],
-                           stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
-                           stderr=subprocess.PIPE, timeout=120, env=env())
+def _netcat_pair(a: LabHost, a_id: str, b: LabHost, b_id: str, tmp: Path, size: int, *extra: str
+                 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``size`` random bytes each way between ``connect`` on ``a`` (with ``extra``) and ``listen --once`` on
+    ``b``, both in netcat mode; both exit 0 and both directions arrive intact (SHA-256). Returns the
+    connect run and its --report."""
+    a_in, a_out = _files(tmp, "a", size)
+    b_in, b_out = _files(tmp, "b", size)
+    listener = _listen(b, b_id, b_in, b_out, tmp / "b.json")
+    done = a.run([*PY, "connect", b_id, "--coordinator", COORD, "--id", a_id, "--report", str(tmp / "a.json"),
+                  *extra], stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
+                 stderr=subprocess.PIPE, timeout=120, env=env())
     assert done.returncode == 0, done.stderr
     assert listener.wait(60) == 0
     assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
-    report: dict[str, Any] = json.loads((tmp_path / "a.json").read_text())
+    return done, json.loads((tmp / "a.json").read_text())
+
+
+@pytest.mark.parametrize(("a", "b", "method"), [("pr", "seq", "direct"), ("seq", "pr", "direct"),
+                                                ("rnda", "rndb", "relay")])
+def test_netcat_mode_moves_10_mb_each_way(lab: Lab, tmp_path: Path, a: str, b: str, method: str) -> None:
+    done, report = _netcat_pair(lab.host(a), f"{a}-c", lab.host(b), f"{b}-l", tmp_path, 10_000_000)
     assert report["method"] == method
     assert report["peer"] == f"{b}-l"
     assert {"register", "total"} <= set(report["timings"])
@@ -84,19 +91,10 @@ def test_birthday_punch_and_its_opt_out(lab: Lab, tmp_path: Path, opt_out: bool,
                                         candidate: str | None) -> None:
     """symmetric-random -> port-restricted goes direct by birthday punching; --no-birthday on either side
     (here the connecting one) sends the pair to the relay at once."""
-    a_in, a_out = _files(tmp_path, "a", 1_000_000)
-    b_in, b_out = _files(tmp_path, "b", 1_000_000)
     suffix = "x" if opt_out else "b"
-    listener = _listen(lab.host("pr"), f"pr-{suffix}", b_in, b_out, tmp_path / "b.json")
     extra = ["--no-birthday"] if opt_out else []
-    done = lab.host("rnda").run([*PY, "connect", f"pr-{suffix}", "--coordinator", COORD, "--id", f"rnda-{suffix}",
-                                 "--report", str(tmp_path / "a.json"), *extra],
-                                stdin=a_in.open("rb"), stdout=a_out.open("wb"), capture_output=False,
-                                stderr=subprocess.PIPE, timeout=120, env=env())
-    assert done.returncode == 0, done.stderr
-    assert listener.wait(60) == 0
-    assert _sha(a_in) == _sha(b_out) and _sha(b_in) == _sha(a_out)
-    report: dict[str, Any] = json.loads((tmp_path / "a.json").read_text())
+    _, report = _netcat_pair(lab.host("rnda"), f"rnda-{suffix}", lab.host("pr"), f"pr-{suffix}", tmp_path, 1_000_000,
+                             *extra)
     assert report["method"] == method
     assert report["candidate"] == candidate
     if opt_out:
