@@ -6,17 +6,27 @@ ephemeral ports would run out). Steps, in one run:
 
 1. register 200 "active" peers; measure the rendezvous rate (a rendezvous = CONNECT sent -> the
    initiator's PUNCH received; both sides then report RESULT direct, which ends the session) with every
-   active peer keeping one CONNECT in flight, then CONNECT->PUNCH latency at a paced 1,000/s;
+   active peer keeping one CONNECT in flight, then CONNECT->PUNCH latency at a paced 1,000/s; each in
+   several windows (median and spread, since one window on a shared machine says little);
 2. register the idle peers (registrations/s; server RSS before/after -> memory per peer); every peer
    answers the server's keepalive pings all along;
 3. the same two measurements again, and the ratios.
+
+Trust the figures only as far as the machine let them be measured: every generator process measures its
+own event loop's lag (a late generator inflates the latencies it reports), and the server reports its own
+loop lag and garbage-collection pauses per phase. --pin puts the server on one CPU and the generator on
+the others: cleaner on a quiet machine, worse on a shared one (a pinned server cannot move away from
+other people's work: its loop lag went from 1.5 ms to 400 ms at a load average of 5 on 2 CPUs).
+--breakdown traces the server's Python allocations (tracemalloc, slower) to split the memory per peer into
+asyncio, ssl.py, coordinator and the rest (C allocations: OpenSSL and the allocators' overhead).
 
 Traffic goes to 127.0.0.1 only. Every phase has a time limit, the whole run a deadline; the generator
 and server processes are stopped by PID at the end. The server's soft RLIMIT_NOFILE is raised to its
 hard limit; the peer count is capped by that hard limit (printed) because each peer is one TCP connection.
 
-    python scripts/bench_coordinator.py                 # 200 vs 50,000 (or the fd cap), ~1-2 min
+    python scripts/bench_coordinator.py                 # 200 vs 50,000 (or the fd cap), ~2-4 min
     python scripts/bench_coordinator.py --peers 5000 --workers 2 --json
+    python scripts/bench_coordinator.py --peers 2000 --breakdown   # where the memory per peer goes
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -35,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -49,6 +61,52 @@ PHASE_LIMIT = 240.0  # seconds: no single command to a worker may take longer (T
 # Registrations in flight per generator process (= per source address): below the server's limit of
 # unauthenticated connections per source (max_unauthenticated_per_source, 64).
 REGISTER_CONCURRENCY = 48
+LAG_PROBE = 0.005  # seconds between two wake-ups of an event loop lag probe
+
+
+class LagProbe:
+    """How late an event loop runs a callback: a wake-up every LAG_PROBE s, lateness recorded. A loop that
+    is late by L delays every message it handles by up to L, so the latencies it reports carry that too."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PROBE
+            await asyncio.sleep(LAG_PROBE)  # the probe itself: how late this wake-up comes is the figure
+            self.lags.append(max(0.0, loop.time() - due))
+
+    def take(self) -> dict[str, float]:
+        """p99 and max lag (ms) since the last take."""
+        lags, self.lags = self.lags, []
+        if not lags:
+            return {"p99_ms": 0.0, "max_ms": 0.0}
+        return {"p99_ms": 1000 * percentile(lags, 0.99), "max_ms": 1000 * max(lags)}
+
+
+class GcPauses:
+    """The server's garbage collections (gc.callbacks): how many, the longest, the total, since the last take."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._started)
+
+    def take(self) -> dict[str, float]:
+        pauses, self.pauses = self.pauses, []
+        return {"count": len(pauses), "max_ms": 1000 * max(pauses, default=0.0), "total_ms": 1000 * sum(pauses)}
 
 
 def raise_nofile() -> int:
@@ -62,8 +120,11 @@ def raise_nofile() -> int:
 # ------------------------------------------------------------------------------------------- server
 
 
-def serve(port: int, max_connections: int) -> None:
-    """The coordinator under test (subprocess): default timings, logs at warning and GC settings as the CLI's."""
+def serve(port: int, max_connections: int, cpus: set[int] | None, breakdown: bool) -> None:
+    """The coordinator under test (subprocess): default timings, logs at warning and GC settings as the CLI's.
+
+    Each SIGUSR1 prints one JSON line: its loop lag and GC pauses since the last one (and with
+    ``breakdown``, its traced Python memory by where it was allocated)."""
     from tcppunch.cli.logging import configure_logging
     from tcppunch.cli.server_cmd import tune_gc
     from tcppunch.coordinator.auth import Tokens
@@ -71,13 +132,27 @@ def serve(port: int, max_connections: int) -> None:
     from tcppunch.session.identity import Identity
 
     raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     configure_logging("warning")
     tune_gc()  # as `tcppunch server` does
+    if breakdown:
+        tracemalloc.start()
+    pauses = GcPauses()
+
+    def report(probe: LagProbe) -> None:
+        line: dict[str, Any] = {"lag": probe.take(), "gc": pauses.take()}
+        if breakdown:
+            line["traced"] = traced_by_origin()
+        print(json.dumps(line), flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        probe = LagProbe()
+        probe.start()
+        loop.add_signal_handler(signal.SIGUSR1, report, probe)
         server = CoordinatorServer("127.0.0.1", port, Tokens(shared=os.environ["BENCH_TOKEN"]),
                                    max_connections=max_connections, identity=Identity.generate())
         async with server:
@@ -85,6 +160,21 @@ def serve(port: int, max_connections: int) -> None:
             await stop.wait()
 
     asyncio.run(main())
+
+
+ORIGINS = (("asyncio", "/asyncio/"), ("ssl.py", "/ssl.py"), ("socket.py", "/socket.py"),
+           ("coordinator", "/tcppunch/coordinator/"), ("tcppunch other", "/tcppunch/"))
+
+
+def traced_by_origin() -> dict[str, int]:
+    """Bytes of live Python allocations by where they were made (tracemalloc), after a full collection."""
+    gc.collect()
+    totals: dict[str, int] = {}
+    for stat in tracemalloc.take_snapshot().statistics("filename"):
+        name = stat.traceback[0].filename
+        origin = next((label for label, part in ORIGINS if part in name), "other")
+        totals[origin] = totals.get(origin, 0) + stat.size
+    return totals
 
 
 def rss_kib(pid: int) -> int:
@@ -173,6 +263,7 @@ class Worker:
     lost: int = 0
     keepalive: float = 0.0  # the longest keepalive interval a REGISTERED announced
     tls: ssl.SSLContext | None = None  # the control channel's TLS (one key for every generated peer)
+    lag: LagProbe = field(default_factory=LagProbe)
     _seq: int = 0
 
     def request_id(self) -> str:
@@ -248,17 +339,20 @@ class Worker:
                 "skipped": skipped}
 
 
-def worker_main(index: int, source_ip: str, server_port: int, pipe: Connection) -> None:
+def worker_main(index: int, source_ip: str, server_port: int, pipe: Connection, cpus: set[int] | None) -> None:
     from tcppunch.session.identity import Identity
     from tcppunch.session.secure import context
 
     raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     tls = context(Identity.generate(), server_side=False)
     asyncio.run(_worker_loop(Worker(index, source_ip, server_port, tls=tls), pipe))
 
 
 async def _worker_loop(worker: Worker, pipe: Connection) -> None:
     loop = asyncio.get_running_loop()
+    worker.lag.start()
     while True:
         command, args = await loop.run_in_executor(None, pipe.recv)
         if command == "stop":
@@ -268,6 +362,7 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
             pipe.send({})
             return
         started = time.perf_counter()
+        worker.lag.take()  # lag is reported per command
         try:
             if command == "register":
                 ids, concurrency, active = args
@@ -283,6 +378,7 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
         except Exception as exc:  # reported to the controller, which stops the run
             reply = {"failed": repr(exc)}
         reply["errors"], reply["lost"], reply["keepalive"] = worker.errors[:5], worker.lost, worker.keepalive
+        reply["lag"] = worker.lag.take()
         worker.errors.clear()
         pipe.send(reply)
 
@@ -291,14 +387,14 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
 
 
 class Run:
-    def __init__(self, workers: int, port: int, deadline: float) -> None:
+    def __init__(self, workers: int, port: int, deadline: float, cpus: set[int] | None = None) -> None:
         self.deadline = deadline
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         ctx = mp.get_context("fork")
         for w in range(workers):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(w, f"127.0.{10 + w}.1", port, theirs), daemon=True)
+            proc = ctx.Process(target=worker_main, args=(w, f"127.0.{10 + w}.1", port, theirs, cpus), daemon=True)
             proc.start()
             self.pipes.append(ours)
             self.procs.append(proc)
@@ -339,18 +435,64 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(run: Run, workers: int, duration: float, rate: float) -> dict[str, float]:
-    sat = run.each("saturate", [(duration,)] * workers)
-    count = sum(r["count"] for r in sat)
-    elapsed = max(r["elapsed"] for r in sat)
-    paced = run.each("paced", [(rate / workers, duration)] * workers)
-    lat = [x for r in paced for x in r["latencies"]]
+class ServerProbe:
+    """The server's own report (SIGUSR1 -> one JSON line on its stdout): loop lag, GC pauses, traced memory."""
+
+    def __init__(self, server: subprocess.Popen[str]) -> None:
+        self.server = server
+
+    def take(self) -> dict[str, Any]:
+        assert self.server.stdout is not None
+        self.server.send_signal(signal.SIGUSR1)
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError("the server ended")
+        report: dict[str, Any] = json.loads(line)
+        return report
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def worst_lag(replies: list[dict[str, Any]]) -> dict[str, float]:
+    """The generator's lag over all its processes: the worst p99 and the worst single delay."""
+    return {"p99_ms": max(r["lag"]["p99_ms"] for r in replies), "max_ms": max(r["lag"]["max_ms"] for r in replies)}
+
+
+def measure(run: Run, probe: ServerProbe, workers: int, windows: int, duration: float, rate: float) -> dict[str, Any]:
+    """``windows`` saturated windows (rendezvous/s each), then ``windows`` paced ones (latency each)."""
+    probe.take()  # start the server's lag and GC figures here
+    rates, sat_lags = [], []
+    for _ in range(windows):
+        sat = run.each("saturate", [(duration,)] * workers)
+        rates.append(sum(r["count"] for r in sat) / max(r["elapsed"] for r in sat))
+        sat_lags.append(worst_lag(sat))
+    server_sat = probe.take()
+    lat: list[float] = []
+    p99s, paced_rates, skipped, paced_lags = [], [], 0, []
+    for _ in range(windows):
+        paced = run.each("paced", [(rate / workers, duration)] * workers)
+        window = [x for r in paced for x in r["latencies"]]
+        lat += window
+        p99s.append(1000 * percentile(window, 0.99))
+        paced_rates.append(sum(r["count"] for r in paced) / max(r["elapsed"] for r in paced))
+        skipped += sum(r["skipped"] for r in paced)
+        paced_lags.append(worst_lag(paced))
+    server_paced = probe.take()
     return {
-        "rendezvous_per_s": count / elapsed,
-        "paced_rate": sum(r["count"] for r in paced) / max(r["elapsed"] for r in paced),
-        "paced_skipped": sum(r["skipped"] for r in paced),
+        "rendezvous_per_s": spread(rates),
+        "windows": windows,
+        "window_s": duration,
+        "paced_rate": statistics.median(paced_rates),
+        "paced_skipped": skipped,
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * percentile(lat, 0.99),
+        "p99_ms_per_window": spread(p99s),
+        "generator_lag_ms": {"saturated": max(x["p99_ms"] for x in sat_lags),
+                             "paced": max(x["p99_ms"] for x in paced_lags),
+                             "max": max(x["max_ms"] for x in sat_lags + paced_lags)},
+        "server": {"saturated": server_sat, "paced": server_paced},
     }
 
 
@@ -364,25 +506,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=50_000, help="registered peers in the large phase")
     parser.add_argument("--workers", type=int, default=4, help="load generator processes (one source IP each)")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement window")
+    parser.add_argument("--windows", type=int, default=5, help="measurement windows per figure (median, spread)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the server to one CPU and the generator to the others (on a quiet machine: the "
+                             "generator cannot take the server's CPU; on a shared one it can make the server wait)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="trace the server's Python allocations (slower) to split the memory per peer")
     parser.add_argument("--rate", type=float, default=1000.0, help="paced rendezvous/s for the latency figure")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-connections", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cpus", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        serve(args.serve, args.max_connections)
+        serve(args.serve, args.max_connections, {int(c) for c in args.cpus.split(",") if c}, args.breakdown)
         return 0
     deadline = time.monotonic() + RUN_DEADLINE
     hard = raise_nofile()
+    load_before = os.getloadavg()
     # The server holds one fd per peer; keep room for its listener, logs and the event loop.
     peers = min(args.peers, hard - 300)
+    cap = None
     if peers < args.peers:
-        print(f"note: {args.peers} peers requested, capped at {peers}: RLIMIT_NOFILE hard limit is {hard} "
-              "(raising it needs CAP_SYS_RESOURCE)", file=sys.stderr)
+        cap = (f"{args.peers:,} peers requested, capped at {peers:,}: the RLIMIT_NOFILE hard limit is {hard:,} and "
+               "every peer is one TCP connection of the one server process (raising it needs CAP_SYS_RESOURCE)")
+        print(f"note: {cap}", file=sys.stderr)
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, worker_cpus = (set(cpus[:1]), set(cpus[1:])) if len(cpus) >= 2 and args.pin else (None, None)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--max-connections", str(peers + 100)],
+        [sys.executable, __file__, "--serve", str(port), "--max-connections", str(peers + 100),
+         "--cpus", ",".join(map(str, sorted(server_cpus or ()))), *(["--breakdown"] if args.breakdown else [])],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "BENCH_TOKEN": TOKEN},
     )
     run: Run | None = None
@@ -391,19 +546,22 @@ def main() -> int:
         ready = server.stdout.readline()
         if not ready.startswith("ready"):
             raise RuntimeError(f"server did not start: {ready!r}")
-        run = Run(args.workers, port, deadline)
+        run = Run(args.workers, port, deadline, worker_cpus)
+        probe = ServerProbe(server)
         active = [f"a{i}" for i in range(ACTIVE)]
         rss0 = rss_kib(server.pid)
         run.each("register", [(ids, REGISTER_CONCURRENCY, True) for ids in split(active, args.workers)])
-        small = measure(run, args.workers, args.duration, args.rate)
+        small = measure(run, probe, args.workers, args.windows, args.duration, args.rate)
         idle = [f"i{i}" for i in range(peers - ACTIVE)]
+        before = probe.take()
         rss1 = rss_kib(server.pid)
         t0 = time.perf_counter()
         regs = run.each("register", [(ids, REGISTER_CONCURRENCY, False) for ids in split(idle, args.workers)])
         reg_elapsed = time.perf_counter() - t0
         registered = sum(r["count"] for r in regs)
+        after = probe.take()
         rss2 = rss_kib(server.pid)
-        large = measure(run, args.workers, args.duration, args.rate)
+        large = measure(run, probe, args.workers, args.windows, args.duration, args.rate)
         lost = sum(r["lost"] for r in run.each("stats", [None] * args.workers))
     finally:
         if run is not None:
@@ -417,18 +575,29 @@ def main() -> int:
     result = {
         "peers_small": ACTIVE,
         "peers_large": ACTIVE + registered,
+        "peer_cap": cap,
         "small": small,
         "large": large,
-        "rate_ratio": large["rendezvous_per_s"] / small["rendezvous_per_s"],
+        "rate_ratio": large["rendezvous_per_s"]["median"] / small["rendezvous_per_s"]["median"],
+        "rate_ratio_range": [large["rendezvous_per_s"]["min"] / small["rendezvous_per_s"]["max"],
+                             large["rendezvous_per_s"]["max"] / small["rendezvous_per_s"]["min"]],
         "registrations_per_s": registered / reg_elapsed,
         "rss_kib": {"start": rss0, "after_small": rss1, "after_large": rss2},
         "bytes_per_peer": (rss2 - rss1) * 1024 / max(registered, 1),
+        "registration_server": {"lag": after["lag"], "gc": after["gc"]},
         "connections_lost": lost,
         "keepalive_interval_max": max(r["keepalive"] for r in regs),
         "workers": args.workers,
+        "pinning": ({"server_cpus": sorted(server_cpus), "generator_cpus": sorted(worker_cpus or ())}
+                    if server_cpus else None),
         "nofile_hard_limit": hard,
-        "load_average": os.getloadavg(),
+        "load_average": {"start": load_before, "end": os.getloadavg()},
     }
+    if args.breakdown:
+        result["traced_bytes_per_peer"] = {
+            origin: (after["traced"].get(origin, 0) - before["traced"].get(origin, 0)) / max(registered, 1)
+            for origin in sorted(set(after["traced"]) | set(before["traced"]))
+        }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -437,18 +606,49 @@ def main() -> int:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print("| registered peers | rendezvous/s (saturated) | CONNECT->PUNCH p50 | p99 | at paced rate |")
-    print("|---|---|---|---|---|")
+    m0 = r["small"]
+    print(f"{m0['windows']} windows of {m0['window_s']:g} s per figure; rendezvous/s as median [min-max] of the "
+          "saturated windows; latency at the paced rate over all its windows")
+    print("| registered peers | rendezvous/s (saturated) | CONNECT->PUNCH p50 | p99 | p99 per window | at paced rate "
+          "| generator loop lag p99 | server loop lag p99 / max | server GC pauses (n, longest) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key in ("small", "large"):
         m = r[key]
-        print(f"| {r['peers_' + key]:,} | {m['rendezvous_per_s']:,.0f} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms"
-              f" | {m['paced_rate']:,.0f}/s (skipped {m['paced_skipped']}) |")
-    print(f"rate ratio {r['peers_large']:,} / {r['peers_small']} peers: {r['rate_ratio']:.2f} (goal >= 0.8)")
-    print(f"registrations/s: {r['registrations_per_s']:,.0f}")
+        rate, p99w, srv = m["rendezvous_per_s"], m["p99_ms_per_window"], m["server"]["paced"]
+        gen = m["generator_lag_ms"]
+        print(f"| {r['peers_' + key]:,} | {rate['median']:,.0f} [{rate['min']:,.0f}-{rate['max']:,.0f}] "
+              f"| {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms "
+              f"| {p99w['median']:.1f} [{p99w['min']:.1f}-{p99w['max']:.1f}] ms "
+              f"| {m['paced_rate']:,.0f}/s (skipped {m['paced_skipped']}) "
+              f"| {gen['paced']:.1f} ms (saturated {gen['saturated']:.1f}) "
+              f"| {srv['lag']['p99_ms']:.1f} / {srv['lag']['max_ms']:.1f} ms "
+              f"| {srv['gc']['count']}, {srv['gc']['max_ms']:.1f} ms |")
+    lo, hi = r["rate_ratio_range"]
+    print(f"rate ratio {r['peers_large']:,} / {r['peers_small']} peers: {r['rate_ratio']:.2f} "
+          f"(medians; {lo:.2f}-{hi:.2f} from the windows' extremes; goal >= 0.8)")
+    if r["peer_cap"]:
+        print(f"peer cap: {r['peer_cap']}")
+    reg = r["registration_server"]
+    print(f"registrations/s: {r['registrations_per_s']:,.0f} (server loop lag p99 {reg['lag']['p99_ms']:.1f} ms, "
+          f"{reg['gc']['count']} GC pauses, longest {reg['gc']['max_ms']:.1f} ms)")
     print(f"server memory per registered peer: {r['bytes_per_peer']:,.0f} bytes (RSS delta; goal <= 8192)")
+    if "traced_bytes_per_peer" in r:
+        traced = r["traced_bytes_per_peer"]
+        python = sum(traced.values())
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(traced.items(), key=lambda kv: -kv[1]))
+        print(f"  Python objects (tracemalloc): {python:,.0f} B/peer ({parts}); the rest of the RSS delta, "
+              f"{r['bytes_per_peer'] - python:,.0f} B/peer, is C memory: OpenSSL and the allocators' overhead "
+              "(tracemalloc's own bookkeeping inflates RSS in this mode; take the RSS figure from a run without it)")
     print(f"control connections lost during the run: {r['connections_lost']}; longest keepalive interval "
           f"announced: {r['keepalive_interval_max']:g} s (the server's keepalive budget, 1,000 pings/s)")
-    print("machine load average (1, 5, 15 min) at the end: {:.1f} {:.1f} {:.1f}".format(*r["load_average"]))
+    pin = r["pinning"]
+    print("CPUs: " + (f"server pinned to {pin['server_cpus']}, generator to {pin['generator_cpus']}" if pin else
+                      "not pinned (see --pin): server and generator share the CPUs"))
+    la, lb = r["load_average"]["start"], r["load_average"]["end"]
+    print("machine load average (1, 5, 15 min): at the start {:.1f} {:.1f} {:.1f}, at the end {:.1f} {:.1f} {:.1f} "
+          "(other processes compete with this run when it is above the CPU count)".format(*la, *lb))
+    print("a generator loop lag of L ms means its latencies may be up to L ms late on their own: trust p99 only "
+          "well above the generator's lag")
 
 
 if __name__ == "__main__":
