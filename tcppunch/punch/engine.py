@@ -248,6 +248,7 @@ class _Punch:
             birthday=None if plan.birthday is None else plan.birthday.side.value,
             birthday_syns=sum(1 for c in plan.candidates if c.kind is CandidateKind.BIRTHDAY) or None,
             fire_in=round(plan.fire_at - self.loop.time(), 4),
+            resyn_after=plan.resyn_after,
         )
         handed_over = False
         try:

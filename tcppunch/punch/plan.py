@@ -100,15 +100,18 @@ SLOW_RETRY = RetryPolicy(base=0.2, fast_window=0.0, cap=1.0, jitter=0.5, max_tri
 
 # Re-sending a SYN that got no answer (``PunchPlan.resyn_after``) needs a fresh socket with a new initial
 # sequence number: two sockets cannot hold one 4-tuple, so the first must be closed. If our first SYN did
-# reach the peer and only its SYN-ACK is late or lost, the peer sits in SYN_RECV with our old sequence
-# number: our new socket answers its SYN-ACK (or challenge ACK) with a RST and kills that simultaneous
-# open (on a path with 5 % loss this sent 3 of 21 direct pairs to the relay). So the re-send waits a few
-# round trips to the peer (a SYN-ACK that is merely late has arrived by then), happens at most
-# ``MAX_RESYNS`` times per candidate, and not at all when it would come close to the kernel's own
-# retransmission (1 s after the SYN, same sequence number: always safe).
+# reach the peer and only its answer was lost, the peer sits in SYN_RECV with our old sequence number: our
+# new socket answers its SYN-ACK with a RST, which kills that simultaneous open and closes both NATs'
+# conntrack entries, after which the routers answer each side's SYNs with RST until the deadline (on a
+# path with 5 % loss: relay fallbacks; docs/punching.md "Loss"). Waiting a few round trips does not help
+# against a lost answer. What a re-send buys is a SYN past a NAT that dropped it because the peer's own
+# SYN had not left yet: fire-time skew larger than the one-way delay, i.e. short paths. So re-send only
+# there: after RESYN_RTTS round trips to the peer (at least RESYN_FLOOR), once, and not at all when that
+# comes later than RESYN_CEILING (a peer that far away is not out-skewed; the kernel's retransmission at
+# 1 s, same sequence number, is always safe).
 RESYN_FLOOR = 0.25  # never sooner: fire-time skew on short paths
 RESYN_RTTS = 2.0  # round trips to the peer (an upper bound of it, see peer_rtt_bound) before re-sending
-RESYN_CEILING = 0.75  # later than this the kernel's retransmission at 1 s does the job without the risk
+RESYN_CEILING = 0.3  # re-send only to peers whose round-trip bound is at most 150 ms
 MAX_RESYNS = 1
 
 
