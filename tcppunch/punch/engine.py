@@ -17,7 +17,7 @@ A thin asyncio driver around :mod:`tcppunch.punch.handshake` (the protocol) and
    waiting for the kernel's 1 s retransmission), at most ``plan.max_resyns`` times — but only while the
    socket is still in ``SYN_SENT``, where closing sends nothing; a socket further into a simultaneous open
    is never abandoned. (The peer may hold our first SYN in SYN_RECV while its SYN-ACK is lost: the fresh
-   socket would reset that, hence few re-sends, a few round trips apart; see plan.resyn_delay.)
+   socket would reset that, hence one re-send, and only to near peers; see plan.resyn_delay.)
 4. Every connection (from connect or accept) sends HELLO and checks the peer's; the initiator sends
    SELECT on the first verified one; the responder's winner is where SELECT arrives.
 5. Everything else is closed quietly (no SO_LINGER 0, see :func:`close_quietly`); our own listener too.
