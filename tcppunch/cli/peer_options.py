@@ -12,22 +12,23 @@ from typing import Any
 
 import click
 
-from tcppunch.cli.params import EndpointType
+from tcppunch.cli.params import COORDINATOR_HELP, CoordinatorType
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.peer import Connection, Peer, RelayMode
+from tcppunch.peer.coordinators import CoordinatorName
 from tcppunch.peer.sessions import PeerSession
 from tcppunch.punch.birthday import DEFAULT_LIMITS
 from tcppunch.session.identity import IdentityError
-from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.natreport import NatReport
 
 
 def peer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: the options shared by connect, listen and vpn (they reach :func:`peer_from_options`)."""
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-        click.option("--coordinator", type=EndpointType(resolve=False), required=True, multiple=True,
+        click.option("--coordinator", type=CoordinatorType(), required=True, multiple=True,
                      help="The tcppunch server, HOST:PORT (port 3478 if omitted). Repeat it for the servers of a "
-                          "cluster: we register at the first that answers and move to the next if it fails."),
+                          "cluster: we register at the first that answers and move to the next if it fails. "
+                          + COORDINATOR_HELP),
         click.option("--id", "peer_id", required=True, help="Our name at the coordinator."),
         token_options,
         identity_option("identity.key"),
@@ -81,10 +82,10 @@ def _progress(quiet: bool) -> Callable[[str, dict[str, Any]], None] | None:
     return show
 
 
-def peer_from_options(*, coordinator: Sequence[Endpoint], peer_id: str, token_file: str | None, token_arg: str | None,
-          identity_path: str | None, known_peers: str | None, coordinator_key: str | None, trust_coordinator: bool,
-          relay: str, port: int, nat_report: str | None, no_detect: bool, no_birthday: bool, quiet: bool,
-          port_mapping: bool = False, no_ipv6: bool = False, **trust: Any) -> Peer:
+def peer_from_options(*, coordinator: Sequence[CoordinatorName], peer_id: str, token_file: str | None,
+          token_arg: str | None, identity_path: str | None, known_peers: str | None, coordinator_key: str | None,
+          trust_coordinator: bool, relay: str, port: int, nat_report: str | None, no_detect: bool,
+          no_birthday: bool, quiet: bool, port_mapping: bool = False, no_ipv6: bool = False, **trust: Any) -> Peer:
     """A Peer from the options every peer command shares; ``trust``: peer_keys / allow for this command."""
     token = token_from(token_file, token_arg)
     assert token is not None

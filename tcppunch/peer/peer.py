@@ -31,6 +31,7 @@ from tcppunch.nat.local import local_network
 from tcppunch.nat.retry import ConnectBudget, ConnectRetryError
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
+from tcppunch.peer.coordinators import CoordinatorName, Coordinators
 from tcppunch.peer.race import RELAY_AFTER, ConnectionRace, Established
 from tcppunch.peer.sessions import (
     PREFACE_DEDICATED,
@@ -59,7 +60,6 @@ from tcppunch.wire.natreport import MappingBehaviour, NatReport, PortMapping, Po
 T = TypeVar("T")
 log = structlog.get_logger("tcppunch.peer")
 
-DEFAULT_PORT = 3478
 # Registering again after the control connection dropped: 0.1 s doubling to 5 s, about 4 minutes in all.
 REREGISTER_ATTEMPTS = 55
 # Behind a sequential NAT the peers predict our next public port from the last one the coordinator knows.
@@ -79,6 +79,10 @@ START_BUDGET = 30.0
 class Peer:
     """One registered peer. Serves many concurrent :meth:`connect` and incoming connections.
 
+    ``coordinator``: HOST:PORT, or several (a cluster: we register at the first that answers and move on
+    when it fails). A host name stands for all its addresses (A and AAAA, families interleaved), resolved
+    at :meth:`start` and again each time we must register again (:mod:`tcppunch.peer.coordinators`).
+
     ``nat``: this host's NAT report; when None and ``detect_nat`` is true, :meth:`start` measures it
     against the coordinator (the same HOST:PORT serves STUN), which peers need to predict ports and to
     know when only a relay can work. ``port``: the local port to punch from (0: any free one).
@@ -86,7 +90,8 @@ class Peer:
     relayed, refused, incoming_failed, ...). ``accept_filter(peer_id, peer_nat)``: asked for each incoming
     session before any punching; False refuses it (the caller's ``connect()`` fails with code
     ``cancelled`` and a reason that says ``refused``). ``ipv6``: announce this host's global IPv6 address
-    (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4. ``birthday``:
+    (with the punch port) and race it first, Happy-Eyeballs style; False keeps to IPv4 (also leaving out
+    the IPv6 addresses of a coordinator's host name). ``birthday``:
     the limits of birthday punching (docs/punching.md), used when one NAT maps randomly and the other
     filters by port; None opts out (the coordinator then sends those sessions to the relay).
     ``port_mapping``: before registering, ask the default gateway to map the punch port (True: PCP,
@@ -110,7 +115,7 @@ class Peer:
 
     def __init__(
         self,
-        coordinator: Endpoint | str | Sequence[Endpoint | str],
+        coordinator: Endpoint | str | CoordinatorName | Sequence[Endpoint | str | CoordinatorName],
         peer_id: str,
         token: str,
         *,
@@ -136,11 +141,10 @@ class Peer:
         encrypt: bool = True,
         session_keepalive: tuple[float, float] = (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT),
     ) -> None:
-        # Several coordinators (a cluster): register at the first that answers, fail over to the next.
-        listed = [coordinator] if isinstance(coordinator, (str, Endpoint)) else list(coordinator)
-        if not listed:
-            raise ValueError("give at least one coordinator")
-        self.coordinators = tuple(Endpoint.parse(c, DEFAULT_PORT) if isinstance(c, str) else c for c in listed)
+        # Several coordinators (a cluster; host names stand for all their addresses): register at the first
+        # that answers, fail over to the next.
+        listed = [coordinator] if isinstance(coordinator, (str, Endpoint, CoordinatorName)) else list(coordinator)
+        self._coordinators = Coordinators(listed, ipv6=ipv6)
         self._current = 0
         self.peer_id = peer_id
         self.relay_mode = relay
@@ -195,9 +199,30 @@ class Peer:
                                      keepalive=(interval, timeout))
 
     @property
+    def coordinators(self) -> tuple[Endpoint, ...]:
+        """The coordinator addresses we try, in order (host names' after :meth:`start` resolved them)."""
+        return self._coordinators.candidates
+
+    @property
     def coordinator(self) -> Endpoint:
         """The coordinator we are registered at (or will try first)."""
+        if not self.coordinators:
+            raise RuntimeError("the coordinator's host name is resolved by start()")
         return self.coordinators[self._current]
+
+    async def _resolve_coordinators(self, *, strict: bool) -> bool:
+        """Resolve the coordinators' host names (again), keeping our place in the list; whether the current
+        address is still in it. ``strict`` (at start): a name without an address raises, naming it."""
+        current = self.coordinators[self._current] if self.coordinators else None
+        before = {name: self._coordinators.addresses(name) for name in self._coordinators.names}
+        for error in await self._coordinators.resolve(strict=strict):
+            self._stage("resolve_failed", {"coordinator": str(error.name), "error": str(error)})
+        for name, was in before.items():
+            now = self._coordinators.addresses(name)
+            if name.literal is None and now != was:
+                self._stage("resolved", {"coordinator": str(name), "addresses": ",".join(map(str, now))})
+        self._current = self.coordinators.index(current) if current in self.coordinators else 0
+        return current in self.coordinators
 
     @property
     def register_attempts(self) -> int:
@@ -217,6 +242,7 @@ class Peer:
         """Measure the NAT (unless given), register, and start answering incoming punch orders."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        await self._resolve_coordinators(strict=True)
         if self._detect:
             nat = self.nat = await self._within_start_budget(self._detect_at_any, started)
             self.timings["detect"] = loop.time() - started
@@ -352,7 +378,9 @@ class Peer:
             self._stage("reconnecting", {"attempt": attempt, "in_seconds": round(delay, 2)})
             await asyncio.sleep(delay)  # back-off between attempts, not a synchronisation
             try:
-                await self._register(local, skip_current=attempt == 1)
+                # a DNS change is followed: a name may point elsewhere now
+                kept = await self._resolve_coordinators(strict=False)
+                await self._register(local, skip_current=attempt == 1 and kept)
                 return True
             except (CoordinatorError, OSError, TimeoutError, SecureError) as exc:
                 self._log.info("peer.register_failed", attempt=attempt, error=str(exc))
@@ -824,7 +852,7 @@ class Peer:
 
         def verify(fingerprint: str) -> None:
             # ids are names at a coordinator (or a cluster of them: named by the first listed)
-            self.trust.check_peer(info.peer, fingerprint, scope=str(self.coordinators[0]), claimed=info.claimed_key)
+            self.trust.check_peer(info.peer, fingerprint, scope=self._coordinators.scope, claimed=info.claimed_key)
 
         spec = ChannelSpec(self.identity, info.session_id, info.role.value, self.peer_id, info.peer, verify,
                            purpose=preface.decode("ascii", "replace"))
@@ -856,7 +884,9 @@ class Peer:
             raise
 
     def _check_coordinator(self, fingerprint: str) -> None:
-        self.trust.check_coordinator(str(self.coordinator), fingerprint, self.coordinator_key)
+        # held per name: every address of a host name must hold the pin, or the key the name had
+        self.trust.check_coordinator(self._coordinators.trust_scope(self.coordinator), fingerprint,
+                                     self.coordinator_key)
 
     async def _give_up(self, progress: _Progress, message: str, code: FailureCode, reported: str) -> ConnectFailed:
         """Tell the coordinator the session failed (so the other side stops too); the error to raise."""

@@ -37,10 +37,7 @@ class Endpoint:
         IPv4 answer wins, else the first IPv6 one): the stack below the CLI only ever handles IP literals.
         """
         text = text.strip()
-        host, port_text = _split(text)
-        port = _port(text, port_text, default_port)
-        if not host:
-            raise ValueError(f"{text!r}: missing host")
+        host, port = split_host_port(text, default_port)
         try:
             return cls(str(ipaddress.ip_address(host)), port)
         except ValueError:
@@ -64,6 +61,17 @@ def routable_ipv6(ip: str) -> bool:
         return False
     return not (addr.is_loopback or addr.is_link_local or addr.is_site_local or addr.is_multicast
                 or addr.is_unspecified or addr.ipv4_mapped is not None or addr in _ULA)
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``HOST`` (with ``default_port``) -> (host, port), the host unchecked;
+    ValueError if malformed. The one HOST:PORT grammar: :meth:`Endpoint.parse` and host names use it."""
+    text = text.strip()
+    host, port_text = _split(text)
+    port = _port(text, port_text, default_port)
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    return host, port
 
 
 def _split(text: str) -> tuple[str, str]:

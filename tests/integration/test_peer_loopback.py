@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from tcppunch.coordinator.auth import Tokens
 from tcppunch.coordinator.control import ControlChannel
 from tcppunch.coordinator.server import CoordinatorServer
 from tcppunch.peer import BlockingPeer, ConnectFailed, Connection, Method, Peer, RelayMode
+from tcppunch.session.secure import SecureError
 from tcppunch.wire.coord import Outcome
 from tcppunch.wire.endpoint import Endpoint
 from tests.loopback import SERVER_IDENTITY, free_port, loopback_coordinator
@@ -311,3 +313,27 @@ def test_a_spent_connect_budget_is_not_tried_again() -> None:
 def test_session_keepalive_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="session_keepalive"):
         Peer(Endpoint("127.0.0.1", 3478), "erin", TOKEN, session_keepalive=(0.0, 3.0))
+
+
+def test_coordinator_by_host_name_is_resolved_and_its_key_known_under_the_name(tmp_path: Path) -> None:
+    """A host name (here ``localhost``, from /etc/hosts) stands for its addresses; the coordinator's key
+    is recorded under the name, so every address of it is held to that key."""
+    known = tmp_path / "known_peers"
+
+    async def scenario() -> None:
+        async with coordinator() as where:
+            name = f"localhost:{where.port}"
+            async with Peer(name, "bob", TOKEN, detect_nat=False, known_peers=known) as bob, \
+                    Peer(where, "alice", TOKEN, detect_nat=False, known_peers=None) as alice:
+                assert bob.coordinator == where and bob.coordinators[0] == where
+                outgoing, incoming = await asyncio.gather(alice.connect("bob"), bob.accept(timeout=15))
+                assert await _exchange(outgoing, incoming, 200_000) == (True, True)
+            entries = dict(line.split() for line in known.read_text().splitlines())
+            assert f"coordinator:{name}" in entries and f"coordinator:{where}" not in entries
+            # a pin that the coordinator does not hold ends start() before registering
+            with pytest.raises(SecureError, match="--coordinator-key"):
+                async with Peer(name, "carol", TOKEN, detect_nat=False, known_peers=None,
+                                coordinator_key="A" * 32):
+                    pass
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

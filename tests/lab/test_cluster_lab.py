@@ -50,13 +50,31 @@ def redis_in(host: LabHost) -> Iterator[str]:
         stop(proc)
 
 
-def coordinator(host: LabHost, listen: str, alt: str, alt_port: int, url: str) -> subprocess.Popen[str]:
-    proc = host.popen([*PY, "server", "--listen", listen, "--alt-address", alt, "--alt-port", str(alt_port),
+def coordinator(host: LabHost, listen: str, alt: str | None, alt_port: int, url: str) -> subprocess.Popen[str]:
+    """A node of the cluster; ``alt`` None: without --alt-address (which binds the listen port on it too)."""
+    second = [] if alt is None else ["--alt-address", alt, "--alt-port", str(alt_port)]
+    proc = host.popen([*PY, "server", "--listen", listen, *second,
                        "--redis", url, "--keepalive-interval", str(KEEPALIVE), "--relay-max-mb", str(RELAY_MB)],
                       stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
     seen: list[str] = []
     assert proc.stderr is not None and wait_for_line(proc.stderr, "cluster node", 20, seen), seen
     return proc
+
+
+def serving_bob(host: LabHost, directory: Path, where: str) -> list[subprocess.Popen[str]]:
+    """An HTTP server for ``directory`` on ``host``'s loopback and bob forwarding to it, registered at ``where``
+    (both started, bob's registration awaited; stop them by PID)."""
+    web = host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
+                      "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bob = host.popen([*PY, "listen", "--coordinator", where, "--id", "bob", "--forward", "127.0.0.1:8080",
+                      "--allow-any"], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
+    seen: list[str] = []
+    ready = bob.stderr is not None and wait_for_line(bob.stderr, "listening as", 30, seen)
+    if not ready:
+        stop(bob)
+        stop(web)
+    assert ready, seen
+    return [web, bob]
 
 
 def forwarder(host: LabHost, peer_id: str, port: int, *coordinators: str, relay: str = "auto"
@@ -97,14 +115,7 @@ def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) ->
             a = coordinator(lab.server, A, "198.51.100.11", 3479, url)
             procs.append(a)
             procs.append(coordinator(lab.server, B, "198.51.100.10", 4479, url))
-            procs.append(bob_host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
-                                         "--directory", str(tmp_path)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            bob = bob_host.popen([*PY, "listen", "--coordinator", B, "--id", "bob", "--forward", "127.0.0.1:8080",
-                                  "--allow-any"], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
-            procs.append(bob)
-            seen: list[str] = []
-            assert bob.stderr is not None and wait_for_line(bob.stderr, "listening as", 30, seen), seen
+            procs += serving_bob(bob_host, tmp_path, B)
 
             alice, alice_log = forwarder(alice_host, "alice", 9000, A, B)
             procs.append(alice)
