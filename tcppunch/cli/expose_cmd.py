@@ -12,11 +12,12 @@ import json
 
 import click
 
-from tcppunch.cli.params import EndpointType
+from tcppunch.cli.params import COORDINATOR_HELP, CoordinatorType, EndpointType
 from tcppunch.cli.running import run_command, until_signal
 from tcppunch.cli.secrets import identity_option, key_id, load_identity, token_from, token_options
 from tcppunch.coordinator.control import ControlChannel
-from tcppunch.peer.expose import VisitorDone, keep_exposed
+from tcppunch.peer.coordinators import CoordinatorName, Coordinators
+from tcppunch.peer.expose import VisitorDone, keep_exposed, registered_channel
 from tcppunch.session.identity import KnownPeers, TrustPolicy
 from tcppunch.wire.coord import Exposed
 from tcppunch.wire.endpoint import Endpoint
@@ -24,8 +25,9 @@ from tcppunch.wire.proxy_protocol import ProxyVersion
 
 
 @click.command("expose")
-@click.option("--coordinator", type=EndpointType(resolve=False), required=True,
-              help="The tcppunch server, HOST:PORT (port 3478 if omitted); it must allow --remote-port.")
+@click.option("--coordinator", type=CoordinatorType(), required=True, multiple=True,
+              help="The tcppunch server, HOST:PORT (port 3478 if omitted); it must allow --remote-port. Repeat it "
+                   "for the servers of a cluster: we expose at the first that answers. " + COORDINATOR_HELP)
 @click.option("--id", "peer_id", required=True, help="Our name at the coordinator.")
 @token_options
 @identity_option("identity.key")
@@ -42,10 +44,10 @@ from tcppunch.wire.proxy_protocol import ProxyVersion
                    "bytes, so it learns the visitor's address. The service must expect it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per event on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
-def expose_command(coordinator: Endpoint, peer_id: str, token_file: str | None, token_arg: str | None,
-                   identity_path: str | None, coordinator_key: str | None, known_peers: str | None,
-                   remote_port: int, forward: Endpoint, proxy_protocol: str | None, as_json: bool,
-                   quiet: bool) -> None:
+def expose_command(coordinator: tuple[CoordinatorName, ...], peer_id: str, token_file: str | None,
+                   token_arg: str | None, identity_path: str | None, coordinator_key: str | None,
+                   known_peers: str | None, remote_port: int, forward: Endpoint, proxy_protocol: str | None,
+                   as_json: bool, quiet: bool) -> None:
     """Expose the local service --forward at --remote-port of the server, for any TCP client (curl, a
     browser, a webhook), like frp's tcp proxy. Runs until interrupted; the port closes when it stops.
 
@@ -64,10 +66,19 @@ def expose_command(coordinator: Endpoint, peer_id: str, token_file: str | None, 
     pin = key_id(coordinator_key, "--coordinator-key")
     trust = TrustPolicy(known=KnownPeers(known_peers) if known_peers else KnownPeers.default())
 
-    def channel() -> ControlChannel:
-        """The control connection: TLS with our key, the coordinator's key pinned or known."""
-        return ControlChannel(coordinator, peer_id, token, identity=identity,
-                              verify_coordinator=lambda key: trust.check_coordinator(str(coordinator), key, pin))
+    coordinators = Coordinators(coordinator)
+    started = False
+
+    def channel_for(where: Endpoint) -> ControlChannel:
+        """The control connection: TLS with our key, the coordinator's key pinned or known (per name)."""
+        scope = coordinators.trust_scope(where)
+        return ControlChannel(where, peer_id, token, identity=identity,
+                              verify_coordinator=lambda key: trust.check_coordinator(scope, key, pin))
+
+    async def channel() -> ControlChannel:
+        nonlocal started
+        strict, started = not started, True  # a name without an address is an error at start only
+        return await registered_channel(coordinators, channel_for, strict=strict)
 
     def report(done: VisitorDone) -> None:
         if as_json:

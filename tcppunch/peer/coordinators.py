@@ -21,8 +21,15 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
+from typing import TypeVar
 
+import structlog
+
+from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.wire.endpoint import Endpoint, split_host_port
+
+T = TypeVar("T")
+log = structlog.get_logger("tcppunch.peer")
 
 DEFAULT_PORT = 3478
 # The longest one resolution may take before the name counts as unresolved this time. glibc's own
@@ -168,3 +175,23 @@ class Coordinators:
                 scopes.setdefault(endpoint, str(name))
         self._scopes = scopes
         return tuple(scopes)
+
+
+async def first_answer(candidates: Sequence[Endpoint], attempt: Callable[[Endpoint], Awaitable[T]], *,
+                       start: int = 0) -> T:
+    """``attempt`` (register, expose...) at each candidate in turn, from index ``start`` round the list:
+    the first success. Else raises the last error, a coordinator's answer (id-taken, bad-token) before
+    another one's silence or refusal, which says less. A wrong key (SecureError) ends it at once."""
+    if not candidates:
+        raise ValueError("no coordinator address to try")
+    errors: list[Exception] = []
+    for turn in range(len(candidates)):
+        where = candidates[(start + turn) % len(candidates)]
+        try:
+            return await attempt(where)
+        except (CoordinatorError, OSError, TimeoutError) as exc:
+            errors.append(exc)
+            if len(candidates) > 1:
+                log.info("peer.coordinator_failed", coordinator=str(where), error=str(exc))
+    answers = [e for e in errors if isinstance(e, CoordinatorError)]
+    raise (answers or errors)[-1]

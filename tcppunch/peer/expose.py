@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from tcppunch.coordinator.control import ControlChannel, CoordinatorError, join_visitor
+from tcppunch.peer.coordinators import Coordinators, first_answer
 from tcppunch.relay import RelayEnd, RelayStats, relay
 from tcppunch.wire.coord import ErrorCode, Exposed, Visitor
 from tcppunch.wire.endpoint import Endpoint
@@ -164,7 +165,7 @@ def _describe(exc: BaseException, forward: Endpoint) -> str:
 
 
 async def keep_exposed(
-    connect: Callable[[], ControlChannel],
+    connect: Callable[[], Awaitable[ControlChannel]],
     remote_port: int,
     forward: Endpoint,
     *,
@@ -177,7 +178,8 @@ async def keep_exposed(
 ) -> None:
     """Expose ``remote_port`` and carry its visitors; when the control connection is lost (the server
     restarted, the path broke), register and expose again, with back-off (``retry_first`` doubling to
-    ``retry_max``), until cancelled. ``connect`` makes a new, unregistered :class:`ControlChannel`.
+    ``retry_max``), until cancelled. ``connect`` makes a new, registered :class:`ControlChannel`
+    (:func:`registered_channel`: at the first coordinator address that answers).
 
     The first attempt's failure is raised (nothing was ever exposed: a wrong address, token or port is
     more likely than an outage), and so is a :data:`PERMANENT` refusal at any time.
@@ -185,7 +187,8 @@ async def keep_exposed(
     delay, exposed_once = retry_first, False
     while True:
         try:
-            async with connect() as channel:
+            channel = await connect()
+            try:
                 exposer = Exposer(channel, forward, proxy_protocol=proxy_protocol, on_done=on_done)
                 exposed = await exposer.expose(remote_port)
                 exposed_once, delay = True, retry_first
@@ -193,6 +196,8 @@ async def keep_exposed(
                     on_exposed(exposed)
                 await exposer.serve()
                 error = channel.error
+            finally:
+                await channel.close()
             reason = "the coordinator closed the connection" if error is None else f"{error.message} ({error.code})"
         except CoordinatorError as exc:
             if not exposed_once or exc.code in PERMANENT:
@@ -207,3 +212,18 @@ async def keep_exposed(
             on_lost(reason, delay)
         await asyncio.sleep(delay)  # back-off between attempts to reach the coordinator again
         delay = min(delay * 2, retry_max)
+
+
+async def registered_channel(coordinators: Coordinators, channel_for: Callable[[Endpoint], ControlChannel],
+                             *, strict: bool) -> ControlChannel:
+    """A control channel registered at the first of ``coordinators`` that answers, their host names looked
+    up (again) first: ``strict`` (the first time) raises for a name without an address."""
+    for error in await coordinators.resolve(strict=strict):
+        log.info("expose.resolve_failed", error=str(error))
+
+    async def register(where: Endpoint) -> ControlChannel:
+        channel = channel_for(where)
+        await channel.register()  # closes the channel itself when it fails
+        return channel
+
+    return await first_answer(coordinators.candidates, register)

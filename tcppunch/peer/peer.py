@@ -31,7 +31,7 @@ from tcppunch.nat.local import local_network
 from tcppunch.nat.retry import ConnectBudget, ConnectRetryError
 from tcppunch.nat.sockets import endpoint_of, family_of, route_source_ip
 from tcppunch.nat.tcp_tests import StunTcpError, TcpStunConnection, mapped_endpoint
-from tcppunch.peer.coordinators import CoordinatorName, Coordinators
+from tcppunch.peer.coordinators import CoordinatorName, Coordinators, first_answer
 from tcppunch.peer.race import RELAY_AFTER, ConnectionRace, Established
 from tcppunch.peer.sessions import (
     PREFACE_DEDICATED,
@@ -325,20 +325,12 @@ class Peer:
     async def _register(self, local: Endpoint, *, skip_current: bool = False) -> Registration:
         """Register at the current coordinator, else at each other one in turn (``skip_current``: begin
         with the next, the current one just dropped us); raises the last one's error."""
-        count = len(self.coordinators)
-        start = self._current + (1 if skip_current and count > 1 else 0)
-        errors: list[Exception] = []
-        for turn in range(count):
-            self._current = (start + turn) % count
-            try:
-                return await self._register_here(local)
-            except (CoordinatorError, OSError, TimeoutError) as exc:
-                errors.append(exc)
-                if count > 1:
-                    self._log.info("peer.coordinator_failed", coordinator=str(self.coordinator), error=str(exc))
-        # A coordinator's answer (id-taken, bad-token) says more than another one's silence or refusal.
-        answers = [e for e in errors if isinstance(e, CoordinatorError)]
-        raise (answers or errors)[-1]
+        def here(where: Endpoint) -> Coroutine[Any, Any, Registration]:
+            self._current = self.coordinators.index(where)
+            return self._register_here(local)
+
+        skip = 1 if skip_current and len(self.coordinators) > 1 else 0
+        return await first_answer(self.coordinators, here, start=self._current + skip)
 
     async def _register_here(self, local: Endpoint) -> Registration:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -18,7 +19,8 @@ from tcppunch.coordinator.control import ControlChannel, CoordinatorError
 from tcppunch.coordinator.expose import ExposeConfig, PortRange
 from tcppunch.coordinator.protocol import CoordinatorConfig
 from tcppunch.coordinator.server import CoordinatorServer
-from tcppunch.peer.expose import Exposer, VisitorDone, keep_exposed
+from tcppunch.peer.coordinators import Coordinators
+from tcppunch.peer.expose import Exposer, VisitorDone, keep_exposed, registered_channel
 from tcppunch.wire.coord import Exposed
 from tcppunch.wire.endpoint import Endpoint
 from tcppunch.wire.proxy_protocol import ProxyVersion, encode
@@ -170,6 +172,8 @@ async def test_a_visitor_beyond_the_connection_limit_is_closed_and_the_others_go
 @_sync
 async def test_the_port_is_exposed_again_after_the_server_restarts() -> None:
     port, coord_port = free_port(), free_port()
+    dead = socket.socket()  # bound, never listening: connections to it are refused
+    dead.bind(("127.0.0.1", 0))
     config = CoordinatorConfig(expose=ExposeConfig(PortRange(port, port)))
     local = await asyncio.start_server(_echo, "127.0.0.1", 0)
     forward = Endpoint("127.0.0.1", local.sockets[0].getsockname()[1])
@@ -181,8 +185,11 @@ async def test_the_port_is_exposed_again_after_the_server_restarts() -> None:
         exposed.append(where)
         changed.set()
 
-    def connect() -> ControlChannel:
-        return ControlChannel(Endpoint("127.0.0.1", coord_port), "web", TOKEN)
+    async def connect() -> ControlChannel:
+        # a dead address first, then the server by host name: each (re)connect gets past the dead one
+        coordinators = Coordinators([Endpoint("127.0.0.1", dead.getsockname()[1]), f"localhost:{coord_port}"])
+        return await registered_channel(coordinators, lambda where: ControlChannel(where, "web", TOKEN),
+                                        strict=True)
 
     async def wait_exposed(count: int) -> None:
         async with asyncio.timeout(PROMPT):
@@ -207,6 +214,7 @@ async def test_the_port_is_exposed_again_after_the_server_restarts() -> None:
             keeping.cancel()
             await asyncio.gather(keeping, return_exceptions=True)
             await server.stop()
+            dead.close()
 
 
 @_sync
@@ -214,8 +222,10 @@ async def test_a_permanent_refusal_is_raised_not_retried() -> None:
     async with _setup(_echo) as (server, _exposer, port, _done):
         outside = 22 if port != 22 else 23
 
-        def connect() -> ControlChannel:
-            return ControlChannel(server.address, "other", TOKEN)
+        async def connect() -> ControlChannel:
+            channel = ControlChannel(server.address, "other", TOKEN)
+            await channel.register()
+            return channel
 
         with pytest.raises(CoordinatorError) as info:
             await asyncio.wait_for(keep_exposed(connect, outside, Endpoint("127.0.0.1", 9)), PROMPT)
