@@ -435,11 +435,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of a process's main thread so far."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        on_cpu, waiting, _ = stat.read().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
 class ServerProbe:
-    """The server's own report (SIGUSR1 -> one JSON line on its stdout): loop lag, GC pauses, traced memory."""
+    """The server's own report (SIGUSR1 -> one JSON line on its stdout: loop lag, GC pauses, traced
+    memory) and, from /proc, the share of the wall time since the last take it ran on a CPU and the share
+    it was ready to run but waited for one (the machine's other processes, the generator included)."""
 
     def __init__(self, server: subprocess.Popen[str]) -> None:
         self.server = server
+        self._since = (time.monotonic(), *schedstat(server.pid))
 
     def take(self) -> dict[str, Any]:
         assert self.server.stdout is not None
@@ -448,6 +458,11 @@ class ServerProbe:
         if not line:
             raise RuntimeError("the server ended")
         report: dict[str, Any] = json.loads(line)
+        now, on_cpu, waiting = time.monotonic(), *schedstat(self.server.pid)
+        wall = max(now - self._since[0], 1e-9)
+        report["cpu_pct"] = 100 * (on_cpu - self._since[1]) / wall
+        report["cpu_wait_pct"] = 100 * (waiting - self._since[2]) / wall
+        self._since = (now, on_cpu, waiting)
         return report
 
 
@@ -584,7 +599,7 @@ def main() -> int:
         "registrations_per_s": registered / reg_elapsed,
         "rss_kib": {"start": rss0, "after_small": rss1, "after_large": rss2},
         "bytes_per_peer": (rss2 - rss1) * 1024 / max(registered, 1),
-        "registration_server": {"lag": after["lag"], "gc": after["gc"]},
+        "registration_server": after,
         "connections_lost": lost,
         "keepalive_interval_max": max(r["keepalive"] for r in regs),
         "workers": args.workers,
@@ -610,8 +625,9 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{m0['windows']} windows of {m0['window_s']:g} s per figure; rendezvous/s as median [min-max] of the "
           "saturated windows; latency at the paced rate over all its windows")
     print("| registered peers | rendezvous/s (saturated) | CONNECT->PUNCH p50 | p99 | p99 per window | at paced rate "
-          "| generator loop lag p99 | server loop lag p99 / max | server GC pauses (n, longest) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| generator loop lag p99 | server loop lag p99 / max | server GC pauses (n, longest) "
+          "| server on CPU / waiting for a CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key in ("small", "large"):
         m = r[key]
         rate, p99w, srv = m["rendezvous_per_s"], m["p99_ms_per_window"], m["server"]["paced"]
@@ -622,7 +638,8 @@ def print_table(r: dict[str, Any]) -> None:
               f"| {m['paced_rate']:,.0f}/s (skipped {m['paced_skipped']}) "
               f"| {gen['paced']:.1f} ms (saturated {gen['saturated']:.1f}) "
               f"| {srv['lag']['p99_ms']:.1f} / {srv['lag']['max_ms']:.1f} ms "
-              f"| {srv['gc']['count']}, {srv['gc']['max_ms']:.1f} ms |")
+              f"| {srv['gc']['count']}, {srv['gc']['max_ms']:.1f} ms "
+              f"| {srv['cpu_pct']:.0f} % / {srv['cpu_wait_pct']:.0f} % |")
     lo, hi = r["rate_ratio_range"]
     print(f"rate ratio {r['peers_large']:,} / {r['peers_small']} peers: {r['rate_ratio']:.2f} "
           f"(medians; {lo:.2f}-{hi:.2f} from the windows' extremes; goal >= 0.8)")
@@ -630,7 +647,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"peer cap: {r['peer_cap']}")
     reg = r["registration_server"]
     print(f"registrations/s: {r['registrations_per_s']:,.0f} (server loop lag p99 {reg['lag']['p99_ms']:.1f} ms, "
-          f"{reg['gc']['count']} GC pauses, longest {reg['gc']['max_ms']:.1f} ms)")
+          f"{reg['gc']['count']} GC pauses, longest {reg['gc']['max_ms']:.1f} ms, on CPU {reg['cpu_pct']:.0f} %, "
+          f"waiting for a CPU {reg['cpu_wait_pct']:.0f} %)")
+    print("(the latency columns are from the paced phase; the saturated phase's server figures are in --json)")
     print(f"server memory per registered peer: {r['bytes_per_peer']:,.0f} bytes (RSS delta; goal <= 8192)")
     if "traced_bytes_per_peer" in r:
         traced = r["traced_bytes_per_peer"]
