@@ -915,3 +915,24 @@ def test_registry_lists_each_swarm_in_id_order_through_adds_and_removes(
         assert [p.id for p in registry.in_swarm(swarm)] == expected
         assert [p.id for p in registry.in_swarm(swarm, 2)] == expected[:2]
         assert registry.swarm_size(swarm) == len(expected)
+
+
+def test_a_burst_of_due_keepalives_is_handled_a_bounded_number_per_tick() -> None:
+    """250 peers' pings fall due at once: one tick sends at most max_timers_per_tick of them and leaves the
+    deadline due, so the driver runs I/O between ticks; every peer gets exactly one ping in the end."""
+    config = CoordinatorConfig()
+    h = Harness(config=config)
+    conns = [h.register(f"p{i:03d}") for i in range(250)]
+    for conn in conns:
+        h.take(conn)  # REGISTERED and the first ping
+    due = h.now + config.keepalive_interval
+    sent_per_tick = []
+    for _ in range(10):
+        before = sum(len(h.wires[c].inbox) for c in conns)
+        h.tick(due)
+        sent_per_tick.append(sum(len(h.wires[c].inbox) for c in conns) - before)
+        deadline = h.proto.next_deadline()
+        if deadline is None or deadline > due:
+            break
+    assert sent_per_tick == [100, 100, 50]
+    assert all([type(m) for m in h.take(c)] == [Ping] for c in conns)
