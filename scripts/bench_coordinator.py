@@ -227,6 +227,7 @@ class PeerConn(asyncio.Protocol):
         kind = obj.get("type")
         assert self.transport is not None
         if kind == "ping":
+            self.worker.pings += 1
             self.transport.write(encode_frame({"type": "pong", "seq": obj["seq"]}))
         elif kind == "registered":
             self.worker.keepalive = max(self.worker.keepalive, float(obj["keepalive_interval"]))
@@ -261,6 +262,7 @@ class Worker:
     idle: list[PeerConn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     lost: int = 0
+    pings: int = 0  # keepalive PINGs received (all peers of this process), reported per command
     keepalive: float = 0.0  # the longest keepalive interval a REGISTERED announced
     tls: ssl.SSLContext | None = None  # the control channel's TLS (one key for every generated peer)
     lag: LagProbe = field(default_factory=LagProbe)
@@ -362,7 +364,8 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
             pipe.send({})
             return
         started = time.perf_counter()
-        worker.lag.take()  # lag is reported per command
+        worker.lag.take()  # lag and pings are reported per command
+        worker.pings = 0
         try:
             if command == "register":
                 ids, concurrency, active = args
@@ -379,6 +382,8 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
             reply = {"failed": repr(exc)}
         reply["errors"], reply["lost"], reply["keepalive"] = worker.errors[:5], worker.lost, worker.keepalive
         reply["lag"] = worker.lag.take()
+        reply["pings_per_s"] = worker.pings / max(time.perf_counter() - started, 1e-9)
+        worker.pings = 0
         worker.errors.clear()
         pipe.send(reply)
 
@@ -485,7 +490,7 @@ def measure(run: Run, probe: ServerProbe, workers: int, windows: int, duration: 
         sat_lags.append(worst_lag(sat))
     server_sat = probe.take()
     lat: list[float] = []
-    p99s, paced_rates, skipped, paced_lags = [], [], 0, []
+    p99s, paced_rates, skipped, paced_lags, pings = [], [], 0, [], []
     for _ in range(windows):
         paced = run.each("paced", [(rate / workers, duration)] * workers)
         window = [x for r in paced for x in r["latencies"]]
@@ -494,6 +499,7 @@ def measure(run: Run, probe: ServerProbe, workers: int, windows: int, duration: 
         paced_rates.append(sum(r["count"] for r in paced) / max(r["elapsed"] for r in paced))
         skipped += sum(r["skipped"] for r in paced)
         paced_lags.append(worst_lag(paced))
+        pings.append(sum(r["pings_per_s"] for r in paced))
     server_paced = probe.take()
     return {
         "rendezvous_per_s": spread(rates),
@@ -508,6 +514,7 @@ def measure(run: Run, probe: ServerProbe, workers: int, windows: int, duration: 
                              "paced": max(x["p99_ms"] for x in paced_lags),
                              "max": max(x["max_ms"] for x in sat_lags + paced_lags)},
         "server": {"saturated": server_sat, "paced": server_paced},
+        "keepalive_pings_per_s": statistics.median(pings),
     }
 
 
@@ -658,6 +665,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"  Python objects (tracemalloc): {python:,.0f} B/peer ({parts}); the rest of the RSS delta, "
               f"{r['bytes_per_peer'] - python:,.0f} B/peer, is C memory: OpenSSL and the allocators' overhead "
               "(tracemalloc's own bookkeeping inflates RSS in this mode; take the RSS figure from a run without it)")
+    print(f"keepalive PINGs/s the server sent during the paced phase: {r['small']['keepalive_pings_per_s']:,.0f} at "
+          f"{r['peers_small']} peers, {r['large']['keepalive_pings_per_s']:,.0f} at {r['peers_large']:,} (each a TLS "
+          "record out and a PONG record in: work that grows with the peer count)")
     print(f"control connections lost during the run: {r['connections_lost']}; longest keepalive interval "
           f"announced: {r['keepalive_interval_max']:g} s (the server's keepalive budget, 1,000 pings/s)")
     pin = r["pinning"]
