@@ -15,6 +15,7 @@ import click
 from tcppunch.cli.pipes import StreamCutError
 from tcppunch.coordinator.control import CoordinatorError
 from tcppunch.peer import ConnectFailed
+from tcppunch.peer.coordinators import CoordinatorUnresolved
 from tcppunch.session.identity import IdentityError
 from tcppunch.session.secure import SecureError
 
@@ -38,6 +39,9 @@ def run_command(main: Callable[[], Any]) -> None:
     except StreamCutError as exc:  # netcat mode: bytes may be missing on one side
         click.echo(f"tcppunch: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except CoordinatorUnresolved as exc:  # its message names the name and the resolver's reason
+        click.echo(f"tcppunch: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
     except (ConnectionError, OSError, TimeoutError) as exc:
         click.echo(f"tcppunch: {exc.__class__.__name__}: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)

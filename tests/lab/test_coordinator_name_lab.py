@@ -100,7 +100,8 @@ def test_one_name_for_two_coordinators_is_followed_across_a_failover(lab: Lab, t
             unknown = alice_host.run([*PY, "connect", "bob", "--id", "dave", "--coordinator", "nosuch.tcppunch.test",
                                       "--no-detect"], env=token_env(TOKEN), timeout=30)
             assert unknown.returncode == 3  # unreachable, at once
-            assert "cannot resolve the coordinator nosuch.tcppunch.test:3478" in unknown.stderr, unknown.stderr
+            want_line = "tcppunch: cannot resolve the coordinator nosuch.tcppunch.test:3478"
+            assert want_line in unknown.stderr, unknown.stderr
         finally:
             for proc in reversed(procs):
                 stop(proc)
