@@ -27,6 +27,7 @@ hard limit; the peer count is capped by that hard limit (printed) because each p
     python scripts/bench_coordinator.py                 # 200 vs 50,000 (or the fd cap), ~2-4 min
     python scripts/bench_coordinator.py --peers 5000 --workers 2 --json
     python scripts/bench_coordinator.py --peers 2000 --breakdown   # where the memory per peer goes
+    python scripts/bench_coordinator.py --core     # the sans-I/O cost per rendezvous at 200 .. 50,000 peers
 """
 
 from __future__ import annotations
@@ -525,6 +526,74 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# ------------------------------------------------------------------------------- sans-I/O core cost
+
+CORE_PEERS = (200, 5_000, 19_700, 50_000)
+
+
+def core_cost(peers: int, rounds: int = 5, per_round: int = 2_000) -> dict[str, float]:
+    """CPU time of one rendezvous (CONNECT, two PUNCH, two RESULT) in the sans-I/O protocol with ``peers``
+    registered: no sockets, no TLS, so no fd limit either; 50,000 peers fit. Median and min of ``rounds``."""
+    from tcppunch.coordinator.auth import Tokens
+    from tcppunch.coordinator.protocol import CoordinatorProtocol, Send
+    from tcppunch.wire.coord import Punch, decode_message
+    from tcppunch.wire.endpoint import Endpoint
+
+    proto = CoordinatorProtocol(Tokens(shared=TOKEN))
+    server, now = Endpoint("127.0.0.1", 3478), 100.0
+    for i in range(peers):
+        conn = i + 1
+        proto.connection_made(conn, Endpoint(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 40000), server, now)
+        proto.connection_authenticated(conn, "BENCH-KEY")
+        proto.data_received(conn, PREAMBLE + encode_message(Register(f"p{i}", TOKEN)), now)
+
+    def session_of(actions: list[Any]) -> str:
+        for action in actions:
+            if isinstance(action, Send):
+                decoder = FrameDecoder()
+                decoder.feed(action.data)
+                frame = decoder.next_frame()
+                message = None if frame is None else decode_message(frame)
+                if isinstance(message, Punch):
+                    return message.session_id
+        raise RuntimeError("no PUNCH")
+
+    costs = []
+    for _ in range(rounds):
+        spent = 0.0
+        for k in range(per_round):
+            a, b = 1 + k % ACTIVE, 1 + (k + 1) % ACTIVE
+            started = time.perf_counter()
+            actions = proto.data_received(a, encode_message(Connect(f"r{k}", f"p{b - 1}")), now)
+            spent += time.perf_counter() - started
+            session = session_of(actions)  # the generator's part: not timed
+            result = encode_message(Result(session, Outcome.DIRECT))
+            started = time.perf_counter()
+            proto.data_received(a, result, now)
+            proto.data_received(b, result, now)
+            spent += time.perf_counter() - started
+        costs.append(spent / per_round * 1e6)
+    return {"median_us": statistics.median(costs), "min_us": min(costs)}
+
+
+def core_main(as_json: bool) -> int:
+    from tcppunch.cli.logging import configure_logging
+
+    configure_logging("warning")
+    gc.freeze()
+    results = {str(n): core_cost(n) for n in CORE_PEERS}
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print("sans-I/O rendezvous cost (CONNECT, 2 PUNCH, 2 RESULT; no sockets, no TLS), median [min] of 5 x 2,000:")
+    for n, cost in results.items():
+        print(f"  {int(n):>6,} registered peers: {cost['median_us']:.0f} us [{cost['min_us']:.0f}]")
+    base = results[str(CORE_PEERS[0])]["min_us"]
+    ratios = ", ".join(f"{int(n):,}: {c['min_us'] / base:.2f}" for n, c in results.items())
+    print(f"  ratio of the mins to 200 peers: {ratios}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=50_000, help="registered peers in the large phase")
@@ -538,6 +607,8 @@ def main() -> int:
                         help="trace the server's Python allocations (slower) to split the memory per peer")
     parser.add_argument("--rate", type=float, default=1000.0, help="paced rendezvous/s for the latency figure")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--core", action="store_true",
+                        help="only the sans-I/O protocol's cost per rendezvous at 200 to 50,000 peers (no fd cap)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-connections", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cpus", default="", help=argparse.SUPPRESS)
@@ -545,6 +616,8 @@ def main() -> int:
     if args.serve is not None:
         serve(args.serve, args.max_connections, {int(c) for c in args.cpus.split(",") if c}, args.breakdown)
         return 0
+    if args.core:
+        return core_main(args.json)
     deadline = time.monotonic() + RUN_DEADLINE
     hard = raise_nofile()
     load_before = os.getloadavg()
