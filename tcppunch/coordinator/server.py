@@ -145,15 +145,17 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._link_lost(self)
 
-    def to_streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Hand the connection to a stream reader and writer (reading resumes; bytes not yet read wait
-        in the socket; an EOF already seen is passed on)."""
+    def to_streams(self, pending: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Hand the connection to a stream reader and writer: ``pending`` (bytes already taken off the
+        socket) first, then what waits in the socket (reading resumes), or the EOF already seen."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
+        if pending:
+            reader.feed_data(pending)
         if self.eof:
             reader.feed_eof()
         elif not self.transport.is_closing():
@@ -229,7 +231,7 @@ class CoordinatorServer:
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stun_active = 0
-        self._busy = 0  # connections beyond max_connections being told server-busy
+        self._busy: set[_Link] = set()  # connections beyond max_connections being told server-busy
         self._all_closed: asyncio.Future[None] | None = None  # stop(): set when the last link ended
         self._log = log.bind(component="coordinator")
 
@@ -318,6 +320,9 @@ class CoordinatorServer:
             if link.transport is not None:
                 link.transport.abort()
         self._links.clear()
+        for link in list(self._busy):
+            if link.transport is not None:
+                link.transport.abort()
         for server in [*([self._server] if self._server is not None else []), *self._more]:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -395,7 +400,7 @@ class CoordinatorServer:
 
     def _link_lost(self, link: _Link) -> None:
         if link.busy:
-            self._busy -= 1
+            self._busy.discard(link)
             if link.linger_handle is not None:
                 link.linger_handle.cancel()
             return
@@ -423,10 +428,7 @@ class CoordinatorServer:
         assert self.stun_handler is not None
         self.protocol.connection_forget(link.id)
         del self._links[link.id]
-        reader, writer = link.to_streams()
-        reader.feed_data(data[PREAMBLE_SIZE:])
-        if link.eof:
-            reader.feed_eof()
+        reader, writer = link.to_streams(data[PREAMBLE_SIZE:])
         self._stun_active += 1
         handler, prefix = self.stun_handler, data[:PREAMBLE_SIZE]
 
@@ -449,10 +451,10 @@ class CoordinatorServer:
         extra = self.protocol.log_limiter.check("coordinator.server_busy", now)
         if extra is not None:
             self._log.warning("coordinator.server_busy", limit=self.max_connections, **extra)
-        if self._busy >= BUSY_ANSWERS:
+        if len(self._busy) >= BUSY_ANSWERS or link.visitor_port is not None:  # a visitor speaks another protocol
             link.transport.abort()
             return
-        self._busy += 1
+        self._busy.add(link)
         link.busy = True
         link.linger_handle = asyncio.get_running_loop().call_later(BUSY_TIMEOUT, link.transport.abort)
 
