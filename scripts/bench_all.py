@@ -3,7 +3,7 @@
 * bench_connect.py: time to connect vs RTT_coord + RTT_peer (20 ms one-way delay per WAN link), and vs
   1.5 (RTT_coord + RTT_peer) + RTT_peer (the key exchange's budget).
 * bench_crypto.py: encrypted / plaintext bulk throughput over loopback and over a direct lab path.
-* bench_detect.py: `tcppunch detect` vs pystun3's own CLI against the same server, per NAT type.
+* bench_detect.py: detect's UDP label vs pystun3's own CLI, both against coturn, per NAT type (+ whole detect).
 * bench_relay.py --lab: our relay vs socat configured as the same relay, between two NATed lab hosts.
 * bench_expose.py: `tcppunch expose` vs socat as the same reverse relay (public client -> server -> NATed service).
 * bench_vpn.py: TCP over `tcppunch vpn` vs a raw stream on the same session; ping over the VPN vs the direct path.
