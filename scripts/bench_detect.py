@@ -130,7 +130,7 @@ def run_pystun3(host: LabHost, server: str, port: int) -> tuple[float, str, None
 def run_ours_udp(host: LabHost, server: str, budgets: list[str]) -> tuple[float, str, float | None]:
     """This script's ``--udp-once`` on ``host``: (wall seconds, label, the engine's own seconds)."""
     seconds, done = timed(lambda: host.run(
-        [sys.executable, __file__, "--udp-once", server, "--budgets", *budgets], timeout=60))
+        [sys.executable, str(Path(__file__).resolve()), "--udp-once", server, "--budgets", *budgets], timeout=60))
     try:
         result = json.loads(done.stdout)
     except ValueError:
