@@ -40,6 +40,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -62,6 +63,7 @@ PHASE_LIMIT = 240.0  # seconds: no single command to a worker may take longer (T
 # Registrations in flight per generator process (= per source address): below the server's limit of
 # unauthenticated connections per source (max_unauthenticated_per_source, 64).
 REGISTER_CONCURRENCY = 48
+REPORT_TIMEOUT = 30.0  # seconds the server may take to answer SIGUSR1
 LAG_PROBE = 0.005  # seconds between two wake-ups of an event loop lag probe
 
 
@@ -460,6 +462,9 @@ class ServerProbe:
     def take(self) -> dict[str, Any]:
         assert self.server.stdout is not None
         self.server.send_signal(signal.SIGUSR1)
+        # one line per signal, so nothing waits in the pipe's buffer: select() on its fd bounds the wait
+        if not select.select([self.server.stdout], [], [], REPORT_TIMEOUT)[0]:
+            raise TimeoutError(f"the server did not report within {REPORT_TIMEOUT:g} s")
         line = self.server.stdout.readline()
         if not line:
             raise RuntimeError("the server ended")
