@@ -49,11 +49,11 @@ MAX_WRITE_BUFFER = 256 * 1024
 # After an ERROR frame: how long the server keeps draining a client before the final close.
 LINGER_TIMEOUT = 2.0
 RELAY_FLUSH_TIMEOUT = 5.0
-TLS_HANDSHAKE_RECORD = b"\x16"
+TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a ClientHello (STUN's is 0x00/0x01, ours 'T')
 # Bytes moved through a TLS engine's memory BIOs at a time, either way. A memory BIO never gives back what
 # it grew to: one 256 KiB read fed at once kept ~250 KB per connection for the connection's life (measured);
 # in slices of this size each BIO stays under ~6 KB however much a client sends or LIST answers.
-TLS_SLICE = 4096  # the first byte of a ClientHello (STUN's is 0x00/0x01, ours 'T')
+TLS_SLICE = 4096
 # Default of --max-connections (control, relay and STUN-over-TCP connections together).
 MAX_CONNECTIONS = 4096
 # File descriptors kept free beyond max_connections: listeners, UDP sockets, connect-backs, logs, and
