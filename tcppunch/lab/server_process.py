@@ -51,14 +51,19 @@ class LabServer:
 
 @contextmanager
 def lab_server(lab: Lab, token: str, *extra: str, listen: Endpoint = LAB_COORDINATOR,
-               alt_address: str | None = ALT_ADDRESS, ready_timeout: float = READY_TIMEOUT) -> Iterator[LabServer]:
-    """``tcppunch server --listen LISTEN [--alt-address ALT] EXTRA...`` on ``lab.server``, once it is listening.
+               alt_address: str | None = ALT_ADDRESS, alt_port: int | None = None,
+               ready_timeout: float = READY_TIMEOUT) -> Iterator[LabServer]:
+    """``tcppunch server --listen LISTEN [--alt-address ALT [--alt-port PORT]] EXTRA...`` on ``lab.server``,
+    once it is listening.
 
-    ``alt_address=None`` runs a one-address server. Raises :class:`LineTimeout` (quoting the log) when the
-    server does not say "listening on" within ``ready_timeout`` seconds; stopped by PID on the way out.
+    ``alt_address=None`` runs a one-address server; ``alt_port`` None: the server's default. EXTRA is any
+    other server option (``--redis URL``, ``--keepalive-interval S``, ...). Raises :class:`LineTimeout`
+    (quoting the log) when the server does not say "listening on" within ``ready_timeout`` seconds; stopped
+    by PID on the way out (a server the caller killed already is only waited for).
     """
     argv = [sys.executable, "-m", "tcppunch", "server", "--listen", str(listen)]
     argv += ["--alt-address", alt_address] if alt_address is not None else []
+    argv += ["--alt-port", str(alt_port)] if alt_port is not None else []
     proc = lab.server.popen([*argv, *extra], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TCPPUNCH_TOKEN": token})
     try:

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.wire.endpoint import Endpoint
 from tests.lab.lines import Tail, wait_for_line
-from tests.lab.processes import PY, stop, token_env
+from tests.lab.processes import PY, lab_server, stop, token_env
 
 TOKEN = "cluster-lab-token"
 A, B = "198.51.100.10:3478", "198.51.100.11:4478"
@@ -50,15 +51,15 @@ def redis_in(host: LabHost) -> Iterator[str]:
         stop(proc)
 
 
-def coordinator(host: LabHost, listen: str, alt: str | None, alt_port: int, url: str) -> subprocess.Popen[str]:
-    """A node of the cluster; ``alt`` None: without --alt-address (which binds the listen port on it too)."""
-    second = [] if alt is None else ["--alt-address", alt, "--alt-port", str(alt_port)]
-    proc = host.popen([*PY, "server", "--listen", listen, *second,
-                       "--redis", url, "--keepalive-interval", str(KEEPALIVE), "--relay-max-mb", str(RELAY_MB)],
-                      stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
-    seen: list[str] = []
-    assert proc.stderr is not None and wait_for_line(proc.stderr, "cluster node", 20, seen), seen
-    return proc
+@contextmanager
+def coordinator(lab: Lab, listen: str, alt: str | None, alt_port: int | None, url: str
+                ) -> Iterator[subprocess.Popen[str]]:
+    """A node of the cluster on the lab server, stopped by PID on the way out; ``alt`` None: without
+    --alt-address (which binds the listen port on it too)."""
+    with lab_server(lab, TOKEN, "--redis", url, "--keepalive-interval", str(KEEPALIVE), "--relay-max-mb",
+                    str(RELAY_MB), listen=Endpoint.parse(listen), alt_address=alt, alt_port=alt_port) as node:
+        assert "cluster node" in node.log.text, node.log.text  # its ready line: a node of the Redis cluster
+        yield node.proc
 
 
 def serving_bob(host: LabHost, directory: Path, where: str) -> list[subprocess.Popen[str]]:
@@ -110,11 +111,9 @@ def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) ->
     want = hashlib.sha256(page).hexdigest()
     alice_host, bob_host = lab.host("pr"), lab.host("seq")
     procs: list[subprocess.Popen[str]] = []
-    with redis_in(lab.server) as url:
+    with redis_in(lab.server) as url, coordinator(lab, A, "198.51.100.11", 3479, url) as a, \
+            coordinator(lab, B, "198.51.100.10", 4479, url):
         try:
-            a = coordinator(lab.server, A, "198.51.100.11", 3479, url)
-            procs.append(a)
-            procs.append(coordinator(lab.server, B, "198.51.100.10", 4479, url))
             procs += serving_bob(bob_host, tmp_path, B)
 
             alice, alice_log = forwarder(alice_host, "alice", 9000, A, B)

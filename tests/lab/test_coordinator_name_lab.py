@@ -67,11 +67,9 @@ def test_one_name_for_two_coordinators_is_followed_across_a_failover(lab: Lab, t
     want = hashlib.sha256(page).hexdigest()
     alice_host, bob_host = lab.host("pr"), lab.host("seq")
     procs: list[subprocess.Popen[str]] = []
-    with redis_in(lab.server) as url, netns_etc(alice_host.netns) as hosts:
+    with redis_in(lab.server) as url, netns_etc(alice_host.netns) as hosts, \
+            coordinator(lab, A, None, None, url) as a, coordinator(lab, B, None, None, url):
         try:
-            a = coordinator(lab.server, A, None, 0, url)
-            procs.append(a)
-            procs.append(coordinator(lab.server, B, None, 0, url))
             procs += serving_bob(bob_host, tmp_path, B)
 
             names(hosts, A)

@@ -17,12 +17,13 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
-from tests.lab.lines import Tail
-from tests.lab.processes import COORD, PY, stop, token_env
+from tcppunch.lab.lines import Tail
+from tests.lab.processes import COORD, lab_server, stop, token_env
 
 TOKEN = "expiry-lab-token"
 CONNTRACK_TIMEOUT = 3  # seconds an idle established TCP flow keeps its NAT mapping
@@ -103,12 +104,10 @@ def test_an_expired_mapping_is_noticed_by_the_keepalive_and_the_next_stream_work
     env = token_env(TOKEN)
     args = [str(KEEPALIVE[0]), str(KEEPALIVE[1]), str(SIZE)]
     procs: list[subprocess.Popen[str]] = []
+    server = ExitStack()  # stopped by PID after the peers
     try:
         # Pings every second keep the control connections' mappings alive; the punched session is idle.
-        server = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11",
-                                   "--keepalive-interval", "1"], stderr=subprocess.PIPE, text=True, env=env)
-        procs.append(server)
-        assert server.stderr is not None and Tail(server.stderr).wait_for("listening on", 30)
+        server.enter_context(lab_server(lab, TOKEN, "--keepalive-interval", "1", ready_timeout=30))
         bob = lab.host("rc").popen([sys.executable, "-c", PEER, "echo", COORD, "bob", "", *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         procs.append(bob)
@@ -152,4 +151,5 @@ def test_an_expired_mapping_is_noticed_by_the_keepalive_and_the_next_stream_work
     finally:
         for proc in reversed(procs):
             stop(proc)
+        server.close()
 

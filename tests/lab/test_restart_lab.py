@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
-from tests.lab.lines import Tail, wait_for_line
-from tests.lab.processes import COORD, PY, stop, token_env
+from tcppunch.lab.lines import Tail
+from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "restart-lab-token"
 DELAY = LinkShape(delay_ms=30)
@@ -26,14 +27,6 @@ ENDED = {"alice": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: local c
          "bob": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: incoming_failed:")}
 FETCH = ("import hashlib,sys,urllib.request;"
          "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=20).read()).hexdigest())")
-
-
-def start_server(lab: Lab) -> subprocess.Popen[str]:
-    proc = lab.server.popen([*PY, "server", "--listen", COORD, "--alt-address", "198.51.100.11"],
-                            stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
-    seen: list[str] = []
-    assert proc.stderr is not None and wait_for_line(proc.stderr, "listening on", 30, seen), seen
-    return proc
 
 
 def fetch(host: LabHost, port: int) -> subprocess.Popen[str]:
@@ -55,9 +48,9 @@ def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
     want = hashlib.sha256(page).hexdigest()
     alice_host, bob_host = lab.host("pr"), lab.host("rc")
     procs: list[subprocess.Popen[str]] = []
+    servers = ExitStack()  # each coordinator process, stopped by PID last (after the peers)
     try:
-        server = start_server(lab)
-        procs.append(server)
+        server = servers.enter_context(lab_server(lab, TOKEN, ready_timeout=30)).proc
         procs.append(bob_host.popen([sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
                                      "--directory", str(tmp_path)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL))
@@ -85,8 +78,7 @@ def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
         assert not any(alice_log.count(done) for done in (*ENDED["alice"], "tcppunch: relay:")), \
             alice_log.text  # the punch was still in flight
         server.wait(10)
-        server = start_server(lab)
-        procs.append(server)
+        servers.enter_context(lab_server(lab, TOKEN, ready_timeout=30))
 
         out, err = first.communicate(timeout=40)  # never hangs: the page, or an error
         assert (first.returncode == 0 and out.strip() == want) or (first.returncode != 0 and err), (out, err)
@@ -108,3 +100,4 @@ def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
     finally:
         for proc in reversed(procs):
             stop(proc)
+        servers.close()
