@@ -27,12 +27,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchutil import parse_size
+from benchutil import CHUNK, GO, connect_retrying, parse_size, receive_timed
 
 from tcppunch.lab.server_process import stop_process
 
@@ -40,10 +39,8 @@ SCRIPT = str(Path(__file__).resolve())
 SERVER = "198.51.100.10"
 TOKEN = "bench-expose"
 SERVICE_PORT = 8000
-CHUNK = 1 << 20
 WITHIN_S = 20.0
 RUN_WITHIN_S = 300.0
-GO = b"G"
 
 
 # ------------------------------------------------------------------ roles (each runs as its own process)
@@ -72,29 +69,11 @@ def role_source(port: int, total: int) -> None:
 
 def role_client(host: str, port: int) -> None:
     """Connect (retrying while the relay is not there yet), send go, count bytes to EOF, print the time."""
-    deadline = time.monotonic() + WITHIN_S
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=RUN_WITHIN_S)
-            break
-        except (ConnectionRefusedError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    buf = memoryview(bytearray(CHUNK))
-    sock.sendall(GO)
-    started = time.perf_counter()
-    received = 0
-    while n := sock.recv_into(buf):
-        received += n
-    seconds = time.perf_counter() - started
-    sock.close()
-    print(json.dumps({"bytes": received, "seconds": seconds}), flush=True)
+    sock = connect_retrying(host, port, WITHIN_S, RUN_WITHIN_S)
+    print(json.dumps(receive_timed(sock)), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
 
 
 def _wait_line(proc: subprocess.Popen[str], needle: str, stream: str = "stderr") -> None:
@@ -170,8 +149,6 @@ def benchmark(total: int, reps: int) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in runs.items()}
     ratios = {ref: medians["expose"] / medians[ref] for ref in medians if ref != "expose"}
     return {"bytes": total, "reps": reps, "runs": runs, "medians": medians, "ratios": ratios}
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> None:

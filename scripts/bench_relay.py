@@ -32,32 +32,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchutil import parse_size
+from benchutil import CHUNK, GO, connect_retrying, parse_size, receive_timed
 
 SCRIPT = str(Path(__file__).resolve())
-CHUNK = 1 << 20
 CONNECT_WITHIN_S = 15.0
 RUN_WITHIN_S = 300.0
-GO = b"G"
 
 
 # ---------------------------------------------------------------- roles (each runs as its own process)
 
 
-def connect_retrying(host: str, port: int) -> socket.socket:
+def connect(host: str, port: int) -> socket.socket:
     """Connect, retrying while the relay is not listening yet (socat opens port 2 only after port 1)."""
-    deadline = time.monotonic() + CONNECT_WITHIN_S
-    while True:
-        try:
-            return socket.create_connection((host, port), timeout=RUN_WITHIN_S)
-        except (ConnectionRefusedError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    return connect_retrying(host, port, CONNECT_WITHIN_S, RUN_WITHIN_S)
 
 
 def role_send(host: str, port: int, total: int) -> None:
-    sock = connect_retrying(host, port)
+    sock = connect(host, port)
     if sock.recv(1) != GO:
         raise SystemExit("sender: no go signal from the receiver")
     block = memoryview(os.urandom(CHUNK))
@@ -73,16 +64,7 @@ def role_send(host: str, port: int, total: int) -> None:
 
 
 def role_recv(host: str, port: int) -> None:
-    sock = connect_retrying(host, port)
-    buf = memoryview(bytearray(CHUNK))
-    sock.sendall(GO)
-    started = time.perf_counter()
-    received = 0
-    while n := sock.recv_into(buf):
-        received += n
-    seconds = time.perf_counter() - started
-    sock.close()
-    print(json.dumps({"bytes": received, "seconds": seconds}), flush=True)
+    print(json.dumps(receive_timed(connect(host, port))), flush=True)
 
 
 def role_relay_ours(
@@ -278,8 +260,6 @@ def report(summary: dict[str, Any]) -> None:
     for ours in (n for n in medians if n.startswith("ours")):
         for ref in socats:
             print(f"  ratio {ours}/{ref}: {medians[ours] / medians[ref]:.2f}")
-
-
 
 
 def run_in_lab(variants: list[Variant], total: int, reps: int) -> dict[str, Any]:
