@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 
 from tcppunch.lab import Lab, LabHost
-from tcppunch.lab.lines import LineTimeout
+from tcppunch.lab.lines import LineTimeout, wait_for_line
 from tcppunch.wire.endpoint import Endpoint
-from tests.lab.lines import wait_for_line
 from tests.lab.processes import COORD, PY, four_nats, lab_server, token_env
 
 TOKEN = "cli-lab-token"
@@ -41,9 +40,8 @@ def _listen(host: LabHost, peer_id: str, stdin: Path, stdout: Path, report: Path
     proc = host.popen([*PY, "listen", "--coordinator", COORD, "--id", peer_id, "--once",
                        "--report", str(report), *extra],
                       stdin=stdin.open("rb"), stdout=stdout.open("wb"), stderr=subprocess.PIPE, text=True, env=env())
-    seen: list[str] = []
     assert proc.stderr is not None
-    assert wait_for_line(proc.stderr, "listening as", 30, seen), seen
+    wait_for_line(proc.stderr, "listening as", 30)
     return proc
 
 
@@ -115,11 +113,12 @@ def test_forward_exposes_a_local_web_server(lab: Lab, tmp_path: Path) -> None:
         browser_key = subprocess.run([*PY, "id"], capture_output=True, text=True, check=True).stdout.strip()
         exposer = b.popen([*PY, "listen", "--coordinator", COORD, "--id", "web", "--forward", "127.0.0.1:8080",
                            "--allow", browser_key], stderr=subprocess.PIPE, text=True, env=env())
-        seen: list[str] = []
-        assert exposer.stderr is not None and wait_for_line(exposer.stderr, "listening as", 30, seen), seen
+        assert exposer.stderr is not None
+        wait_for_line(exposer.stderr, "listening as", 30)
         forwarder = a.popen([*PY, "connect", "web", "--coordinator", COORD, "--id", "browser",
                              "--local", "127.0.0.1:9000"], stderr=subprocess.PIPE, text=True, env=env())
-        assert forwarder.stderr is not None and wait_for_line(forwarder.stderr, "accepting local", 30, seen), seen
+        assert forwarder.stderr is not None
+        wait_for_line(forwarder.stderr, "accepting local", 30)
         fetch = ("import sys,urllib.request;"
                  "sys.stdout.buffer.write(urllib.request.urlopen('http://127.0.0.1:9000/page.bin',timeout=30).read())")
         for _ in range(2):  # two requests: each local client gets its own punched connection

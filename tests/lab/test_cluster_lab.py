@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.lines import LineTimeout, Tail, wait_for_line
 from tcppunch.wire.endpoint import Endpoint
-from tests.lab.lines import Tail, wait_for_line
 from tests.lab.processes import PY, lab_server, stop, token_env
 
 TOKEN = "cluster-lab-token"
@@ -69,12 +69,13 @@ def serving_bob(host: LabHost, directory: Path, where: str) -> list[subprocess.P
                       "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     bob = host.popen([*PY, "listen", "--coordinator", where, "--id", "bob", "--forward", "127.0.0.1:8080",
                       "--allow-any"], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
-    seen: list[str] = []
-    ready = bob.stderr is not None and wait_for_line(bob.stderr, "listening as", 30, seen)
-    if not ready:
+    assert bob.stderr is not None
+    try:
+        wait_for_line(bob.stderr, "listening as", 30)
+    except LineTimeout:
         stop(bob)
         stop(web)
-    assert ready, seen
+        raise
     return [web, bob]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabSpec, NatType, RouterSpec, SynPolicy
-from tests.lab.lines import wait_for_line
+from tcppunch.lab.lines import wait_for_line
 from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "expose-lab-token"
@@ -52,9 +52,8 @@ def test_curl_fetches_through_the_exposed_port_32_at_once_then_the_port_closes(
                                  "--directory", str(site)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     exposer = _expose(lab, "--remote-port", "8080", "--quiet", "--json")
     try:
-        seen: list[str] = []
         assert exposer.stderr is not None
-        assert wait_for_line(exposer.stderr, "exposed 127.0.0.1:8000 at 198.51.100.10:8080", 30, seen), seen
+        wait_for_line(exposer.stderr, "exposed 127.0.0.1:8000 at 198.51.100.10:8080", 30)
         want = hashlib.sha256((site / "page.bin").read_bytes()).hexdigest()
         outs = [tmp_path / f"fetch{i}.bin" for i in range(FETCHES)]
         curls = [lab.host("pub").popen(["curl", "-sS", "--max-time", "120", "-o", str(out), URL],

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
-from tests.lab.lines import wait_for_line
+from tcppunch.lab.lines import LineTimeout, wait_for_line
 from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "loss-lab-token"
@@ -82,11 +82,12 @@ def test_direct_pairs_connect_directly_and_10_mb_arrive_intact(lab: Lab, a: str,
     receiver = lab.host(b).popen([sys.executable, "-c", PEER, "accept", COORD, f"{b}-r", "", str(SIZE)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        seen: list[str] = []
         assert receiver.stdout is not None and receiver.stderr is not None
-        if not wait_for_line(receiver.stdout, "registered", 90, seen):
+        try:
+            wait_for_line(receiver.stdout, "registered", 90)
+        except LineTimeout as exc:
             stop(receiver)
-            pytest.fail(f"receiver not registered (exit {receiver.returncode}): {seen}\n"
+            pytest.fail(f"receiver not registered (exit {receiver.returncode}): {exc}\n"
                         f"{receiver.stderr.read()[-3000:]}")
         sender = lab.host(a).run([sys.executable, "-c", PEER, "connect", COORD, f"{a}-s", f"{b}-r", str(SIZE)],
                                  timeout=220, env=env)
@@ -113,8 +114,8 @@ def test_cli_netcat_mode_delivers_every_byte_over_lossy_links(lab: Lab, tmp_path
                                     stdin=empty.open("rb"), stdout=dst.open("wb"), stderr=subprocess.PIPE,
                                     text=True, env=env)
     try:
-        seen: list[str] = []
-        assert listener.stderr is not None and wait_for_line(listener.stderr, "listening as", 90, seen), seen
+        assert listener.stderr is not None
+        wait_for_line(listener.stderr, "listening as", 90)
         sender = lab.host("pr").run([*PY, "connect", "rc-l", "--coordinator", COORD, "--id", "pr-c"],
                                     stdin=src.open("rb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     capture_output=False, timeout=120, env=env)

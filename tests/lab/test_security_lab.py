@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabHost
-from tests.lab.lines import Tail, wait_for_line
+from tcppunch.lab.lines import Tail, wait_for_line
 from tests.lab.processes import COORD, PY, four_nats, lab_server, stop, token_env
 
 pytestmark = pytest.mark.lab
@@ -45,8 +45,8 @@ def _listen(host: LabHost, peer_id: str, out: Path, *extra: str) -> subprocess.P
     proc = host.popen([*PY, "listen", "--coordinator", COORD, "--id", peer_id, "--once", *extra],
                       stdin=subprocess.DEVNULL, stdout=out.open("wb"), stderr=subprocess.PIPE, text=True,
                       env=token_env(TOKEN))
-    seen: list[str] = []
-    assert proc.stderr is not None and wait_for_line(proc.stderr, "listening as", 30, seen), seen
+    assert proc.stderr is not None
+    wait_for_line(proc.stderr, "listening as", 30)
     return proc
 
 
@@ -102,7 +102,8 @@ def _send_plaintext_probe(lab: Lab) -> None:
     listener = lab.server.popen(["python3", "-c", "import socket;s=socket.create_server(('198.51.100.10',9999));"
                                  "print('ready',flush=True);c,_=s.accept();c.recv(4096)"],
                                 stdout=subprocess.PIPE, text=True)
-    assert listener.stdout is not None and wait_for_line(listener.stdout, "ready", 10, [])
+    assert listener.stdout is not None
+    wait_for_line(listener.stdout, "ready", 10)
     sent = lab.host("pr").run(["python3", "-c", "import socket,sys;c=socket.create_connection(('198.51.100.10',9999));"
                                f"c.sendall({PROBE!r});c.close()"], timeout=20)
     assert sent.returncode == 0, sent.stderr

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
+from tcppunch.lab.lines import Tail
 from tcppunch.lab.netns import in_netns, run
-from tests.lab.lines import Tail
 from tests.lab.processes import COORD, PY, lab_server, stop, token_env
 
 TOKEN = "sessions-lab-token"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabHost
-from tests.lab.lines import wait_for_line
+from tcppunch.lab.lines import wait_for_line
 from tests.lab.processes import COORD, PY, four_nats, lab_server, stop, token_env
 
 TOKEN = "vpn-lab-token"
@@ -35,14 +35,15 @@ class Vpn:
     """One `tcppunch vpn` process and the lines it printed."""
 
     def __init__(self, host: LabHost, me: str, other: str, address: str, report: Path, *extra: str) -> None:
-        self.host, self.report, self.seen = host, report, []
+        self.host, self.report = host, report
+        self.seen: list[str] = []  # the lines read by the waits so far
         self.proc: subprocess.Popen[str] = host.popen(
             [*PY, "vpn", "--coordinator", COORD, "--id", me, "--peer", other, "--address", address,
              "--report", str(report), *extra], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
 
     def wait(self, needle: str, timeout: float = UP_WITHIN) -> None:
         assert self.proc.stderr is not None
-        assert wait_for_line(self.proc.stderr, needle, timeout, self.seen), self.seen
+        self.seen += wait_for_line(self.proc.stderr, needle, timeout)  # raises, quoting this wait's lines
 
     def link_flags(self) -> str:
         out = self.host.run(["ip", "-o", "link", "show", "dev", "tcppunch0"]).stdout
