@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tcppunch.lab import Lab, LabHost
-from tcppunch.lab.lines import wait_for_line
+from tcppunch.lab.lines import LineTimeout, Tail
 from tests.lab.processes import COORD, PY, four_nats, lab_server, stop, token_env
 
 TOKEN = "vpn-lab-token"
@@ -36,14 +36,19 @@ class Vpn:
 
     def __init__(self, host: LabHost, me: str, other: str, address: str, report: Path, *extra: str) -> None:
         self.host, self.report = host, report
-        self.seen: list[str] = []  # the lines read by the waits so far
         self.proc: subprocess.Popen[str] = host.popen(
             [*PY, "vpn", "--coordinator", COORD, "--id", me, "--peer", other, "--address", address,
              "--report", str(report), *extra], stderr=subprocess.PIPE, text=True, env=token_env(TOKEN))
+        assert self.proc.stderr is not None
+        self.out = Tail(self.proc.stderr)  # every line, read to the end whether or not a test waits
+        self._waited: dict[str, int] = {}  # needle -> how many of its lines the waits have consumed
 
     def wait(self, needle: str, timeout: float = UP_WITHIN) -> None:
-        assert self.proc.stderr is not None
-        self.seen += wait_for_line(self.proc.stderr, needle, timeout)  # raises, quoting this wait's lines
+        """Wait for the NEXT line containing ``needle`` (one not consumed by an earlier wait)."""
+        want = self._waited.get(needle, 0) + 1
+        if not self.out.wait_for_count(needle, want, timeout):
+            raise LineTimeout(f"no new line with {needle!r} within {timeout:.0f} s; printed:\n{self.out.text}")
+        self._waited[needle] = want
 
     def link_flags(self) -> str:
         out = self.host.run(["ip", "-o", "link", "show", "dev", "tcppunch0"]).stdout
@@ -148,7 +153,8 @@ def test_a_peer_without_the_pinned_key_never_gets_the_vpn(lab: Lab, tmp_path: Pa
     b = Vpn(lab.host("seq"), "seq-k", "pr-k", "10.99.0.2/24", tmp_path / "b.json")
     try:
         a.wait(f"--peer-key expects {wrong}")  # the opener refuses the key it met (retries until then)
-        assert not any("vpn up" in line for line in a.seen + b.seen), a.seen + b.seen
+        b.wait("registered")  # b's side of the story so far is in b.out, not only a's
+        assert "vpn up" not in a.out.text + b.out.text, a.out.text + b.out.text
         assert "UP" not in a.link_flags().split(",")
     finally:
         a.stop()
