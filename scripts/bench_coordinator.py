@@ -53,7 +53,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tcppunch.wire.coord import Connect, Outcome, Register, Result, encode_message
+from tcppunch.session.records import KeyShare, RecordChannel, RecordError
+from tcppunch.session.secure import TlsEngine, peer_fingerprint
+from tcppunch.wire.coord import Connect, ErrorCode, Outcome, Register, Result, encode_message
 from tcppunch.wire.framing import PREAMBLE, FrameDecoder, ProtocolError, encode_frame
 
 TOKEN = "bench-token"  # a loopback-only benchmark secret, passed to the server through its environment
@@ -192,23 +194,75 @@ def rss_kib(pid: int) -> int:
 
 
 class PeerConn(asyncio.Protocol):
-    """One registered peer: answers pings, reports RESULT direct to every PUNCH, times its CONNECTs."""
+    """One registered peer: answers pings, reports RESULT direct to every PUNCH, times its CONNECTs.
 
-    __slots__ = ("decoder", "peer_id", "registered", "transport", "waiting", "worker")
+    TLS through a memory-BIO engine, so that after REGISTERED the connection can leave TLS for the record
+    layer as tcppunch's own client does (docs/protocol.md); with ``--tls-only`` it stays in TLS."""
+
+    __slots__ = ("decoder", "peer_id", "records", "registered", "share", "tls", "transport", "waiting", "worker")
 
     def __init__(self, worker: Worker, peer_id: str) -> None:
         self.worker = worker
         self.peer_id = peer_id
         self.transport: asyncio.Transport | None = None
+        assert worker.tls is not None
+        self.tls: TlsEngine | None = TlsEngine(worker.tls, server_side=False)
+        self.share = KeyShare() if worker.records else None
+        self.records: RecordChannel | None = None
         self.decoder = FrameDecoder()
         self.registered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # request_id -> (send time, future set at PUNCH)
         self.waiting: dict[str, tuple[float, asyncio.Future[float]]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        assert isinstance(transport, asyncio.Transport) and self.tls is not None
         self.transport = transport
-        transport.write(PREAMBLE + encode_message(Register(self.peer_id, TOKEN)))
+        self.tls.handshake()
+        transport.write(self.tls.outgoing())
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.records is not None:
+            self.transport.write(self.records.seal(data))
+        elif self.tls is not None:
+            self.tls.write(data)
+            self.transport.write(self.tls.outgoing())
+
+    def _plain(self, data: bytes) -> bytes:
+        """Application bytes in ``data``: the handshake (then REGISTER), TLS, leaving TLS, or records."""
+        tls = self.tls
+        assert self.transport is not None
+        if tls is None:
+            return self.records.open(data) if self.records is not None else b""
+        if self.records is not None:  # waiting for the server's close_notify
+            rest = tls.leave(data)
+            self.transport.write(tls.outgoing())
+            if rest is None:
+                return b""
+            self.tls = None
+            return self.records.open(rest)
+        tls.feed(data)
+        if not tls.established:
+            if not tls.handshake():
+                self.transport.write(tls.outgoing())
+                return b""
+            records = None if self.share is None else self.share.public
+            tls.write(PREAMBLE + encode_message(Register(self.peer_id, TOKEN, records=records)))
+        plain = tls.read()
+        self.transport.write(tls.outgoing())
+        return plain
+
+    def _switch(self, server_public: str) -> None:
+        """REGISTERED carried the server's key: derive ours, leave TLS (the frames after it are records)."""
+        assert self.share is not None and self.tls is not None and self.transport is not None
+        keys = self.share.derive(bytes.fromhex(server_public), is_client=True, client_key=self.worker.fingerprint,
+                                 server_key=peer_fingerprint(self.tls.ssl))
+        self.records = RecordChannel(keys)
+        rest = self.tls.leave()  # None unless the server's close_notify came with REGISTERED
+        self.transport.write(self.tls.outgoing())
+        if rest is not None:
+            self.tls = None
+            self.decoder.feed(self.records.open(rest))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.lost += 1
@@ -219,26 +273,32 @@ class PeerConn(asyncio.Protocol):
                 future.set_exception(ConnectionError("control connection lost"))
 
     def data_received(self, data: bytes) -> None:
-        self.decoder.feed(data)
         try:
+            self.decoder.feed(self._plain(data))
             while (obj := self.decoder.next_frame()) is not None:
                 self._frame(obj)
-        except ProtocolError as exc:
+        except (ProtocolError, RecordError, ssl.SSLError) as exc:
             self.worker.errors.append(f"{self.peer_id}: {exc}")
+            assert self.transport is not None
+            self.transport.abort()
 
     def _frame(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
         assert self.transport is not None
         if kind == "ping":
             self.worker.pings += 1
-            self.transport.write(encode_frame({"type": "pong", "seq": obj["seq"]}))
+            self._write(encode_frame({"type": "pong", "seq": obj["seq"]}))
         elif kind == "registered":
+            if self.share is not None:
+                if not obj.get("records"):
+                    raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the server did not switch to records")
+                self._switch(obj["records"])
             self.worker.keepalive = max(self.worker.keepalive, float(obj["keepalive_interval"]))
             if not self.registered.done():
                 self.registered.set_result(None)
         elif kind == "punch":
             now = time.perf_counter()
-            self.transport.write(encode_message(Result(obj["session_id"], Outcome.DIRECT)))
+            self._write(encode_message(Result(obj["session_id"], Outcome.DIRECT)))
             waiting = self.waiting.pop(obj.get("request_id") or "", None)
             if waiting is not None and not waiting[1].done():
                 waiting[1].set_result(now - waiting[0])
@@ -252,7 +312,7 @@ class PeerConn(asyncio.Protocol):
         assert self.transport is not None
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.waiting[request_id] = (time.perf_counter(), future)
-        self.transport.write(encode_message(Connect(request_id, target)))
+        self._write(encode_message(Connect(request_id, target)))
         return future
 
 
@@ -268,6 +328,8 @@ class Worker:
     pings: int = 0  # keepalive PINGs received (all peers of this process), reported per command
     keepalive: float = 0.0  # the longest keepalive interval a REGISTERED announced
     tls: ssl.SSLContext | None = None  # the control channel's TLS (one key for every generated peer)
+    fingerprint: str = ""  # that key's id (bound into the record keys)
+    records: bool = True  # leave TLS for the record layer after REGISTERED (--tls-only: False)
     lag: LagProbe = field(default_factory=LagProbe)
     _seq: int = 0
 
@@ -284,7 +346,7 @@ class Worker:
             async with gate:
                 _, proto = await loop.create_connection(
                     lambda: PeerConn(self, peer_id), "127.0.0.1", self.server_port,
-                    local_addr=(self.source_ip, 0), ssl=self.tls, server_hostname="" if self.tls else None,
+                    local_addr=(self.source_ip, 0),
                 )
                 await asyncio.wait_for(proto.registered, 30.0)
                 conns.append(proto)
@@ -344,15 +406,18 @@ class Worker:
                 "skipped": skipped}
 
 
-def worker_main(index: int, source_ip: str, server_port: int, pipe: Connection, cpus: set[int] | None) -> None:
+def worker_main(index: int, source_ip: str, server_port: int, pipe: Connection, cpus: set[int] | None,
+                records: bool) -> None:
     from tcppunch.session.identity import Identity
     from tcppunch.session.secure import context
 
     raise_nofile()
     if cpus:
         os.sched_setaffinity(0, cpus)
-    tls = context(Identity.generate(), server_side=False)
-    asyncio.run(_worker_loop(Worker(index, source_ip, server_port, tls=tls), pipe))
+    identity = Identity.generate()
+    tls = context(identity, server_side=False)
+    worker = Worker(index, source_ip, server_port, tls=tls, fingerprint=identity.fingerprint, records=records)
+    asyncio.run(_worker_loop(worker, pipe))
 
 
 async def _worker_loop(worker: Worker, pipe: Connection) -> None:
@@ -395,14 +460,16 @@ async def _worker_loop(worker: Worker, pipe: Connection) -> None:
 
 
 class Run:
-    def __init__(self, workers: int, port: int, deadline: float, cpus: set[int] | None = None) -> None:
+    def __init__(self, workers: int, port: int, deadline: float, cpus: set[int] | None = None,
+                 records: bool = True) -> None:
         self.deadline = deadline
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         ctx = mp.get_context("fork")
         for w in range(workers):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(w, f"127.0.{10 + w}.1", port, theirs, cpus), daemon=True)
+            proc = ctx.Process(target=worker_main, args=(w, f"127.0.{10 + w}.1", port, theirs, cpus, records),
+                               daemon=True)
             proc.start()
             self.pipes.append(ours)
             self.procs.append(proc)
@@ -612,6 +679,9 @@ def main() -> int:
                         help="trace the server's Python allocations (slower) to split the memory per peer")
     parser.add_argument("--rate", type=float, default=1000.0, help="paced rendezvous/s for the latency figure")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--tls-only", action="store_true",
+                        help="the generated peers keep their control connections in TLS instead of switching to "
+                             "the record layer after REGISTERED (the memory per peer before the switch existed)")
     parser.add_argument("--core", action="store_true",
                         help="only the sans-I/O protocol's cost per rendezvous at 200 to 50,000 peers (no fd cap)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -647,7 +717,7 @@ def main() -> int:
         ready = server.stdout.readline()
         if not ready.startswith("ready"):
             raise RuntimeError(f"server did not start: {ready!r}")
-        run = Run(args.workers, port, deadline, worker_cpus)
+        run = Run(args.workers, port, deadline, worker_cpus, records=not args.tls_only)
         probe = ServerProbe(server)
         active = [f"a{i}" for i in range(ACTIVE)]
         rss0 = rss_kib(server.pid)
@@ -685,6 +755,7 @@ def main() -> int:
         "registrations_per_s": registered / reg_elapsed,
         "rss_kib": {"start": rss0, "after_small": rss1, "after_large": rss2},
         "bytes_per_peer": (rss2 - rss1) * 1024 / max(registered, 1),
+        "control_channel": "tls" if args.tls_only else "records",
         "registration_server": after,
         "connections_lost": lost,
         "keepalive_interval_max": max(r["keepalive"] for r in regs),
@@ -736,7 +807,8 @@ def print_table(r: dict[str, Any]) -> None:
           f"{reg['gc']['count']} GC pauses, longest {reg['gc']['max_ms']:.1f} ms, on CPU {reg['cpu_pct']:.0f} %, "
           f"waiting for a CPU {reg['cpu_wait_pct']:.0f} %)")
     print("(the latency columns are from the paced phase; the saturated phase's server figures are in --json)")
-    print(f"server memory per registered peer: {r['bytes_per_peer']:,.0f} bytes (RSS delta; goal <= 8192)")
+    print(f"server memory per registered peer: {r['bytes_per_peer']:,.0f} bytes (RSS delta; goal <= 8192; "
+          f"control channel: {r['control_channel']})")
     if "traced_bytes_per_peer" in r:
         traced = r["traced_bytes_per_peer"]
         python = sum(traced.values())

@@ -31,6 +31,7 @@ from tcppunch.punch.birthday import DEFAULT_LIMITS, BirthdayLimits, BirthdayPlan
 from tcppunch.punch.plan import PunchPlan, peer_rtt_bound, resyn_delay
 from tcppunch.punch.prediction import build_candidates, ipv6_candidates, retry_policy_for
 from tcppunch.session.identity import Identity
+from tcppunch.session.records import KeyShare, RecordChannel, RecordError
 from tcppunch.session.secure import (
     SecureError,
     SecureErrorCode,
@@ -241,8 +242,15 @@ class ControlChannel:
         request_timeout: float = 10.0,
         identity: Identity | None = None,
         verify_coordinator: Verifier | None = None,
+        records: bool = True,
     ) -> None:
         self.coordinator = coordinator
+        # After REGISTERED leave TLS for the record layer (docs/protocol.md): the coordinator then keeps
+        # ~5 KiB instead of ~28 KiB for our connection. False: the whole connection stays in TLS.
+        self.records = records
+        self._records: RecordChannel | None = None
+        self._records_first = b""  # records that came with the coordinator's close_notify
+        self._register_sent = 0.0  # when REGISTER went out (the first RTT sample)
         # Our key (the coordinator binds our id to it) and the check of the coordinator's key; without a
         # verifier any coordinator key is accepted (Peer always passes one: pin or known-peers file).
         self.identity = identity or Identity.load()
@@ -312,6 +320,32 @@ class ControlChannel:
         )
         try:
             local = endpoint_of(sock.getsockname())
+        except BaseException:
+            sock.close()
+            raise
+        ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
+        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6, self.birthday)
+        if self.records:
+            reply = await self._register_with_records(sock, hello)
+        else:
+            reply = await self._register_in_tls(sock, hello)
+        self._note_rtt(loop.time() - self._register_sent)
+        self.registration = Registration(
+            id=reply.id,
+            local=local,
+            observed=reply.observed,
+            keepalive_interval=reply.keepalive_interval,
+            keepalive_timeout=reply.keepalive_timeout,
+            connect_attempts=len(attempts),
+        )
+        self._log = self._log.bind(local=str(local), observed=str(reply.observed))
+        self._log.info("control.registered", connect_attempts=len(attempts), records=self._records is not None)
+        return self.registration
+
+    async def _register_in_tls(self, sock: socket.socket, hello: Register) -> Registered:
+        """REGISTER over asyncio's TLS transport; the connection stays in TLS."""
+        loop = asyncio.get_running_loop()
+        try:
             # TLS first: the token below never travels in clear, and only to the coordinator we expect.
             self._reader, self._writer = await asyncio.open_connection(
                 sock=sock, limit=MAX_FRAME_SIZE * 2, ssl=context(self.identity, server_side=False),
@@ -332,27 +366,61 @@ class ControlChannel:
             raise
         self._registered = loop.create_future()
         self._read_task = loop.create_task(self._read_loop())
-        ipv6 = tuple(Endpoint(ip, local.port) for ip in self.ipv6)
-        hello = Register(self.peer_id, self._token, self.nat, self.private, self.swarm, ipv6, self.birthday)
         self._writer.write(PREAMBLE + encode_message(hello))
-        sent = loop.time()
+        self._register_sent = loop.time()
         try:
-            reply = await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)
+            return await asyncio.wait_for(asyncio.shield(self._registered), self.request_timeout)
         except BaseException:
             await self.close()
             raise
-        self._note_rtt(loop.time() - sent)
-        self.registration = Registration(
-            id=reply.id,
-            local=local,
-            observed=reply.observed,
-            keepalive_interval=reply.keepalive_interval,
-            keepalive_timeout=reply.keepalive_timeout,
-            connect_attempts=len(attempts),
-        )
-        self._log = self._log.bind(local=str(local), observed=str(reply.observed))
-        self._log.info("control.registered", connect_attempts=len(attempts))
-        return self.registration
+
+    async def _register_with_records(self, sock: socket.socket, hello: Register) -> Registered:
+        """TLS handshake (the coordinator's key checked), REGISTER with our X25519 key, REGISTERED with the
+        coordinator's, both leave TLS (close_notify both ways, record by record: nothing past the
+        coordinator's close_notify is read as TLS), then the record layer on the bare socket."""
+        loop = asyncio.get_running_loop()
+        share = KeyShare()
+        engine = TlsEngine(context(self.identity, server_side=False), server_side=False)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                self.coordinator_key = await engine_handshake(engine, sock, self._verify_coordinator)
+        except TimeoutError:
+            sock.close()
+            raise SecureError(SecureErrorCode.TIMEOUT, f"no TLS with the coordinator within {self.request_timeout:g} s"
+                              ) from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await engine_send(engine, sock, PREAMBLE + encode_message(dataclasses.replace(hello,
+                                                                                            records=share.public)))
+                self._register_sent = loop.time()
+                reply = await _read_one_tls_message(engine, sock)
+                if isinstance(reply, Error):
+                    raise CoordinatorError(reply.code, reply.message, fatal=reply.fatal)
+                if not isinstance(reply, Registered):
+                    raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, f"expected registered, got {reply.TYPE}")
+                if reply.records is None:
+                    raise CoordinatorError(ErrorCode.UNEXPECTED_MESSAGE, "the coordinator did not answer with a "
+                                           "record-layer key (an older server? use records=False)")
+                assert self.coordinator_key is not None
+                keys = share.derive(reply.records, is_client=True, client_key=self.identity.fingerprint,
+                                    server_key=self.coordinator_key)
+                self._records_first = await engine_unwrap(engine, sock)
+            self._records = RecordChannel(keys)
+            self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME_SIZE * 2)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, RecordError):
+                exc = CoordinatorError(ErrorCode.CLOSED, f"no record layer with the coordinator: {exc}")
+            self._finish(exc if isinstance(exc, CoordinatorError) else None)
+            if isinstance(exc, CoordinatorError):
+                raise exc from None
+            raise
+        self._read_task = loop.create_task(self._read_loop())
+        return reply
 
     async def close(self) -> None:
         """Close the control connection (the coordinator then unregisters us and cancels our sessions)."""
@@ -478,7 +546,14 @@ class ControlChannel:
     def _send(self, message: Message) -> None:
         if self.closed or self._writer is None:
             raise self._closed_error()
-        self._writer.write(encode_message(message))
+        data = encode_message(message)
+        if self._records is not None:
+            try:
+                data = self._records.seal(data)
+            except RecordError as exc:  # the record limit: the connection ends, we register again
+                self._finish(CoordinatorError(ErrorCode.CLOSED, f"control channel records: {exc}"))
+                raise self._closed_error() from None
+        self._writer.write(data)
 
     async def _drain(self) -> None:
         if self._writer is not None:
@@ -494,19 +569,28 @@ class ControlChannel:
         decoder = FrameDecoder()
         reason: CoordinatorError | None = None
         try:
+            if self._records is not None and self._records_first:
+                decoder.feed(self._records.open(self._records_first))
+                while (frame := decoder.next_frame()) is not None:
+                    self._handle(decode_message(frame), loop.time())
             while True:
                 # Silence beyond the keepalive timeout means the coordinator (or the path) is gone.
                 timeout = None if self.registration is None else self.registration.keepalive_timeout
                 data = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
                 now = loop.time()
                 if not data:
+                    if self._records is not None:
+                        self._records.end()  # an end inside a record is an error, not a close
                     reason = CoordinatorError(ErrorCode.CLOSED, "the coordinator closed the connection")
                     break
-                decoder.feed(data)
+                decoder.feed(data if self._records is None else self._records.open(data))
                 while (frame := decoder.next_frame()) is not None:
                     self._handle(decode_message(frame), now)
         except ProtocolError as exc:
             reason = CoordinatorError(exc.code, f"the coordinator sent a bad frame: {exc.message}")
+        except RecordError as exc:
+            self._log.info("control.record_failed", code=exc.code.value, error=str(exc))
+            reason = CoordinatorError(ErrorCode.CLOSED, f"the coordinator's records failed: {exc}")
         except TimeoutError:
             reason = CoordinatorError(ErrorCode.KEEPALIVE_TIMEOUT, "nothing heard from the coordinator")
         except (ConnectionError, OSError) as exc:
@@ -671,7 +755,8 @@ async def open_relay(
 
 
 async def _read_one_tls_message(tls: TlsEngine, sock: socket.socket) -> Message:
-    """One frame from inside ``tls`` (the relay sends RELAY-OK or ERROR, then close_notify)."""
+    """One frame from inside ``tls`` (the relay sends RELAY-OK or ERROR, then close_notify; a control
+    connection's REGISTERED with the record-layer key, then close_notify)."""
     decoder = FrameDecoder()
     try:
         while (frame := decoder.next_frame()) is None:

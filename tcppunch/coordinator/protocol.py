@@ -29,6 +29,7 @@ import structlog
 
 from tcppunch.ratelimit import KeyedBuckets, LogLimiter, source_key
 from tcppunch.relay.limits import ByteBudget, RelayAccounting, RelayLimits
+from tcppunch.session.records import KeyShare
 from tcppunch.wire.coord import (
     MAX_ENDPOINTS,
     MAX_PEERS_LISTED,
@@ -179,7 +180,20 @@ class StartRelay:
     max_duration: float | None = None
 
 
-Action = Send | Close | StartRelay | OpenPort | ClosePort | ClusterAction
+@dataclass(frozen=True)
+class StartRecords:
+    """Leave TLS on ``conn`` for the record layer (docs/protocol.md, *The record layer*): right after the
+    REGISTERED that carried ``share``'s public key. The driver derives the keys from ``share`` (which then
+    forgets its private key), ``client_public`` and both identity fingerprints (``client_key`` is the one
+    TLS authenticated)."""
+
+    conn: ConnId
+    share: KeyShare
+    client_public: bytes
+    client_key: str
+
+
+Action = Send | Close | StartRelay | StartRecords | OpenPort | ClosePort | ClusterAction
 
 
 class _Timer(Enum):
@@ -223,6 +237,8 @@ class _Conn:
     frame_deadline: float | None = None
     # Fingerprint of the client's TLS key (set by the driver after the handshake; None: plain TCP).
     key: str | None = None
+    # The client's X25519 key from REGISTER, until REGISTERED answers it (None: it stays in TLS).
+    records: bytes | None = None
 
 
 # Upper bounds (s) of the time-to-connect buckets; the last bucket is everything above.
@@ -625,6 +641,7 @@ class CoordinatorProtocol:
         self.registry.add(record)
         self._set_state(c, ConnState.PEER)
         c.peer_id = msg.id
+        c.records = msg.records
         self._timers.cancel((_Timer.HANDSHAKE, c.id))
         self.stats.registrations += 1
         log.info("coordinator.registered", peer=msg.id, observed=str(c.observed), swarm=msg.swarm)
@@ -634,9 +651,17 @@ class CoordinatorProtocol:
 
     def _registered(self, c: _Conn, record: PeerRecord, now: float) -> list[Action]:
         cfg, scale = self.config, record.keepalive_scale
-        reply = Registered(record.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale)
-        # The first ping right away: an RTT estimate exists one round trip after registering.
-        return [Send(c.id, encode_message(reply)), *self._ping(record, now)]
+        switch: list[Action] = []
+        share = None
+        if c.records is not None and c.key is not None:  # the client asked for the record layer
+            share = KeyShare()
+            switch.append(StartRecords(c.id, share, c.records, c.key))
+            c.records = None
+        reply = Registered(record.id, c.observed, cfg.keepalive_interval * scale, cfg.keepalive_timeout * scale,
+                           records=None if share is None else share.public)
+        # The first ping right away (after the switch: in records): an RTT estimate exists one round trip
+        # after registering.
+        return [Send(c.id, encode_message(reply)), *switch, *self._ping(record, now)]
 
     def _not_owner(self, peer_id: str, key: str) -> str | None:
         """Why ``key`` may not register ``peer_id`` (None: it may)."""

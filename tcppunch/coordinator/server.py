@@ -26,6 +26,7 @@ import structlog
 
 from tcppunch.relay import ByteBudget, RelayAccounting, RelayEnd, RelayStats, detach, relay
 from tcppunch.session.identity import Identity, config_dir
+from tcppunch.session.records import RecordChannel, RecordError
 from tcppunch.session.secure import SecureError, TlsEngine, context, peer_fingerprint
 from tcppunch.wire.coord import Error, ErrorCode, encode_message
 from tcppunch.wire.endpoint import Endpoint
@@ -36,7 +37,7 @@ from .auth import Tokens
 from .cluster import ClusterUnavailable, RedisCluster
 from .directory import ClaimAnswer, Forward, LookupPeer, RemotePeer
 from .expose import ClosePort, OpenPort
-from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRelay
+from .protocol import Action, Close, CoordinatorConfig, CoordinatorProtocol, Send, StartRecords, StartRelay
 
 log = structlog.get_logger()
 RELAY_STATS_KEPT = 1000
@@ -101,6 +102,7 @@ class _Link(asyncio.Protocol):
         "linger_handle",
         "prefix",
         "reader",
+        "records",
         "server",
         "stash",
         "tls",
@@ -119,6 +121,9 @@ class _Link(asyncio.Protocol):
         self.prefix: bytes | None = b""
         # TLS (every client but a plain-TCP one, which can only hear errors): raw bytes go through it.
         self.tls: TlsEngine | None = None
+        # The record layer a registered peer asked for: set when the server leaves TLS (our close_notify
+        # sent); ``tls`` is dropped once the client's close_notify came (docs/protocol.md).
+        self.records: RecordChannel | None = None
         self.closing = False
         self.handed_off = False
         # Bytes received after the hand-over to the relay was decided (by another connection's event).
@@ -166,7 +171,9 @@ class _Link(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Application bytes to the client (encrypted on a TLS link)."""
         assert self.transport is not None
-        if self.tls is None:
+        if self.records is not None:  # after our close_notify everything we send is records
+            self.transport.write(self.records.seal(data))
+        elif self.tls is None:
             self.transport.write(data)
         elif self.tls.established:
             for piece in _slices(data):
@@ -382,6 +389,9 @@ class CoordinatorServer:
                 self._apply(self.protocol.data_received(link.id, plain, asyncio.get_running_loop().time()))
             if link.tls is not None and link.tls.peer_closed and not link.handed_off:
                 self._end(link)
+        except RecordError as exc:  # an altered, replayed, oversize or truncated record: this link ends
+            self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
+            self._end(link)
         except (ConnectionError, OSError, SecureError) as exc:  # ssl.SSLError is an OSError
             self._log.debug("coordinator.conn_error", conn=link.id, error=repr(exc))
             self._end(link)
@@ -395,6 +405,11 @@ class CoordinatorServer:
             return True
         if link.prefix and not link.busy:  # fewer than PREAMBLE_SIZE bytes, then EOF: they are all there is
             self._link_data(link, b"")
+        if link.records is not None and link.tls is None and not link.closing:
+            try:
+                link.records.end()
+            except RecordError as exc:
+                self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
         self._end(link)
         return False
 
@@ -495,10 +510,19 @@ class CoordinatorServer:
         handshake and, once it is done, tells the protocol which key the client holds."""
         tls = link.tls
         if tls is None:
-            return raw
+            return raw if link.records is None else link.records.open(raw)
         assert link.transport is not None
         plain = []
-        for piece in _slices(raw):
+        pieces = _slices(raw)
+        for index, piece in enumerate(pieces):
+            if link.records is not None:  # leaving TLS: the client's close_notify, then only records
+                rest = tls.leave(piece)
+                link.transport.write(tls.outgoing())
+                if rest is None:
+                    continue
+                link.tls = None  # the SSLObject and its BIOs are freed: the records are all the link keeps
+                plain.append(link.records.open(rest + b"".join(pieces[index + 1:])))
+                break
             tls.feed(piece)
             if not tls.established:
                 if tls.handshake():
@@ -525,6 +549,8 @@ class CoordinatorServer:
                 self._close_port(action)
             elif isinstance(action, StartRelay):
                 self._start_relay(action)
+            elif isinstance(action, StartRecords):
+                self._start_records(action)
             elif isinstance(action, LookupPeer):
                 self._lookup(action)
             elif self.cluster is not None:
@@ -569,6 +595,27 @@ class CoordinatorServer:
             link.closing = True
             link.transport.abort()
 
+    def _start_records(self, action: StartRecords) -> None:
+        """REGISTERED (with our X25519 key) went out in TLS: derive the record keys, forget the ephemeral
+        key, send close_notify. From now on we send records; the client's close_notify, then its records,
+        are read in :meth:`_decrypt`."""
+        link = self._links.get(action.conn)
+        if link is None or link.closing or link.tls is None or not link.tls.established or link.transport is None:
+            return
+        try:
+            keys = action.share.derive(action.client_public, is_client=False, client_key=action.client_key,
+                                       server_key=self.identity.fingerprint)
+        except RecordError as exc:
+            self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
+            self._end(link)
+            return
+        link.records = RecordChannel(keys)
+        if link.tls.leave() is not None:  # the client cannot have answered a close_notify not yet sent
+            self._log.info("coordinator.record_failed", conn=link.id, error="close_notify before the switch")
+            self._end(link)
+            return
+        link.transport.write(link.tls.outgoing())
+
     def _close(self, action: Close) -> None:
         link = self._links.get(action.conn)
         if link is None or link.closing:
@@ -578,7 +625,7 @@ class CoordinatorServer:
         assert transport is not None
         if action.linger and not transport.is_closing() and transport.can_write_eof():
             # Half-close: the client reads our ERROR, then EOF; its close ends our read loop.
-            if link.tls is not None and link.tls.established:
+            if link.tls is not None and link.tls.established and link.records is None:
                 with contextlib.suppress(OSError):  # ssl.SSLError: the client's records may be in the way
                     link.tls.unwrap()  # close_notify: the end of our TLS stream is not a truncation
                 transport.write(link.tls.outgoing())
@@ -663,15 +710,15 @@ class CoordinatorServer:
         if tls is None:
             return
         assert link.reader is not None and link.writer is not None
-        tls.feed(link.stash)
-        while not tls.unwrap():
+        rest = tls.leave(link.stash)
+        while rest is None:
             link.writer.write(tls.outgoing())
             raw = await link.reader.read(READ_SIZE)
             if not raw:
                 raise ConnectionError("the relay client closed before leaving TLS")
-            tls.feed(raw)
+            rest = tls.leave(raw)
         link.writer.write(tls.outgoing())
-        link.stash = tls.leftover()
+        link.stash = rest
 
     def _budget(self, peer_id: str) -> ByteBudget:
         budget = self._budgets.get(peer_id)

@@ -204,6 +204,17 @@ class TlsEngine:
             return False
         return True
 
+    def leave(self, data: bytes = b"") -> bytes | None:
+        """Leaving TLS, sans-I/O (close_notify both ways; relay joins, the control channel's switch to its
+        record layer): feed ``data``; after the first call our close_notify waits in :meth:`outgoing`.
+        None until the other side's close_notify has come, then the bytes that followed it (not TLS).
+        Application records from the other side in between make OpenSSL fail (``ssl.SSLError``)."""
+        self.feed(data)
+        self.write_closed = True
+        if not self.unwrap():
+            return None
+        return self.leftover()
+
     def leftover(self) -> bytes:
         """Received bytes TLS has not consumed (after :meth:`unwrap`: plain bytes that followed TLS)."""
         return self._incoming.read()
@@ -262,13 +273,14 @@ async def engine_unwrap(engine: TlsEngine, sock: socket.socket) -> bytes:
     """Leave TLS (both close_notify) on ``sock``; returns plain bytes that were received after it."""
     loop = asyncio.get_running_loop()
     try:
-        while not engine.unwrap():
+        rest = engine.leave()
+        while rest is None:
             await loop.sock_sendall(sock, engine.outgoing())
-            engine.feed(await read_record(loop, sock))
+            rest = engine.leave(await read_record(loop, sock))
         await loop.sock_sendall(sock, engine.outgoing())
     except ssl.SSLError as exc:
         raise SecureError(SecureErrorCode.HANDSHAKE_FAILED, f"leaving TLS failed: {exc}") from None
-    return engine.leftover()
+    return rest
 
 
 # ------------------------------------------------------------------------------------- peer to peer

@@ -124,6 +124,7 @@ MAX_TOKEN = 1024
 MAX_ENDPOINTS = 16
 MAX_PEERS_LISTED = 100
 SESSION_KEY_SIZE = 32
+RECORDS_KEY_SIZE = 32  # an X25519 public key (REGISTER/REGISTERED "records")
 # Encoded size limit of a NAT report inside REGISTER (PUNCH forwards it to the other peer).
 MAX_NAT_REPORT = 16 * 1024
 # Shape limits of a NAT report's parts, so that no report can expand when it is re-encoded into a PUNCH.
@@ -216,6 +217,11 @@ def _hex(obj: dict[str, Any], name: str, size: int) -> bytes:
     if len(raw) != size:
         raise _bad(name, f"must be {size} bytes")
     return raw
+
+
+def _opt_hex(obj: dict[str, Any], name: str, size: int) -> bytes | None:
+    """An optional field of ``size`` bytes in hex: absent or null is None."""
+    return None if obj.get(name) is None else _hex(obj, name, size)
 
 
 def _enum(obj: dict[str, Any], name: str, kind: type[Any]) -> Any:
@@ -385,9 +391,12 @@ class Register:
     # False: this peer opted out of birthday punching (its sessions that need one go to the relay).
     # Optional on the wire (absent = true).
     birthday: bool = True
+    # The client's X25519 public key: "leave TLS for the record layer after REGISTERED" (docs/protocol.md).
+    # Optional on the wire (absent: the connection stays in TLS).
+    records: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "id": self.id,
             "token": self.token,
             "nat": None if self.nat is None else self.nat.to_json(),
@@ -396,6 +405,9 @@ class Register:
             "ipv6": [e.to_json() for e in self.ipv6],
             "birthday": self.birthday,
         }
+        if self.records is not None:
+            obj["records"] = self.records.hex()
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Register:
@@ -407,6 +419,7 @@ class Register:
             swarm=_opt_str(obj, "swarm"),
             ipv6=_ipv6_endpoints(obj, "ipv6"),
             birthday=_opt_bool(obj, "birthday", default=True),
+            records=_opt_hex(obj, "records", RECORDS_KEY_SIZE),
         )
 
 
@@ -420,15 +433,20 @@ class Registered:
     keepalive_interval: float
     keepalive_timeout: float
     version: int = 1
+    # The server's X25519 public key when REGISTER asked for the record layer: TLS ends right after this.
+    records: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "id": self.id,
             "observed": self.observed.to_json(),
             "keepalive_interval": self.keepalive_interval,
             "keepalive_timeout": self.keepalive_timeout,
             "version": self.version,
         }
+        if self.records is not None:
+            obj["records"] = self.records.hex()
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Registered:
@@ -438,6 +456,7 @@ class Registered:
             keepalive_interval=_float(obj, "keepalive_interval"),
             keepalive_timeout=_float(obj, "keepalive_timeout"),
             version=_int(obj, "version", high=65535),
+            records=_opt_hex(obj, "records", RECORDS_KEY_SIZE),
         )
 
 
