@@ -1,6 +1,7 @@
 """Coordinator load benchmark: rendezvous rate at 200 registered peers vs at many, in one run.
 
-One coordinator process on loopback (the control channel in TLS 1.3, as every client speaks it); a load
+One coordinator process on loopback (the control channel authenticated in TLS 1.3, then in the record layer
+as tcppunch's client switches to it after REGISTERED; --tls-only keeps TLS throughout); a load
 generator of several processes, each connecting from its own source address in 127.0.0.0/8 (one address's
 ephemeral ports would run out). Steps, in one run:
 

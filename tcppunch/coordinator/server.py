@@ -88,7 +88,8 @@ def endpoint_of(sockaddr: Any) -> Endpoint:
 class _Link(asyncio.Protocol):
     """One accepted connection, driven by the event loop's callbacks: no task, no streams, ``__slots__``.
 
-    An idle registered peer costs its transport, this object and the TLS engine; a task with a stream
+    An idle registered peer costs its transport, this object and its record layer (two keys: the TLS
+    engine is freed once the peer switched, docs/protocol.md; a peer that did not ask keeps it); a task with a stream
     reader and writer per connection cost ~6 KiB more of Python objects (docs/benchmarks.md). The rare
     paths that want streams (a STUN connection, a relay hand-over) get them from :meth:`to_streams`.
     """

@@ -22,9 +22,11 @@ from tcppunch.coordinator.protocol import (
     CoordinatorConfig,
     CoordinatorProtocol,
     Send,
+    StartRecords,
     StartRelay,
 )
 from tcppunch.coordinator.registry import PeerRecord, Registry
+from tcppunch.session.records import KeyShare
 from tcppunch.wire.coord import (
     Cancel,
     Connect,
@@ -48,7 +50,7 @@ from tcppunch.wire.coord import (
     relay_proof,
 )
 from tcppunch.wire.endpoint import Endpoint
-from tcppunch.wire.framing import PREAMBLE, FrameDecoder
+from tcppunch.wire.framing import PREAMBLE, FrameDecoder, encode_frame
 from tcppunch.wire.natreport import FilteringBehaviour, MappingBehaviour, NatReport, TcpBehaviour
 
 SERVER = Endpoint("198.51.100.10", 3478)
@@ -186,6 +188,52 @@ def test_register_reports_the_observed_endpoint_and_pings_at_once() -> None:
     record = h.proto.registry.get("alice")
     assert record is not None and record.nat == SYM_RANDOM and record.swarm == "s"
     assert h.proto.conn_state(conn) is ConnState.PEER
+
+
+def _one_message(data: bytes) -> Message:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    frame = decoder.next_frame()
+    assert frame is not None and decoder.next_frame() is None
+    return decode_message(frame)
+
+
+def test_register_asking_for_records_switches_right_after_registered() -> None:
+    """REGISTERED carries the server's key share, the switch follows it at once (the driver's close_notify
+    must come right after REGISTERED in the byte stream), the first PING after it (so, in records)."""
+    h = Harness()
+    conn = h.open()
+    client = KeyShare()
+    hello = PREAMBLE + encode_message(Register("alice", "tok", records=client.public))
+    actions = h.proto.data_received(conn, hello, h.now)
+    assert [type(a) for a in actions] == [Send, StartRecords, Send]
+    first, switch, last = actions
+    assert isinstance(first, Send) and isinstance(switch, StartRecords) and isinstance(last, Send)
+    registered, ping = _one_message(first.data), _one_message(last.data)
+    assert isinstance(registered, Registered) and isinstance(ping, Ping)
+    assert registered.records == switch.share.public != client.public
+    assert (switch.conn, switch.client_public, switch.client_key) == (conn, client.public, TEST_KEY)
+    server_keys = switch.share.derive(switch.client_public, is_client=False, client_key=TEST_KEY, server_key="S")
+    client_keys = client.derive(registered.records, is_client=True, client_key=TEST_KEY, server_key="S")
+    assert (client_keys.send, client_keys.receive) == (server_keys.receive, server_keys.send)
+
+
+def test_register_without_records_stays_in_tls() -> None:
+    h = Harness()
+    actions = h.proto.data_received(h.open(), PREAMBLE + encode_message(Register("alice", "tok")), h.now)
+    assert [type(a) for a in actions] == [Send, Send]
+    registered = _one_message(actions[0].data) if isinstance(actions[0], Send) else None
+    assert isinstance(registered, Registered) and registered.records is None
+
+
+@pytest.mark.parametrize("records", ["00" * 31, "zz" * 32, "00" * 33, 7])
+def test_a_malformed_records_key_is_bad_field(records: Any) -> None:
+    h = Harness()
+    conn = h.open()
+    frame = {**Register("alice", "tok").to_json(), "type": "register", "records": records}
+    h.feed(conn, PREAMBLE + encode_frame(frame))
+    assert_fatal(h, conn, "bad-field")
+    assert h.proto.registry.get("alice") is None
 
 
 def test_register_byte_by_byte_equals_whole_buffer() -> None:
