@@ -37,42 +37,53 @@ def test_port_moves_but_address_cannot() -> None:
     assert second == moved
 
 
+async def _stun_and_coordinator_on_a_free_pair() -> tuple[StunService, CoordinatorServer, int]:
+    """A STUN service and a coordinator (started) sharing a free pair of ports P, P+1. Both binds are
+    retried (bounded): a port below the kernel's ephemeral range (32768-60999 by default) can still be
+    taken by another test's listener, and either bind may be the one that finds it taken."""
+    for _ in range(20):
+        port = random.randrange(20000, 32000, 2)
+        stun = StunService(StunServiceConfig("127.0.0.1", port, external_tcp=frozenset(
+            {Endpoint("127.0.0.1", port)}), udp=False))
+        try:
+            await stun.start()
+        except OSError:
+            continue
+        server = CoordinatorServer("127.0.0.1", port, Tokens(shared="t"), stun_handler=stun.serve_tcp_connection)
+        try:
+            await server.start()
+        except OSError:
+            await stun.close()
+            continue
+        return stun, server, port
+    raise AssertionError("no free port pair in 20 tries")
+
+
 def test_observed_may_name_a_port_the_servers_stun_saw() -> None:
     """Issue 9 finding 8 end to end: a peer without a sequential NAT report may move its port only to one
     the server's STUN service saw it bind from (the refresh a Peer does before OBSERVED)."""
 
     async def scenario() -> tuple[Endpoint, Endpoint, Endpoint]:
-        for _ in range(20):  # a free pair of ports P, P+1 (bounded tries)
-            port = random.randrange(20000, 40000, 2)
-            try:
-                stun = StunService(StunServiceConfig("127.0.0.1", port, external_tcp=frozenset(
-                    {Endpoint("127.0.0.1", port)}), udp=False))
-                await stun.start()
-                break
-            except OSError:
-                continue
-        else:
-            raise AssertionError("no free port pair")
+        stun, server, port = await _stun_and_coordinator_on_a_free_pair()
         try:
-            async with CoordinatorServer("127.0.0.1", port, Tokens(shared="t"),
-                                         stun_handler=stun.serve_tcp_connection) as server:
-                stun.on_binding = server.stun_seen
-                async with ControlChannel(server.address, "mover", "t") as mover, \
-                        ControlChannel(server.address, "asker", "t") as asker:
-                    registered = mover.observed
-                    conn = await TcpStunConnection.open(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", port + 1))
-                    try:
-                        seen = mapped_endpoint(await conn.request(timeout=2.0))
-                    finally:
-                        conn.close()
-                    await mover.update_observed(Endpoint(seen.ip, seen.port + 1))  # never seen: refused
-                    await mover.ping()
-                    first = (await asker.connect("mover")).peer_observed
-                    await mover.update_observed(seen)
-                    await mover.ping()
-                    second = (await asker.connect("mover")).peer_observed
-                    return registered, first, second
+            stun.on_binding = server.stun_seen
+            async with ControlChannel(server.address, "mover", "t") as mover, \
+                    ControlChannel(server.address, "asker", "t") as asker:
+                registered = mover.observed
+                conn = await TcpStunConnection.open(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", port + 1))
+                try:
+                    seen = mapped_endpoint(await conn.request(timeout=2.0))
+                finally:
+                    conn.close()
+                await mover.update_observed(Endpoint(seen.ip, seen.port + 1))  # never seen: refused
+                await mover.ping()
+                first = (await asker.connect("mover")).peer_observed
+                await mover.update_observed(seen)
+                await mover.ping()
+                second = (await asker.connect("mover")).peer_observed
+                return registered, first, second
         finally:
+            await server.stop()
             await stun.close()
 
     registered, first, second = asyncio.run(asyncio.wait_for(scenario(), 30))
