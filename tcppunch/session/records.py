@@ -140,7 +140,8 @@ class RecordChannel:
     one per call costs ~1 µs. ``limit``: records per direction before the connection must end (tests
     lower it)."""
 
-    __slots__ = ("_buffer", "_limit", "_receive_key", "_received", "_send_key", "_sent")
+    __slots__ = ("_limit", "_need", "_pending", "_pending_size", "_receive_key", "_received", "_send_key",
+                 "_sent")
 
     def __init__(self, keys: ChannelKeys, *, limit: int = RECORD_LIMIT) -> None:
         if keys.send == keys.receive:
@@ -152,7 +153,11 @@ class RecordChannel:
         self._sent = 0
         self._received = 0
         self._limit = limit
-        self._buffer = b""  # an incomplete record
+        # An incomplete record, as the pieces it arrived in: joined only once ``_need`` bytes are there, so a
+        # sender trickling bytes costs one copy per record, not one copy of the whole buffer per read.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._need = HEADER.size  # bytes the next record needs before it can be looked at
 
     def seal(self, payload: bytes) -> bytes:
         """``payload`` as records (none for an empty payload); raises EXHAUSTED at the limit."""
@@ -173,7 +178,13 @@ class RecordChannel:
         """The payload bytes of every complete record in what was buffered plus ``data``; an incomplete
         record waits. Raises :class:`RecordError` on any record that does not authenticate or whose
         header is out of bounds (checked from the header alone, before its body is buffered)."""
-        buffer = self._buffer + data if self._buffer else data
+        if not data:
+            return b""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size < self._need:
+            return b""
+        buffer = b"".join(self._pending) if len(self._pending) > 1 else data
         plain = []
         offset = 0
         aead: AESGCM | None = None
@@ -197,11 +208,14 @@ class RecordChannel:
                                   "out of order)") from None
             self._received += 1
             offset = end
-        self._buffer = buffer[offset:]
+        rest = buffer[offset:]
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        self._need = HEADER.size if len(rest) < HEADER.size else HEADER.size + HEADER.unpack_from(rest)[0]
         return b"".join(plain)
 
     def end(self) -> None:
         """The stream ended: raises TRUNCATED if it ended inside a record."""
-        if self._buffer:
+        if self._pending_size:
             raise RecordError(RecordErrorCode.TRUNCATED, f"the stream ended inside a record "
-                                                         f"({len(self._buffer)} bytes of it)")
+                                                         f"({self._pending_size} bytes of it)")

@@ -171,6 +171,25 @@ def test_an_out_of_bounds_length_fails_from_its_header_alone(length: int) -> Non
     assert caught.value.code is RecordErrorCode.BAD_LENGTH
 
 
+def test_a_bad_header_trickled_a_byte_at_a_time_fails_at_its_second_byte() -> None:
+    _, server = pair()
+    header = HEADER.pack(MAX_RECORD + TAG_SIZE + 1)
+    assert server.open(header[:1]) == b""  # half a header: nothing to judge yet
+    with pytest.raises(RecordError) as caught:
+        server.open(header[1:])
+    assert caught.value.code is RecordErrorCode.BAD_LENGTH
+
+
+def test_a_record_trickled_a_byte_at_a_time_comes_out_whole_at_its_last_byte() -> None:
+    client, server = pair()
+    one, two = client.seal(b"slowly"), client.seal(b"then the next")
+    wire = one + two
+    got = [server.open(wire[i:i + 1]) for i in range(len(wire))]
+    assert [i for i, out in enumerate(got) if out] == [len(one) - 1, len(wire) - 1]
+    assert b"".join(got) == b"slowlythen the next"
+    server.end()  # nothing left over
+
+
 def test_the_counter_limit_ends_both_directions() -> None:
     client, server = pair(limit=3)
     wire = b"".join(client.seal(bytes([i])) for i in range(3))
