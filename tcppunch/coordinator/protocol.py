@@ -92,6 +92,9 @@ class CoordinatorConfig:
     # rate is not capped at the budget but grows only logarithmically: the n-th peer adds budget / n, so
     # n peers cost ~budget x (1 + ln(n / (keepalive_interval x budget))): 2,400/s at 20,000, 3,300/s at 50,000.
     max_pings_per_second: float = 1000.0
+    # Each ping after the first comes early by a random share of the interval, at most this one, so that
+    # peers registered in one burst drift apart (0: exactly every interval).
+    ping_jitter: float = 0.2
     # Preamble + first frame (REGISTER or RELAY) must arrive within this after the TCP accept.
     handshake_timeout: float = 5.0
     # Punch deadline = fire time + punch_window (what each peer gets as deadline_ms).
@@ -679,7 +682,11 @@ class CoordinatorProtocol:
         record.pings_in_flight[seq] = now
         while len(record.pings_in_flight) > self.config.max_pings_in_flight:
             record.pings_in_flight.pop(next(iter(record.pings_in_flight)))
-        record.next_ping_at = now + self.config.keepalive_interval * record.keepalive_scale
+        # The next one a little early, by a random share of at most PING_JITTER: peers that registered in
+        # one burst (a coordinator restart, a load test) drift apart instead of being pinged in one tick
+        # every interval for good. Never late: the peer's keepalive expectations stay what REGISTERED said.
+        early = self.config.ping_jitter * self._random(1)[0] / 255
+        record.next_ping_at = now + self.config.keepalive_interval * record.keepalive_scale * (1.0 - early)
         self._arm_peer(record)
         return [Send(record.conn, encode_message(Ping(seq)))]
 

@@ -64,7 +64,7 @@ def test_stale_entries_are_compacted() -> None:
 def test_protocol_timers_follow_the_fake_clock() -> None:
     """Handshake timeout, pings at the interval, keepalive timeout and session expiry, each at its time."""
     h = Harness(CoordinatorConfig(keepalive_interval=5.0, keepalive_timeout=15.0, stale_after=7.5,
-                                  handshake_timeout=3.0, punch_window=6.0, relay_window=30.0))
+                                  handshake_timeout=3.0, punch_window=6.0, relay_window=30.0, ping_jitter=0.0))
     silent = h.open()
     alice, bob = h.register("alice"), h.register("bob")
     h.answer_pings(alice, 0.0)
@@ -106,6 +106,20 @@ def test_a_peer_heard_from_is_not_timed_out_and_a_silent_one_is() -> None:
     assert h.proto.registry.get("alice") is None
 
 
+def test_peers_registered_in_one_burst_are_not_pinged_in_one_burst_again() -> None:
+    """Each next ping comes early by a random share (at most ping_jitter) of the interval, never late."""
+    h = Harness(CoordinatorConfig(keepalive_interval=5.0, keepalive_timeout=15.0, ping_jitter=0.2))
+    conns = [h.register(f"p{i}") for i in range(40)]  # all at t=100, each pinged at once
+    due = []
+    for i, conn in enumerate(conns):
+        h.answer_pings(conn, 0.0)
+        record = h.proto.registry.get(f"p{i}")
+        assert record is not None
+        due.append(record.next_ping_at)
+    assert all(100.0 + 4.0 <= t <= 100.0 + 5.0 for t in due), due
+    assert len(set(due)) >= 20, due  # spread over the last fifth of the interval, not one instant
+
+
 def test_an_unregistered_peer_leaves_no_live_timer() -> None:
     h = Harness()
     alice = h.register("alice")
@@ -115,7 +129,8 @@ def test_an_unregistered_peer_leaves_no_live_timer() -> None:
 
 def test_keepalive_times_scale_with_the_number_of_peers() -> None:
     """Past interval x max_pings_per_second peers, a newcomer's keepalive times grow in proportion."""
-    config = CoordinatorConfig(keepalive_interval=5.0, keepalive_timeout=15.0, max_pings_per_second=1.0)
+    config = CoordinatorConfig(keepalive_interval=5.0, keepalive_timeout=15.0, max_pings_per_second=1.0,
+                               ping_jitter=0.0)
     h = Harness(config)
     conns = [h.register(f"p{i}") for i in range(11)]
     first, last = (next(m for m in h.take(c) if isinstance(m, Registered)) for c in (conns[0], conns[-1]))
