@@ -458,12 +458,31 @@ class Lab:
     def reboot_miniupnpd(self, router: str) -> None:
         """What a router reboot does to port mapping: miniupnpd stops (by PID), its rules are gone, and a
         new one starts with a new epoch; returns once it answers again."""
-        lab_router = self.routers[router]
+        self.stop_miniupnpd(router)
+        self.start_miniupnpd(router)
+
+    def stop_miniupnpd(self, router: str) -> None:
+        """Stop ``router``'s miniupnpd (by PID) and wipe its chains, as a reboot would (miniupnpd leaves its
+        rules behind when it stops). Until :meth:`start_miniupnpd`, the router answers no port-mapping
+        request and forwards no mapped port (a gateway that is down)."""
         proc = self._miniupnpd.get(router)
-        if proc is None:
+        if proc is None or proc not in self._shapers:
             raise ns.LabError(f"router {router} runs no miniupnpd")
         _stop_process(proc.pid, proc)
         self._shapers.remove(proc)
+        netns = self.routers[router].netns
+        assert netns is not None
+        ns.nft_load(netns, portmap.upnp_ruleset(fresh=True))
+
+    def start_miniupnpd(self, router: str) -> None:
+        """Start ``router``'s miniupnpd again after :meth:`stop_miniupnpd` (a new epoch); returns once it
+        answers."""
+        proc = self._miniupnpd.get(router)
+        if proc is None:
+            raise ns.LabError(f"router {router} runs no miniupnpd")
+        if proc in self._shapers:
+            raise ns.LabError(f"miniupnpd on router {router} is running already")
+        lab_router = self.routers[router]
         self._wait_miniupnpd(lab_router, self._start_miniupnpd(lab_router))
 
     def _wait_miniupnpd(self, router: LabRouter, proc: subprocess.Popen[str]) -> None:
