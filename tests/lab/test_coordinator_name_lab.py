@@ -16,6 +16,7 @@ other address too). Bob registers at B by address; alice's forwarder knows only 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -36,8 +37,11 @@ A, B = "198.51.100.10:3478", "198.51.100.11:3478"
 @contextmanager
 def netns_etc(netns: str) -> Iterator[Path]:
     """/etc/netns/<netns>/ (ours: it must not exist yet) with nsswitch.conf resolving host names from the
-    hosts file alone; yields the hosts file's path. Removed by name afterwards."""
-    folder = Path("/etc/netns") / netns
+    hosts file alone; yields the hosts file's path. Removed by name afterwards, and /etc/netns too if this
+    made it and nothing else is in it."""
+    parent = Path("/etc/netns")
+    parent_is_ours = not parent.exists()  # removed again afterwards if we made it (and it is empty)
+    folder = parent / netns
     folder.mkdir(parents=True)
     try:
         (folder / "nsswitch.conf").write_text("hosts: files\n")
@@ -46,6 +50,9 @@ def netns_etc(netns: str) -> Iterator[Path]:
         yield hosts
     finally:
         shutil.rmtree(folder)
+        if parent_is_ours:
+            with contextlib.suppress(OSError):  # another run's folder may be in it now: then it stays
+                parent.rmdir()
 
 
 def names(hosts: Path, *addresses: str) -> None:
