@@ -11,6 +11,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from tcppunch.lab.server_process import stop_process
+
 STARTUP_TIMEOUT = 10.0
 
 
@@ -59,12 +61,7 @@ class RedisServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(10.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5.0)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 

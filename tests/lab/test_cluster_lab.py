@@ -10,8 +10,6 @@ namespace by this test, stopped by PID): alice at A, bob at B.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -24,15 +22,13 @@ import pytest
 from tcppunch.lab import Lab, LabHost, LabSpec, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.lines import LineTimeout, Tail, wait_for_line
 from tcppunch.wire.endpoint import Endpoint
-from tests.lab.processes import PY, lab_server, stop, token_env
+from tests.lab.processes import FETCH_SHA256, PY, lab_server, random_page, stop, token_env
 
 TOKEN = "cluster-lab-token"
 A, B = "198.51.100.10:3478", "198.51.100.11:4478"
 REDIS_PORT = 6390
 KEEPALIVE = 1.0  # server --keepalive-interval; the keepalive timeout (an id's TTL in Redis) is 3x
 RELAY_MB = 100  # server --relay-max-mb: a budget per peer id, counted for the cluster in Redis (leases of 4 MiB)
-FETCH = ("import hashlib,sys,urllib.request;"
-         "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=30).read()).hexdigest())")
 
 
 @contextmanager
@@ -93,7 +89,7 @@ def forwarder(host: LabHost, peer_id: str, port: int, *coordinators: str, relay:
 
 
 def fetch(host: LabHost, port: int) -> str:
-    done = host.run([sys.executable, "-c", FETCH, f"http://127.0.0.1:{port}/page.bin"], timeout=60)
+    done = host.run([sys.executable, "-c", FETCH_SHA256, f"http://127.0.0.1:{port}/page.bin", "30"], timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -107,9 +103,8 @@ def lab() -> Iterator[Lab]:
 
 
 def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) -> None:
-    page = os.urandom(400_000)
-    (tmp_path / "page.bin").write_bytes(page)
-    want = hashlib.sha256(page).hexdigest()
+    page_size = 400_000
+    want = random_page(tmp_path, page_size)
     alice_host, bob_host = lab.host("pr"), lab.host("seq")
     procs: list[subprocess.Popen[str]] = []
     with redis_in(lab.server) as url, coordinator(lab, A, "198.51.100.11", 3479, url) as a, \
@@ -132,12 +127,12 @@ def test_two_coordinators_direct_relay_and_failover(lab: Lab, tmp_path: Path) ->
             # the rest of A's 4 MiB lease given back once the relay ended
             used = 0
             deadline = time.monotonic() + 10.0
-            while not len(page) < used < 1 << 20 and time.monotonic() < deadline:
+            while not page_size < used < 1 << 20 and time.monotonic() < deadline:
                 reply = lab.server.run(["redis-cli", "-p", str(REDIS_PORT), "GET", "tcppunch:relay:peer:carol"],
                                        timeout=5).stdout.strip()
                 used = int(reply) if reply.isdigit() else 0
                 time.sleep(0.05)  # polling another process's state with a deadline
-            assert len(page) < used < 1 << 20, used
+            assert page_size < used < 1 << 20, used
 
             # A dies without a word: its peers' ids stay claimed in Redis until their TTL.
             a.kill()

@@ -17,8 +17,6 @@ other address too). Bob registers at B by address; alice's forwarder knows only 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tcppunch.lab import Lab
-from tests.lab.processes import PY, stop, token_env
+from tests.lab.processes import PY, random_page, stop, token_env
 from tests.lab.test_cluster_lab import KEEPALIVE, TOKEN, coordinator, fetch, forwarder, redis_in, serving_bob
 from tests.lab.test_cluster_lab import lab as lab  # the cluster test's fixture: pr and seq NATs
 
@@ -69,9 +67,7 @@ def registered_at(text: str) -> list[str]:
 
 
 def test_one_name_for_two_coordinators_is_followed_across_a_failover(lab: Lab, tmp_path: Path) -> None:
-    page = os.urandom(300_000)
-    (tmp_path / "page.bin").write_bytes(page)
-    want = hashlib.sha256(page).hexdigest()
+    want = random_page(tmp_path, 300_000)
     alice_host, bob_host = lab.host("pr"), lab.host("seq")
     procs: list[subprocess.Popen[str]] = []
     with redis_in(lab.server) as url, netns_etc(alice_host.netns) as hosts, \

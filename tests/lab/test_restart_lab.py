@@ -5,8 +5,6 @@ hangs), both peers register at the new coordinator process, and the next connect
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 
 from tcppunch.lab import Lab, LabHost, LabSpec, LinkShape, NatType, RouterSpec, SynPolicy
 from tcppunch.lab.lines import Tail
-from tests.lab.processes import COORD, PY, lab_server, stop, token_env
+from tests.lab.processes import COORD, FETCH_SHA256, PY, lab_server, random_page, stop, token_env
 
 TOKEN = "restart-lab-token"
 DELAY = LinkShape(delay_ms=30)
@@ -25,12 +23,10 @@ PUNCH_ARRIVED = "tcppunch: punch: peer=bob"  # alice's stage line: the PUNCH ord
 # How a connection attempt ends, in each side's stage lines: direct, relayed, or a clear error.
 ENDED = {"alice": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: local client dropped:"),
          "bob": ("tcppunch: direct:", "tcppunch: relayed:", "tcppunch: incoming_failed:")}
-FETCH = ("import hashlib,sys,urllib.request;"
-         "print(hashlib.sha256(urllib.request.urlopen(sys.argv[1],timeout=20).read()).hexdigest())")
 
 
 def fetch(host: LabHost, port: int) -> subprocess.Popen[str]:
-    return host.popen([sys.executable, "-c", FETCH, f"http://127.0.0.1:{port}/page.bin"],
+    return host.popen([sys.executable, "-c", FETCH_SHA256, f"http://127.0.0.1:{port}/page.bin", "20"],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -43,9 +39,7 @@ def lab() -> Iterator[Lab]:
 
 
 def test_restart_during_a_punch(lab: Lab, tmp_path: Path) -> None:
-    page = os.urandom(300_000)
-    (tmp_path / "page.bin").write_bytes(page)
-    want = hashlib.sha256(page).hexdigest()
+    want = random_page(tmp_path, 300_000)
     alice_host, bob_host = lab.host("pr"), lab.host("rc")
     procs: list[subprocess.Popen[str]] = []
     servers = ExitStack()  # each coordinator process, stopped by PID last (after the peers)
