@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import parse_size, stop_process
+from benchutil import parse_size
 
 from tcppunch.coordinator.cluster import RedisCluster, SharedBudget
+from tcppunch.lab.server_process import stop_process
 from tcppunch.relay import ByteBudget, RelayEnd, relay
 
 CHUNK = 1 << 20
