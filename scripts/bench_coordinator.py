@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tcppunch.lab.server_process import stop_process
 from tcppunch.session.records import KeyShare, RecordChannel, RecordError
 from tcppunch.session.secure import TlsEngine, peer_fingerprint
 from tcppunch.wire.coord import Connect, ErrorCode, Outcome, Register, Result, encode_message
@@ -738,12 +739,7 @@ def main() -> int:
     finally:
         if run is not None:
             run.stop()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30.0)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5.0)
+        stop_process(server, grace=30.0)  # telling ~20,000 clients it is shutting down takes a while
     result = {
         "peers_small": ACTIVE,
         "peers_large": ACTIVE + registered,
@@ -818,7 +814,7 @@ def print_table(r: dict[str, Any]) -> None:
               f"{r['bytes_per_peer'] - python:,.0f} B/peer, is C memory: OpenSSL and the allocators' overhead "
               "(tracemalloc's own bookkeeping inflates RSS in this mode; take the RSS figure from a run without it)")
     print(f"keepalive PINGs/s the server sent during the paced phase: {r['small']['keepalive_pings_per_s']:,.0f} at "
-          f"{r['peers_small']} peers, {r['large']['keepalive_pings_per_s']:,.0f} at {r['peers_large']:,} (each a TLS "
+          f"{r['peers_small']} peers, {r['large']['keepalive_pings_per_s']:,.0f} at {r['peers_large']:,} (each a "
           "record out and a PONG record in: work that grows with the peer count)")
     print(f"control connections lost during the run: {r['connections_lost']}; longest keepalive interval "
           f"announced: {r['keepalive_interval_max']:g} s (the server's keepalive budget, 1,000 pings/s)")

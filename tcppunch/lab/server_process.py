@@ -30,12 +30,12 @@ ALT_ADDRESS = SERVER_ADDRESSES[1]
 READY_TIMEOUT = 20.0
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the process either way."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
