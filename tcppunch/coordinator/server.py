@@ -391,8 +391,7 @@ class CoordinatorServer:
             if link.tls is not None and link.tls.peer_closed and not link.handed_off:
                 self._end(link)
         except RecordError as exc:  # an altered, replayed, oversize or truncated record: this link ends
-            self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
-            self._end(link)
+            self._record_failed(link, exc)
         except (ConnectionError, OSError, SecureError) as exc:  # ssl.SSLError is an OSError
             self._log.debug("coordinator.conn_error", conn=link.id, error=repr(exc))
             self._end(link)
@@ -410,9 +409,14 @@ class CoordinatorServer:
             try:
                 link.records.end()
             except RecordError as exc:
-                self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
+                self._record_failed(link, exc)
         self._end(link)
         return False
+
+    def _record_failed(self, link: _Link, exc: RecordError) -> None:
+        """A record that cannot be opened (or a stream ended inside one): said once, and the link ends."""
+        self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
+        self._end(link)
 
     def _link_lost(self, link: _Link) -> None:
         if link.busy:
@@ -607,8 +611,7 @@ class CoordinatorServer:
             keys = action.share.derive(action.client_public, is_client=False, client_key=action.client_key,
                                        server_key=self.identity.fingerprint)
         except RecordError as exc:
-            self._log.info("coordinator.record_failed", conn=link.id, code=exc.code.value, error=str(exc))
-            self._end(link)
+            self._record_failed(link, exc)
             return
         link.records = RecordChannel(keys)
         if link.tls.leave() is not None:  # the client cannot have answered a close_notify not yet sent
